@@ -1,0 +1,423 @@
+"""One typed config tree for a RankProbe run or sweep: dataclasses, TOML files, dotted overrides.
+
+A config file is TOML whose tables mirror the dataclasses below (`[model]`, `[optim]`, ...). Values
+are checked against the field types; unknown keys fail with the nearest valid name. Presets live in
+`rankprobe/presets/*.toml` and are addressed by name (`demo`, `seed-22l`). No torch import here, so
+configs can be validated and reports rebuilt on a machine without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input; the CLI prints it as one line and exits 2, no traceback."""
+
+
+class ConfigError(UserError, ValueError):
+    """An unknown key, a wrong type or an out-of-range value in a config or override."""
+
+
+class DataError(UserError):
+    """A corpus, tokenizer file or checkpoint that cannot be used."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    """number of decoder blocks"""
+    d_model: int = 256
+    """residual stream width"""
+    n_head: int = 4
+    """query heads"""
+    n_kv_head: int = 0
+    """key/value heads for grouped-query attention (0 = n_head)"""
+    head_dim: int = 64
+    """width of one head"""
+    mlp_hidden: int = 0
+    """SwiGLU hidden width (0 = 8/3 * d_model rounded up to a multiple of 64)"""
+    seq_len: int = 256
+    """context length in tokens"""
+    vocab_size: int = 0
+    """vocabulary size (0 = taken from the tokenizer)"""
+    qk_norm: bool = False
+    """per-head RMSNorm on queries and keys before RoPE"""
+    qk_norm_gain: bool = True
+    """learnable gain in the QK-Norm RMSNorms"""
+    tie_embeddings: bool = False
+    """share the token embedding with the output head"""
+    rope_theta: float = 10000.0
+    """RoPE base"""
+    norm_eps: float = 1e-6
+    """epsilon of every RMSNorm"""
+    init_std: float = 0.02
+    """std of the normal init of linear and embedding weights"""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """'adamw' (every parameter) or 'muon' (hidden 2-D matrices; AdamW for the rest)"""
+    lr: float = 3e-3
+    """AdamW learning rate (for the AdamW groups in a Muon run too)"""
+    muon_lr: float = 0.02
+    """Muon learning rate, scaled per matrix by sqrt(max(1, rows/cols)) as in torch.optim.Muon"""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    eps: float = 1e-8
+    """AdamW epsilon"""
+    weight_decay: float = 0.0
+    """decoupled weight decay on 2-D hidden matrices (never on norms or gains)"""
+    momentum: float = 0.95
+    """Muon momentum"""
+    nesterov: bool = True
+    """Muon Nesterov momentum"""
+    ns_steps: int = 5
+    """Muon quintic Newton-Schulz iterations"""
+    warmup_frac: float = 0.05
+    """fraction of the token budget spent in linear warmup"""
+    decay: str = "cosine"
+    """schedule after warmup: 'cosine', 'linear' or 'constant'"""
+    min_lr_frac: float = 0.1
+    """final learning rate as a fraction of the peak"""
+    grad_clip: float = 1.0
+    """global gradient-norm clip (0 = off)"""
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "embedded"
+    """'embedded' (the shipped Austen + Melville corpus) or a path: .txt file, folder of .txt, .jsonl"""
+    jsonl_field: str = "text"
+    """field holding the text in JSONL records"""
+    tokenizer: str = "bpe"
+    """'bpe' (byte-level BPE trained on the corpus) or a path to a .tiktoken file (GPT-2 ranks)"""
+    vocab_size: int = 4096
+    """vocabulary size of the trained BPE tokenizer"""
+    val_frac: float = 0.05
+    """fraction of the corpus held out for validation"""
+    probe_frac: float = 0.02
+    """fraction of the corpus held out as the fixed probe set"""
+    cache_dir: str = ""
+    """where tokenizers and token caches live (empty = ~/.cache/rankprobe or $RANKPROBE_CACHE)"""
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 1_000_000
+    """training budget in tokens"""
+    batch_size: int = 16
+    """sequences per optimizer step"""
+    seed: int = 0
+    """seed for init and batch order"""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', 'cuda:N'"""
+    dtype: str = "auto"
+    """autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16', 'fp32'"""
+    compile: bool = False
+    """torch.compile the model"""
+    eval_tokens: int = 65536
+    """validation tokens per evaluation"""
+    log_every: int = 10
+    """steps between train-loss rows in metrics.jsonl"""
+    progress: bool = True
+    """show a progress bar"""
+    tensorboard: bool = False
+    """also write TensorBoard scalars under the run directory"""
+
+
+@dataclass
+class ProbeConfig:
+    checkpoints: list[int] = field(default_factory=list)
+    """token counts to probe at (empty = 0, then log-spaced up to the budget)"""
+    n_checkpoints: int = 8
+    """number of log-spaced checkpoints after initialization when `checkpoints` is empty"""
+    tokens: int = 16384
+    """probe-set tokens fed through the model at each checkpoint"""
+    tap: str = "norm"
+    """headline tap for key PR: 'proj' (after W_k), 'norm' (after QK-Norm), 'rope' (after RoPE)"""
+    dead_pr: float = 10.0
+    """layers whose mean key PR is below this are reported as dead"""
+
+
+@dataclass
+class SweepConfig:
+    optimizers: list[str] = field(default_factory=lambda: ["adamw", "muon"])
+    """optimizer arms"""
+    qk_norm: list[bool] = field(default_factory=lambda: [False, True])
+    """QK-Norm arms"""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """seeds per arm"""
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    """run name (a sweep names each arm itself)"""
+    out: str = "runs"
+    """output directory (a run writes here; a sweep puts one folder per arm under it)"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+_CHOICES = {
+    ("optim", "name"): ("adamw", "muon"),
+    ("optim", "decay"): ("cosine", "linear", "constant"),
+    ("probe", "tap"): ("proj", "norm", "rope"),
+    ("train", "dtype"): ("auto", "bf16", "fp32"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot; messages name the CLI key."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}; got {value!r}")
+    for opt in cfg.sweep.optimizers:
+        if opt not in _CHOICES[("optim", "name")]:
+            raise ConfigError(f"sweep.optimizers: unknown optimizer {opt!r} (use adamw, muon)")
+    m, t, o, d, p = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.probe
+    positive = {
+        "model.n_layer": m.n_layer, "model.d_model": m.d_model, "model.n_head": m.n_head,
+        "model.head_dim": m.head_dim, "model.seq_len": m.seq_len, "train.tokens": t.tokens,
+        "train.batch_size": t.batch_size, "train.log_every": t.log_every, "probe.tokens": p.tokens,
+        "optim.ns_steps": o.ns_steps, "data.vocab_size": d.vocab_size, "train.eval_tokens": t.eval_tokens,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive; got {value}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim must be even for RoPE; got {m.head_dim}")
+    kv = m.n_kv_head or m.n_head
+    if kv < 0 or m.n_head % kv:
+        raise ConfigError(f"model.n_head ({m.n_head}) must be a multiple of model.n_kv_head ({kv})")
+    if not 0 < d.val_frac < 0.5 or not 0 < d.probe_frac < 0.5:
+        raise ConfigError("data.val_frac and data.probe_frac must lie in (0, 0.5)")
+    if not 0 <= o.warmup_frac < 1 or not 0 <= o.min_lr_frac <= 1:
+        raise ConfigError("optim.warmup_frac must lie in [0, 1) and optim.min_lr_frac in [0, 1]")
+    if o.lr <= 0 or o.muon_lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        raise ConfigError("optim.lr and optim.muon_lr must be positive, weight_decay and grad_clip >= 0")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum must lie in [0, 1); got {o.momentum}")
+    if any(c < 0 or c > t.tokens for c in p.checkpoints):
+        raise ConfigError(f"probe.checkpoints must lie in [0, train.tokens={t.tokens}]")
+    if not cfg.sweep.optimizers or not cfg.sweep.qk_norm or not cfg.sweep.seeds:
+        raise ConfigError("sweep.optimizers, sweep.qk_norm and sweep.seeds must each be non-empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# building configs from dicts, files and dotted overrides
+
+
+def _coerce(value, tp, key: str):
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} must have {len(args)} entries; got {len(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return [_coerce(v, args[0], key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{key} must be an integer; got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key} must be an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string; got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
+    hint = ""
+    if near:
+        prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        candidates = [v for v in valid if v.endswith("." + near[0]) or v == near[0]]
+        hint = f"; did you mean {candidates[0] if candidates else prefix + near[0]}?"
+    return ConfigError(f"unknown config key {key}{hint}")
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def all_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config tree, e.g. 'model.n_layer'."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for name in _fields(cls):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = prefix + key
+        if key not in fields:
+            raise _unknown(dotted, all_keys())
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} must be a table of settings; got {value!r}")
+            kwargs[key] = _build(tp, value, dotted + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    if cls is Config:
+        return Config(**kwargs)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    """Build and validate a Config from nested plain data (as TOML or JSON give)."""
+    return _build(Config, data)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested data (lists for tuples), JSON- and TOML-friendly."""
+    return dataclasses.asdict(cfg)
+
+
+def field_docs() -> dict[str, str]:
+    """Dotted key -> the docstring under its field in this module (what `--help` prints)."""
+    import ast
+    import inspect
+    import sys
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    per_class: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs, body = {}, node.body
+            for a, b in zip(body, body[1:]):
+                if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+                        and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)):
+                    docs[a.target.id] = str(b.value.value)
+            per_class[node.name] = docs
+    out = {}
+    for key in all_keys():
+        *sections, leaf = key.split(".")
+        cls = Config
+        for s in sections:
+            cls = typing.get_type_hints(cls)[s]
+        out[key] = per_class.get(cls.__name__, {}).get(leaf, "")
+    return out
+
+
+def preset_names() -> list[str]:
+    files = resources.files("rankprobe") / "presets"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
+
+
+def read_toml(source: str) -> dict:
+    """Read a preset name or a TOML path into nested data."""
+    path = Path(source)
+    if path.suffix != ".toml" and not path.exists():
+        if source not in preset_names():
+            raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
+        text = (resources.files("rankprobe") / "presets" / f"{source}.toml").read_text()
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {source}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {source}: {e}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
+
+
+def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
+    """Set dotted keys ('model.n_layer' -> '22') in nested data; unknown keys fail early."""
+    valid = all_keys()
+    for key, value in overrides.items():
+        if key not in valid:
+            raise _unknown(key, valid)
+        *path, leaf = key.split(".")
+        node = data
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
+
+
+def load(source: str | None = None, overrides: dict[str, str] | None = None) -> Config:
+    """A preset name or TOML file (None = defaults) plus dotted overrides -> validated Config."""
+    data = read_toml(source) if source else {}
+    return from_dict(apply_overrides(data, overrides or {}))
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--model.n_layer', '22', '--train.seed=3'] -> {'model.n_layer': '22', 'train.seed': '3'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --model.n_layer 22)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} needs a value")
+            i += 1
+            value = args[i]
+        out[key] = value
+        i += 1
+    return out
