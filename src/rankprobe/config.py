@@ -276,13 +276,15 @@ def _coerce(value, tp, key: str):
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
-    near = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
-    hint = ""
-    if near:
-        prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        candidates = [v for v in valid if v.endswith("." + near[0]) or v == near[0]]
-        hint = f"; did you mean {candidates[0] if candidates else prefix + near[0]}?"
-    return ConfigError(f"unknown config key {key}{hint}")
+    """'unknown config key X; did you mean Y?' with Y the nearest key or section by spelling."""
+    sections = sorted({v.split(".")[0] for v in valid if "." in v})
+    pool = valid if "." in key else valid + sections
+    near = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+    if not near:  # right leaf in the wrong section, e.g. train.seeds -> sweep.seeds
+        leaf = key.rsplit(".", 1)[-1]
+        near = [v for v in valid if v.rsplit(".", 1)[-1] in difflib.get_close_matches(
+            leaf, [w.rsplit(".", 1)[-1] for w in valid], n=1)][:1]
+    return ConfigError(f"unknown config key {key}" + (f"; did you mean {near[0]}?" if near else ""))
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
