@@ -1,0 +1,120 @@
+"""The `rankprobe` command: demo, train, sweep, report. The only place that reads argv.
+
+Every subcommand that takes a config also takes dotted overrides (`--model.n_layer 22`). User
+mistakes (UserError) print one line and exit 2; nothing is written before the inputs are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import UserError, all_keys, field_docs, load, parse_overrides, preset_names
+
+EXIT_USAGE = 2
+
+
+def _override_help() -> str:
+    docs = field_docs()
+    width = max(len(k) for k in all_keys()) + 4
+    lines = ["config overrides (any of these as --KEY VALUE; lists as a,b,c):"]
+    lines += [f"  --{k:<{width}}{docs.get(k, '')}" for k in all_keys() if not k.startswith(("name", "out"))]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    presets = ", ".join(preset_names())
+    p = argparse.ArgumentParser(
+        prog="rankprobe", allow_abbrev=False,
+        description="Train LLaMA-style decoders under optimizer × QK-Norm arms and probe the rank of attention keys.",
+    )
+    p.add_argument("--version", action="version", version=f"rankprobe {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    d = sub.add_parser("demo", allow_abbrev=False, help="the 4-arm study on the embedded corpus, tiny and on the CPU",
+                       description="Run the `demo` preset sweep and write its report.",
+                       epilog=_override_help(), formatter_class=fmt)
+    d.add_argument("--out", default="rankprobe-demo", help="output folder (default: rankprobe-demo)")
+
+    t = sub.add_parser("train", allow_abbrev=False, help="train one arm",
+                       description=f"Train one arm from CONFIG (a TOML file or a preset: {presets}).",
+                       epilog=_override_help(), formatter_class=fmt)
+    t.add_argument("config", metavar="CONFIG")
+    t.add_argument("--out", help="run folder (default: <config out>/<config name>)")
+    t.add_argument("--force", action="store_true", help="replace a run already in the folder")
+
+    s = sub.add_parser("sweep", allow_abbrev=False, help="train every arm of a grid, then build the report",
+                       description=f"Run every arm of CONFIG's [sweep] grid (a TOML file or a preset: {presets}); "
+                                   "arms already finished are skipped.",
+                       epilog=_override_help(), formatter_class=fmt)
+    s.add_argument("config", metavar="CONFIG")
+    s.add_argument("--out", help="sweep folder (default: the config's out)")
+
+    r = sub.add_parser("report", allow_abbrev=False, help="rebuild figures and report.md from metrics files",
+                       description="Rebuild every figure and report.md under DIR from its metrics.jsonl files alone.")
+    r.add_argument("dir", metavar="DIR")
+    r.add_argument("--tap", choices=("proj", "norm", "rope"), help="key tap for the headline (default: the runs' probe.tap)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "report":
+            if rest:
+                raise UserError(f"unexpected arguments: {' '.join(rest)}")
+            return _report(args)
+        overrides = parse_overrides(rest)
+        if args.command == "demo":
+            return _sweep(load("demo", overrides), Path(args.out))
+        cfg = load(args.config, overrides)
+        if args.command == "train":
+            return _train(cfg, args)
+        return _sweep(cfg, Path(args.out or cfg.out))
+    except UserError as e:
+        print(f"rankprobe: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("rankprobe: interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(cfg, args) -> int:
+    from .train import train
+
+    run_dir = Path(args.out) if args.out else Path(cfg.out) / cfg.name
+    t0 = time.perf_counter()
+    metrics = train(cfg, run_dir, force=args.force)
+    print(f"rankprobe: trained {cfg.name} in {time.perf_counter() - t0:.0f} s; metrics in {metrics}")
+    return 0
+
+
+def _sweep(cfg, out: Path) -> int:
+    from .sweep import arms, run_sweep
+
+    t0 = time.perf_counter()
+    n = len(arms(cfg))
+    run_sweep(dataclasses.replace(cfg, out=str(out)), out)
+    print(f"rankprobe: {n} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import build_report
+
+    path = build_report(Path(args.dir), tap=args.tap)
+    print(f"rankprobe: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
