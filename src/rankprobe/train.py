@@ -66,7 +66,10 @@ def env_info(device: torch.device) -> dict:
                              timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.machine()}, {torch.get_num_threads()} threads"
     return {
         "git_sha": sha, "python": sys.version.split()[0], "torch": torch.__version__,
         "platform": platform.platform(), "device": f"{device.type}: {name}",

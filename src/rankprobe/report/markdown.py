@@ -67,7 +67,9 @@ def _summary(runs: list[Run], arms: dict[str, list[Run]], incomplete: list[Run])
     per_arm = ", ".join(f"`{a}` × {len(g)} seed{'s' if len(g) != 1 else ''} ({', '.join(str(r.seed) for r in g)})"
                         for a, g in arms.items())
     params = sorted({r.info.get("n_params") for r in ran if r.info.get("n_params")})
-    params_text = "/".join(f"{p / 1e6:.2f}M" for p in params) or "?"
+    params_text = "/".join(dict.fromkeys(f"{p / 1e6:.2f}M" for p in params)) or "?"
+    kv_heads = "/".join(sorted({str(_flatten(r.config).get("model.n_kv_head") or _flatten(r.config).get("model.n_head"))
+                                for r in ran}))
     ckpts = sorted({int(t) for r in ran for t in r.info.get("probe_checkpoints", [])})
     text = (
         f"{len(ran)} finished run(s) in {len(arms)} arm(s): {per_arm}. Each trained for "
@@ -75,7 +77,7 @@ def _summary(runs: list[Run], arms: dict[str, list[Run]], incomplete: list[Run])
         f"{_distinct(ran, 'model.seq_len')}) on corpus `{_distinct(ran, 'data.corpus')}`. The model is a "
         f"LLaMA-style decoder with {_distinct(ran, 'model.n_layer')} layers, d_model "
         f"{_distinct(ran, 'model.d_model')}, {_distinct(ran, 'model.n_head')} query heads "
-        f"(n_kv_head {_distinct(ran, 'model.n_kv_head')}; 0 = same), head_dim {_distinct(ran, 'model.head_dim')}, "
+        f"and {kv_heads} key/value heads, head_dim {_distinct(ran, 'model.head_dim')}, "
         f"{params_text} trainable parameters. Keys were probed at {len(ckpts)} checkpoints "
         f"({', '.join(fmt_tokens(t) if t else 'init' for t in ckpts)} tokens) on "
         f"{_distinct(ran, 'probe.tokens', fmt_tokens)} held-out probe tokens."

@@ -1,0 +1,169 @@
+"""Train, sweep and report end to end on a tiny model and a slice of the embedded corpus, on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from rankprobe.config import load
+from rankprobe.data.corpus import load_corpus
+from rankprobe.sweep import arms, is_finished, run_sweep
+from rankprobe.train import probe_schedule, train
+
+TINY = {
+    "model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.head_dim": "16",
+    "model.seq_len": "32", "data.vocab_size": "300", "train.tokens": "3000", "train.batch_size": "4",
+    "train.eval_tokens": "256", "train.log_every": "2", "train.progress": "false", "probe.tokens": "256",
+    "probe.n_checkpoints": "3", "sweep.seeds": "0",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """The first ~150 KB of the embedded corpus: real English, fast to tokenize."""
+    path = tmp_path_factory.mktemp("corpus") / "austen.txt"
+    path.write_text(load_corpus("embedded").text[:150_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_cfg(corpus_file, cache, **extra):
+    return load("demo", {**TINY, "data.corpus": str(corpus_file), "data.cache_dir": str(cache), **extra})
+
+
+def rows(path, kind=None):
+    out = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in out if kind is None or r["kind"] == kind]
+
+
+def test_probe_schedule_is_init_log_spaced_and_final():
+    s = probe_schedule(1_000_000, 1000, 5, [])
+    assert s[0] == 0 and s[-1] == 1_000_000 and s == sorted(set(s))
+    gaps = [b - a for a, b in zip(s[1:], s[2:])]
+    assert gaps == sorted(gaps)  # dense early
+    assert probe_schedule(10_000, 3000, 4, [0, 5000]) == [0, 6000, 12000]  # snapped up to steps, final added
+
+
+def test_train_writes_schema_and_is_deterministic(corpus_file, cache, tmp_path):
+    cfg = tiny_cfg(corpus_file, cache, **{"optim.name": "muon", "model.qk_norm": "true"})
+    a = train(cfg, tmp_path / "a")
+    b = train(cfg, tmp_path / "b")
+    run = rows(a, "run")[0]
+    assert (run["arm"], run["schema"], run["seed"], run["head_dim"], run["n_layer"]) == ("muon+qknorm", 1, 0, 16, 2)
+    assert set(run["param_groups"]) == {"muon", "adamw_decay", "adamw_no_decay"}
+    assert sum(g["n_params"] for g in run["param_groups"].values()) == run["n_params"]
+    probes = rows(a, "probe")
+    ckpts = sorted({r["tokens"] for r in probes})
+    assert ckpts == run["probe_checkpoints"] and ckpts[0] == 0 and ckpts[-1] == 3072
+    assert {r["tokens"] for r in rows(a, "eval")} == set(ckpts)
+    k = [r for r in probes if r["tensor"] == "k" and r["tap"] == "norm"]
+    assert len(k) == 2 * len(ckpts) and all(1 <= r["pr"] <= 16 and r["n"] == 256 for r in k)
+    assert rows(a, "end")[0]["status"] == "finished"
+    assert (a.parent / "model.safetensors").exists() and (a.parent / "config.json").exists()
+
+    def strip(rs):  # everything but wall-clock fields must match bit for bit
+        return [{k: v for k, v in r.items() if k not in ("step_time_s", "wall_s", "env")} for r in rs]
+    assert strip(rows(a)) == strip(rows(b))
+    losses = [r["loss"] for r in rows(a, "train")]
+    assert losses[-1] < losses[0]  # it learns
+
+
+def test_sweep_runs_every_arm_skips_finished_and_reports(corpus_file, cache, tmp_path):
+    cfg = tiny_cfg(corpus_file, cache)
+    grid = arms(cfg)
+    assert [a.name for a in grid] == ["adamw-s0", "adamw+qknorm-s0", "muon-s0", "muon+qknorm-s0"]
+    run_sweep(cfg, tmp_path)
+    assert all(is_finished(tmp_path / a.name) for a in grid)
+    for name in ("report.md", "pr_trajectory.png", "layer_comparison.png", "loss_curves.png",
+                 "heatmap_muon+qknorm.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    report = (tmp_path / "report.md").read_text()
+    assert all(f"`{arm}`" in report for arm in ("adamw", "adamw+qknorm", "muon", "muon+qknorm"))
+    before = {a.name: (tmp_path / a.name / "metrics.jsonl").stat().st_mtime_ns for a in grid}
+    # a cut-off arm (no `end` row) is retrained; finished ones are not touched
+    cut = tmp_path / "muon-s0" / "metrics.jsonl"
+    cut.write_text("".join(line + "\n" for line in cut.read_text().splitlines()[:-1]))
+    run_sweep(cfg, tmp_path, report=False)
+    after = {a.name: (tmp_path / a.name / "metrics.jsonl").stat().st_mtime_ns for a in grid}
+    assert [n for n in before if before[n] != after[n]] == ["muon-s0"]
+    assert is_finished(tmp_path / "muon-s0")
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "rankprobe.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+def overrides(corpus, cache, **extra):
+    return [x for k, v in {**TINY, "data.corpus": str(corpus), "data.cache_dir": str(cache), **extra}.items()
+            for x in (f"--{k}", v)]
+
+
+def test_cli_train_then_report(corpus_file, cache, tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", "demo", "--out", str(out), *overrides(corpus_file, cache))
+    assert r.returncode == 0, r.stderr
+    assert (out / "metrics.jsonl").exists()
+    first = (out / "metrics.jsonl").read_bytes()
+    again = cli("train", "demo", "--out", str(out), *overrides(corpus_file, cache))
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert (out / "metrics.jsonl").read_bytes() == first  # nothing overwritten
+    r = cli("report", str(tmp_path), "--tap", "rope")
+    assert r.returncode == 0, r.stderr
+    assert "Headline tap: `rope`" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["train"], ["sweep"], ["report"]])
+def test_help(command):
+    r = cli(*command, "--help")
+    assert r.returncode == 0 and "usage: rankprobe" in r.stdout
+    if command in (["train"], ["sweep"]):
+        assert "--model.n_layer" in r.stdout and "number of decoder blocks" in r.stdout
+
+
+def _bad_inputs(tmp_path, corpus_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 1000)
+    small = tmp_path / "small.txt"
+    small.write_text("A few words only.")
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("x")
+    return {
+        "unknown key": (["--model.n_layers", "3"], "unknown config key model.n_layers; did you mean model.n_layer?"),
+        "wrong type": (["--train.tokens", "lots"], "train.tokens must be an integer"),
+        "missing corpus": (["--data.corpus", str(tmp_path / "nope.txt")], "nope.txt"),
+        "empty corpus": (["--data.corpus", str(empty)], "empty"),
+        "binary corpus": (["--data.corpus", str(binary)], "binary"),
+        "corpus smaller than one batch": (["--data.corpus", str(small)], "one batch needs"),
+        "unwritable output": (["--out", str(a_file / "sub")], "cannot write to output folder"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing corpus", "empty corpus", "binary corpus",
+                                  "corpus smaller than one batch", "unwritable output"])
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_bad_input_is_one_line_and_exit_2(case, command, corpus_file, cache, tmp_path):
+    args, needle = _bad_inputs(tmp_path, corpus_file)[case]
+    base = overrides(corpus_file, cache, **{"data.vocab_size": "260"})
+    if "--out" not in args:
+        args = args + ["--out", str(tmp_path / "out")]
+    r = cli(command, "demo", *base, *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rankprobe: error: "), r.stderr
+    assert needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_report_on_a_folder_without_metrics(tmp_path):
+    r = cli("report", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
