@@ -134,6 +134,8 @@ def _bad_inputs(tmp_path, corpus_file):
     empty.write_text("  \n")
     binary = tmp_path / "blob.txt"
     binary.write_bytes(b"\x00\x01\x02" * 1000)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Un café au lait, s'il vous plaît. ".encode("latin-1") * 200)
     small = tmp_path / "small.txt"
     small.write_text("A few words only.")
     a_file = tmp_path / "not-a-dir"
@@ -141,16 +143,19 @@ def _bad_inputs(tmp_path, corpus_file):
     return {
         "unknown key": (["--model.n_layers", "3"], "unknown config key model.n_layers; did you mean model.n_layer?"),
         "wrong type": (["--train.tokens", "lots"], "train.tokens must be an integer"),
+        "out-of-range value": (["--train.checkpoint_minutes", "-1"], "train.checkpoint_minutes must be a number >= 0"),
         "missing corpus": (["--data.corpus", str(tmp_path / "nope.txt")], "nope.txt"),
         "empty corpus": (["--data.corpus", str(empty)], "empty"),
         "binary corpus": (["--data.corpus", str(binary)], "binary"),
+        "non-UTF-8 corpus": (["--data.corpus", str(latin1)], "is not UTF-8: invalid byte 0xe9"),
         "corpus smaller than one batch": (["--data.corpus", str(small)], "one batch needs"),
         "unwritable output": (["--out", str(a_file / "sub")], "cannot write to output folder"),
     }
 
 
-@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing corpus", "empty corpus", "binary corpus",
-                                  "corpus smaller than one batch", "unwritable output"])
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "out-of-range value", "missing corpus", "empty corpus",
+                                  "binary corpus", "non-UTF-8 corpus", "corpus smaller than one batch",
+                                  "unwritable output"])
 @pytest.mark.parametrize("command", ["train", "sweep"])
 def test_bad_input_is_one_line_and_exit_2(case, command, corpus_file, cache, tmp_path):
     args, needle = _bad_inputs(tmp_path, corpus_file)[case]

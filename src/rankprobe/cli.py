@@ -2,6 +2,7 @@
 
 Every subcommand that takes a config also takes dotted overrides (`--model.n_layer 22`). User
 mistakes (UserError) print one line and exit 2; nothing is written before the inputs are checked.
+A single run whose loss went NaN/inf exits 1; a sweep carries on with its other arms.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from . import __version__
 from .config import UserError, all_keys, field_docs, load, parse_overrides, preset_names
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 1  # the run itself is recorded (an `end` row with status "diverged"), but it has no result
 
 
 def _override_help() -> str:
@@ -47,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=_override_help(), formatter_class=fmt)
     t.add_argument("config", metavar="CONFIG")
     t.add_argument("--out", help="run folder (default: <config out>/<config name>)")
-    t.add_argument("--force", action="store_true", help="replace a run already in the folder")
+    mode = t.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in the folder from its last checkpoint (metrics cut back to it)")
+    mode.add_argument("--force", action="store_true", help="replace a run already in the folder")
 
     s = sub.add_parser("sweep", allow_abbrev=False, help="train every arm of a grid, then build the report",
                        description=f"Run every arm of CONFIG's [sweep] grid (a TOML file or a preset: {presets}); "
@@ -55,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=_override_help(), formatter_class=fmt)
     s.add_argument("config", metavar="CONFIG")
     s.add_argument("--out", help="sweep folder (default: the config's out)")
+    s.add_argument("--force", action="store_true", help="retrain every arm, replacing the runs in the folder")
 
     r = sub.add_parser("report", allow_abbrev=False, help="rebuild figures and report.md from metrics files",
                        description="Rebuild every figure and report.md under DIR from its metrics.jsonl files alone.")
@@ -75,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         overrides = parse_overrides(rest)
         if args.command == "demo":
-            return _sweep(load("demo", overrides), Path(args.out))
+            return _sweep(load("demo", overrides), Path(args.out), force=False)
         cfg = load(args.config, overrides)
         if args.command == "train":
             return _train(cfg, args)
-        return _sweep(cfg, Path(args.out or cfg.out))
+        return _sweep(cfg, Path(args.out or cfg.out), force=args.force)
     except UserError as e:
         print(f"rankprobe: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -89,21 +95,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg, args) -> int:
+    from .checkpoint import end_row
     from .train import train
 
     run_dir = Path(args.out) if args.out else Path(cfg.out) / cfg.name
     t0 = time.perf_counter()
-    metrics = train(cfg, run_dir, force=args.force)
+    metrics = train(cfg, run_dir, force=args.force, resume=args.resume)
+    end = end_row(metrics) or {}
+    if end.get("status") == "diverged":
+        print(f"rankprobe: {cfg.name} diverged at {end.get('tokens'):,} tokens (step {end.get('step')}); "
+              f"metrics in {metrics}", file=sys.stderr)
+        return EXIT_DIVERGED
     print(f"rankprobe: trained {cfg.name} in {time.perf_counter() - t0:.0f} s; metrics in {metrics}")
     return 0
 
 
-def _sweep(cfg, out: Path) -> int:
+def _sweep(cfg, out: Path, force: bool) -> int:
     from .sweep import arms, run_sweep
 
     t0 = time.perf_counter()
     n = len(arms(cfg))
-    run_sweep(dataclasses.replace(cfg, out=str(out)), out)
+    run_sweep(dataclasses.replace(cfg, out=str(out)), out, force=force)
     print(f"rankprobe: {n} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
     return 0
 

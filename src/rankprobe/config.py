@@ -131,6 +131,8 @@ class TrainConfig:
     """show a progress bar"""
     tensorboard: bool = False
     """also write TensorBoard scalars under the run directory"""
+    checkpoint_minutes: float = 30.0
+    """minutes between resumable checkpoints, besides the one at every probe checkpoint (0 = only those)"""
 
 
 @dataclass
@@ -212,6 +214,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.warmup_frac must lie in [0, 1) and optim.min_lr_frac in [0, 1]")
     if o.lr <= 0 or o.muon_lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
         raise ConfigError("optim.lr and optim.muon_lr must be positive, weight_decay and grad_clip >= 0")
+    if not 0 <= t.checkpoint_minutes < float("inf"):
+        raise ConfigError(f"train.checkpoint_minutes must be a number >= 0; got {t.checkpoint_minutes}")
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"optim.momentum must lie in [0, 1); got {o.momentum}")
     if any(c < 0 or c > t.tokens for c in p.checkpoints):

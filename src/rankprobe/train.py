@@ -6,7 +6,9 @@ One run = one (optimizer, QK-Norm, seed) arm trained into one directory holding 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -21,6 +23,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .checkpoint import (CHECKPOINT, LOCK, METRICS, capture, check_config, check_metrics, end_row, folder_lock,
+                         load_checkpoint, restore, rewind_metrics, save_checkpoint, temp_path)
 from .config import Config, UserError, to_dict
 from .data.tokens import TokenData, prepare
 from .model import Transformer
@@ -28,6 +32,8 @@ from .optim.build import apply_lr, build_optimizers, lr_scale
 from .probes.capture import probe_model
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def arm_label(optimizer: str, qk_norm: bool) -> str:
@@ -79,19 +85,29 @@ def env_info(device: torch.device) -> dict:
 
 
 class MetricsWriter:
-    """Append-only JSONL, one flushed line per row, NaN/inf written as null; optional TensorBoard mirror."""
+    """Append-only JSONL, one flushed line per row, NaN/inf written as null; optional TensorBoard mirror.
 
-    def __init__(self, path: Path, tensorboard: bool = False):
-        self.file = open(path, "a", encoding="utf-8")
+    Tracks the file's byte length and SHA-256 as it grows: a checkpoint records both, so a resume can
+    prove the file is the one it saw and cut it back to that point. `purge_step` (tokens) makes
+    TensorBoard drop the events a killed run logged after its checkpoint.
+    """
+
+    def __init__(self, path: Path, tensorboard: bool = False, purge_step: int | None = None):
+        self.file = open(path, "ab")
+        self.hash = hashlib.sha256(path.read_bytes())
+        self.bytes = self.file.tell()
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge_step)
 
     def write(self, kind: str, **row) -> None:
         row = {"kind": kind, **{k: _finite(v) for k, v in row.items()}}
-        self.file.write(json.dumps(row) + "\n")
+        line = (json.dumps(row) + "\n").encode()
+        self.file.write(line)
         self.file.flush()
+        self.hash.update(line)
+        self.bytes += len(line)
         if self.tb is not None and kind in ("train", "eval"):
             for key in ("loss", "val_loss", "lr_scale", "grad_norm", "step_time_s"):
                 if row.get(key) is not None:
@@ -144,18 +160,57 @@ def ensure_writable(folder: Path) -> None:
         raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
 
 
-def check_run_dir(run_dir: Path, force: bool) -> None:
-    """Refuse to write over an earlier run unless forced, and fail early on a folder we cannot write."""
-    if (run_dir / "metrics.jsonl").exists() and not force:
-        raise UserError(f"{run_dir} already holds a run (metrics.jsonl); pass --force to replace it")
+_OUTPUTS = (METRICS, CHECKPOINT, temp_path(Path(CHECKPOINT)).name, "model.safetensors", "config.json", "env.json")
+
+
+def check_run_dir(run_dir: Path, force: bool, resume: bool = False) -> None:
+    """Refuse a non-empty folder unless resuming or forced, and fail early on one we cannot write."""
+    if run_dir.is_dir() and not (force or resume):
+        held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
+        if held:
+            listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise UserError(f"{run_dir} is not empty ({listed}); pass --resume to continue the run in it or "
+                            "--force to replace it")
     ensure_writable(run_dir)
 
 
-def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool = False) -> Path:
-    """Train one arm into `run_dir`; returns the metrics path. Probes and evals at token milestones."""
+def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool = False,
+          resume: bool = False) -> Path:
+    """Train one arm into `run_dir`; returns the metrics path. Probes and evals at token milestones.
+
+    `resume`: continue from the folder's checkpoint; a run that already ended is left as it is, and
+    one without a checkpoint starts over. `force`: replace whatever run the folder holds.
+    """
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, force)
-    t_start = time.perf_counter()
+    check_run_dir(run_dir, force, resume)
+    with folder_lock(run_dir):
+        metrics_path = run_dir / METRICS
+        state = None
+        if resume:
+            end = end_row(metrics_path, quiet=True)  # a torn line is reported where it is cut off
+            if end is not None:
+                log.info("%s already ended (%s); nothing to resume", run_dir, end.get("status"))
+                return metrics_path
+            state = _open_checkpoint(cfg, run_dir)
+        _run(cfg, run_dir, data, state)
+        return metrics_path
+
+
+def _open_checkpoint(cfg: Config, run_dir: Path) -> dict | None:
+    """The folder's checkpoint, checked against `cfg` and the metrics file before anything is written."""
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        if (run_dir / METRICS).exists():
+            log.info("%s has no checkpoint; starting the run over", run_dir)
+        return None
+    state = load_checkpoint(path)
+    check_config(state, to_dict(cfg), path)
+    check_metrics(state, run_dir / METRICS, path)
+    return state
+
+
+def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None) -> None:
+    t_start = time.perf_counter() - (state["wall_s"] if state else 0.0)
     device = resolve_device(cfg.train.device)
     B, T = cfg.train.batch_size, cfg.model.seq_len
     if data is None:
@@ -167,6 +222,8 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device)
     optimizers, group_sizes = build_optimizers(model, cfg.optim, device)
+    if state is not None:
+        restore(state, model, optimizers, run_dir / CHECKPOINT)
     fwd = torch.compile(model) if cfg.train.compile else model
     amp = autocast_dtype(cfg, device)
 
@@ -175,24 +232,20 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
     schedule = probe_schedule(cfg.train.tokens, tokens_per_step, cfg.probe.n_checkpoints, cfg.probe.checkpoints)
     probe_steps = {t // tokens_per_step for t in schedule}
     probe_set = data.probe_tokens(cfg.probe.tokens, T)
-
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    env = env_info(device)
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    out = MetricsWriter(metrics_path, cfg.train.tensorboard)
-    out.write(
-        "run", schema=SCHEMA_VERSION, run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm),
+    ckpt_path = run_dir / CHECKPOINT
+    run_row = dict(
+        schema=SCHEMA_VERSION, run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm),
         optimizer=cfg.optim.name, qk_norm=cfg.model.qk_norm, seed=cfg.train.seed, config=to_dict(cfg),
-        env=env, n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
+        env=env_info(device), n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
         n_layer=cfg.model.n_layer, probe_checkpoints=schedule,
         data={"corpus_sha256": data.corpus_sha256, "tokenizer": data.tokenizer_name,
               "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens,
               "probe_tokens": int(probe_set.numel())},
     )
+    out = _open_metrics(cfg, run_dir, state, run_row)
+    start = state["step"] if state else 0
 
-    def checkpoint(step: int) -> None:
+    def probe(step: int) -> None:
         tokens = step * tokens_per_step
         val_loss, n_val = evaluate(fwd, data, cfg, device, amp)
         out.write("eval", step=step, tokens=tokens, val_loss=val_loss, val_tokens=n_val)
@@ -200,11 +253,25 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
         for row in rows:
             out.write("probe", step=step, tokens=tokens, **row)
 
-    bar = _progress(total_steps, cfg)
+    saved = {"step": start if state else None, "at": time.monotonic()}
+    every_s = cfg.train.checkpoint_minutes * 60
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_path, capture(
+            model, optimizers, config=to_dict(cfg), step=step, tokens=step * tokens_per_step,
+            wall_s=time.perf_counter() - t_start, metrics_bytes=out.bytes, metrics_sha256=out.hash.hexdigest()))
+        saved.update(step=step, at=time.monotonic())
+
+    # The first step whose loss was NaN/inf, and that loss, tracked on the device so that the check
+    # costs no host sync; it is read where the loop syncs anyway (logged steps, checkpoints).
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
+    bar = _progress(total_steps, start, cfg)
     try:
-        if 0 in probe_steps:
-            checkpoint(0)
-        for step in range(1, total_steps + 1):
+        if state is None and 0 in probe_steps:  # a resumed run has these rows already
+            probe(0)
+            save(0)
+        for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
             scale = lr_scale(step * tokens_per_step, cfg.train.tokens, cfg.optim.warmup_frac,
                              cfg.optim.decay, cfg.optim.min_lr_frac)
@@ -218,21 +285,88 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if step % cfg.train.log_every == 0 or step == total_steps or step in probe_steps:
+            new_bad = (bad_step == 0) & ~torch.isfinite(loss.detach())
+            bad_step = torch.where(new_bad, step, bad_step)
+            bad_loss = torch.where(new_bad, loss.detach().float(), bad_loss)
+            logged = step % cfg.train.log_every == 0 or step == total_steps or step in probe_steps
+            due = every_s > 0 and step < total_steps and time.monotonic() - saved["at"] >= every_s
+            broken = _divergence(step, bad_step, bad_loss, loss, model, logged or due, step in probe_steps or due)
+            if broken:
+                _diverged(out, cfg, *broken, tokens_per_step, saved["step"], ckpt_path, time.perf_counter() - t_start)
+                return
+            if logged:
                 loss_f = loss.item()  # the one host sync per logged step
                 out.write("train", step=step, tokens=step * tokens_per_step, loss=loss_f, lr_scale=scale,
                           grad_norm=float(grad_norm), step_time_s=time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss_f:.3f}", refresh=False)
             if step in probe_steps:
-                checkpoint(step)
+                probe(step)
+            if step < total_steps and (step in probe_steps or due):
+                save(step)  # the final step needs none: the weights and the `end` row follow at once
             bar.update(1)
+        _save_weights(model, run_dir / "model.safetensors")
+        out.write("end", step=total_steps, tokens=total_steps * tokens_per_step,
+                  wall_s=time.perf_counter() - t_start, status="finished")
     finally:
         bar.close()
-    _save_weights(model, run_dir / "model.safetensors")
-    out.write("end", step=total_steps, tokens=total_steps * tokens_per_step,
-              wall_s=time.perf_counter() - t_start, status="finished")
-    out.close()
-    return metrics_path
+        out.close()
+    for path in (ckpt_path, temp_path(ckpt_path)):  # the run is done; model.safetensors holds its result
+        path.unlink(missing_ok=True)
+
+
+def _open_metrics(cfg: Config, run_dir: Path, state: dict | None, run_row: dict) -> MetricsWriter:
+    """A fresh run: clear the folder's old outputs, write config, env and the `run` row. A resumed run:
+    cut metrics.jsonl back to the checkpoint and note this process in env.json."""
+    metrics_path = run_dir / METRICS
+    if state is None:
+        for name in _OUTPUTS:  # a forced or restarted run: nothing of the old one may linger beside the new
+            (run_dir / name).unlink(missing_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(run_row["config"], indent=2) + "\n")
+        (run_dir / "env.json").write_text(json.dumps(run_row["env"], indent=2) + "\n")
+        out = MetricsWriter(metrics_path, cfg.train.tensorboard)
+        out.write("run", **run_row)
+        return out
+    dropped = rewind_metrics(state, metrics_path)
+    _note_resume(run_dir / "env.json", run_row["env"], state["step"])
+    log.info("%s: resuming at step %d (%d tokens); %d rows logged after that checkpoint are redone",
+             cfg.name, state["step"], state["tokens_seen"], dropped)
+    return MetricsWriter(metrics_path, cfg.train.tensorboard, purge_step=state["tokens_seen"] + 1)
+
+
+def _divergence(step: int, bad_step, bad_loss, loss, model, check_loss: bool,
+                check_weights: bool) -> tuple[int, float, str] | None:
+    """(step, loss, reason) if the run has diverged by `step`, else None; each check is one host sync."""
+    if check_loss and int(bad_step):
+        return int(bad_step), float(bad_loss), "non-finite loss"
+    # A finite loss can still come with a non-finite update: probing or saving those weights would
+    # record garbage as a result or as a "good" checkpoint.
+    if check_weights and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        return step, loss.item(), "non-finite weights"
+    return None
+
+
+def _diverged(out: MetricsWriter, cfg: Config, step: int, loss: float, reason: str, tokens_per_step: int,
+              ckpt_step: int | None, ckpt_path: Path, wall_s: float) -> None:
+    """Stop a run whose loss or weights went NaN/inf: an `end` row with status "diverged"; the last good
+    checkpoint stays."""
+    tokens = step * tokens_per_step
+    kept = f"last good checkpoint: step {ckpt_step} in {ckpt_path}" if ckpt_step is not None else "no checkpoint"
+    log.warning("%s diverged: %s at step %d (%d tokens; training loss %s); run stopped, %s",
+                cfg.name, reason, step, tokens, loss, kept)
+    out.write("end", step=step, tokens=tokens, wall_s=wall_s, status="diverged", reason=reason, loss=loss,
+              checkpoint_step=ckpt_step)
+
+
+def _note_resume(env_path: Path, env: dict, step: int) -> None:
+    """Append this process's environment to env.json's `resumes`: a resumed run may finish on another host."""
+    try:
+        first = json.loads(env_path.read_text())
+    except (OSError, ValueError):
+        first = {}
+    first.setdefault("resumes", []).append({**env, "step": step})
+    tmp = env_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(first, indent=2) + "\n")
+    os.replace(tmp, env_path)
 
 
 def _save_weights(model, path: Path) -> None:
@@ -243,8 +377,8 @@ def _save_weights(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _progress(total: int, cfg: Config):
+def _progress(total: int, start: int, cfg: Config):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=cfg.name, unit="step", disable=not cfg.train.progress, leave=False,
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=cfg.name, unit="step", disable=not cfg.train.progress,
+                leave=False, dynamic_ncols=True)

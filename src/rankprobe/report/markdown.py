@@ -2,7 +2,8 @@
 
 Numbers come from metrics files only (see docs/metrics.md). Every aggregate is a seed mean with a
 95% Student-t half-width when an arm has more than one seed. Runs without an `end` row are listed as
-incomplete and left out of every number and figure.
+incomplete, runs whose loss or weights went NaN/inf as diverged (with the token count where they stopped); both
+are left out of every number and figure.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections import Counter
 from pathlib import Path
 
 from rankprobe.report.figures import TENSOR_NAME, fmt_tokens, heatmap_name
-from rankprobe.report.metrics import Headline, Run, arm_pr, default_tap, find_runs, finished_by_arm, headline
+from rankprobe.report.metrics import (Headline, Run, arm_key, arm_pr, default_tap, find_runs, finished_by_arm,
+                                      headline)
 
 TAP_MEANING = {
     "proj": "right after the key projection W_k",
@@ -59,9 +61,10 @@ def _distinct(runs: list[Run], key: str, fmt=_fmt) -> str:
     return "/".join(fmt(v) if v != "?" else v for v in values)
 
 
-def _summary(runs: list[Run], arms: dict[str, list[Run]], incomplete: list[Run]) -> str:
+def _summary(runs: list[Run], arms: dict[str, list[Run]], incomplete: list[Run], diverged: list[Run]) -> str:
     if not arms:
-        return (f"Found {len(runs)} run(s) under this folder; none has finished (no `end` row), so there "
+        why = f"{len(diverged)} diverged, the rest have no `end` row" if diverged else "no `end` row"
+        return (f"Found {len(runs)} run(s) under this folder; none has finished ({why}), so there "
                 "are no headline numbers yet.")
     ran = [r for g in arms.values() for r in g]
     per_arm = ", ".join(f"`{a}` × {len(g)} seed{'s' if len(g) != 1 else ''} ({', '.join(str(r.seed) for r in g)})"
@@ -82,18 +85,29 @@ def _summary(runs: list[Run], arms: dict[str, list[Run]], incomplete: list[Run])
         f"({', '.join(fmt_tokens(t) if t else 'init' for t in ckpts)} tokens) on "
         f"{_distinct(ran, 'probe.tokens', fmt_tokens)} held-out probe tokens."
     )
+    if diverged:
+        text += f" {len(diverged)} run(s) diverged (NaN/inf) and are excluded (see below)."
     if incomplete:
         text += f" {len(incomplete)} further run(s) did not finish and are excluded (see below)."
     return text
 
 
-def _headline_section(heads: list[Headline], tap: str, tensor: str, head_dim: int, dead_pr: float) -> list[str]:
-    rows = [[
-        f"`{h.arm}`", str(h.n_seeds), f"{h.tokens:,}", _pm(h.mean_pr, h.mean_pr_half, 2),
+def _headline_section(heads: list[Headline], tap: str, tensor: str, head_dim: int, dead_pr: float,
+                      diverged: list[Run]) -> list[str]:
+    lost: dict[str, list[Run]] = {}
+    for r in diverged:
+        lost.setdefault(r.arm, []).append(r)
+    rows = {h.arm: [
+        f"`{h.arm}`", str(h.n_seeds) + (f" (+{len(lost[h.arm])} diverged)" if h.arm in lost else ""),
+        f"{h.tokens:,}", _pm(h.mean_pr, h.mean_pr_half, 2),
         f"L{h.weakest_layer}: {_pm(h.weakest_pr, h.weakest_half, 2)}",
         f"{len(h.dead_layers)}" + (f" ({', '.join(f'L{i}' for i in h.dead_layers)})" if h.dead_layers else ""),
         _pm(h.val_loss, h.val_loss_half, 4),
-    ] for h in heads]
+    ] for h in heads}
+    for arm, group in lost.items():  # every seed diverged: say where instead of showing numbers
+        if arm not in rows:
+            where = ", ".join(f"{r.ended_at:,} tokens (seed {r.seed})" for r in group)
+            rows[arm] = [f"`{arm}`", "0", "—", f"diverged at {where}", "—", "—", "—"]
     header = ["arm", "seeds", "tokens", f"mean {TENSOR_NAME.get(tensor, tensor)} PR", "weakest layer: PR",
               f"dead layers (PR < {dead_pr:g})", "val loss"]
     return [
@@ -105,7 +119,7 @@ def _headline_section(heads: list[Headline], tap: str, tensor: str, head_dim: in
         f"its heads. Values are seed means; ± is the 95% t-interval half-width over seeds (shown only where "
         f"an arm has more than one seed). Mean PR averages the layers; the weakest layer and the dead layers "
         f"are read from the seed-mean layer profile; val loss is the last evaluation (nats/token).", "",
-        *_table(header, rows), "",
+        *_table(header, [rows[a] for a in sorted(rows, key=arm_key)]), "",
     ]
 
 
@@ -152,6 +166,24 @@ def _incomplete_section(incomplete: list[Run], root: Path) -> list[str]:
     ]
 
 
+def _diverged_section(diverged: list[Run], root: Path) -> list[str]:
+    if not diverged:
+        return []
+    rows = []
+    for r in diverged:
+        ckpt = r.rows["end"][-1].get("checkpoint_step")
+        where = r.path.relative_to(root) if r.path.is_relative_to(root) else r.path
+        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), f"{r.ended_at:,}",
+                     "none" if ckpt is None else f"step {ckpt}", f"`{where}`"])
+    return [
+        "## Diverged runs", "",
+        f"{len(diverged)} run(s) stopped because the training loss or the weights became NaN or infinite. "
+        "They are excluded from every number, table and figure in this report; their last good checkpoint "
+        "is kept in the run folder (`checkpoint.pt`).", "",
+        *_table(["run", "arm", "seed", "diverged at tokens", "last good checkpoint", "metrics file"], rows), "",
+    ]
+
+
 def _config_section(arms: dict[str, list[Run]]) -> list[str]:
     runs = [r for g in arms.values() for r in g]
     flat = {id(r): {k: v for k, v in _flatten(r.config).items() if k not in _SKIP_CONFIG} for r in runs}
@@ -194,9 +226,10 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
     out_dir = Path(out_dir) if out_dir is not None else (root if root.is_dir() else root.parent)
     runs = runs if runs is not None else find_runs(root)
     arms = finished_by_arm(runs)
-    incomplete = [r for r in runs if not r.finished]
+    diverged = [r for r in runs if r.status == "diverged"]
+    incomplete = [r for r in runs if not r.finished and r.status != "diverged"]
     base = root if root.is_dir() else root.parent
-    lines = [f"# RankProbe report: `{base.resolve().name}`", "", _summary(runs, arms, incomplete), ""]
+    lines = [f"# RankProbe report: `{base.resolve().name}`", "", _summary(runs, arms, incomplete, diverged), ""]
     if arms:
         finished = [r for g in arms.values() for r in g]
         tap = tap or default_tap(finished)
@@ -204,9 +237,10 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
         dead_pr = finished[0].dead_pr
         prs = {a: arm_pr(g, tap, tensor) for a, g in arms.items()}
         heads = [headline(prs[a], g, dead_pr) for a, g in arms.items()]
-        lines += _headline_section(heads, tap, tensor, head_dim, dead_pr)
+        lines += _headline_section(heads, tap, tensor, head_dim, dead_pr, diverged)
         lines += _checkpoint_section(prs, tensor)
         lines += _figure_section(out_dir, list(arms))
+    lines += _diverged_section(diverged, base)
     lines += _incomplete_section(incomplete, base)
     if arms:
         lines += _config_section(arms)

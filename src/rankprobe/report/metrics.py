@@ -64,9 +64,21 @@ class Run:
     rows: dict[str, list[dict]]
     """rows by `kind` (`train`, `eval`, `probe`, `end`, and any unknown kinds, which are ignored)"""
     finished: bool
+    """an `end` row with status "finished": only these enter numbers and figures (a diverged run does not)"""
     path: Path
     info: dict = field(default_factory=dict)
     """the whole `run` row (n_params, param_groups, probe_checkpoints, ...)"""
+
+    @property
+    def status(self) -> str:
+        """'finished', 'diverged' (the training loss went NaN/inf), or 'incomplete' (no `end` row yet)."""
+        return _status(self.rows)
+
+    @property
+    def ended_at(self) -> int:
+        """Tokens of the `end` row: where a diverged run stopped (0 without one)."""
+        ends = self.rows.get("end")
+        return int(ends[-1].get("tokens") or 0) if ends else 0
 
     @property
     def head_dim(self) -> int:
@@ -90,6 +102,11 @@ class Run:
         return _num(evals[-1].get("val_loss")) if evals else math.nan
 
 
+def _status(rows: dict[str, list[dict]]) -> str:
+    ends = rows.get("end")
+    return str(ends[-1].get("status") or "finished") if ends else "incomplete"
+
+
 def _num(value) -> float:
     return math.nan if value is None else float(value)
 
@@ -110,7 +127,7 @@ def _load_run(path: Path) -> Run | None:
     return Run(
         name=str(info.get("run") or path.parent.name), arm=arm, optimizer=optimizer, qk_norm=qk_norm,
         seed=int(info.get("seed", 0)), config=info.get("config") or {}, env=info.get("env") or {},
-        rows=by_kind, finished=bool(by_kind.get("end")), path=path, info=info,
+        rows=by_kind, finished=_status(by_kind) == "finished", path=path, info=info,
     )
 
 
