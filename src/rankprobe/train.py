@@ -249,7 +249,10 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
         tokens = step * tokens_per_step
         val_loss, n_val = evaluate(fwd, data, cfg, device, amp)
         out.write("eval", step=step, tokens=tokens, val_loss=val_loss, val_tokens=n_val)
-        rows = probe_model(model, probe_set, B)  # fp32, uncompiled: hooks never touch the hot path
+        # Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast, so the
+        # keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way).
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            rows = probe_model(model, probe_set, B)
         for row in rows:
             out.write("probe", step=step, tokens=tokens, **row)
 
