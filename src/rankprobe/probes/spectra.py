@@ -5,10 +5,17 @@ The Participation Ratio of a covariance C with eigenvalues λ is PR = (Σλ)² /
 PR = D when variance is spread evenly over all D dimensions, PR = k for k equal directions, 1 for
 a single direction. For N isotropic Gaussian samples in D dimensions the sample PR is biased low,
 ≈ D·N / (N + D) (Marchenko–Pastur), which is why every probe row records N.
+
+Beside PR: the effective rank and stable rank of the same spectrum, RankMe of the uncentered one,
+the spectral norm / stable rank / effective rank of weight matrices, and `isotropic_null`, the value
+each metric takes on isotropic Gaussian data of the same N and D (docs/lenses.md).
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 
@@ -60,3 +67,122 @@ def isotropic_pr(n: int, d: int) -> float:
     """
     m = n - 1
     return (m * d + 2) / (m + d + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Effective ranks of a spectrum. For activations the spectrum is the variance distribution
+# p = λ / Σλ (λ: eigenvalues of the centered covariance), and three classic effective ranks are
+# its Rényi entropies exponentiated: stable rank = exp H_∞ = 1 / max p, PR = exp H_2 = 1 / Σp²,
+# effective rank = exp H_1 = exp(-Σ p log p). Hence stable_rank ≤ PR ≤ erank ≤ D, all three equal k
+# for k equal directions. RankMe (Garrido et al., 2023) is Roy & Vetterli's definition on the
+# singular values of the *uncentered* embedding matrix: p = σ / Σσ with σ² the eigenvalues of Σxxᵀ.
+
+
+def entropy_rank(values: torch.Tensor) -> torch.Tensor:
+    """exp of the Shannon entropy of `values` (..., K) normalised to sum 1 -> (...); 0·log 0 = 0.
+
+    Roy & Vetterli (2007) effective rank when `values` are singular values. Negative entries (round-off
+    in an eigendecomposition of a PSD matrix) count as 0. In float64.
+    """
+    v = values.to(torch.float64).clamp_min(0)
+    p = v / v.sum(-1, keepdim=True)
+    return torch.exp(-torch.special.xlogy(p, p).sum(-1))
+
+
+def covariance_spectrum(cov: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (..., D) of symmetric PSD (..., D, D) in float64, ascending; those below
+    D·eps·λ_max (round-off, the tolerance of numpy's matrix_rank) are set to 0. Without that, RankMe's
+    square root would lift round-off of order 1e-16·λ_max to 1e-8 and count it as directions."""
+    lam = torch.linalg.eigvalsh(cov.to(torch.float64))
+    tol = lam[..., -1:].clamp_min(0) * lam.size(-1) * torch.finfo(torch.float64).eps
+    return torch.where(lam > tol, lam, torch.zeros_like(lam))
+
+
+def effective_rank(cov: torch.Tensor) -> torch.Tensor:
+    """exp H(λ/Σλ) of each covariance (..., D, D) -> (...): Rényi-1 partner of the PR (≥ PR)."""
+    return entropy_rank(covariance_spectrum(cov))
+
+
+def stable_rank(cov: torch.Tensor) -> torch.Tensor:
+    """tr(C) / λ_max of each covariance -> (...): ‖X_c‖_F² / ‖X_c‖₂² of the centered data (≤ PR)."""
+    lam = covariance_spectrum(cov)
+    return lam.sum(-1) / lam[..., -1]
+
+
+def rankme(second_moment: torch.Tensor) -> torch.Tensor:
+    """RankMe of each uncentered second moment M = E[xxᵀ] (..., D, D) -> (...).
+
+    The singular values of the N×D embedding matrix Z are sqrt(N·eig(M)), and RankMe = exp H(σ/Σσ)
+    is scale free, so sqrt(eig M) suffices (Garrido et al., 2023, eq. 1, without their ε = 1e-7).
+    """
+    return entropy_rank(covariance_spectrum(second_moment).sqrt())
+
+
+def matrix_metrics(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spectral norm σ₁, stable rank Σσ²/σ₁² and effective rank exp H(σ/Σσ) of (..., m, n) -> (...).
+
+    σ² are the eigenvalues of the smaller Gram matrix WWᵀ or WᵀW in float64 (eigvalsh is ~7× faster
+    than an SVD on an H100 at 768×768); those below max(m, n)·eps·σ₁² are round-off and count as 0.
+    For weights the effective rank is Roy & Vetterli's, on σ; the stable rank is on σ² as for
+    activations (both are the textbook forms).
+    """
+    w = w.to(torch.float64)
+    m, n = w.shape[-2:]
+    lam = torch.linalg.eigvalsh(w @ w.mT if m <= n else w.mT @ w)  # σ², ascending
+    lam = torch.where(lam > lam[..., -1:] * max(m, n) * torch.finfo(torch.float64).eps, lam, 0)
+    top = lam[..., -1]
+    return {"spectral_norm": top.sqrt(), "stable_rank": lam.sum(-1) / top, "erank": entropy_rank(lam.sqrt())}
+
+
+def head_spectra(stats: CovStats) -> dict[str, torch.Tensor]:
+    """Per-head pr, erank, stable_rank, rankme (H,) of one CovStats, in float64 on its device."""
+    cov = stats.covariance()
+    lam = covariance_spectrum(cov)
+    return {
+        "pr": participation_ratio(cov),
+        "erank": entropy_rank(lam),
+        "stable_rank": lam.sum(-1) / lam[..., -1],
+        "rankme": rankme(stats.outer / stats.n),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite-sample nulls: the value each metric takes for N isotropic Gaussian vectors in D dimensions.
+
+NULL_METRICS = ("pr", "erank", "stable_rank", "rankme")
+
+
+def _wishart_spectra(m: int, d: int, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """Eigenvalues (reps, d) of W_d(I, m) scatter matrices, by Bartlett's decomposition W = AAᵀ."""
+    if m < d:  # singular: sample the data itself (cheap, since there are fewer than d rows)
+        x = rng.standard_normal((reps, m, d))
+        return np.linalg.svd(x, compute_uv=False) ** 2
+    a = np.tril(rng.standard_normal((reps, d, d)), -1)
+    idx = np.arange(d)
+    a[:, idx, idx] = np.sqrt(rng.chisquare(m - idx, size=(reps, d)))  # df m, m-1, ..., m-d+1
+    return np.linalg.svd(a, compute_uv=False) ** 2
+
+
+@functools.lru_cache(maxsize=256)
+def isotropic_null(metric: str, n: int, d: int, reps: int = 32, seed: int = 0) -> float:
+    """Expected `metric` for n isotropic Gaussian samples in d dimensions: the finite-sample ceiling.
+
+    'pr' is the closed form `isotropic_pr`. 'erank' and 'stable_rank' (centered: Wishart with n-1
+    degrees of freedom) and 'rankme' (uncentered, zero-mean data: n degrees of freedom) are the mean
+    over `reps` seeded Monte-Carlo draws of the Wishart spectrum, O(reps·d³) whatever n is, and cached
+    per (metric, n, d, reps, seed). The metrics concentrate: at n = 8192, d = 64 one draw's relative sd
+    is ≤ 3e-4 for pr, erank and rankme and 6e-3 for stable_rank (it hangs on the largest eigenvalue).
+    """
+    if metric not in NULL_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(NULL_METRICS)}")
+    if metric == "pr":
+        return isotropic_pr(n, d)
+    rng = np.random.default_rng([seed, n, d])
+    lam = _wishart_spectra(n if metric == "rankme" else n - 1, d, reps, rng)
+    if metric == "stable_rank":
+        values = lam.sum(-1) / lam.max(-1)
+    else:
+        w = np.sqrt(lam) if metric == "rankme" else lam
+        p = w / w.sum(-1, keepdims=True)
+        values = np.exp(-(p * np.log(np.where(p > 0, p, 1))).sum(-1))
+    return float(values.mean())

@@ -1,0 +1,296 @@
+"""Probe a pretrained checkpoint with RankProbe's taps and write a run folder `rankprobe report` reads.
+
+Hugging Face causal LMs (Llama family incl. TinyLlama and Mistral, Qwen2, Qwen3, GPT-2) are loaded
+from a local folder with `transformers`, never from a hub. Their forward has no identity taps, so
+hooks rebuild the same three points per attention layer, (B, T, H, D) per head:
+  proj  the q_proj / k_proj / v_proj output (GPT-2: the split of the fused c_attn output)
+  norm  after QK-Norm (Qwen3's q_norm / k_norm); equal to proj for models without QK-Norm
+  rope  the norm tap rotated by the model's own apply_rotary_pos_emb with the (cos, sin) the
+        attention layer received; GPT-2 has no RoPE, so rope equals proj
+RankProbe's own run folders (config.json + model.safetensors) load into `Transformer` too, so old
+runs can be probed with new lenses. `probe_checkpoint_to_dir` writes run, probe, attn, weights and
+end rows (docs/metrics.md, docs/lenses.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import socket
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import DataError, ModelConfig, ProbeConfig, UserError
+from .lenses import Key, Sink, probe_lenses, weight_lenses
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+SCHEMA_VERSION = 1
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A Hugging Face causal LM from the local folder `path` (no download), in eval mode.
+
+    Raises DataError for a missing folder or a model_type outside SUPPORTED."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise UserError("probing Hugging Face checkpoints needs `transformers` (pip install transformers)") from None
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DataError(f"{path} is not a checkpoint folder (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if config.model_type not in SUPPORTED:
+        raise DataError(f"{path}: model_type {config.model_type!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED)})")
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_run_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """RankProbe's Transformer from a run folder's config.json and model.safetensors (safetensors
+    only: nothing is unpickled), in eval mode."""
+    from safetensors.torch import load_model
+
+    from ..model import Transformer
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise DataError(f"{run_dir} has no model.safetensors (a run that did not finish?)")
+    model = Transformer(ModelConfig(**cfg["model"]))
+    load_model(model, str(weights), strict=True, device=str(device))
+    return model.to(device).eval()
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """True for a RankProbe run folder (its config.json has a `model` table), False for HF folders."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg.get("model"), dict) and "n_layer" in cfg["model"]
+
+
+# ---------------------------------------------------------------------------------------------
+# taps
+
+
+def _layers(model) -> list:
+    """The self-attention module of every decoder layer, in depth order."""
+    if model.config.model_type == "gpt2":
+        return [block.attn for block in model.transformer.h]
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def _config_head_dim(c) -> int:
+    """Head width of an HF config (GPT-2 and older Llama configs have no head_dim)."""
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def hf_logit_scales(model) -> list[float]:
+    """Per layer, the factor the model multiplies q·k by (`scaling` of its attention modules)."""
+    return [float(getattr(a, "scaling", _config_head_dim(model.config) ** -0.5)) for a in _layers(model)]
+
+
+def attach_hf_taps(model, sink: Sink, taps=None) -> list:
+    """Hooks on every attention layer of an HF model that call `sink((tap, tensor, layer), x)` with
+    x (B, T, H, D) at proj / norm / rope for q and k and proj for v (only keys in `taps`, if given).
+    Returns the handles to remove."""
+    if model.config.model_type not in SUPPORTED:
+        raise DataError(f"model_type {model.config.model_type!r} is not supported ({', '.join(SUPPORTED)})")
+    D = _config_head_dim(model.config)
+
+    def emit(key: Key, x: torch.Tensor) -> None:
+        if taps is None or key in taps:
+            sink(key, x)
+
+    handles = []
+    for i, attn in enumerate(_layers(model)):
+        if model.config.model_type == "gpt2":
+            handles.append(attn.c_attn.register_forward_hook(_gpt2_hook(i, D, attn.split_size, emit)))
+        else:
+            handles += _rope_model_hooks(i, attn, D, emit)
+    return handles
+
+
+def _gpt2_hook(layer: int, D: int, width: int, emit):
+    def hook(_m, _i, out):  # out: (B, T, 3·d), the fused q | k | v projection
+        q, k, v = (t.unflatten(-1, (-1, D)) for t in out.split(width, dim=-1))  # (B, T, H, D)
+        for tap in ("proj", "norm", "rope"):  # no QK-Norm, no RoPE: one tensor at all three taps
+            emit((tap, "q", layer), q)
+            emit((tap, "k", layer), k)
+        emit(("proj", "v", layer), v)
+    return hook
+
+
+def _rope_model_hooks(layer: int, attn, D: int, emit) -> list:
+    """Llama-style attention: record the projections (and q_norm / k_norm outputs) as they happen and
+    the (cos, sin) the layer was given; emit every tap once the layer has run."""
+    seen: dict[str, torch.Tensor] = {}
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own RoPE
+    has_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
+
+    def pre(_m, args, kwargs):
+        seen["cos_sin"] = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+
+    def record(name, split):
+        def hook(_m, _i, out):
+            seen[name] = out.unflatten(-1, (-1, D)) if split else out  # (B, T, H, D)
+        return hook
+
+    def post(_m, _args, _out):
+        q, k = seen["q_proj"], seen["k_proj"]
+        qn, kn = (seen["q_norm"], seen["k_norm"]) if has_norm else (q, k)
+        cos, sin = seen.pop("cos_sin")
+        if cos.size(-1) != D:
+            raise DataError(f"layer {layer}: partial rotary embeddings ({cos.size(-1)} of {D} dims) are not supported")
+        qr, kr = rotate(qn, kn, cos, sin, unsqueeze_dim=2)  # cos (B, T, D) -> (B, T, 1, D)
+        for key, x in ((("proj", "q", layer), q), (("proj", "k", layer), k), (("proj", "v", layer), seen["v_proj"]),
+                       (("norm", "q", layer), qn), (("norm", "k", layer), kn),
+                       (("rope", "q", layer), qr), (("rope", "k", layer), kr)):
+            emit(key, x)
+        seen.clear()
+
+    handles = [attn.register_forward_pre_hook(pre, with_kwargs=True), attn.register_forward_hook(post)]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        handles.append(getattr(attn, name).register_forward_hook(record(name, True)))
+    if has_norm:
+        for name in ("q_norm", "k_norm"):
+            handles.append(getattr(attn, name).register_forward_hook(record(name, False)))
+    return handles
+
+
+def hf_attention_weights(model) -> list[dict[str, tuple[torch.Tensor, int]]]:
+    """Per layer {"q" | "k" | "v" | "o": (W as (out, in), heads)}, as `lenses.attention_weights`.
+    GPT-2's Conv1D stores (in, out), so its matrices are transposed views."""
+    c = model.config
+    out = []
+    for attn in _layers(model):
+        if c.model_type == "gpt2":
+            q, k, v = attn.c_attn.weight.t().split(attn.split_size, dim=0)  # (d, d) each
+            H = attn.num_heads
+            out.append({"q": (q, H), "k": (k, H), "v": (v, H), "o": (attn.c_proj.weight.t(), H)})
+        else:
+            H, Hkv = c.num_attention_heads, c.num_key_value_heads
+            out.append({"q": (attn.q_proj.weight, H), "k": (attn.k_proj.weight, Hkv),
+                        "v": (attn.v_proj.weight, Hkv), "o": (attn.o_proj.weight, H)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# a run folder for `rankprobe report`
+
+
+def hf_model_config(config) -> dict:
+    """RankProbe's `model` table filled from an HF config (what the report reads: head_dim, n_layer)."""
+    c = config
+    if c.model_type == "gpt2":
+        return asdict(ModelConfig(
+            n_layer=c.n_layer, d_model=c.n_embd, n_head=c.n_head, n_kv_head=c.n_head, head_dim=c.n_embd // c.n_head,
+            mlp_hidden=c.n_inner or 4 * c.n_embd, seq_len=c.n_positions, vocab_size=c.vocab_size,
+            tie_embeddings=bool(c.tie_word_embeddings), rope_theta=0.0, norm_eps=c.layer_norm_epsilon,
+            init_std=c.initializer_range))
+    rope = getattr(c, "rope_parameters", None) or {}
+    return asdict(ModelConfig(
+        n_layer=c.num_hidden_layers, d_model=c.hidden_size, n_head=c.num_attention_heads,
+        n_kv_head=c.num_key_value_heads, head_dim=_config_head_dim(c),
+        mlp_hidden=c.intermediate_size, seq_len=c.max_position_embeddings, vocab_size=c.vocab_size,
+        qk_norm=c.model_type == "qwen3", tie_embeddings=bool(c.tie_word_embeddings),
+        rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))), norm_eps=c.rms_norm_eps,
+        init_std=c.initializer_range))
+
+
+def _env(device: torch.device) -> dict:
+    try:
+        import transformers
+        tf_version = transformers.__version__
+    except ImportError:
+        tf_version = None
+    return {"git_sha": None, "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": tf_version, "platform": platform.platform(), "device": str(device),
+            "hostname": socket.gethostname(), "rankprobe": __version__,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str | Path, batch_size: int = 8,
+                            name: str | None = None, arm: str | None = None, force: bool = False,
+                            device: str | torch.device = "cpu") -> Path:
+    """Probe the checkpoint at `path` (an HF folder or a RankProbe run folder) on `tokens` (N, T) of
+    its own vocabulary and write `out_dir/metrics.jsonl` (plus config.json, env.json): a `run` row
+    (arm "hf:<model_type>" or "rankprobe:<arm>", optimizer "pretrained" for HF, probe_checkpoints
+    [0]), then `probe`, `attn` and `weights` rows at step 0 / tokens 0, and a finished `end` row.
+    Returns the metrics path. Refuses to replace an existing metrics.jsonl unless `force`."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if (out_dir / "metrics.jsonl").exists() and not force:
+        raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass force=True to replace it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_run_folder(path):
+        model = load_run_checkpoint(path, device)
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        optimizer, qk_norm, seed = cfg["optim"]["name"], bool(cfg["model"]["qk_norm"]), cfg["train"]["seed"]
+        arm = arm or f"rankprobe:{optimizer}{'+qknorm' if qk_norm else ''}"
+        source = {"path": str(path), "kind": "rankprobe"}
+    else:
+        model = load_hf(path, device=device)
+        mt = model.config.model_type
+        # only the tables that mean something for a model RankProbe did not train
+        cfg = {"name": name or f"hf-{mt}", "model": hf_model_config(model.config),
+               "probe": asdict(ProbeConfig(checkpoints=[0], n_checkpoints=1, tokens=int(tokens.numel())))}
+        optimizer, qk_norm, seed, arm = "pretrained", cfg["model"]["qk_norm"], 0, arm or f"hf:{mt}"
+        source = {"path": str(path), "kind": "hf", "model_type": mt,
+                  "architectures": list(getattr(model.config, "architectures", None) or [])}
+    vocab = cfg["model"]["vocab_size"]
+    if tokens.ndim != 2 or tokens.numel() == 0 or int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+        raise DataError(f"tokens must be a non-empty (N, T) tensor of ids in [0, {vocab}); "
+                        f"tokenize the probe text with the checkpoint's own tokenizer")
+    name = name or cfg.get("name") or out_dir.name
+    probe_rows, attn_rows = probe_lenses(model, tokens, batch_size)
+    weight_rows = weight_lenses(model)
+    env = _env(next(model.parameters()).device)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    m = cfg["model"]
+    rows = [("run", {"schema": SCHEMA_VERSION, "run": name, "arm": arm, "optimizer": optimizer, "qk_norm": qk_norm,
+                     "seed": seed, "config": cfg, "env": env, "n_params": sum(p.numel() for p in model.parameters()),
+                     "param_groups": {}, "head_dim": m["head_dim"], "n_layer": m["n_layer"],
+                     "probe_checkpoints": [0], "data": {"probe_tokens": int(tokens.numel())}, "source": source})]
+    rows += [("probe", r) for r in probe_rows] + [("attn", r) for r in attn_rows]
+    rows += [("weights", r) for r in weight_rows]
+    rows.append(("end", {"step": 0, "tokens": 0, "wall_s": time.perf_counter() - t0, "status": "finished"}))
+    metrics = out_dir / "metrics.jsonl"
+    tmp = metrics.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for kind, row in rows:
+            at = {"step": 0, "tokens": 0} if kind in ("probe", "attn", "weights") else {}
+            f.write(json.dumps({"kind": kind, **at, **{k: _finite(v) for k, v in row.items()}}) + "\n")
+    tmp.replace(metrics)
+    return metrics
+
+
+def probe_tokens_from_text(path: str | Path, text: str, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """Tokenize `text` with the checkpoint's own tokenizer (local files only) into (N, seq_len) ids,
+    N = min(all tokens, max_tokens) // seq_len: the probe set for an HF model."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(path, local_files_only=True)(text, add_special_tokens=False)["input_ids"]
+    n = min(len(ids), max_tokens) // seq_len
+    if n == 0:
+        raise DataError(f"the probe text gives {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

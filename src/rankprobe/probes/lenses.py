@@ -1,0 +1,268 @@
+"""Lenses beyond the key PR: more spectra of the taps, attention entropy and max logit, weight spectra.
+
+- `spectral_rows`: the `probe` rows of `capture.stats_to_rows` plus erank, stable rank and RankMe per
+  head, and each metric's isotropic finite-sample null.
+- `attention_lenses`: per layer and head, the mean causal attention entropy and the largest
+  pre-softmax logit, from an explicit-softmax pass fed by the rope taps (SDPA never materialises
+  the attention weights, so they are recomputed here, in chunks of bounded memory).
+- `probe_lenses`: both of the above in one pass over the probe set.
+- `weight_lenses`, `weight_snapshot`, `update_rms`: spectra of W_q, W_k, W_v, W_o and of one update.
+
+Everything runs on RankProbe's Transformer (hooks on its named taps) and on Hugging Face causal LMs
+(rankprobe.probes.hf rebuilds the same taps with hooks). Formulas and row keys: docs/lenses.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .capture import stats_to_rows
+from .spectra import CovStats, head_spectra, isotropic_null, matrix_metrics
+
+Key = tuple[str, str, int]  # (tap, tensor, layer), as in Transformer.tap_modules
+Sink = Callable[[Key, torch.Tensor], None]  # receives (B, T, H, D) activations
+SPECTRAL_KEYS = ("erank", "stable_rank", "rankme")
+
+
+def _is_hf(model) -> bool:
+    return not hasattr(model, "tap_modules")
+
+
+def attach_taps(model, sink: Sink, taps=None) -> list:
+    """Hooks that call `sink((tap, tensor, layer), x)` with x (B, T, H, D) at every tap of `model`
+    (or only the keys in `taps`); returns the handles to remove."""
+    if _is_hf(model):
+        from .hf import attach_hf_taps
+
+        return attach_hf_taps(model, sink, taps)
+    return [module.register_forward_hook(lambda _m, _i, out, key=key: sink(key, out))
+            for key, module in model.tap_modules().items() if taps is None or key in taps]
+
+
+def logit_scales(model) -> list[float]:
+    """Per layer, the factor attention multiplies q·k by: 1/sqrt(D) for RankProbe (SDPA's default)."""
+    if _is_hf(model):
+        from .hf import hf_logit_scales
+
+        return hf_logit_scales(model)
+    return [model.cfg.head_dim ** -0.5] * model.cfg.n_layer
+
+
+@torch.no_grad()
+def _feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None) -> None:
+    """Run `tokens` (N, T) through `model` in eval mode with `sink` on the taps; restores the mode."""
+    handles = attach_taps(model, sink, taps)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, tokens.size(0), batch_size):
+            idx = tokens[i : i + batch_size].to(device)
+            if _is_hf(model):
+                model(input_ids=idx, use_cache=False)
+            else:
+                model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# spectra of the taps
+
+
+def spectral_rows(stats: dict[Key, CovStats]) -> list[dict]:
+    """`stats_to_rows(stats)` with, per row, erank / stable_rank / rankme (layer mean over heads) and
+    their per-head lists `*_heads`, plus `<metric>_null` for pr and each new metric (isotropic data of
+    the row's n and dim). One device sync for all eigendecompositions."""
+    rows = stats_to_rows(stats)
+    if not rows:
+        return rows
+    keys = [(r["tap"], r["tensor"], r["layer"]) for r in rows]
+    spectra = [head_spectra(stats[k]) for k in keys]
+    sizes = [s["pr"].numel() for s in spectra]
+    flat = {m: torch.cat([s[m] for s in spectra]).cpu().split(sizes) for m in SPECTRAL_KEYS}
+    for i, row in enumerate(rows):
+        for m in SPECTRAL_KEYS:
+            heads = flat[m][i].tolist()
+            row[m], row[f"{m}_heads"] = sum(heads) / len(heads), heads
+        for m in ("pr",) + SPECTRAL_KEYS:
+            row[f"{m}_null"] = isotropic_null(m, row["n"], row["dim"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# attention entropy and max logit
+
+
+class AttentionStats:
+    """Per layer and head: sums of causal attention entropy (nats), of entropy / log(visible keys),
+    and the running max of the scaled logit q·k·scale over visible (causal) pairs.
+
+    `add(layer, q, k, scale)` takes the post-RoPE q (B, T, H, D) and k (B, T, Hkv, D) of one batch;
+    query head h reads key head h // (H / Hkv), as SDPA's enable_gqa and HF's repeat_kv do. Rows
+    t ≥ 1 (at least two visible keys) enter the entropy means; every visible pair enters the max.
+    The scores are formed in float32 for at most `budget` elements at a time.
+    """
+
+    def __init__(self, budget: int = 2**24):
+        self.budget = budget
+        self.layers: dict[int, dict] = {}
+
+    @torch.no_grad()
+    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+        B, T, H, D = q.shape
+        rep = H // k.size(2)
+        q = q.float().transpose(1, 2).reshape(B * H, T, D)  # (B·H, T, D)
+        k = k.float().transpose(1, 2).repeat_interleave(rep, dim=1).reshape(B * H, T, D)
+        head = torch.arange(B * H, device=q.device) % H
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        log_keys = torch.arange(1, T + 1, device=q.device, dtype=torch.float32).log()  # log(t + 1)
+        s = self.layers.setdefault(layer, {
+            "entropy": torch.zeros(H, dtype=torch.float64, device=q.device),
+            "entropy_norm": torch.zeros(H, dtype=torch.float64, device=q.device),
+            "max_logit": torch.full((H,), -math.inf, device=q.device), "rows": 0, "T": T,
+            "entropy_max": math.lgamma(T + 1) / (T - 1) if T > 1 else 0.0,  # mean of log(t + 1), t ≥ 1
+        })
+        chunk = max(1, self.budget // (T * T))
+        for i in range(0, B * H, chunk):
+            scores = (q[i : i + chunk] @ k[i : i + chunk].transpose(1, 2)) * scale  # (c, T, T)
+            scores.masked_fill_(future, -math.inf)
+            h = head[i : i + chunk]
+            s["max_logit"].scatter_reduce_(0, h, scores.amax((1, 2)), "amax")
+            logp = scores.log_softmax(-1)
+            ent = -(logp.exp() * logp.masked_fill(future, 0)).sum(-1)[:, 1:]  # (c, T-1)
+            s["entropy"].index_add_(0, h, ent.sum(-1).double())
+            s["entropy_norm"].index_add_(0, h, (ent / log_keys[1:]).sum(-1).double())
+        s["rows"] += B * (T - 1)
+
+    def rows(self) -> list[dict]:
+        """One row per layer: entropy, entropy_norm, max_logit (mean / mean / max over heads) and
+        their `*_heads` lists, entropy_max (uniform attention's entropy), n_rows, seq_len."""
+        out = []
+        for layer in sorted(self.layers):
+            s = self.layers[layer]
+            n = max(s["rows"], 1)
+            ent = (s["entropy"] / n).tolist()
+            norm = (s["entropy_norm"] / n).tolist()
+            mx = s["max_logit"].tolist()
+            out.append({
+                "layer": layer, "entropy": sum(ent) / len(ent), "entropy_heads": ent,
+                "entropy_norm": sum(norm) / len(norm), "entropy_norm_heads": norm,
+                "entropy_max": s["entropy_max"], "max_logit": max(mx), "max_logit_heads": mx,
+                "n_rows": s["rows"], "seq_len": s["T"],
+            })
+        return out
+
+
+def _attention_sink(model, stats: AttentionStats) -> Sink:
+    scales, pending = logit_scales(model), {}
+
+    def sink(key: Key, x: torch.Tensor) -> None:
+        tap, tensor, layer = key
+        if tap != "rope":
+            return
+        if tensor == "q":
+            pending[layer] = x
+        elif tensor == "k":
+            stats.add(layer, pending.pop(layer), x, scales[layer])
+
+    return sink
+
+
+def attention_lenses(model, tokens: torch.Tensor, batch_size: int) -> list[dict]:
+    """Attention entropy and max pre-softmax logit per layer and head on `tokens` (N, T): the rows
+    of `AttentionStats.rows` (metrics kind `attn`). A pass of its own; see `probe_lenses` for one
+    pass that also fills the probe rows."""
+    stats = AttentionStats()
+    taps = {(t, x, i) for i in range(len(logit_scales(model))) for t, x in (("rope", "q"), ("rope", "k"))}
+    _feed(model, tokens, batch_size, _attention_sink(model, stats), taps)
+    return stats.rows()
+
+
+def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool = True
+                 ) -> tuple[list[dict], list[dict]]:
+    """One pass over `tokens`: (`spectral_rows` of every tap -> kind `probe`, attention rows -> kind
+    `attn`, empty when `attention` is False)."""
+    cov: dict[Key, CovStats] = {}
+    attn = AttentionStats()
+    attn_sink = _attention_sink(model, attn) if attention else None
+
+    def sink(key: Key, x: torch.Tensor) -> None:
+        if key not in cov:
+            cov[key] = CovStats(x.size(-2), x.size(-1), device=x.device)
+        cov[key].add(x)
+        if attn_sink is not None:
+            attn_sink(key, x)
+
+    _feed(model, tokens, batch_size, sink)
+    return spectral_rows(cov), attn.rows()
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def attention_weights(model) -> list[dict[str, tuple[torch.Tensor, int]]]:
+    """Per layer {"q" | "k" | "v" | "o": (W as (out, in), heads)}: W_q (H·D, d), W_k and W_v
+    (Hkv·D, d), W_o (d, H·D). The tensors are the live parameters (or views of them)."""
+    if _is_hf(model):
+        from .hf import hf_attention_weights
+
+        return hf_attention_weights(model)
+    out = []
+    for block in model.blocks:
+        a = block.attn
+        out.append({"q": (a.wq.weight, a.n_head), "k": (a.wk.weight, a.n_kv_head),
+                    "v": (a.wv.weight, a.n_kv_head), "o": (a.wo.weight, a.n_head)})
+    return out
+
+
+def _per_head(w: torch.Tensor, heads: int, matrix: str) -> torch.Tensor:
+    """Split (out, in) into heads: q/k/v rows -> (heads, D, d); o columns -> (heads, d, D)."""
+    if matrix == "o":
+        d_out, width = w.shape
+        return w.view(d_out, heads, width // heads).transpose(0, 1)
+    return w.view(heads, w.size(0) // heads, w.size(1))
+
+
+@torch.no_grad()
+def weight_lenses(model, per_head: bool = True) -> list[dict]:
+    """One row per (layer, matrix) with spectral_norm, stable_rank, erank of the whole matrix and,
+    when `per_head`, `*_heads` lists for each head's block (rows of W_q/W_k/W_v, columns of W_o).
+    Singular values in float64 on the weights' device (metrics kind `weights`)."""
+    rows, pending = [], []
+    for layer, mats in enumerate(attention_weights(model)):
+        for matrix, (w, heads) in mats.items():
+            whole = matrix_metrics(w)
+            split = matrix_metrics(_per_head(w, heads, matrix)) if per_head else None
+            pending.append((layer, matrix, list(w.shape), whole, split))
+    for layer, matrix, shape, whole, split in pending:  # the host syncs, after all the SVDs
+        row = {"layer": layer, "matrix": matrix, "shape": shape}
+        row.update({m: v.item() for m, v in whole.items()})
+        if split is not None:
+            row.update({f"{m}_heads": v.tolist() for m, v in split.items()})
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def weight_snapshot(model) -> dict[tuple[int, str], torch.Tensor]:
+    """Copies of every attention matrix, keyed (layer, "q" | "k" | "v" | "o"), on their device."""
+    return {(layer, m): w.detach().clone() for layer, mats in enumerate(attention_weights(model))
+            for m, (w, _) in mats.items()}
+
+
+@torch.no_grad()
+def update_rms(before: dict, after: dict) -> list[dict]:
+    """Rows {layer, matrix, update_rms, update_rel} for two `weight_snapshot`s around an optimizer
+    step: update_rms = RMS of ΔW = ‖ΔW‖_F / sqrt(numel), update_rel = ‖ΔW‖_F / ‖W_before‖_F."""
+    keys = sorted(before)
+    stats = torch.stack([torch.stack([(after[k].double() - before[k].double()).norm(),
+                                      before[k].double().norm()]) for k in keys]).cpu()
+    return [{"layer": layer, "matrix": m, "update_rms": (d / math.sqrt(before[(layer, m)].numel())).item(),
+             "update_rel": (d / w).item()} for (layer, m), (d, w) in zip(keys, stats)]
