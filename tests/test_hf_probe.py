@@ -172,7 +172,7 @@ def test_rankprobe_run_folder_loads_with_safetensors_and_probes_the_same(tmp_pat
     tokens = torch.randint(0, 97, (4, T))
     path = probe_checkpoint_to_dir(run, tokens, tmp_path / "reprobe")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert rows[0]["arm"] == "rankprobe:muon+qknorm" and rows[0]["optimizer"] == "muon"
+    assert rows[0]["arm"] == "rankprobe:muon+qknorm" and rows[0]["optimizer"] == "pretrained"
     want = {(r["tap"], r["tensor"], r["layer"]): r["pr"] for r in probe_model(model, tokens, 4)}
     got = {(r["tap"], r["tensor"], r["layer"]): r["pr"] for r in rows if r["kind"] == "probe"}
     assert got.keys() == want.keys()
@@ -206,3 +206,47 @@ def test_probe_tokens_from_text_uses_the_checkpoints_own_tokenizer(tmp_path):
     assert got.shape == (6, 8) and got.flatten().tolist() == ids[:48]
     with pytest.raises(DataError, match="fewer than one sequence"):
         probe_tokens_from_text(tmp_path, "a", seq_len=8, max_tokens=50)
+
+
+def test_cli_probe_of_an_hf_folder_and_a_run_folder_then_one_report(saved, tmp_path):
+    """`rankprobe probe` end to end: a Llama folder with its own tokenizer, and a trained RankProbe run
+    (probed on its own probe set), then `rankprobe report` over both."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rankprobe.cli import main
+    from rankprobe.config import load
+    from rankprobe.data.corpus import load_corpus
+    from rankprobe.train import train
+
+    text = load_corpus("embedded").text[:200_000]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=V, special_tokens=["<unk>"]))
+    llama = tmp_path / "llama"
+    transformers.AutoModelForCausalLM.from_pretrained(saved["llama"]).save_pretrained(llama)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(llama)
+    study = tmp_path / "study"
+    assert main(["probe", str(llama), "--out", str(study / "llama"), "--tokens", "512", "--seq-len", "32"]) == 0
+    assert main(["probe", str(llama), "--out", str(study / "llama"), "--tokens", "512", "--seq-len", "32"]) == 2
+
+    corpus = tmp_path / "austen.txt"
+    corpus.write_text(text)
+    cfg = load("demo", {"model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.head_dim": "16",
+                        "model.seq_len": "32", "data.vocab_size": "300", "data.corpus": str(corpus),
+                        "data.cache_dir": str(tmp_path / "cache"), "train.tokens": "1024", "train.batch_size": "4",
+                        "train.eval_tokens": "128", "train.progress": "false", "probe.tokens": "256"})
+    train(cfg, study / "adamw-s0")
+    assert main(["probe", str(study / "adamw-s0"), "--out", str(tmp_path / "reprobe")]) == 0
+    trained = [json.loads(line) for line in (study / "adamw-s0" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "reprobe" / "metrics.jsonl").read_text().splitlines()]
+    final = {(r["tap"], r["tensor"], r["layer"]): r["pr"] for r in trained
+             if r["kind"] == "probe" and r["tokens"] == trained[-1]["tokens"]}
+    reprobed = {(r["tap"], r["tensor"], r["layer"]): r["pr"] for r in again if r["kind"] == "probe"}
+    assert reprobed.keys() == final.keys()  # the same probe set and weights give the same PR
+    assert all(math.isclose(reprobed[k], final[k], rel_tol=1e-6) for k in final)
+
+    assert main(["report", str(study)]) == 0
+    report = (study / "report.md").read_text()
+    assert "hf:llama" in report and "`adamw`" in report
+    assert main(["probe", str(tmp_path / "nowhere")]) == 2

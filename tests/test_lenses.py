@@ -272,3 +272,13 @@ def test_weight_lenses_and_update_rms():
     norm = before[(0, "v")].double().norm().item()
     assert by[(0, "v")]["update_rel"] == pytest.approx(0.01 * math.sqrt(32 * 64) / norm, rel=1e-5)
     assert by[(1, "q")]["update_rms"] == 0.0 and len(rows) == 8
+
+
+def test_non_finite_covariance_gives_nan_metrics_not_an_error():
+    """A diverging run's overflowed keys must not crash the probe; only the broken head is NaN."""
+    from rankprobe.probes.spectra import covariance_spectrum
+
+    cov = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    cov[1, 0, 0] = float("inf")
+    lam = covariance_spectrum(cov)
+    assert torch.equal(lam[0], torch.ones(4, dtype=torch.float64)) and lam[1].isnan().all()

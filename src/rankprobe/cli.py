@@ -62,6 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="sweep folder (default: the config's out)")
     s.add_argument("--force", action="store_true", help="retrain every arm, replacing the runs in the folder")
 
+    pr = sub.add_parser("probe", allow_abbrev=False, help="probe a checkpoint RankProbe did not train",
+                        description="Probe CHECKPOINT — a Hugging Face causal LM folder (Llama, Mistral, Qwen2, "
+                                    "Qwen3, GPT-2) or a RankProbe run folder — with every lens, into a metrics "
+                                    "folder that `rankprobe report` draws next to trained arms.")
+    pr.add_argument("checkpoint", metavar="CHECKPOINT")
+    pr.add_argument("--out", help="output folder (default: <CHECKPOINT name>-probe)")
+    pr.add_argument("--corpus", default="embedded",
+                    help="probe text for HF models, tokenized with the model's own tokenizer (default: embedded); "
+                         "a RankProbe run is probed on its own held-out probe set")
+    pr.add_argument("--tokens", type=int, default=16384, help="probe tokens (default: 16384)")
+    pr.add_argument("--seq-len", type=int, default=512, help="sequence length for HF models (default: 512)")
+    pr.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    pr.add_argument("--force", action="store_true", help="replace an earlier probe in the output folder")
+
     r = sub.add_parser("report", allow_abbrev=False, help="rebuild figures and report.md from metrics files",
                        description="Rebuild every figure and report.md under DIR from its metrics.jsonl files alone.")
     r.add_argument("dir", metavar="DIR")
@@ -75,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if args.command == "probe":
+            if rest:
+                raise UserError(f"unexpected arguments: {' '.join(rest)}")
+            return _probe(args)
         if args.command == "report":
             if rest:
                 raise UserError(f"unexpected arguments: {' '.join(rest)}")
@@ -117,6 +136,15 @@ def _sweep(cfg, out: Path, force: bool) -> int:
     n = len(arms(cfg))
     run_sweep(dataclasses.replace(cfg, out=str(out)), out, force=force)
     print(f"rankprobe: {n} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
+    return 0
+
+
+def _probe(args) -> int:
+    from .probes.hf import probe_checkpoint
+
+    path = probe_checkpoint(Path(args.checkpoint), args.out, corpus=args.corpus, n_tokens=args.tokens,
+                            seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, force=args.force)
+    print(f"rankprobe: probed {args.checkpoint}; metrics in {path}")
     return 0
 
 

@@ -89,6 +89,12 @@ class OptimConfig:
     """final learning rate as a fraction of the peak"""
     grad_clip: float = 1.0
     """global gradient-norm clip (0 = off)"""
+    qk_clip: bool = False
+    """QK-Clip (MuonClip's clipping half, Kimi K2): after each step rescale heads whose max q·k logit > tau"""
+    qk_clip_tau: float = 100.0
+    """QK-Clip threshold on the largest scaled q·k logit of a head in a step"""
+    qk_clip_sequences: int = 0
+    """sequences of each batch QK-Clip scores for its max (0 = all; fewer is cheaper but sees a lower bound)"""
 
 
 @dataclass
@@ -147,6 +153,10 @@ class ProbeConfig:
     """headline tap for key PR: 'proj' (after W_k), 'norm' (after QK-Norm), 'rope' (after RoPE)"""
     dead_pr: float = 10.0
     """layers whose mean key PR is below this are reported as dead"""
+    attention: bool = True
+    """also measure attention entropy and the max pre-softmax logit per head (an explicit-softmax pass)"""
+    weights: bool = True
+    """also measure spectra of W_q, W_k, W_v, W_o and the RMS of the update at each checkpoint"""
 
 
 @dataclass
@@ -157,6 +167,8 @@ class SweepConfig:
     """QK-Norm arms"""
     seeds: list[int] = field(default_factory=lambda: [0])
     """seeds per arm"""
+    arms: list[str] = field(default_factory=list)
+    """explicit arms instead of the optimizers × qk_norm grid: an optimizer, then +qknorm and/or +qkclip"""
 
 
 @dataclass
@@ -182,6 +194,20 @@ _CHOICES = {
     ("probe", "tap"): ("proj", "norm", "rope"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
 }
+
+
+def parse_arm(label: str) -> tuple[str, bool, bool]:
+    """'muon+qknorm+qkclip' -> ('muon', True, True): optimizer, QK-Norm, QK-Clip."""
+    name, *flags = label.split("+")
+    if name not in _CHOICES[("optim", "name")] or any(f not in ("qknorm", "qkclip") for f in flags) \
+            or len(set(flags)) != len(flags):
+        raise ConfigError(f"sweep.arms: cannot read arm {label!r} (e.g. adamw, muon+qknorm, muon+qkclip)")
+    return name, "qknorm" in flags, "qkclip" in flags
+
+
+def arm_label(optimizer: str, qk_norm: bool, qk_clip: bool = False) -> str:
+    """The inverse of parse_arm: the label a run's arm is reported under."""
+    return optimizer + ("+qknorm" if qk_norm else "") + ("+qkclip" if qk_clip else "")
 
 
 def validate(cfg: Config) -> None:
@@ -216,6 +242,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.lr and optim.muon_lr must be positive, weight_decay and grad_clip >= 0")
     if not 0 <= t.checkpoint_minutes < float("inf"):
         raise ConfigError(f"train.checkpoint_minutes must be a number >= 0; got {t.checkpoint_minutes}")
+    for label in cfg.sweep.arms:
+        parse_arm(label)
+    if o.qk_clip_tau <= 0 or o.qk_clip_sequences < 0:
+        raise ConfigError("optim.qk_clip_tau must be positive and optim.qk_clip_sequences >= 0")
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"optim.momentum must lie in [0, 1); got {o.momentum}")
     if any(c < 0 or c > t.tokens for c in p.checkpoints):

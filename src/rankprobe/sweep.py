@@ -12,25 +12,28 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import METRICS, config_differences, end_row, first_row, folder_lock
-from .config import Config, UserError, to_dict
+from .config import Config, UserError, arm_label, parse_arm, to_dict
 from .data.tokens import prepare
-from .train import arm_label, ensure_writable, train
+from .runlog import ensure_writable
+from .train import train
 
 log = logging.getLogger(__name__)
 
 
 def arms(cfg: Config) -> list[Config]:
-    """One resolved Config per (optimizer, qk_norm, seed), named '<arm>-s<seed>'."""
+    """One resolved Config per (arm, seed), named '<arm>-s<seed>'. The arms are `sweep.arms` when
+    given (e.g. a fifth arm 'muon+qkclip'), else the optimizers × qk_norm grid."""
+    labels = cfg.sweep.arms or [arm_label(o, q) for o in cfg.sweep.optimizers for q in cfg.sweep.qk_norm]
     out = []
-    for opt in cfg.sweep.optimizers:
-        for qk in cfg.sweep.qk_norm:
-            for seed in cfg.sweep.seeds:
-                out.append(replace(
-                    cfg, name=f"{arm_label(opt, qk)}-s{seed}",
-                    optim=replace(cfg.optim, name=opt),
-                    model=replace(cfg.model, qk_norm=qk),
-                    train=replace(cfg.train, seed=seed),
-                ))
+    for label in labels:
+        opt, qk_norm, qk_clip = parse_arm(label)
+        for seed in cfg.sweep.seeds:
+            out.append(replace(
+                cfg, name=f"{label}-s{seed}",
+                optim=replace(cfg.optim, name=opt, qk_clip=qk_clip),
+                model=replace(cfg.model, qk_norm=qk_norm),
+                train=replace(cfg.train, seed=seed),
+            ))
     return out
 
 

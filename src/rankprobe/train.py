@@ -6,38 +6,27 @@ One run = one (optimizer, QK-Norm, seed) arm trained into one directory holding 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import platform
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import __version__
 from .checkpoint import (CHECKPOINT, LOCK, METRICS, capture, check_config, check_metrics, end_row, folder_lock,
                          load_checkpoint, restore, rewind_metrics, save_checkpoint, temp_path)
-from .config import Config, UserError, to_dict
+from .config import Config, UserError, arm_label, to_dict
 from .data.tokens import TokenData, prepare
 from .model import Transformer
 from .optim.build import apply_lr, build_optimizers, lr_scale
-from .probes.capture import probe_model
-
-SCHEMA_VERSION = 1
+from .optim.qkclip import QKClip
+from .probes.lenses import probe_lenses, update_rms, weight_lenses, weight_snapshot
+from .runlog import SCHEMA_VERSION, MetricsWriter, ensure_writable, env_info
 
 log = logging.getLogger(__name__)
-
-
-def arm_label(optimizer: str, qk_norm: bool) -> str:
-    return optimizer + ("+qknorm" if qk_norm else "")
 
 
 def probe_schedule(total_tokens: int, tokens_per_step: int, n: int, explicit: list[int]) -> list[int]:
@@ -65,70 +54,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def env_info(device: torch.device) -> dict:
-    src = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
-                             timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{platform.machine()}, {torch.get_num_threads()} threads"
-    return {
-        "git_sha": sha, "python": sys.version.split()[0], "torch": torch.__version__,
-        "platform": platform.platform(), "device": f"{device.type}: {name}",
-        "hostname": socket.gethostname(), "rankprobe": __version__,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-class MetricsWriter:
-    """Append-only JSONL, one flushed line per row, NaN/inf written as null; optional TensorBoard mirror.
-
-    Tracks the file's byte length and SHA-256 as it grows: a checkpoint records both, so a resume can
-    prove the file is the one it saw and cut it back to that point. `purge_step` (tokens) makes
-    TensorBoard drop the events a killed run logged after its checkpoint.
-    """
-
-    def __init__(self, path: Path, tensorboard: bool = False, purge_step: int | None = None):
-        self.file = open(path, "ab")
-        self.hash = hashlib.sha256(path.read_bytes())
-        self.bytes = self.file.tell()
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge_step)
-
-    def write(self, kind: str, **row) -> None:
-        row = {"kind": kind, **{k: _finite(v) for k, v in row.items()}}
-        line = (json.dumps(row) + "\n").encode()
-        self.file.write(line)
-        self.file.flush()
-        self.hash.update(line)
-        self.bytes += len(line)
-        if self.tb is not None and kind in ("train", "eval"):
-            for key in ("loss", "val_loss", "lr_scale", "grad_norm", "step_time_s"):
-                if row.get(key) is not None:
-                    self.tb.add_scalar(f"{kind}/{key}", row[key], row["tokens"])
-        elif self.tb is not None and kind == "probe" and row["tensor"] == "k":
-            self.tb.add_scalar(f"probe_pr_{row['tap']}/k_layer{row['layer']:02d}", row["pr"], row["tokens"])
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _finite(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
-
-
 def autocast_dtype(cfg: Config, device: torch.device):
     if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -147,17 +72,6 @@ def evaluate(model, data: TokenData, cfg: Config, device, amp) -> tuple[float, i
         count += y.numel()
     model.train()
     return float(total) / count, count
-
-
-def ensure_writable(folder: Path) -> None:
-    """Create `folder` if needed and prove we can write there, before any expensive work starts."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".rankprobe-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
 
 
 _OUTPUTS = (METRICS, CHECKPOINT, temp_path(Path(CHECKPOINT)).name, "model.safetensors", "config.json", "env.json")
@@ -224,6 +138,13 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
     optimizers, group_sizes = build_optimizers(model, cfg.optim, device)
     if state is not None:
         restore(state, model, optimizers, run_dir / CHECKPOINT)
+    clip = None
+    if cfg.optim.qk_clip:
+        if cfg.train.compile:
+            # Dynamo otherwise reuses a graph compiled for a hook-less instance (the sweep's previous
+            # arm) and the tracker's hooks silently never run (optim/qkclip.py).
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+        clip = QKClip(model, cfg.optim.qk_clip_tau, sequences=cfg.optim.qk_clip_sequences)
     fwd = torch.compile(model) if cfg.train.compile else model
     amp = autocast_dtype(cfg, device)
 
@@ -234,7 +155,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
     probe_set = data.probe_tokens(cfg.probe.tokens, T)
     ckpt_path = run_dir / CHECKPOINT
     run_row = dict(
-        schema=SCHEMA_VERSION, run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm),
+        schema=SCHEMA_VERSION, run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm, cfg.optim.qk_clip),
         optimizer=cfg.optim.name, qk_norm=cfg.model.qk_norm, seed=cfg.train.seed, config=to_dict(cfg),
         env=env_info(device), n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
         n_layer=cfg.model.n_layer, probe_checkpoints=schedule,
@@ -245,16 +166,20 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
     out = _open_metrics(cfg, run_dir, state, run_row)
     start = state["step"] if state else 0
 
-    def probe(step: int) -> None:
+    def probe(step: int, updates: list[dict]) -> None:
         tokens = step * tokens_per_step
         val_loss, n_val = evaluate(fwd, data, cfg, device, amp)
         out.write("eval", step=step, tokens=tokens, val_loss=val_loss, val_tokens=n_val)
         # Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast, so the
         # keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way).
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            rows = probe_model(model, probe_set, B)
-        for row in rows:
-            out.write("probe", step=step, tokens=tokens, **row)
+            rows, attn = probe_lenses(model, probe_set, B, attention=cfg.probe.attention)
+        lenses = [("probe", rows), ("attn", attn)]
+        if cfg.probe.weights:
+            lenses += [("weights", weight_lenses(model)), ("update", updates)]
+        for kind, kind_rows in lenses:
+            for row in kind_rows:
+                out.write(kind, step=step, tokens=tokens, **row)
 
     saved = {"step": start if state else None, "at": time.monotonic()}
     every_s = cfg.train.checkpoint_minutes * 60
@@ -269,10 +194,11 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
     # costs no host sync; it is read where the loop syncs anyway (logged steps, checkpoints).
     bad_step = torch.zeros((), dtype=torch.long, device=device)
     bad_loss = torch.zeros((), device=device)
+    clipped = torch.zeros((), dtype=torch.long, device=device)  # QK-Clip rescalings since the last row
     bar = _progress(total_steps, start, cfg)
     try:
         if state is None and 0 in probe_steps:  # a resumed run has these rows already
-            probe(0)
+            probe(0, [])
             save(0)
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
@@ -283,11 +209,14 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = fwd(x, y)
             loss.backward()
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            before = weight_snapshot(model) if cfg.probe.weights and step in probe_steps else None
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            if clip is not None:
+                clipped += (clip.step() < 1).sum()  # stays on the device until a logged step
             new_bad = (bad_step == 0) & ~torch.isfinite(loss.detach())
             bad_step = torch.where(new_bad, step, bad_step)
             bad_loss = torch.where(new_bad, loss.detach().float(), bad_loss)
@@ -299,11 +228,13 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
                 return
             if logged:
                 loss_f = loss.item()  # the one host sync per logged step
+                extra = {"qk_clipped": int(clipped)} if clip is not None else {}
+                clipped.zero_()
                 out.write("train", step=step, tokens=step * tokens_per_step, loss=loss_f, lr_scale=scale,
-                          grad_norm=float(grad_norm), step_time_s=time.perf_counter() - t0)
+                          grad_norm=float(grad_norm), step_time_s=time.perf_counter() - t0, **extra)
                 bar.set_postfix(loss=f"{loss_f:.3f}", refresh=False)
             if step in probe_steps:
-                probe(step)
+                probe(step, update_rms(before, weight_snapshot(model)) if before is not None else [])
             if step < total_steps and (step in probe_steps or due):
                 save(step)  # the final step needs none: the weights and the `end` row follow at once
             bar.update(1)
@@ -313,6 +244,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
     finally:
         bar.close()
         out.close()
+        if clip is not None:
+            clip.close()
     for path in (ckpt_path, temp_path(ckpt_path)):  # the run is done; model.safetensors holds its result
         path.unlink(missing_ok=True)
 

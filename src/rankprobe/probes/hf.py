@@ -15,23 +15,18 @@ end rows (docs/metrics.md, docs/lenses.md).
 from __future__ import annotations
 
 import json
-import math
-import platform
-import socket
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..config import DataError, ModelConfig, ProbeConfig, UserError
+from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
+from ..runlog import SCHEMA_VERSION, ensure_writable, env_info, finite
 from .lenses import Key, Sink, probe_lenses, weight_lenses
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
-SCHEMA_VERSION = 1
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -66,7 +61,10 @@ def load_run_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu")
     if not weights.is_file():
         raise DataError(f"{run_dir} has no model.safetensors (a run that did not finish?)")
     model = Transformer(ModelConfig(**cfg["model"]))
-    load_model(model, str(weights), strict=True, device=str(device))
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except Exception as e:  # safetensors raises its own error type for a corrupt or truncated file
+        raise DataError(f"cannot load {weights}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()
 
 
@@ -208,26 +206,6 @@ def hf_model_config(config) -> dict:
         init_std=c.initializer_range))
 
 
-def _env(device: torch.device) -> dict:
-    try:
-        import transformers
-        tf_version = transformers.__version__
-    except ImportError:
-        tf_version = None
-    return {"git_sha": None, "python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": tf_version, "platform": platform.platform(), "device": str(device),
-            "hostname": socket.gethostname(), "rankprobe": __version__,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def _finite(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [_finite(x) for x in v]
-    return v
-
-
 def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str | Path, batch_size: int = 8,
                             name: str | None = None, arm: str | None = None, force: bool = False,
                             device: str | torch.device = "cpu") -> Path:
@@ -239,13 +217,14 @@ def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if (out_dir / "metrics.jsonl").exists() and not force:
-        raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass force=True to replace it")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass --force to replace it")
+    ensure_writable(out_dir)
     if is_run_folder(path):
         model = load_run_checkpoint(path, device)
         cfg = json.loads((Path(path) / "config.json").read_text())
-        optimizer, qk_norm, seed = cfg["optim"]["name"], bool(cfg["model"]["qk_norm"]), cfg["train"]["seed"]
-        arm = arm or f"rankprobe:{optimizer}{'+qknorm' if qk_norm else ''}"
+        qk_norm, seed = bool(cfg["model"]["qk_norm"]), cfg["train"]["seed"]
+        arm = arm or f"rankprobe:{arm_label(cfg['optim']['name'], qk_norm, cfg['optim'].get('qk_clip', False))}"
+        optimizer = "pretrained"  # a finished checkpoint, drawn as a reference like any pretrained model
         source = {"path": str(path), "kind": "rankprobe"}
     else:
         model = load_hf(path, device=device)
@@ -263,7 +242,7 @@ def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str
     name = name or cfg.get("name") or out_dir.name
     probe_rows, attn_rows = probe_lenses(model, tokens, batch_size)
     weight_rows = weight_lenses(model)
-    env = _env(next(model.parameters()).device)
+    env = env_info(next(model.parameters()).device)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     m = cfg["model"]
@@ -279,7 +258,7 @@ def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str
     with open(tmp, "w", encoding="utf-8") as f:
         for kind, row in rows:
             at = {"step": 0, "tokens": 0} if kind in ("probe", "attn", "weights") else {}
-            f.write(json.dumps({"kind": kind, **at, **{k: _finite(v) for k, v in row.items()}}) + "\n")
+            f.write(json.dumps({"kind": kind, **at, **{k: finite(v) for k, v in row.items()}}) + "\n")
     tmp.replace(metrics)
     return metrics
 
@@ -289,8 +268,40 @@ def probe_tokens_from_text(path: str | Path, text: str, seq_len: int, max_tokens
     N = min(all tokens, max_tokens) // seq_len: the probe set for an HF model."""
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(path, local_files_only=True)(text, add_special_tokens=False)["input_ids"]
+    text = text[: 16 * max_tokens]  # English BPE averages ~4 characters a token: plenty, without encoding a book
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = min(len(ids), max_tokens) // seq_len
     if n == 0:
         raise DataError(f"the probe text gives {len(ids)} tokens, fewer than one sequence of {seq_len}")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def probe_checkpoint(path: Path, out: str | None, corpus: str = "embedded", n_tokens: int = 16384,
+                     seq_len: int = 512, batch_size: int = 8, device: str = "auto", force: bool = False) -> Path:
+    """`rankprobe probe`: every lens on a checkpoint, into a metrics folder `rankprobe report` reads.
+
+    A RankProbe run folder is probed on its own fixed probe set (the tokens its checkpoints were
+    probed on during training); an HF model on `corpus`, tokenized with the model's own tokenizer.
+    """
+    from ..data.corpus import load_corpus
+    from ..data.tokens import prepare
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"checkpoint {path} is not a folder (a Hugging Face model folder or a RankProbe run)")
+    out_dir = Path(out) if out else path.parent / f"{path.name}-probe"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if n_tokens <= 0 or seq_len <= 0 or batch_size <= 0:
+        raise UserError("--tokens, --seq-len and --batch-size must be positive")
+    if is_run_folder(path):
+        cfg = json.loads((path / "config.json").read_text())
+        data_cfg, T = DataConfig(**cfg["data"]), cfg["model"]["seq_len"]
+        tokens = prepare(data_cfg, T, cfg["train"]["batch_size"]).probe_tokens(cfg["probe"]["tokens"], T)
+    else:
+        tokens = probe_tokens_from_text(path, load_corpus(corpus).text, seq_len, n_tokens)
+    return probe_checkpoint_to_dir(path, tokens, out_dir, batch_size=batch_size, force=force, device=device)

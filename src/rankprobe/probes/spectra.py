@@ -93,9 +93,15 @@ def covariance_spectrum(cov: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (..., D) of symmetric PSD (..., D, D) in float64, ascending; those below
     D·eps·λ_max (round-off, the tolerance of numpy's matrix_rank) are set to 0. Without that, RankMe's
     square root would lift round-off of order 1e-16·λ_max to 1e-8 and count it as directions."""
-    lam = torch.linalg.eigvalsh(cov.to(torch.float64))
+    cov = cov.to(torch.float64)
+    # A head whose activations overflowed (a diverging run) gets NaN eigenvalues, not an exception:
+    # its metrics become NaN (null in metrics.jsonl) and the other heads are still measured.
+    ok = torch.isfinite(cov).all(-1).all(-1)
+    eye = torch.eye(cov.size(-1), dtype=cov.dtype, device=cov.device)
+    lam = torch.linalg.eigvalsh(torch.where(ok[..., None, None], cov, eye))
     tol = lam[..., -1:].clamp_min(0) * lam.size(-1) * torch.finfo(torch.float64).eps
-    return torch.where(lam > tol, lam, torch.zeros_like(lam))
+    lam = torch.where(lam > tol, lam, torch.zeros_like(lam))
+    return torch.where(ok[..., None], lam, torch.full_like(lam, float("nan")))
 
 
 def effective_rank(cov: torch.Tensor) -> torch.Tensor:
