@@ -171,3 +171,14 @@ def test_bad_input_is_one_line_and_exit_2(case, command, corpus_file, cache, tmp
 def test_report_on_a_folder_without_metrics(tmp_path):
     r = cli("report", str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bf16_autocast_run_probes_in_float(corpus_file, cache, tmp_path):
+    """The CUDA path's autocast, exercised on the CPU: every lens must cope with bf16 activations."""
+    cfg = tiny_cfg(corpus_file, cache, **{"train.dtype": "bf16", "optim.name": "muon", "optim.qk_clip": "true"})
+    path = train(cfg, tmp_path / "bf16")
+    kinds = {r["kind"] for r in rows(path)}
+    assert {"probe", "attn", "weights", "update", "end"} <= kinds
+    attn = [r for r in rows(path, "attn")]
+    assert all(r["max_logit"] is not None and 0 < r["entropy_norm"] <= 1 for r in attn)
+    assert all(isinstance(r.get("qk_clipped"), int) for r in rows(path, "train"))

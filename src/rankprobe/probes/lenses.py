@@ -115,6 +115,11 @@ class AttentionStats:
 
     @torch.no_grad()
     def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+        # float32 on purpose, also inside a bf16 training autocast (which would recast the matmul)
+        with torch.autocast(q.device.type, enabled=False):
+            self._add(layer, q, k, scale)
+
+    def _add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
         B, T, H, D = q.shape
         rep = H // k.size(2)
         q = q.float().transpose(1, 2).reshape(B * H, T, D)  # (B·H, T, D)
