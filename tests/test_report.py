@@ -1,8 +1,11 @@
-"""Report tests on synthetic metrics.jsonl files with known PR values (4 arms x 2 seeds + 1 unfinished).
+"""Report tests on synthetic metrics.jsonl files with known values (4 arms x 2 seeds + 1 unfinished).
 
 Key PR at tap `norm` is 60 at init and moves linearly (in checkpoint index) to a per-arm final layer
 profile, plus -0.5 / +0.5 for seeds 0 / 1, so every seed mean and 95% half-width (t_{0.975,1}·0.5) is
-known by hand. Other taps and tensors carry offset values so reading the wrong one shows up.
+known by hand. Other taps and tensors carry offset values so reading the wrong one shows up. The
+lens keys and kinds (docs/metrics.md) are fixed functions of the same numbers: erank = PR + 2,
+stable rank = PR / 2, RankMe = PR + 1, per-head values PR + HEAD_OFFSETS, constant nulls; attention
+entropy and max logit, and weight spectra, move linearly to per-arm finals like the PR.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from matplotlib.image import imread
 
 from rankprobe.config import Config, UserError, to_dict
 from rankprobe.report import build_report, find_runs, layer_pr, mean_ci, read_metrics, t_quantile
+from rankprobe.report.figures import _nulls
 from rankprobe.report.markdown import headline_numbers
 from rankprobe.report.metrics import MetricsError, aggregate, arm_key, arm_pr
 
@@ -34,6 +38,54 @@ SEED_DELTA = {0: -0.5, 1: 0.5}
 VAL_DELTA = {0: -0.01, 1: 0.03}
 T1 = 12.706204736174698  # t_{0.975, 1}
 HEAD_DIM = 64
+N_PROBE = 4096
+PR_NULL = ((N_PROBE - 1) * HEAD_DIM + 2) / (N_PROBE + HEAD_DIM)  # 63.0005: the closed form
+NULLS = {"pr": PR_NULL, "erank": 63.5, "stable_rank": 54.0, "rankme": 63.8}
+DERIVED = {"erank": lambda v: v + 2.0, "stable_rank": lambda v: v / 2.0, "rankme": lambda v: v + 1.0}
+HEAD_OFFSETS = [-1.5, -0.5, 0.5, 1.5]  # per head, around the layer value (their mean is 0)
+ENTROPY = {"adamw": 0.40, "adamw+qknorm": 0.70, "muon": 0.55, "muon+qknorm": 0.80}  # final normalised entropy
+MAX_LOGIT = {"adamw": 300.0, "adamw+qknorm": 11.0, "muon": 80.0, "muon+qknorm": 10.0}  # final, layer 3
+WK_STABLE = {"adamw": 5.0, "adamw+qknorm": 8.0, "muon": 30.0, "muon+qknorm": 32.0}  # final, layer mean
+WK_NORM = {"adamw": 9.0, "adamw+qknorm": 6.0, "muon": 3.0, "muon+qknorm": 2.5}  # final, layer 3
+
+
+def ramp(start: float, end: float, c: int) -> float:
+    return start + (end - start) * c / (len(CHECKPOINTS) - 1)
+
+
+def probe_row(tokens: int, tap: str, tensor: str, layer: int, value: float, lenses: bool) -> dict:
+    row = {"kind": "probe", "step": tokens // 1_000, "tokens": tokens, "tap": tap, "tensor": tensor, "layer": layer,
+           "pr": value, "pr_heads": [value + o for o in HEAD_OFFSETS], "mean_norm": [0.1] * 4, "n": N_PROBE,
+           "dim": HEAD_DIM}
+    if lenses:
+        for m, f in DERIVED.items():
+            row[m], row[f"{m}_heads"] = f(value), [f(value + o) for o in HEAD_OFFSETS]
+        row.update({f"{m}_null": v for m, v in NULLS.items()})
+    return row
+
+
+def lens_rows(arm: str, c: int, tokens: int, seed: int, n_layer: int) -> list[dict]:
+    """attn, weights and update rows of one checkpoint; seeds shift entropies by ±0.01, logits by ±1."""
+    s = SEED_DELTA.get(seed, 0.0)
+    rows = []
+    for layer in range(n_layer):
+        ent = ramp(0.95, ENTROPY[arm], c) + 0.02 * s + 0.01 * (layer - 1.5)  # layer mean = ramp + 0.02·s
+        top = ramp(3.0, MAX_LOGIT[arm], c) * (layer + 1) / n_layer + 2 * s  # the last layer holds the max
+        rows.append({"kind": "attn", "step": tokens // 1_000, "tokens": tokens, "layer": layer,
+                     "entropy": ent * 6.0, "entropy_heads": [ent * 6.0] * 4, "entropy_norm": ent,
+                     "entropy_norm_heads": [ent] * 4, "entropy_max": 6.0, "max_logit": top,
+                     "max_logit_heads": [top - 1, top, top - 2, top - 3], "n_rows": 4000, "seq_len": 64})
+        for matrix in "qkvo":
+            sr = ramp(60.0, WK_STABLE[arm], c) + (layer - 1.5) + (0 if matrix == "k" else 10.0)
+            norm = ramp(1.0, WK_NORM[arm], c) * (layer + 1) / n_layer + (0 if matrix == "k" else 0.5)
+            rows.append({"kind": "weights", "step": tokens // 1_000, "tokens": tokens, "layer": layer,
+                         "matrix": matrix, "shape": [256, 256], "spectral_norm": norm, "stable_rank": sr,
+                         "erank": 100.0, "spectral_norm_heads": [norm] * 4, "stable_rank_heads": [sr / 4] * 4,
+                         "erank_heads": [30.0] * 4})
+            if tokens:
+                rows.append({"kind": "update", "step": tokens // 1_000, "tokens": tokens, "layer": layer,
+                             "matrix": matrix, "update_rms": 1e-3, "update_rel": 1e-2})
+    return rows
 
 
 def key_pr(arm: str, c: int, layer: int, seed: int) -> float:
@@ -43,13 +95,14 @@ def key_pr(arm: str, c: int, layer: int, seed: int) -> float:
 
 
 def write_run(root: Path, arm: str, seed: int, *, finished: bool = True, checkpoints=CHECKPOINTS,
-              pr=key_pr, n_layer: int = 4) -> Path:
-    """A metrics.jsonl in the documented schema (docs/metrics.md)."""
+              pr=key_pr, n_layer: int = 4, lenses: bool = True) -> Path:
+    """A metrics.jsonl in the documented schema (docs/metrics.md); `lenses=False` writes the rows of a
+    run made before the lenses (no extra probe keys, no attn / weights / update rows)."""
     optimizer, qk = arm.split("+")[0], "qknorm" in arm
     cfg = to_dict(Config())
     cfg["name"] = f"{arm}-s{seed}"
     cfg["model"].update(n_layer=n_layer, head_dim=HEAD_DIM, qk_norm=qk)
-    cfg["optim"]["name"] = optimizer
+    cfg["optim"].update(name=optimizer, qk_clip="qkclip" in arm)
     cfg["train"].update(seed=seed, tokens=CHECKPOINTS[-1], batch_size=4)
     cfg["probe"]["checkpoints"] = list(CHECKPOINTS)
     rows = [{"kind": "run", "schema": 1, "run": f"{arm}-s{seed}", "arm": arm, "optimizer": optimizer,
@@ -65,7 +118,7 @@ def write_run(root: Path, arm: str, seed: int, *, finished: bool = True, checkpo
             for t in range(checkpoints[c - 1] + 2 * step_tokens, tokens + 1, 2 * step_tokens):
                 rows.append({"kind": "train", "step": t // step_tokens, "tokens": t,
                              "loss": 3.0 + 5.0 * math.exp(-t / 20_000) + 0.05 * math.sin(t), "lr_scale": 1.0,
-                             "grad_norm": 1.0, "step_time_s": 0.01})
+                             "grad_norm": 1.0, "step_time_s": 0.01, **({"qk_clipped": 1} if lenses else {})})
         val = 8.3 - (8.3 - VAL[arm]) * c / (len(CHECKPOINTS) - 1) + VAL_DELTA.get(seed, 0.0)
         rows.append({"kind": "eval", "step": step, "tokens": tokens, "val_loss": val, "val_tokens": 4096})
         for layer in range(n_layer):
@@ -73,14 +126,44 @@ def write_run(root: Path, arm: str, seed: int, *, finished: bool = True, checkpo
             for tap, tensor, value in [("proj", "k", k + 5), ("norm", "k", k), ("rope", "k", k - 3),
                                        ("proj", "q", 20.0), ("norm", "q", 21.0), ("rope", "q", 22.0),
                                        ("proj", "v", 30.0)]:
-                rows.append({"kind": "probe", "step": step, "tokens": tokens, "tap": tap, "tensor": tensor,
-                             "layer": layer, "pr": value, "pr_heads": [value] * 4, "mean_norm": [0.1] * 4,
-                             "n": 4096, "dim": HEAD_DIM})
+                rows.append(probe_row(tokens, tap, tensor, layer, value, lenses))
+        if lenses:
+            rows += lens_rows(arm, c, tokens, seed, n_layer)
     rows.append({"kind": "some_future_kind", "x": 1})
     if finished:
         rows.append({"kind": "end", "step": checkpoints[-1] // step_tokens, "tokens": checkpoints[-1],
                      "wall_s": 12.0, "status": "finished"})
     path = root / f"{arm}-s{seed}" / "metrics.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+REF_LAYERS, REF_HEAD_DIM, REF_PR = 6, 128, [100.0, 90.0, 80.0, 70.0, 60.0, 50.0]
+
+
+def write_pretrained(root: Path, arm: str = "hf:qwen3") -> Path:
+    """What probe_checkpoint_to_dir writes for a Hugging Face model: one checkpoint at tokens 0, as
+    loaded, with 6 layers of head_dim 128 (unlike the trained runs' 4 × 64), no eval row."""
+    cfg = {"name": "hf-qwen3", "model": {"n_layer": REF_LAYERS, "head_dim": REF_HEAD_DIM, "n_head": 8,
+                                         "n_kv_head": 2, "qk_norm": True},
+           "probe": {"tap": "norm", "dead_pr": 10.0, "checkpoints": [0], "tokens": 8192}}
+    rows = [{"kind": "run", "schema": 1, "run": "hf-qwen3", "arm": arm, "optimizer": "pretrained", "qk_norm": True,
+             "seed": 0, "config": cfg, "env": {"torch": "2.5.1", "device": "cpu"}, "n_params": 7_000_000,
+             "param_groups": {}, "head_dim": REF_HEAD_DIM, "n_layer": REF_LAYERS, "probe_checkpoints": [0],
+             "data": {"probe_tokens": 8192}, "source": {"path": "/models/qwen3", "kind": "hf"}}]
+    for layer, value in enumerate(REF_PR):
+        for tap in ("proj", "norm", "rope"):
+            row = probe_row(0, tap, "k", layer, value, lenses=True)
+            rows.append({**row, "n": 8192, "dim": REF_HEAD_DIM, "pr_null": 126.0})
+        rows.append({"kind": "attn", "step": 0, "tokens": 0, "layer": layer, "entropy": 2.0, "entropy_heads": [2.0],
+                     "entropy_norm": 0.3, "entropy_norm_heads": [0.3], "entropy_max": 6.0, "max_logit": 20.0 + layer,
+                     "max_logit_heads": [20.0 + layer], "n_rows": 8000, "seq_len": 64})
+        for matrix in "qkvo":
+            rows.append({"kind": "weights", "step": 0, "tokens": 0, "layer": layer, "matrix": matrix,
+                         "shape": [256, 1024], "spectral_norm": 4.0, "stable_rank": 12.0, "erank": 200.0})
+    rows.append({"kind": "end", "step": 0, "tokens": 0, "wall_s": 1.0, "status": "finished"})
+    path = root / "hf-qwen3" / "metrics.jsonl"
     path.parent.mkdir(parents=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -102,9 +185,18 @@ def report(sweep) -> Path:
     return build_report(sweep)
 
 
-def parse_table(text: str, first_header: str) -> list[list[str]]:
+def table_header(text: str, section: str) -> list[str]:
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    after = next(i for i, line in enumerate(lines) if line.startswith(section))
+    line = next(line for line in lines[after:] if line.startswith("|"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def parse_table(text: str, first_header: str, section: str = "") -> list[list[str]]:
+    """The body of the first table whose first column is `first_header` (after heading `section`)."""
+    lines = text.splitlines()
+    after = next(i for i, line in enumerate(lines) if line.startswith(section)) if section else 0
+    start = next(i for i, line in enumerate(lines) if i >= after and line.startswith(f"| {first_header} |"))
     rows = []
     for line in lines[start + 2:]:
         if not line.startswith("|"):
@@ -224,11 +316,11 @@ def test_headline_numbers_and_dead_layers(sweep):
     assert heads["adamw+qknorm"].dead_layers == [2]
     assert heads["muon"].dead_layers == []
     assert heads["muon+qknorm"].dead_layers == []  # 10.2 is above dead_pr = 10
-    assert (heads["muon+qknorm"].weakest_layer, heads["muon+qknorm"].weakest_pr) == (2, pytest.approx(10.2))
+    assert (heads["muon+qknorm"].weakest_layer, heads["muon+qknorm"].weakest_value) == (2, pytest.approx(10.2))
     assert heads["muon"].val_loss == pytest.approx(2.81)
     assert heads["muon"].val_loss_half == pytest.approx(T1 * 0.02, rel=1e-6)
     proj = {h.arm: h for h in headline_numbers(find_runs(sweep), tap="proj")}
-    assert proj["adamw"].mean_pr == pytest.approx(np.mean(FINAL["adamw"]) + 5)
+    assert proj["adamw"].mean == pytest.approx(np.mean(FINAL["adamw"]) + 5)
     assert proj["adamw"].dead_layers == []  # proj profile 45, 13, 10, 35: dead means strictly below 10
     rope = {h.arm: h for h in headline_numbers(find_runs(sweep), tap="rope")}
     assert rope["adamw+qknorm"].dead_layers == [2] and rope["muon+qknorm"].dead_layers == [2]  # 6.8, 7.2
@@ -240,7 +332,10 @@ def test_report_headline_table(report):
     assert list(rows) == ["adamw", "adamw+qknorm", "muon", "muon+qknorm"]
     expect_weakest = {"adamw": (2, 5.0), "adamw+qknorm": (2, 9.8), "muon": (1, 55.0), "muon+qknorm": (2, 10.2)}
     expect_dead = {"adamw": "2 (L1, L2)", "adamw+qknorm": "1 (L2)", "muon": "0", "muon+qknorm": "0"}
-    for arm, (_, seeds, tokens, mean_pr, weakest, dead, val) in rows.items():
+    assert table_header(text, "## Headline") == ["arm", "seeds", "tokens", "mean key PR", "isotropic null",
+                                                  "weakest layer: PR", "dead layers (PR < 10)", "val loss"]
+    for arm, (_, seeds, tokens, mean_pr, null, weakest, dead, val) in rows.items():
+        assert null == "63.00 (N = 4,096)"
         assert seeds == "2" and tokens == "100,000"
         m, h = pm(mean_pr)
         assert m == pytest.approx(np.mean(FINAL[arm]), abs=0.005)
@@ -272,12 +367,14 @@ def test_incomplete_run_listed_and_excluded(report):
     assert incomplete[0][3] == "1,000"
     assert "excluded" in text.split("## Incomplete runs")[1]
     assert "1.00" not in parse_table(text, "arm")[2][3]
+    assert parse_table(text, "arm", "## Attention")[2][1] == "2"  # muon: the unfinished seed is not counted
 
 
 def test_figures_written_and_nontrivial(report):
     out = report.parent
     names = ["pr_trajectory.png", "layer_comparison.png", "heatmap_adamw.png", "heatmap_adamw+qknorm.png",
-             "heatmap_muon.png", "heatmap_muon+qknorm.png", "loss_curves.png"]
+             "heatmap_muon.png", "heatmap_muon+qknorm.png", "loss_curves.png", "heads_adamw.png",
+             "heads_muon+qknorm.png", "attention_entropy.png", "max_logit.png", "weight_spectra.png"]
     text = report.read_text()
     for name in names:
         path = out / name
@@ -307,3 +404,151 @@ def test_report_package_does_not_import_torch():
     src = str(Path(__file__).resolve().parents[1] / "src")
     result = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": src}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# lenses: --metric, nulls, attention and weight tables, pretrained references, old files
+
+
+def headline_rows(text: str) -> dict[str, dict[str, str]]:
+    """The headline table as {arm label: {column: cell}}."""
+    header = table_header(text, "## Headline")
+    return {r[0].strip("`").replace("` (pretrained)", " (pretrained)"): dict(zip(header, r))
+            for r in parse_table(text, "arm", "## Headline")}
+
+
+@pytest.fixture(scope="module")
+def with_reference(tmp_path_factory) -> Path:
+    """Two trained arms × 2 seeds and one pretrained Hugging Face checkpoint (6 layers, head_dim 128)."""
+    root = tmp_path_factory.mktemp("with_reference")
+    for arm in ("adamw", "muon+qknorm"):
+        for seed in (0, 1):
+            write_run(root, arm, seed)
+    write_pretrained(root)
+    return root
+
+
+def test_metric_erank_changes_the_headline(sweep, tmp_path):
+    text = build_report(sweep, metric="erank", out_dir=tmp_path).read_text()
+    rows = headline_rows(text)
+    assert "## Headline: key erank at the final checkpoint" in text
+    assert list(next(iter(rows.values()))) == ["arm", "seeds", "tokens", "mean key erank", "isotropic null",
+                                               "weakest layer: erank", "val loss"]  # no dead layers: a PR notion
+    for arm in FINAL:
+        assert pm(rows[arm]["mean key erank"]) == (pytest.approx(np.mean(FINAL[arm]) + 2, abs=0.005),
+                                                   pytest.approx(T1 * 0.5, abs=0.005))
+        assert rows[arm]["isotropic null"] == "63.50 (N = 4,096)"
+    assert rows["adamw"]["weakest layer: erank"].startswith("L2: 7.00")
+    assert "is 63.50 for the 4,096 probe tokens" in text
+    checkpoints = parse_table(text, "tokens")
+    assert pm(checkpoints[0][1])[0] == pytest.approx(62.0)  # init: 60 + 2
+    stable = {h.arm: h for h in headline_numbers(find_runs(sweep), metric="stable_rank")}
+    assert stable["adamw"].mean == pytest.approx(np.mean(FINAL["adamw"]) / 2)
+    assert stable["adamw"].dead_layers is None and stable["adamw"].null == pytest.approx(54.0)
+    for name in ("pr_trajectory.png", "layer_comparison.png", "heatmap_muon.png", "heads_muon.png"):
+        assert (tmp_path / name).stat().st_size > 15_000, name
+
+
+def test_unknown_metric_is_a_user_error(sweep, tmp_path):
+    with pytest.raises(UserError, match="choose one of pr, erank, stable_rank, rankme"):
+        build_report(sweep, metric="entropy", out_dir=tmp_path)
+
+
+def test_nulls_are_drawn_and_stated(sweep, report):
+    prs = aggregate(find_runs(sweep), "norm", metric="rankme")
+    np.testing.assert_allclose(prs["muon"].null, [63.8] * 4)
+    assert _nulls(list(prs.values())) == [(63.8, N_PROBE)]
+    assert _nulls(list(aggregate(find_runs(sweep), "norm").values())) == [(63.0, N_PROBE)]
+    text = report.read_text()
+    assert "isotropic null" in text and "is 63.00 for the 4,096 probe tokens" in text
+    assert (report.parent / "pr_trajectory.png").exists() and (report.parent / "layer_comparison.png").exists()
+
+
+def test_per_head_values_at_the_final_checkpoint(sweep):
+    pr = aggregate(find_runs(sweep), "norm")["muon+qknorm"]
+    assert pr.heads.shape == (2, 4, 4)  # (seed, layer, head)
+    np.testing.assert_allclose(pr.heads.mean(axis=0), np.add.outer(FINAL["muon+qknorm"], HEAD_OFFSETS))
+
+
+def test_attention_table(report):
+    text = report.read_text()
+    header = table_header(text, "## Attention")
+    rows = {r[0].strip("`"): dict(zip(header, r)) for r in parse_table(text, "arm", "## Attention")}
+    assert list(rows) == list(FINAL)
+    for arm, row in rows.items():
+        assert pm(row["mean key PR"])[0] == pytest.approx(np.mean(FINAL[arm]), abs=0.005)  # next to PR
+        assert pm(row["attention entropy (normalised, mean)"]) == (pytest.approx(ENTROPY[arm], abs=5e-4),
+                                                                  pytest.approx(T1 * 0.01, abs=5e-4))
+        assert pm(row["max logit (max over layers, heads)"]) == (pytest.approx(MAX_LOGIT[arm], abs=0.005),
+                                                                 pytest.approx(T1 * 1.0, abs=0.005))
+
+
+def test_weight_table(report):
+    text = report.read_text()
+    header = table_header(text, "## Weights")
+    rows = {r[0].strip("`"): dict(zip(header, r)) for r in parse_table(text, "arm", "## Weights")}
+    for arm, row in rows.items():
+        assert pm(row["W_k stable rank (mean)"])[0] == pytest.approx(WK_STABLE[arm])
+        assert pm(row["W_q stable rank (mean)"])[0] == pytest.approx(WK_STABLE[arm] + 10)
+        assert pm(row["W_k spectral norm (max)"])[0] == pytest.approx(WK_NORM[arm])
+
+
+def test_pretrained_is_a_reference_not_an_arm(sweep, with_reference, tmp_path):
+    runs = find_runs(with_reference)
+    assert [r.arm for r in runs][-1] == "hf:qwen3" and runs[-1].reference  # last, though 'h' < 'm'
+    text = build_report(with_reference, out_dir=tmp_path).read_text()
+    rows = headline_rows(text)
+    assert list(rows) == ["adamw", "muon+qknorm", "hf:qwen3 (pretrained)"]
+    ref = rows["hf:qwen3 (pretrained)"]
+    assert (ref["seeds"], ref["tokens"], ref["val loss"]) == ("—", "—", "n/a")
+    assert pm(ref["mean key PR"]) == (pytest.approx(np.mean(REF_PR)), pytest.approx(math.nan, nan_ok=True))
+    assert ref["isotropic null"] == "126.00 (N = 8,192)" and ref["weakest layer: PR"] == "L5: 50.00"
+    # trained arms are untouched by the reference: same numbers as without it
+    alone = {h.arm: h for h in headline_numbers(find_runs(sweep))}
+    assert pm(rows["adamw"]["mean key PR"])[0] == pytest.approx(alone["adamw"].mean, abs=0.005)
+    assert rows["adamw"]["seeds"] == "2" and "is 63.00 for the 4,096 probe tokens" in text
+    assert [r[0] for r in parse_table(text, "tokens")] == ["0 (init)", "1,000", "10,000", "100,000"]
+    assert table_header(text, "## Mean key PR") == ["tokens", "`adamw`", "`muon+qknorm`"]  # no column at "init"
+    attention = {r[0]: r for r in parse_table(text, "arm", "## Attention")}
+    assert pm(attention["`hf:qwen3` (pretrained)"][6])[0] == pytest.approx(25.0)  # max over its 6 layers
+    assert "`hf:qwen3` (6 layers, head_dim 128)" in text
+    for name in ("pr_trajectory.png", "layer_comparison.png", "heads_hf_qwen3.png", "weight_spectra.png",
+                 "loss_curves.png"):
+        assert f"]({name})" in text and (tmp_path / name).exists(), name
+    assert not (tmp_path / "heatmap_hf_qwen3.png").exists()  # one checkpoint: no layer × checkpoint map
+    assert "`optim.name`" in text and "`model.n_kv_head`" not in text  # config compares trained arms only
+
+
+def test_only_pretrained_runs_report(tmp_path):
+    write_pretrained(tmp_path)
+    text = build_report(tmp_path).read_text()
+    assert "No trained run has finished" in text
+    assert list(headline_rows(text)) == ["hf:qwen3 (pretrained)"]
+    assert (tmp_path / "heads_hf_qwen3.png").exists() and (tmp_path / "layer_comparison.png").exists()
+    assert not (tmp_path / "pr_trajectory.png").exists() and not (tmp_path / "attention_entropy.png").exists()
+
+
+def test_old_metrics_files_still_report(tmp_path):
+    for arm in ("adamw", "muon"):
+        for seed in (0, 1):
+            write_run(tmp_path, arm, seed, lenses=False)
+    text = build_report(tmp_path).read_text()
+    rows = headline_rows(text)
+    assert pm(rows["muon"]["mean key PR"])[0] == pytest.approx(np.mean(FINAL["muon"]), abs=0.005)
+    assert rows["adamw"]["dead layers (PR < 10)"] == "2 (L1, L2)"
+    assert rows["adamw"]["isotropic null"] == "63.00 (N = 4,096)"  # PR's closed form from n and dim
+    for section in ("## Attention", "## Weights"):
+        assert section not in text
+    for name in ("attention_entropy.png", "max_logit.png", "weight_spectra.png"):
+        assert not (tmp_path / name).exists() and name not in text
+    assert (tmp_path / "heads_adamw.png").exists()  # pr_heads was always written
+    with pytest.raises(UserError, match="no 'erank'.*available: pr"):
+        build_report(tmp_path, metric="erank")
+
+
+def test_qkclip_arm_order_and_colours():
+    from rankprobe.report.figures import ARM_COLOURS, arm_colour
+    arms = ["adamw", "muon", "muon+qkclip", "muon+qknorm+qkclip", "hf:llama"]
+    assert sorted(arms, key=arm_key) == ["adamw", "muon", "hf:llama", "muon+qkclip", "muon+qknorm+qkclip"]
+    colours = {a: arm_colour(a, arms, references={"hf:llama"}) for a in arms}
+    assert len(set(colours.values())) == len(arms) and colours["muon"] == ARM_COLOURS["muon"]

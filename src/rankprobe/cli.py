@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", allow_abbrev=False, help="rebuild figures and report.md from metrics files",
                        description="Rebuild every figure and report.md under DIR from its metrics.jsonl files alone.")
     r.add_argument("dir", metavar="DIR")
+    r.add_argument("--metric", choices=("pr", "erank", "stable_rank", "rankme"), default="pr",
+                   help="spectral metric for the figures and headline (default: pr)")
     r.add_argument("--tap", choices=("proj", "norm", "rope"), help="key tap for the headline (default: the runs' probe.tap)")
     return p
 
@@ -151,7 +153,7 @@ def _probe(args) -> int:
 def _report(args) -> int:
     from .report import build_report
 
-    path = build_report(Path(args.dir), tap=args.tap)
+    path = build_report(Path(args.dir), tap=args.tap, metric=args.metric)
     print(f"rankprobe: wrote {path}")
     return 0
 

@@ -31,7 +31,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if gain else None
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # Under bf16 autocast q and k arrive in bf16: a gain of the same dtype keeps the fused kernel
+        # (a float32 gain makes PyTorch fall back to the unfused path, seen on H100 with torch 2.11).
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.size(-1),), weight, self.eps)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

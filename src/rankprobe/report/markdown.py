@@ -1,9 +1,11 @@
-"""`report.md`: what was run, the headline key-PR table per arm, PR per checkpoint, figures, configs.
+"""`report.md`: what was run, the headline key-spectrum table per arm, attention and weight lenses,
+the metric per checkpoint, figures, configs.
 
 Numbers come from metrics files only (see docs/metrics.md). Every aggregate is a seed mean with a
 95% Student-t half-width when an arm has more than one seed. Runs without an `end` row are listed as
 incomplete, runs whose loss or weights went NaN/inf as diverged (with the token count where they stopped); both
-are left out of every number and figure.
+are left out of every number and figure. Pretrained checkpoints (`Run.reference`) are rows of their
+own, marked "(pretrained)", and enter no trained arm's numbers.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from rankprobe.report.figures import TENSOR_NAME, fmt_tokens, heatmap_name
-from rankprobe.report.metrics import (Headline, Run, arm_key, arm_pr, default_tap, find_runs, finished_by_arm,
-                                      headline)
+from rankprobe.report.figures import TENSOR_NAME, fmt_tokens, heads_name, heatmap_name, metric_label
+from rankprobe.report.lenses import ATTENTION_COLUMNS, WEIGHT_COLUMNS, LensRow, has_rows, lens_table
+from rankprobe.report.metrics import (METRIC_NAME, Headline, Run, arm_key, arm_pr, check_metric, default_tap, find_runs,
+                                      finished_by_arm, headline, split_arms)
 
 TAP_MEANING = {
     "proj": "right after the key projection W_k",
@@ -22,6 +25,22 @@ TAP_MEANING = {
     "rope": "after RoPE, i.e. what attention actually consumes",
 }
 _SKIP_CONFIG = {"name", "out", "train.seed", "train.progress", "train.tensorboard"}
+METRIC_MEANING = {
+    "pr": "The Participation Ratio PR = (Σλ)²/Σλ² of the eigenvalues λ of a head's centred {t} covariance "
+          "counts how many dimensions the {t}s effectively use: PR = head_dim = {d} means all dimensions are "
+          "used equally, PR = 1 means the {t}s have collapsed onto one direction.",
+    "erank": "The effective rank erank = exp(−Σ p log p), p = λ/Σλ, of the eigenvalues λ of a head's centred "
+             "{t} covariance (Roy & Vetterli 2007, on the variances) is the number of equally used directions "
+             "with the same Shannon entropy: head_dim = {d} when every direction is used equally, 1 for a single "
+             "direction. Of the metrics it is the most sensitive to the tail of the spectrum.",
+    "stable_rank": "The stable rank Σλ/λ_max of the eigenvalues λ of a head's centred {t} covariance says how "
+                   "many directions the strongest one is worth (at most head_dim = {d}; stable rank ≤ PR ≤ erank "
+                   "on any spectrum). It is the most sensitive to one dominant direction, and finite samples "
+                   "inflate λ_max, so its isotropic null lies well below head_dim: read it against the null.",
+    "rankme": "RankMe = exp(−Σ q log q), q = σ/Σσ, of the singular values σ of the uncentred matrix of a head's "
+              "{t}s (Garrido et al., ICML 2023) counts used directions like erank but without removing the mean: "
+              "a large shared offset counts as one strong direction (at most head_dim = {d}).",
+}
 
 
 def _pm(mean: float, half: float, digits: int) -> str:
@@ -61,8 +80,19 @@ def _distinct(runs: list[Run], key: str, fmt=_fmt) -> str:
     return "/".join(fmt(v) if v != "?" else v for v in values)
 
 
-def _summary(runs: list[Run], arms: dict[str, list[Run]], incomplete: list[Run], diverged: list[Run]) -> str:
+def _references_text(refs: dict[str, list[Run]]) -> str:
+    if not refs:
+        return ""
+    items = ", ".join(f"`{a}` ({g[0].n_layer} layers, head_dim {g[0].head_dim})" for a, g in refs.items())
+    return (f"Pretrained checkpoint(s) probed once as loaded, shown as references: {items}; they enter no "
+            "trained arm's numbers.")
+
+
+def _summary(runs: list[Run], arms: dict[str, list[Run]], refs: dict[str, list[Run]], incomplete: list[Run],
+             diverged: list[Run]) -> str:
     if not arms:
+        if refs:
+            return _references_text(refs) + " No trained run has finished."
         why = f"{len(diverged)} diverged, the rest have no `end` row" if diverged else "no `end` row"
         return (f"Found {len(runs)} run(s) under this folder; none has finished ({why}), so there "
                 "are no headline numbers yet.")
@@ -85,6 +115,8 @@ def _summary(runs: list[Run], arms: dict[str, list[Run]], incomplete: list[Run],
         f"({', '.join(fmt_tokens(t) if t else 'init' for t in ckpts)} tokens) on "
         f"{_distinct(ran, 'probe.tokens', fmt_tokens)} held-out probe tokens."
     )
+    if refs:
+        text += " " + _references_text(refs)
     if diverged:
         text += f" {len(diverged)} run(s) diverged (NaN/inf) and are excluded (see below)."
     if incomplete:
@@ -92,38 +124,110 @@ def _summary(runs: list[Run], arms: dict[str, list[Run]], incomplete: list[Run],
     return text
 
 
-def _headline_section(heads: list[Headline], tap: str, tensor: str, head_dim: int, dead_pr: float,
+def _null_cell(h: Headline) -> str:
+    return f"{h.null:.2f}" + (f" (N = {h.n_probe:,})" if h.n_probe else "") if math.isfinite(h.null) else "n/a"
+
+
+def _null_text(heads: list[Headline], metric: str) -> str:
+    trained = [h for h in heads if not h.reference and math.isfinite(h.null)]
+    if not trained:
+        return ""
+    nulls = sorted({(round(h.null, 2), h.n_probe) for h in trained})
+    value = (f"is {nulls[0][0]:.2f} for the {nulls[0][1]:,} probe tokens" if len(nulls) == 1
+             else "depends on each arm's probe tokens N (column)")
+    return (f" The isotropic null — the {METRIC_NAME[metric]} that N isotropic Gaussian vectors of width head_dim "
+            f"give, the ceiling a probe set of that size can be expected to reach — {value} (docs/lenses.md).")
+
+
+def _headline_section(heads: list[Headline], tap: str, tensor: str, metric: str, head_dim: int, dead_pr: float,
                       diverged: list[Run]) -> list[str]:
     lost: dict[str, list[Run]] = {}
     for r in diverged:
         lost.setdefault(r.arm, []).append(r)
-    rows = {h.arm: [
-        f"`{h.arm}`", str(h.n_seeds) + (f" (+{len(lost[h.arm])} diverged)" if h.arm in lost else ""),
-        f"{h.tokens:,}", _pm(h.mean_pr, h.mean_pr_half, 2),
-        f"L{h.weakest_layer}: {_pm(h.weakest_pr, h.weakest_half, 2)}",
-        f"{len(h.dead_layers)}" + (f" ({', '.join(f'L{i}' for i in h.dead_layers)})" if h.dead_layers else ""),
-        _pm(h.val_loss, h.val_loss_half, 4),
-    ] for h in heads}
+    dead = metric == "pr"
+    rows = []
+    for h in heads:
+        row = [f"`{h.arm}`" + (" (pretrained)" if h.reference else ""),
+               "—" if h.reference else str(h.n_seeds) + (f" (+{len(lost[h.arm])} diverged)" if h.arm in lost else ""),
+               "—" if h.reference else f"{h.tokens:,}", _pm(h.mean, h.mean_half, 2), _null_cell(h),
+               f"L{h.weakest_layer}: {_pm(h.weakest_value, h.weakest_half, 2)}"]
+        if dead:
+            row.append(f"{len(h.dead_layers)}" + (f" ({', '.join(f'L{i}' for i in h.dead_layers)})"
+                                                  if h.dead_layers else ""))
+        rows.append((h.reference, arm_key(h.arm), row + [_pm(h.val_loss, h.val_loss_half, 4)]))
+    shown = {h.arm for h in heads}
     for arm, group in lost.items():  # every seed diverged: say where instead of showing numbers
-        if arm not in rows:
+        if arm not in shown:
             where = ", ".join(f"{r.ended_at:,} tokens (seed {r.seed})" for r in group)
-            rows[arm] = [f"`{arm}`", "0", "—", f"diverged at {where}", "—", "—", "—"]
-    header = ["arm", "seeds", "tokens", f"mean {TENSOR_NAME.get(tensor, tensor)} PR", "weakest layer: PR",
-              f"dead layers (PR < {dead_pr:g})", "val loss"]
-    return [
-        "## Headline: key PR at the final checkpoint", "",
-        f"Headline tap: `{tap}`, {TAP_MEANING.get(tap, 'see docs/metrics.md')}. The Participation "
-        f"Ratio PR = (Σλ)²/Σλ² of the eigenvalues λ of a head's centred key covariance counts how many "
-        f"dimensions the keys effectively use: PR = head_dim = {head_dim} means all dimensions are used "
-        f"equally, PR = 1 means the keys have collapsed onto one direction. A layer's PR is the mean over "
-        f"its heads. Values are seed means; ± is the 95% t-interval half-width over seeds (shown only where "
-        f"an arm has more than one seed). Mean PR averages the layers; the weakest layer and the dead layers "
-        f"are read from the seed-mean layer profile; val loss is the last evaluation (nats/token).", "",
-        *_table(header, [rows[a] for a in sorted(rows, key=arm_key)]), "",
+            rows.append((False, arm_key(arm), [f"`{arm}`", "0", "—", f"diverged at {where}"]
+                         + ["—"] * (4 if dead else 3)))
+    name = METRIC_NAME[metric]
+    label = metric_label(tensor, metric)
+    header = ["arm", "seeds", "tokens", f"mean {label}", "isotropic null", f"weakest layer: {name}",
+              *([f"dead layers (PR < {dead_pr:g})"] if dead else []), "val loss"]
+    reading = ("Mean PR averages the layers; the weakest layer and the dead layers are read from the seed-mean "
+               "layer profile" if dead else
+               f"Mean {name} averages the layers; the weakest layer is read from the seed-mean layer profile "
+               f"(dead layers are defined by PR, so they are counted only in a PR report)")
+    lines = [
+        f"## Headline: {label} at the final checkpoint", "",
+        f"Headline tap: `{tap}`, {TAP_MEANING.get(tap, 'see docs/metrics.md')}. "
+        + METRIC_MEANING[metric].format(t=TENSOR_NAME.get(tensor, tensor), d=head_dim)
+        + f" A layer's {name} is the mean over its heads. Values are seed means; ± is the 95% t-interval "
+        f"half-width over seeds (shown only where an arm has more than one seed). {reading}; val loss is the "
+        f"last evaluation (nats/token)." + _null_text(heads, metric), "",
+        *_table(header, [r for *_, r in sorted(rows, key=lambda x: x[:2])]), "",  # references last
     ]
+    refs = [h for h in heads if h.reference]
+    if refs:
+        lines += ["Rows marked (pretrained) are checkpoints probed once as loaded (`rankprobe.probes.hf`: a "
+                  "Hugging Face model, or a finished RankProbe run probed again), on their own probe set and "
+                  "tokenizer: " + "; ".join(
+                      f"`{h.arm}` {h.n_layer} layers, {h.n_probe:,} probe tokens" for h in refs)
+                  + ". They are references: no trained arm's number includes them.", ""]
+    return lines
 
 
-def _checkpoint_section(prs: dict, tensor: str) -> list[str]:
+def _lens_cells(row: LensRow, digits: list[int]) -> list[str]:
+    return [_pm(m, h, d) for (m, h), d in zip(row.cells, digits)]
+
+
+def _lens_section(title: str, text: str, columns: list[tuple], digits: list[int], lens: list[LensRow],
+                  heads: dict[str, Headline], label: str) -> list[str]:
+    if not lens:
+        return []
+    rows = [[f"`{r.arm}`" + (" (pretrained)" if r.reference else ""), "—" if r.reference else str(r.n_seeds),
+             "—" if r.reference else f"{r.tokens:,}",
+             _pm(heads[r.arm].mean, heads[r.arm].mean_half, 2) if r.arm in heads else "n/a",
+             *_lens_cells(r, digits)] for r in lens]
+    header = ["arm", "seeds", "tokens", f"mean {label}", *(c[0] for c in columns)]
+    return [title, "", text, "", *_table(header, rows), ""]
+
+
+def _attention_section(runs: list[Run], heads: dict[str, Headline], label: str) -> list[str]:
+    return _lens_section(
+        "## Attention at the final checkpoint",
+        "QK-Norm exists to keep attention logits bounded and attention from collapsing onto single keys (QK-Clip "
+        "caps the logit directly), so these sit next to the key metric. Attention is recomputed on the probe set "
+        "from the post-RoPE q and k. Normalised entropy is each query row's entropy divided by log(visible keys), "
+        "averaged over rows t ≥ 1, heads and layers (1 = uniform over the visible keys, 0 = every query reads "
+        "one key); the entropy in nats is averaged the same way; the max logit is the largest scaled "
+        "pre-softmax logit q·k/√D, max over heads and layers (docs/lenses.md, section 2). Seed means ± 95% "
+        "half-width; tokens = the last checkpoint with attention rows.",
+        ATTENTION_COLUMNS, [3, 3, 2], lens_table(runs, ATTENTION_COLUMNS), heads, label)
+
+
+def _weights_section(runs: list[Run], heads: dict[str, Headline], label: str) -> list[str]:
+    return _lens_section(
+        "## Weights at the final checkpoint",
+        "Stable rank ‖W‖_F²/‖W‖₂² of the whole W_q and W_k (mean over layers) and their spectral norm σ₁ "
+        "(max over layers), the operator norm that Muon's orthogonalised updates control (docs/lenses.md, "
+        "section 3). "
+        "Seed means ± 95% half-width; tokens = the last checkpoint with weight rows.",
+        WEIGHT_COLUMNS, [2, 2, 3, 3], lens_table(runs, WEIGHT_COLUMNS), heads, label)
+
+
+def _checkpoint_section(prs: dict, tensor: str, metric: str) -> list[str]:
     tokens = sorted({int(t) for pr in prs.values() for t in pr.tokens})
     cols = {}
     for arm, pr in prs.items():
@@ -131,20 +235,26 @@ def _checkpoint_section(prs: dict, tensor: str) -> list[str]:
         cols[arm] = {int(t): _pm(m, h, 2) for t, m, h in zip(pr.tokens, mean, half)}
     rows = [[f"{t:,}" + (" (init)" if t == 0 else "")] + [cols[a].get(t, "—") for a in prs] for t in tokens]
     return [
-        f"## Mean {TENSOR_NAME.get(tensor, tensor)} PR over layers at each checkpoint", "",
+        f"## Mean {metric_label(tensor, metric)} over layers at each checkpoint", "",
         "Only checkpoints that every seed of an arm reached are aggregated.", "",
         *_table(["tokens"] + [f"`{a}`" for a in prs], rows), "",
     ]
 
 
-def _figure_section(out_dir: Path, arms: list[str]) -> list[str]:
-    figures = [("pr_trajectory.png", "Mean key PR over layers vs training tokens"),
-               ("layer_comparison.png", "Key PR per layer at the final checkpoint"),
-               *((heatmap_name(a), f"`{a}`: key PR by layer and checkpoint") for a in arms),
-               ("loss_curves.png", "Training and validation loss")]
+def _figure_section(out_dir: Path, arms: list[str], references: list[str], label: str,
+                    written: list[Path] | None) -> list[str]:
+    figures = [("pr_trajectory.png", f"Mean {label} over layers vs training tokens"),
+               ("layer_comparison.png", f"{label[0].upper() + label[1:]} per layer at the final checkpoint"),
+               *((heatmap_name(a), f"`{a}`: {label} by layer and checkpoint") for a in arms),
+               *((heads_name(a), f"`{a}`: {label} per head at the final checkpoint") for a in arms + references),
+               ("loss_curves.png", "Training and validation loss"),
+               ("attention_entropy.png", "Normalised attention entropy vs training tokens"),
+               ("max_logit.png", "Largest pre-softmax attention logit vs training tokens"),
+               ("weight_spectra.png", "Stable rank of W_k per layer at the final checkpoint")]
+    names = None if written is None else {Path(p).name for p in written}
     lines = ["## Figures", ""]
     for name, caption in figures:
-        if (out_dir / name).exists():
+        if (out_dir / name).exists() if names is None else name in names:
             lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]
     return lines if len(lines) > 2 else []
 
@@ -219,44 +329,55 @@ def _env_section(runs: list[Run]) -> list[str]:
 
 
 def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str | None = None, *,
-                 tensor: str = "k", runs: list[Run] | None = None) -> Path:
-    """Write `report.md` into `out_dir` (default: `root`) from the metrics files under `root`;
-    links the figures already present there (build_report draws them first). Returns its path."""
+                 tensor: str = "k", metric: str | None = None, runs: list[Run] | None = None,
+                 figures: list[Path] | None = None) -> Path:
+    """Write `report.md` into `out_dir` (default: `root`) from the metrics files under `root`, for the
+    spectral `metric` (default 'pr'). Links `figures` (the paths build_figures wrote), or when None
+    every report figure already present in `out_dir`. Returns its path."""
+    metric = check_metric(metric)
     root = Path(root)
     out_dir = Path(out_dir) if out_dir is not None else (root if root.is_dir() else root.parent)
     runs = runs if runs is not None else find_runs(root)
-    arms = finished_by_arm(runs)
+    arms, refs = split_arms(runs)
     diverged = [r for r in runs if r.status == "diverged"]
     incomplete = [r for r in runs if not r.finished and r.status != "diverged"]
     base = root if root.is_dir() else root.parent
-    lines = [f"# RankProbe report: `{base.resolve().name}`", "", _summary(runs, arms, incomplete, diverged), ""]
-    if arms:
-        finished = [r for g in arms.values() for r in g]
+    label = metric_label(tensor, metric)
+    lines = [f"# RankProbe report: `{base.resolve().name}`", "", _summary(runs, arms, refs, incomplete, diverged), ""]
+    if arms or refs:
+        finished = [r for g in (arms or refs).values() for r in g]
         tap = tap or default_tap(finished)
         head_dim = max(r.head_dim for r in finished)
         dead_pr = finished[0].dead_pr
-        prs = {a: arm_pr(g, tap, tensor) for a, g in arms.items()}
-        heads = [headline(prs[a], g, dead_pr) for a, g in arms.items()]
-        lines += _headline_section(heads, tap, tensor, head_dim, dead_pr, diverged)
-        lines += _checkpoint_section(prs, tensor)
-        lines += _figure_section(out_dir, list(arms))
+        prs = {a: arm_pr(g, tap, tensor, metric) for a, g in {**arms, **refs}.items()}
+        heads = {a: headline(prs[a], g, dead_pr) for a, g in {**arms, **refs}.items()}
+        lines += _headline_section(list(heads.values()), tap, tensor, metric, head_dim, dead_pr, diverged)
+        lines += _attention_section(runs, heads, label) if has_rows(runs, "attn") else []
+        lines += _weights_section(runs, heads, label) if has_rows(runs, "weights") else []
+        if arms:
+            lines += _checkpoint_section({a: prs[a] for a in arms}, tensor, metric)
+        lines += _figure_section(out_dir, list(arms), list(refs), label, figures)
     lines += _diverged_section(diverged, base)
     lines += _incomplete_section(incomplete, base)
     if arms:
         lines += _config_section(arms)
-        lines += _env_section([r for g in arms.values() for r in g])
+    if arms or refs:
+        lines += _env_section([r for g in {**arms, **refs}.values() for r in g])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
 
 
-def headline_numbers(runs: list[Run], tap: str | None = None, tensor: str = "k") -> list[Headline]:
-    """The headline rows as data (for callers that want numbers, not Markdown)."""
+def headline_numbers(runs: list[Run], tap: str | None = None, tensor: str = "k",
+                     metric: str | None = None) -> list[Headline]:
+    """The headline rows as data (for callers that want numbers, not Markdown): trained arms, then
+    pretrained references (`Headline.reference`)."""
+    metric = check_metric(metric)
     arms = finished_by_arm(runs)
     finished = [r for g in arms.values() for r in g]
     if not finished:
         return []
+    trained = [r for r in finished if not r.reference] or finished
     tap = tap or default_tap(finished)
-    return [headline(arm_pr(g, tap, tensor), g, finished[0].dead_pr) for g in arms.values()]
-
+    return [headline(arm_pr(g, tap, tensor, metric), g, trained[0].dead_pr) for g in arms.values()]

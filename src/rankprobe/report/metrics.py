@@ -1,8 +1,10 @@
-"""Reading `metrics.jsonl` files (schema in docs/metrics.md) and aggregating key PR across seeds.
+"""Reading `metrics.jsonl` files (schema in docs/metrics.md) and aggregating key spectra across seeds.
 
 Everything here is plain Python and numpy: a report is rebuilt on a laptop from files alone, so
 nothing imports torch or training code. A run is one `metrics.jsonl`; an arm is the set of finished
 runs sharing an `arm` label (one per seed). Aggregates are seed means with a Student-t 95% interval.
+A pretrained checkpoint probed once as loaded (`Run.reference`) is an arm of its own, ordered last,
+that the report draws as a reference and never pools with trained arms.
 """
 
 from __future__ import annotations
@@ -12,14 +14,25 @@ import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from rankprobe.config import UserError
+from rankprobe.report.stats import mean_ci
 
 CANONICAL_ARMS = ("adamw", "adamw+qknorm", "muon", "muon+qknorm")
+METRICS = ("pr", "erank", "stable_rank", "rankme")
+"""the spectral metrics of a `probe` row the report can be drawn from (docs/lenses.md, section 1)"""
+METRIC_NAME = {"pr": "PR", "erank": "erank", "stable_rank": "stable rank", "rankme": "RankMe"}
+
+
+def check_metric(metric: str | None) -> str:
+    """`metric` (default 'pr') if it is one of METRICS; a UserError naming the choices otherwise."""
+    metric = metric or "pr"
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric
 
 
 class MetricsError(UserError, ValueError):
@@ -93,6 +106,13 @@ class Run:
         return float(self.config.get("probe", {}).get("dead_pr", 10.0))
 
     @property
+    def reference(self) -> bool:
+        """A checkpoint probed once as loaded (rankprobe.probes.hf: a Hugging Face model or a finished
+        RankProbe run), optimizer "pretrained"; its one checkpoint at tokens 0 is not an init. A run row
+        with a `source` counts too (files written before re-probed RankProbe runs said "pretrained")."""
+        return self.optimizer == "pretrained" or "source" in self.info
+
+    @property
     def tap(self) -> str:
         return str(self.config.get("probe", {}).get("tap", "norm"))
 
@@ -145,26 +165,40 @@ def find_runs(root: str | Path) -> list[Run]:
     runs = [r for r in map(_load_run, paths) if r is not None]
     if not runs:
         raise UserError(f"no readable runs under {root} (metrics files lack a `run` row)")
-    return sorted(runs, key=lambda r: (arm_key(r.arm), r.seed, r.name))
+    return sorted(runs, key=lambda r: (r.reference, arm_key(r.arm), r.seed, r.name))
 
 
 # ---------------------------------------------------------------------------------------------
 # per-run series
 
 
-def layer_pr(run: Run, tap: str, tensor: str = "k") -> dict[int, np.ndarray]:
-    """tokens -> layer PR (n_layer,) at `tap` for `tensor`, in token order. A checkpoint missing a
-    layer (a crash mid-probe) is left out; a later row for the same (tokens, layer) wins."""
-    by_tokens: dict[int, dict[int, float]] = {}
-    for row in run.rows.get("probe", []):
-        if row.get("tap") == tap and row.get("tensor") == tensor:
-            by_tokens.setdefault(int(row["tokens"]), {})[int(row["layer"])] = _num(row.get("pr"))
+def layer_rows(run: Run, kind: str = "probe", **match) -> dict[int, list[dict]]:
+    """tokens -> the rows of layers 0..n_layer-1 among the `kind` rows whose keys equal `match` (e.g.
+    tap="norm", tensor="k"), in token order. A checkpoint missing a layer (a crash mid-probe) is left
+    out; a later row for the same (tokens, layer) wins."""
+    by_tokens: dict[int, dict[int, dict]] = {}
+    for row in run.rows.get(kind, []):
+        if all(row.get(k) == v for k, v in match.items()):
+            by_tokens.setdefault(int(row["tokens"]), {})[int(row["layer"])] = row
     n_layer = run.n_layer or max((max(v) + 1 for v in by_tokens.values()), default=0)
-    return {
-        t: np.array([layers[i] for i in range(n_layer)], dtype=float)
-        for t, layers in sorted(by_tokens.items())
-        if all(i in layers for i in range(n_layer))
-    }
+    return {t: [layers[i] for i in range(n_layer)] for t, layers in sorted(by_tokens.items())
+            if all(i in layers for i in range(n_layer))}
+
+
+def layer_pr(run: Run, tap: str, tensor: str = "k", metric: str = "pr") -> dict[int, np.ndarray]:
+    """tokens -> layer value of `metric` (n_layer,) at `tap` for `tensor` (NaN where a row lacks it)."""
+    return {t: np.array([_num(r.get(metric)) for r in rows], dtype=float)
+            for t, rows in layer_rows(run, "probe", tap=tap, tensor=tensor).items()}
+
+
+def null_value(row: dict, metric: str) -> float:
+    """The row's `<metric>_null` (the isotropic finite-sample ceiling); for PR rows written before the
+    nulls, the closed form ((N−1)·D + 2)/(N + D) of its `n` and `dim` (docs/probes.md); else NaN."""
+    value = row.get(f"{metric}_null")
+    if value is None and metric == "pr" and row.get("n") and row.get("dim"):
+        n, d = int(row["n"]), int(row["dim"])
+        return ((n - 1) * d + 2) / (n + d)
+    return _num(value)
 
 
 def probe_taps(runs: list[Run], tensor: str = "k") -> list[str]:
@@ -173,8 +207,9 @@ def probe_taps(runs: list[Run], tensor: str = "k") -> list[str]:
 
 
 def default_tap(runs: list[Run]) -> str:
-    """The headline tap from the runs' config (`probe.tap`); the most common one if they differ."""
-    counts = Counter(run.tap for run in runs)
+    """The headline tap from the runs' config (`probe.tap`); the most common one if they differ.
+    Trained runs decide; pretrained references only when there is nothing else."""
+    counts = Counter(run.tap for run in ([r for r in runs if not r.reference] or runs))
     if len(counts) > 1:
         warnings.warn(f"runs disagree on probe.tap ({dict(counts)}); using the most common", stacklevel=2)
     return counts.most_common(1)[0][0] if counts else "norm"
@@ -195,57 +230,21 @@ def val_loss(run: Run) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# statistics
-
-
-def _t_cdf(x: float, df: float) -> float:
-    """Student-t CDF for x >= 0 by Simpson's rule on the density (smooth, so 4000 panels suffice)."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    n = 4000
-    ts = np.linspace(0.0, x, n + 1)
-    f = c * (1 + ts * ts / df) ** (-(df + 1) / 2)
-    integral = (x / n / 3) * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-    return 0.5 + integral
-
-
-@lru_cache(maxsize=None)
-def t_quantile(df: int, p: float = 0.975) -> float:
-    """Quantile of Student's t with `df` degrees of freedom (p > 0.5), by bisection on the CDF."""
-    if df < 1:
-        raise ValueError(f"t quantile needs df >= 1; got {df}")
-    lo, hi = 0.0, 1.0
-    while _t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
-def mean_ci(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over `axis` and the 95% half-width t_{0.975,n-1}·sd/√n (NaN when n < 2: no band)."""
-    x = np.asarray(values, dtype=float)
-    n = x.shape[axis]
-    mean = x.mean(axis=axis)
-    if n < 2:
-        return mean, np.full_like(mean, np.nan)
-    sd = x.std(axis=axis, ddof=1)
-    return mean, t_quantile(n - 1) * sd / math.sqrt(n)
-
-
-# ---------------------------------------------------------------------------------------------
 # arms
 
 
 def arm_key(arm: str) -> tuple[int, str]:
-    """Sort key: adamw, adamw+qknorm, muon, muon+qknorm, then any other arm alphabetically."""
+    """Sort key: adamw, adamw+qknorm, muon, muon+qknorm, then any other arm alphabetically (reports
+    put pretrained references after all of these: sort on (run.reference, arm_key(run.arm)))."""
     return (CANONICAL_ARMS.index(arm), "") if arm in CANONICAL_ARMS else (len(CANONICAL_ARMS), arm)
 
 
 def finished_by_arm(runs: list[Run]) -> dict[str, list[Run]]:
-    """Finished runs grouped by arm, arms in report order; a repeated (arm, seed) keeps the first."""
+    """Finished runs grouped by arm, arms in report order (pretrained references last); a repeated
+    (arm, seed) keeps the first."""
     arms: dict[str, list[Run]] = {}
-    for run in sorted((r for r in runs if r.finished), key=lambda r: (arm_key(r.arm), r.seed, str(r.path))):
+    for run in sorted((r for r in runs if r.finished),
+                      key=lambda r: (r.reference, arm_key(r.arm), r.seed, str(r.path))):
         group = arms.setdefault(run.arm, [])
         if any(r.seed == run.seed for r in group):
             warnings.warn(f"arm {run.arm} seed {run.seed} appears twice; ignoring {run.path}", stacklevel=2)
@@ -254,78 +253,133 @@ def finished_by_arm(runs: list[Run]) -> dict[str, list[Run]]:
     return arms
 
 
+def split_arms(runs: list[Run]) -> tuple[dict[str, list[Run]], dict[str, list[Run]]]:
+    """(trained arms, pretrained reference arms), each as `finished_by_arm` gives them."""
+    arms = finished_by_arm(runs)
+    trained = {a: g for a, g in arms.items() if not g[0].reference}
+    return trained, {a: g for a, g in arms.items() if g[0].reference}
+
+
 @dataclass
 class ArmPR:
-    """Layer PR of one arm at the checkpoints every seed has: values[seed, checkpoint, layer]."""
+    """One spectral metric (PR by default) of one arm at the checkpoints every seed has:
+    values[seed, checkpoint, layer]; `null` and `n_probe` per checkpoint; per-head values at the final one."""
 
     arm: str
     seeds: list[int]
     tokens: np.ndarray
     values: np.ndarray
+    metric: str = "pr"
+    null: np.ndarray | None = None
+    """(C,) isotropic null of the metric for the probe set: mean over seeds and layers (NaN if unknown)"""
+    n_probe: np.ndarray | None = None
+    """(C,) probe tokens N the statistics (and the null) are for"""
+    heads: np.ndarray | None = None
+    """(S, L, H) per-head values at the final checkpoint; None when the rows lack `<metric>_heads`"""
+    reference: bool = False
 
     @property
     def n_seeds(self) -> int:
         return len(self.seeds)
 
     def trajectory(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean PR over layers per checkpoint: seed mean (C,) and 95% half-width (C,)."""
+        """Mean over layers per checkpoint: seed mean (C,) and 95% half-width (C,)."""
         return mean_ci(self.values.mean(axis=2), axis=0)
 
     def layers_at(self, index: int = -1) -> tuple[np.ndarray, np.ndarray]:
-        """PR per layer at checkpoint `index` (default the final one): seed mean and half-width (L,)."""
+        """Value per layer at checkpoint `index` (default the final one): seed mean and half-width (L,)."""
         return mean_ci(self.values[:, index, :], axis=0)
 
     def seed_mean(self) -> np.ndarray:
-        """Seed-mean PR, (checkpoint, layer)."""
+        """Seed-mean values, (checkpoint, layer)."""
         return self.values.mean(axis=0)
 
 
-def arm_pr(runs: list[Run], tap: str, tensor: str = "k") -> ArmPR:
-    """Stack the layer PR of one arm's runs at the checkpoints present in all of them."""
-    series = [layer_pr(run, tap, tensor) for run in runs]
-    common = sorted(set.intersection(*(set(s) for s in series))) if series else []
+def _nanmean(x: np.ndarray, axis) -> np.ndarray:
+    """Mean ignoring NaNs; NaN (without a warning) where everything is NaN."""
+    ok = np.isfinite(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, x, 0.0).sum(axis=axis) / ok.sum(axis=axis)
+
+
+def _stack_heads(rows: list[list[dict]], key: str) -> np.ndarray | None:
+    """rows[seed][layer] -> (S, L, H) of the list `key`; None if missing or ragged."""
+    lists = [[r.get(key) for r in seed] for seed in rows]
+    if any(not isinstance(v, list) or not v for seed in lists for v in seed):
+        return None
+    if len({len(v) for seed in lists for v in seed}) != 1:
+        return None
+    return np.array([[[_num(x) for x in v] for v in seed] for seed in lists], dtype=float)
+
+
+def arm_pr(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> ArmPR:
+    """Stack `metric` of one arm's runs at the checkpoints present in all of them."""
+    arm = runs[0].arm if runs else "?"
+    tables = [layer_rows(run, "probe", tap=tap, tensor=tensor) for run in runs]
+    common = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
     if not common:
         have = probe_taps(runs, tensor)
-        raise UserError(f"arm {runs[0].arm if runs else '?'}: no {tensor} probe at tap {tap!r} common to all "
+        raise UserError(f"arm {arm}: no {tensor} probe at tap {tap!r} common to all "
                         f"seeds (taps with {tensor} probes: {', '.join(have) or 'none'})")
-    values = np.stack([np.stack([s[t] for t in common]) for s in series])  # (S, C, L)
-    return ArmPR(arm=runs[0].arm, seeds=[r.seed for r in runs], tokens=np.array(common), values=values)
+    rows = [[t[c] for c in common] for t in tables]  # [seed][checkpoint][layer] -> row
+    if not any(metric in r for seed in rows for ckpt in seed for r in ckpt):
+        have = [m for m in METRICS if any(m in r for seed in rows for ckpt in seed for r in ckpt)]
+        raise UserError(f"arm {arm}: the probe rows have no {metric!r} (metrics written before the spectral "
+                        f"lenses?); metrics available: {', '.join(have) or 'none'}")
+    values = np.array([[[_num(r.get(metric)) for r in ckpt] for ckpt in seed] for seed in rows], dtype=float)
+    nulls = np.array([[[null_value(r, metric) for r in ckpt] for ckpt in seed] for seed in rows], dtype=float)
+    n = np.array([[[_num(r.get("n")) for r in ckpt] for ckpt in seed] for seed in rows], dtype=float)
+    return ArmPR(arm=arm, seeds=[r.seed for r in runs], tokens=np.array(common), values=values,  # (S, C, L)
+                 metric=metric, null=_nanmean(nulls, (0, 2)), n_probe=_nanmean(n, (0, 2)),
+                 heads=_stack_heads([seed[-1] for seed in rows], f"{metric}_heads"),
+                 reference=runs[0].reference)
 
 
-def aggregate(runs: list[Run], tap: str, tensor: str = "k") -> dict[str, ArmPR]:
-    """ArmPR for every arm with finished runs, in report order."""
-    return {arm: arm_pr(group, tap, tensor) for arm, group in finished_by_arm(runs).items()}
+def aggregate(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> dict[str, ArmPR]:
+    """ArmPR for every arm with finished runs, in report order (pretrained references last)."""
+    return {arm: arm_pr(group, tap, tensor, metric) for arm, group in finished_by_arm(runs).items()}
 
 
 @dataclass
 class Headline:
-    """The per-arm numbers of the report's headline table (half-widths NaN with one seed)."""
+    """The per-arm numbers of the report's headline table (half-widths NaN with one seed), for the
+    report's metric (`mean`, `weakest_value`: PR by default)."""
 
     arm: str
     n_seeds: int
     tokens: int
-    mean_pr: float
-    mean_pr_half: float
+    mean: float
+    mean_half: float
     weakest_layer: int
-    weakest_pr: float
+    weakest_value: float
     weakest_half: float
-    dead_layers: list[int]
+    dead_layers: list[int] | None
+    """layers below `probe.dead_pr`; None for metrics other than PR (the threshold is a PR value)"""
     val_loss: float
     val_loss_half: float
+    metric: str = "pr"
+    null: float = math.nan
+    """the metric's isotropic null at the final checkpoint (NaN if the rows do not say)"""
+    n_probe: int = 0
+    reference: bool = False
+    n_layer: int = 0
 
 
 def headline(pr: ArmPR, runs: list[Run], dead_pr: float) -> Headline:
     """Headline numbers at the arm's final common checkpoint (docs/metrics.md, last section):
-    mean PR over layers, the weakest layer of the seed-mean profile, layers whose seed-mean PR is
-    below `dead_pr`, and the last val loss, each as a seed mean with its 95% half-width."""
-    mean_pr, mean_half = mean_ci(pr.values[:, -1, :].mean(axis=1))
+    mean over layers, the weakest layer of the seed-mean profile, layers whose seed-mean PR is
+    below `dead_pr` (PR only), and the last val loss, each as a seed mean with its 95% half-width."""
+    mean, mean_half = mean_ci(pr.values[:, -1, :].mean(axis=1))
     layer_mean, layer_half = pr.layers_at(-1)
     weakest = int(np.nanargmin(layer_mean)) if np.isfinite(layer_mean).any() else 0
     loss, loss_half = mean_ci([r.final_val_loss() for r in runs])
+    n_probe = pr.n_probe[-1] if pr.n_probe is not None else math.nan
     return Headline(
         arm=pr.arm, n_seeds=pr.n_seeds, tokens=int(pr.tokens[-1]),
-        mean_pr=float(mean_pr), mean_pr_half=float(mean_half),
-        weakest_layer=weakest, weakest_pr=float(layer_mean[weakest]), weakest_half=float(layer_half[weakest]),
-        dead_layers=[int(i) for i in np.flatnonzero(layer_mean < dead_pr)],
-        val_loss=float(loss), val_loss_half=float(loss_half),
+        mean=float(mean), mean_half=float(mean_half),
+        weakest_layer=weakest, weakest_value=float(layer_mean[weakest]), weakest_half=float(layer_half[weakest]),
+        dead_layers=[int(i) for i in np.flatnonzero(layer_mean < dead_pr)] if pr.metric == "pr" else None,
+        val_loss=float(loss), val_loss_half=float(loss_half), metric=pr.metric,
+        null=float(pr.null[-1]) if pr.null is not None else math.nan,
+        n_probe=int(n_probe) if math.isfinite(n_probe) else 0, reference=pr.reference, n_layer=layer_mean.size,
     )
