@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataError, UserError
+from .config import DataError, UserError, flatten
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -120,7 +120,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, current value) for every setting that would change the run's metrics."""
-    a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+    a, b = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(current)))
     out = []
     for key in sorted(set(a) | set(b)):
         if key in _FREE_KEYS or key.startswith("sweep."):
@@ -129,16 +129,6 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, object, ob
             continue  # 0 = taken from the tokenizer, which the data.* settings already pin
         if a.get(key) != b.get(key):
             out.append((key, a.get(key), b.get(key)))
-    return out
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
     return out
 
 

@@ -364,6 +364,17 @@ def from_dict(data: dict) -> Config:
     return _build(Config, data)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config data -> {dotted key: value}, e.g. {'model': {'n_layer': 4}} -> {'model.n_layer': 4}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain nested data (lists for tuples), JSON- and TOML-friendly."""
     return dataclasses.asdict(cfg)

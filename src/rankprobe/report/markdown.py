@@ -14,10 +14,34 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from rankprobe.report.figures import TENSOR_NAME, fmt_tokens, heads_name, heatmap_name, metric_label
-from rankprobe.report.lenses import ATTENTION_COLUMNS, WEIGHT_COLUMNS, LensRow, has_rows, lens_table
-from rankprobe.report.metrics import (METRIC_NAME, Headline, Run, arm_key, arm_pr, check_metric, default_tap, find_runs,
-                                      finished_by_arm, headline, split_arms)
+from rankprobe.config import flatten
+from rankprobe.report.figures import (
+    TENSOR_NAME,
+    fmt_tokens,
+    heads_name,
+    heatmap_name,
+    metric_label,
+)
+from rankprobe.report.lenses import (
+    ATTENTION_COLUMNS,
+    WEIGHT_COLUMNS,
+    LensRow,
+    has_rows,
+    lens_table,
+)
+from rankprobe.report.metrics import (
+    METRIC_NAME,
+    Headline,
+    Run,
+    arm_key,
+    arm_pr,
+    check_metric,
+    default_tap,
+    find_runs,
+    finished_by_arm,
+    headline,
+    split_arms,
+)
 
 TAP_MEANING = {
     "proj": "right after the key projection W_k",
@@ -54,16 +78,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _fmt(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -76,7 +90,7 @@ def _fmt(value) -> str:
 
 def _distinct(runs: list[Run], key: str, fmt=_fmt) -> str:
     """The values of a dotted config key across runs, e.g. '4' or '4/8'."""
-    values = sorted({_flatten(r.config).get(key, "?") for r in runs}, key=str)
+    values = sorted({flatten(r.config).get(key, "?") for r in runs}, key=str)
     return "/".join(fmt(v) if v != "?" else v for v in values)
 
 
@@ -101,7 +115,7 @@ def _summary(runs: list[Run], arms: dict[str, list[Run]], refs: dict[str, list[R
                         for a, g in arms.items())
     params = sorted({r.info.get("n_params") for r in ran if r.info.get("n_params")})
     params_text = "/".join(dict.fromkeys(f"{p / 1e6:.2f}M" for p in params)) or "?"
-    kv_heads = "/".join(sorted({str(_flatten(r.config).get("model.n_kv_head") or _flatten(r.config).get("model.n_head"))
+    kv_heads = "/".join(sorted({str(flatten(r.config).get("model.n_kv_head") or flatten(r.config).get("model.n_head"))
                                 for r in ran}))
     ckpts = sorted({int(t) for r in ran for t in r.info.get("probe_checkpoints", [])})
     text = (
@@ -296,7 +310,7 @@ def _diverged_section(diverged: list[Run], root: Path) -> list[str]:
 
 def _config_section(arms: dict[str, list[Run]]) -> list[str]:
     runs = [r for g in arms.values() for r in g]
-    flat = {id(r): {k: v for k, v in _flatten(r.config).items() if k not in _SKIP_CONFIG} for r in runs}
+    flat = {id(r): {k: v for k, v in flatten(r.config).items() if k not in _SKIP_CONFIG} for r in runs}
     keys = sorted({k for f in flat.values() for k in f})
     per_arm = {a: {k: {_fmt(flat[id(r)].get(k, "—")) for r in g} for k in keys} for a, g in arms.items()}
     differing = [k for k in keys if len({frozenset(per_arm[a][k]) for a in arms}) > 1]
