@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from rankprobe.config import load
-from rankprobe.data.corpus import load_corpus
 from rankprobe.sweep import arms, is_finished, run_sweep
 from rankprobe.train import probe_schedule, train
 
@@ -18,19 +17,6 @@ TINY = {
     "train.eval_tokens": "256", "train.log_every": "2", "train.progress": "false", "probe.tokens": "256",
     "probe.n_checkpoints": "3", "sweep.seeds": "0",
 }
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    """The first ~150 KB of the embedded corpus: real English, fast to tokenize."""
-    path = tmp_path_factory.mktemp("corpus") / "austen.txt"
-    path.write_text(load_corpus("embedded").text[:150_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def tiny_cfg(corpus_file, cache, **extra):

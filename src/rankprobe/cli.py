@@ -3,13 +3,18 @@
 Every subcommand that takes a config also takes dotted overrides (`--model.n_layer 22`). User
 mistakes (UserError) print one line and exit 2; nothing is written before the inputs are checked.
 A single run whose loss went NaN/inf exits 1; a sweep carries on with its other arms.
+
+`train` also runs under torchrun (`torchrun --nproc_per_node N -m rankprobe.cli train ...`): every
+rank runs this same command; rank 0 alone prints, the others stop with it (rankprobe.dist).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config", metavar="CONFIG")
     s.add_argument("--out", help="sweep folder (default: the config's out)")
     s.add_argument("--force", action="store_true", help="retrain every arm, replacing the runs in the folder")
+    par = s.add_mutually_exclusive_group()
+    par.add_argument("--workers", type=int, default=0, metavar="N",
+                     help="train N arms at a time in subprocesses (default: one after another in this process)")
+    par.add_argument("--gpus", type=int, default=0, metavar="N",
+                     help="train N arms at a time, each worker pinned to a GPU of its own")
+
+    # internal: one arm of a parallel sweep, from its resolved config (rankprobe.sweep)
+    a = sub.add_parser("_arm", allow_abbrev=False)
+    a.add_argument("config", metavar="CONFIG_JSON")
+    a.add_argument("--out", required=True)
+    arm_mode = a.add_mutually_exclusive_group()
+    arm_mode.add_argument("--resume", action="store_true")
+    arm_mode.add_argument("--force", action="store_true")
 
     pr = sub.add_parser("probe", allow_abbrev=False, help="probe a checkpoint RankProbe did not train",
                         description="Probe CHECKPOINT — a Hugging Face causal LM folder (Llama, Mistral, Qwen2, "
@@ -90,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .dist import MirroredError, from_env
+
+    rank = int(os.environ["RANK"]) if os.environ.get("RANK", "").isdigit() else 0
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     try:
+        if from_env().active and args.command != "train":
+            raise UserError(f"only `rankprobe train` runs under torchrun; run `rankprobe {args.command}` "
+                            "as one process (a sweep spreads over GPUs with --gpus N)")
         if args.command == "probe":
             if rest:
                 raise UserError(f"unexpected arguments: {' '.join(rest)}")
@@ -100,15 +124,22 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 raise UserError(f"unexpected arguments: {' '.join(rest)}")
             return _report(args)
+        if args.command == "_arm":
+            from .config import from_dict
+
+            return _train(from_dict(json.loads(Path(args.config).read_text())), args)
         overrides = parse_overrides(rest)
         if args.command == "demo":
             return _sweep(load("demo", overrides), Path(args.out), force=False)
         cfg = load(args.config, overrides)
         if args.command == "train":
             return _train(cfg, args)
-        return _sweep(cfg, Path(args.out or cfg.out), force=args.force)
+        return _sweep(cfg, Path(args.out or cfg.out), force=args.force, workers=args.workers, gpus=args.gpus)
     except UserError as e:
-        print(f"rankprobe: error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"rankprobe: error: {e}", file=sys.stderr)
+        elif not isinstance(e, MirroredError):  # rank 0 printed the mirrored ones already
+            print(f"rankprobe: error (rank {rank}): {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rankprobe: interrupted", file=sys.stderr)
@@ -116,12 +147,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg, args) -> int:
+    from . import dist
     from .checkpoint import end_row
     from .train import train
 
     run_dir = Path(args.out) if args.out else Path(cfg.out) / cfg.name
     t0 = time.perf_counter()
-    metrics = train(cfg, run_dir, force=args.force, resume=args.resume)
+    d = dist.init(cfg.train.device)
+    try:
+        metrics = train(cfg, run_dir, force=args.force, resume=args.resume, dist=d)
+    finally:
+        dist.close(d)
+    if not d.is_main:
+        return 0
     end = end_row(metrics) or {}
     if end.get("status") == "diverged":
         print(f"rankprobe: {cfg.name} diverged at {end.get('tokens'):,} tokens (step {end.get('step')}); "
@@ -131,12 +169,28 @@ def _train(cfg, args) -> int:
     return 0
 
 
-def _sweep(cfg, out: Path, force: bool) -> int:
-    from .sweep import arms, run_sweep
+def _sweep(cfg, out: Path, force: bool, workers: int = 0, gpus: int = 0) -> int:
+    from .sweep import ArmsFailed, arms, run_sweep
 
+    if workers < 0 or gpus < 0:
+        raise UserError("--workers and --gpus take a number of processes, 1 or more")
+    if gpus:
+        import torch
+
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if found < gpus:
+            raise UserError(f"--gpus {gpus} but this machine has {found} CUDA device(s) visible; use --gpus "
+                            f"{found} or --workers N for processes that share the devices (or the CPU)")
     t0 = time.perf_counter()
     n = len(arms(cfg))
-    run_sweep(dataclasses.replace(cfg, out=str(out)), out, force=force)
+    try:
+        run_sweep(dataclasses.replace(cfg, out=str(out)), out, force=force, workers=gpus or workers, gpus=gpus > 0)
+    except ArmsFailed as e:
+        for name, code, log_path in e.failures:
+            print(f"rankprobe: arm {name} failed (exit {code}); log: {log_path}", file=sys.stderr)
+        print(f"rankprobe: {n - len(e.failures)} of {n} runs ended in {time.perf_counter() - t0:.0f} s; "
+              f"report: {out / 'report.md'}", file=sys.stderr)
+        return EXIT_DIVERGED
     print(f"rankprobe: {n} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
     return 0
 

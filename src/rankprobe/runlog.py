@@ -81,6 +81,16 @@ class MetricsWriter:
             self.tb.close()
 
 
+class NullWriter:
+    """What the ranks other than 0 of a DDP run write to: nothing (only rank 0 touches the run folder)."""
+
+    def write(self, kind: str, **row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def finite(v):
     """JSON has no NaN or infinity: write them as null."""
     if isinstance(v, float) and not math.isfinite(v):

@@ -3,11 +3,23 @@
 Re-running a sweep on its folder is safe: arms that ended (finished or diverged) are not touched, an
 arm that was cut off resumes from its checkpoint (or starts over if it has none), and the folder is
 locked so that a second sweep on it stops at once instead of interleaving writes.
+
+With `workers` > 0 the arms run in parallel, one subprocess each (`rankprobe _arm`, the same
+`train` with `--resume`), at most `workers` at a time; with `gpus` each worker sees one GPU of its own
+through CUDA_VISIBLE_DEVICES. The parent tokenises the corpus once before launching (the workers find
+the token cache), holds the sweep folder's lock throughout, writes each worker's output to
+`OUT/logs/<arm>.log`, lets a failing arm fail alone and builds the report when all have ended.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,9 +69,20 @@ def check_arm_folders(grid: list[Config], out_dir: Path) -> None:
                             f"{new!r} now); use another --out, or --force to replace its runs")
 
 
-def run_sweep(cfg: Config, out_dir: Path, report: bool = True, force: bool = False) -> list[Path]:
+class ArmsFailed(Exception):
+    """Some arms of a parallel sweep exited with an error (the others ran and the report was built):
+    `failures` holds (arm name, exit code, log path)."""
+
+    def __init__(self, failures: list[tuple[str, int, Path]]):
+        super().__init__(f"{len(failures)} arm(s) failed")
+        self.failures = failures
+
+
+def run_sweep(cfg: Config, out_dir: Path, report: bool = True, force: bool = False, workers: int = 0,
+              gpus: bool = False) -> list[Path]:
     """Train every arm not already ended under `out_dir`, then build the report there. `force`
-    retrains every arm from scratch."""
+    retrains every arm from scratch. `workers` > 0: that many arms at a time in subprocesses, one GPU
+    each if `gpus`; ArmsFailed after the report if any of them failed."""
     out_dir = Path(out_dir)
     ensure_writable(out_dir)
     grid = arms(cfg)
@@ -71,12 +94,90 @@ def run_sweep(cfg: Config, out_dir: Path, report: bool = True, force: bool = Fal
             if a not in todo:
                 log.info("skip %s: already ended", a.name)
         data = prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size) if todo else None
-        for i, a in enumerate(todo):
+        failures = []
+        if workers:
+            failures = _run_parallel(todo, out_dir, workers, gpus, force)
+        for i, a in enumerate(todo if not workers else []):
             log.info("[%d/%d] training %s", i + 1, len(todo), a.name)
             train(a, out_dir / a.name, data=data, force=force, resume=not force)
         paths = [out_dir / a.name / METRICS for a in grid]
-        if report:
+        if report and (not failures or any(p.exists() for p in paths)):
             from .report import build_report
 
             build_report(out_dir)
+    if failures:
+        raise ArmsFailed(failures)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# arms in parallel subprocesses
+
+EXIT_DIVERGED = 1  # cli.EXIT_DIVERGED: the arm ran and its divergence is recorded; not a failure
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                  "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _worker_env(slot: int, workers: int, gpus: bool) -> dict[str, str]:
+    """The parent's environment for one worker: pinned to GPU `slot` (of the parent's visible ones)
+    when `gpus`; on the CPU, the cores shared out so that workers do not oversubscribe them."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    if gpus:
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = visible[slot] if slot < len(visible) else str(slot)
+    else:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    return env
+
+
+def _run_parallel(todo: list[Config], out_dir: Path, workers: int, gpus: bool,
+                  force: bool) -> list[tuple[str, int, Path]]:
+    """Run `todo` as subprocesses, at most `workers` at once; returns the arms that failed (exit
+    code other than 0 or diverged), after every arm has ended."""
+    logs = out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    pending, running, failures = list(todo), {}, []
+    free = list(range(workers))
+    with tempfile.TemporaryDirectory(prefix="rankprobe-sweep-") as tmp:
+        try:
+            while pending or running:
+                while pending and free:
+                    slot, a = free.pop(0), pending.pop(0)
+                    spec = Path(tmp) / f"{a.name}.json"
+                    spec.write_text(json.dumps(to_dict(a)))
+                    cmd = [sys.executable, "-m", "rankprobe.cli", "_arm", str(spec), "--out", str(out_dir / a.name),
+                           "--force" if force else "--resume"]
+                    log_path = logs / f"{a.name}.log"
+                    with open(log_path, "wb") as f:  # the child holds its own descriptor
+                        proc = subprocess.Popen(cmd, env=_worker_env(slot, workers, gpus), stdout=f,
+                                                stderr=subprocess.STDOUT)
+                    running[slot] = (proc, a, log_path)
+                    where = f"GPU {slot}" if gpus else f"worker {slot}"
+                    log.info("[%d/%d] training %s on %s (log: %s)", len(todo) - len(pending), len(todo), a.name,
+                             where, log_path)
+                time.sleep(0.2)
+                for slot, (proc, a, log_path) in list(running.items()):
+                    rc = proc.poll()
+                    if rc is None:
+                        continue
+                    del running[slot]
+                    free.append(slot)
+                    if rc in (0, EXIT_DIVERGED):
+                        log.info("%s %s", a.name, "finished" if rc == 0 else "diverged (recorded)")
+                    else:
+                        failures.append((a.name, rc, log_path))
+                        log.warning("%s failed with exit code %d: %s", a.name, rc, _last_line(log_path))
+        finally:  # interrupted: stop the workers this sweep started, each by its own handle
+            for proc, _, _ in running.values():
+                proc.terminate()
+            for proc, _, _ in running.values():
+                proc.wait()
+    return failures
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""

@@ -2,6 +2,14 @@
 
 One run = one (optimizer, QK-Norm, seed) arm trained into one directory holding `config.json`,
 `env.json`, `metrics.jsonl` (docs/metrics.md) and the final weights `model.safetensors`.
+
+Under `torchrun` (rankprobe.dist) the same loop runs on every rank: each takes its slice of the
+global batch, DistributedDataParallel averages the gradients, losses and probe statistics are
+reduced across ranks, and rank 0 alone touches the run folder. Muon needs nothing of its own: DDP
+has all-reduced the gradients before `opt.step()`, so every rank runs the same Newton–Schulz on the
+same averaged gradient and the replicas stay identical. That repeats the orthogonalisation on every
+rank; sharding it across ranks and all-gathering the updates is a later speed optimisation, not a
+correctness one.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import logging
 import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,11 +29,12 @@ from .checkpoint import (CHECKPOINT, LOCK, METRICS, capture, check_config, check
                          load_checkpoint, restore, rewind_metrics, save_checkpoint, temp_path)
 from .config import Config, UserError, arm_label, to_dict
 from .data.tokens import TokenData, prepare
+from .dist import Dist, all_reduce_, device_for, mean_, on_main, reduce_probe_stats, shard_rows
 from .model import Transformer
 from .optim.build import apply_lr, build_optimizers, lr_scale
 from .optim.qkclip import QKClip
 from .probes.lenses import probe_lenses, update_rms, weight_lenses, weight_snapshot
-from .runlog import SCHEMA_VERSION, MetricsWriter, ensure_writable, env_info
+from .runlog import SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, env_info
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +71,24 @@ def autocast_dtype(cfg: Config, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenData, cfg: Config, device, amp) -> tuple[float, int]:
+def evaluate(model, data: TokenData, cfg: Config, device, amp, dist: Dist = Dist()) -> tuple[float, int]:
+    """Mean validation loss per token and the token count; under DDP each rank takes every
+    world_size-th val batch and the sums are all-reduced (the unwrapped model: no DDP hooks)."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in data.val_batches(cfg.train.eval_tokens, cfg.train.batch_size, cfg.model.seq_len):
+    for i, (x, y) in enumerate(data.val_batches(cfg.train.eval_tokens, cfg.train.batch_size, cfg.model.seq_len)):
+        if i % dist.world_size != dist.rank:
+            continue
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = model(x, y)
         total += loss.float() * y.numel()
         count += y.numel()
     model.train()
+    if dist.active:
+        acc = torch.tensor([float(total), float(count)], dtype=torch.float64, device=device)
+        all_reduce_(dist, [acc])
+        total, count = acc[0].item(), int(acc[1].item())
     return float(total) / count, count
 
 
@@ -89,24 +107,42 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool = False) -> None:
 
 
 def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool = False,
-          resume: bool = False) -> Path:
+          resume: bool = False, dist: Dist = Dist()) -> Path:
     """Train one arm into `run_dir`; returns the metrics path. Probes and evals at token milestones.
 
     `resume`: continue from the folder's checkpoint; a run that already ended is left as it is, and
-    one without a checkpoint starts over. `force`: replace whatever run the folder holds.
+    one without a checkpoint starts over. `force`: replace whatever run the folder holds. `dist`:
+    this process's rank under torchrun; rank 0 checks, locks and writes the folder, and its verdict
+    (or its UserError) reaches every rank. The other ranks read the checkpoint to resume, so a run
+    spread over several hosts needs the run folder on a file system they share.
     """
     run_dir = Path(run_dir)
-    check_run_dir(run_dir, force, resume)
-    with folder_lock(run_dir):
-        metrics_path = run_dir / METRICS
+    metrics_path = run_dir / METRICS
+    with ExitStack() as held:
         state = None
-        if resume:
+
+        def open_folder() -> str:
+            nonlocal state
+            if cfg.train.batch_size % dist.world_size:
+                raise UserError(f"train.batch_size {cfg.train.batch_size} does not divide over {dist.world_size} "
+                                "processes; make it a multiple of the process count")
+            check_run_dir(run_dir, force, resume)
+            held.enter_context(folder_lock(run_dir))
+            if not resume:
+                return "fresh"
             end = end_row(metrics_path, quiet=True)  # a torn line is reported where it is cut off
             if end is not None:
                 log.info("%s already ended (%s); nothing to resume", run_dir, end.get("status"))
-                return metrics_path
+                return "ended"
             state = _open_checkpoint(cfg, run_dir)
-        _run(cfg, run_dir, data, state)
+            return "fresh" if state is None else "resume"
+
+        status = on_main(dist, open_folder)
+        if status == "ended":
+            return metrics_path
+        if status == "resume" and not dist.is_main:
+            state = load_checkpoint(run_dir / CHECKPOINT)  # checked by rank 0; replicas load it too
+        _run(cfg, run_dir, data, state, dist)
         return metrics_path
 
 
@@ -123,12 +159,21 @@ def _open_checkpoint(cfg: Config, run_dir: Path) -> dict | None:
     return state
 
 
-def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None) -> None:
+def _prepare(cfg: Config, dist: Dist) -> TokenData:
+    """The token data; under DDP rank 0 first (it may train the tokenizer and fill the cache), then
+    the others, which find the cache (on another host, they build the same one themselves)."""
+    B, T = cfg.train.batch_size, cfg.model.seq_len
+    first: list[TokenData] = []
+    on_main(dist, lambda: first.append(prepare(cfg.data, T, B)))
+    return first[0] if first else prepare(cfg.data, T, B)
+
+
+def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None, dist: Dist = Dist()) -> None:
     t_start = time.perf_counter() - (state["wall_s"] if state else 0.0)
-    device = resolve_device(cfg.train.device)
+    device = device_for(dist, resolve_device(cfg.train.device))
     B, T = cfg.train.batch_size, cfg.model.seq_len
     if data is None:
-        data = prepare(cfg.data, T, B)
+        data = _prepare(cfg, dist)
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size))
     if cfg.model.vocab_size < data.vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
@@ -144,8 +189,18 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
             # Dynamo otherwise reuses a graph compiled for a hook-less instance (the sweep's previous
             # arm) and the tracker's hooks silently never run (optim/qkclip.py).
             torch._dynamo.config.skip_nnmodule_hook_guards = False
-        clip = QKClip(model, cfg.optim.qk_clip_tau, sequences=cfg.optim.qk_clip_sequences)
-    fwd = torch.compile(model) if cfg.train.compile else model
+        # Each rank saw its slice of the batch: clip by the global batch's S_max on every rank.
+        merge_max = (lambda s_max: all_reduce_(dist, [s_max], "max")) if dist.active else None
+        clip = QKClip(model, cfg.optim.qk_clip_tau, sequences=cfg.optim.qk_clip_sequences, merge_max=merge_max)
+    fwd = torch.compile(model) if cfg.train.compile else model  # eval, and training on one process
+    step_fwd = fwd
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # broadcast_buffers off: the only buffers (RoPE tables) are computed, identical on every rank,
+        # and a per-forward broadcast would make eval batches, which differ per rank, collective.
+        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        step_fwd = torch.compile(ddp) if cfg.train.compile else ddp
     amp = autocast_dtype(cfg, device)
 
     tokens_per_step = B * T
@@ -153,29 +208,31 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
     schedule = probe_schedule(cfg.train.tokens, tokens_per_step, cfg.probe.n_checkpoints, cfg.probe.checkpoints)
     probe_steps = {t // tokens_per_step for t in schedule}
     probe_set = data.probe_tokens(cfg.probe.tokens, T)
+    probe_shard = shard_rows(dist, probe_set, "probe.tokens")  # statistics merged by reduce_probe_stats
+    merge = (lambda cov, attn: reduce_probe_stats(dist, cov, attn)) if dist.active else None
     ckpt_path = run_dir / CHECKPOINT
     run_row = dict(
         schema=SCHEMA_VERSION, run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm, cfg.optim.qk_clip),
         optimizer=cfg.optim.name, qk_norm=cfg.model.qk_norm, seed=cfg.train.seed, config=to_dict(cfg),
-        env=env_info(device), n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
+        env=env_info(device) | ({"world_size": dist.world_size} if dist.active else {}), n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
         n_layer=cfg.model.n_layer, probe_checkpoints=schedule,
         data={"corpus_sha256": data.corpus_sha256, "tokenizer": data.tokenizer_name,
               "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens,
               "probe_tokens": int(probe_set.numel())},
     )
-    out = _open_metrics(cfg, run_dir, state, run_row)
+    out = _open_metrics(cfg, run_dir, state, run_row) if dist.is_main else NullWriter()
     start = state["step"] if state else 0
 
     def probe(step: int, updates: list[dict]) -> None:
         tokens = step * tokens_per_step
-        val_loss, n_val = evaluate(fwd, data, cfg, device, amp)
+        val_loss, n_val = evaluate(fwd, data, cfg, device, amp, dist)
         out.write("eval", step=step, tokens=tokens, val_loss=val_loss, val_tokens=n_val)
         # Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast, so the
         # keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way).
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            rows, attn = probe_lenses(model, probe_set, B, attention=cfg.probe.attention)
+            rows, attn = probe_lenses(model, probe_shard, B, attention=cfg.probe.attention, merge=merge)
         lenses = [("probe", rows), ("attn", attn)]
-        if cfg.probe.weights:
+        if cfg.probe.weights and dist.is_main:  # replicated weights: rank 0's are everyone's
             lenses += [("weights", weight_lenses(model)), ("update", updates)]
         for kind, kind_rows in lenses:
             for row in kind_rows:
@@ -185,6 +242,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
     every_s = cfg.train.checkpoint_minutes * 60
 
     def save(step: int) -> None:
+        if not dist.is_main:
+            return
         save_checkpoint(ckpt_path, capture(
             model, optimizers, config=to_dict(cfg), step=step, tokens=step * tokens_per_step,
             wall_s=time.perf_counter() - t_start, metrics_bytes=out.bytes, metrics_sha256=out.hash.hexdigest()))
@@ -195,7 +254,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
     bad_step = torch.zeros((), dtype=torch.long, device=device)
     bad_loss = torch.zeros((), device=device)
     clipped = torch.zeros((), dtype=torch.long, device=device)  # QK-Clip rescalings since the last row
-    bar = _progress(total_steps, start, cfg)
+    bar = _progress(total_steps, start, cfg, enabled=dist.is_main)
     try:
         if state is None and 0 in probe_steps:  # a resumed run has these rows already
             probe(0, [])
@@ -205,26 +264,34 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
             scale = lr_scale(step * tokens_per_step, cfg.train.tokens, cfg.optim.warmup_frac,
                              cfg.optim.decay, cfg.optim.min_lr_frac)
             apply_lr(optimizers, scale)
-            x, y = data.train_batch(step, cfg.train.seed, B, T, device)
+            x, y = data.train_batch(step, cfg.train.seed, B, T, device, shard=(dist.rank, dist.world_size))
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss = fwd(x, y)
+                loss = step_fwd(x, y)
             loss.backward()
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            before = weight_snapshot(model) if cfg.probe.weights and step in probe_steps else None
+            before = weight_snapshot(model) if cfg.probe.weights and step in probe_steps and dist.is_main else None
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             if clip is not None:
                 clipped += (clip.step() < 1).sum()  # stays on the device until a logged step
+            # Under DDP, the mean over ranks (no host sync: NCCL queues it), so every rank logs and
+            # judges divergence by the same number and all stop at the same step.
+            loss = mean_(dist, loss)
             new_bad = (bad_step == 0) & ~torch.isfinite(loss.detach())
             bad_step = torch.where(new_bad, step, bad_step)
             bad_loss = torch.where(new_bad, loss.detach().float(), bad_loss)
             logged = step % cfg.train.log_every == 0 or step == total_steps or step in probe_steps
-            due = every_s > 0 and step < total_steps and time.monotonic() - saved["at"] >= every_s
-            broken = _divergence(step, bad_step, bad_loss, loss, model, logged or due, step in probe_steps or due)
+            due = dist.is_main and every_s > 0 and step < total_steps and time.monotonic() - saved["at"] >= every_s
+            # The clock-driven `due` is rank 0's alone, so under DDP it must not change what any rank
+            # does next: it only makes rank 0 save (after its own check of the weights).
+            sync_due = due and not dist.active
+            broken = _divergence(step, bad_step, bad_loss, loss, model, logged or sync_due,
+                                 step in probe_steps or sync_due)
             if broken:
-                _diverged(out, cfg, *broken, tokens_per_step, saved["step"], ckpt_path, time.perf_counter() - t_start)
+                if dist.is_main:
+                    _diverged(out, cfg, *broken, tokens_per_step, saved["step"], ckpt_path, time.perf_counter() - t_start)
                 return
             if logged:
                 loss_f = loss.item()  # the one host sync per logged step
@@ -236,9 +303,11 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
             if step in probe_steps:
                 probe(step, update_rms(before, weight_snapshot(model)) if before is not None else [])
             if step < total_steps and (step in probe_steps or due):
-                save(step)  # the final step needs none: the weights and the `end` row follow at once
+                if sync_due or step in probe_steps or _finite(model):
+                    save(step)  # the final step needs none: the weights and the `end` row follow at once
             bar.update(1)
-        _save_weights(model, run_dir / "model.safetensors")
+        if dist.is_main:
+            _save_weights(model, run_dir / "model.safetensors")
         out.write("end", step=total_steps, tokens=total_steps * tokens_per_step,
                   wall_s=time.perf_counter() - t_start, status="finished")
     finally:
@@ -246,7 +315,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None)
         out.close()
         if clip is not None:
             clip.close()
-    for path in (ckpt_path, temp_path(ckpt_path)):  # the run is done; model.safetensors holds its result
+    for path in (ckpt_path, temp_path(ckpt_path)) if dist.is_main else ():  # model.safetensors holds the result
         path.unlink(missing_ok=True)
 
 
@@ -276,9 +345,13 @@ def _divergence(step: int, bad_step, bad_loss, loss, model, check_loss: bool,
         return int(bad_step), float(bad_loss), "non-finite loss"
     # A finite loss can still come with a non-finite update: probing or saving those weights would
     # record garbage as a result or as a "good" checkpoint.
-    if check_weights and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+    if check_weights and not _finite(model):
         return step, loss.item(), "non-finite weights"
     return None
+
+
+def _finite(model) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def _diverged(out: MetricsWriter, cfg: Config, step: int, loss: float, reason: str, tokens_per_step: int,
@@ -313,8 +386,8 @@ def _save_weights(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _progress(total: int, start: int, cfg: Config):
+def _progress(total: int, start: int, cfg: Config, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc=cfg.name, unit="step", disable=not cfg.train.progress,
+    return tqdm(total=total, initial=start, desc=cfg.name, unit="step", disable=not (cfg.train.progress and enabled),
                 leave=False, dynamic_ncols=True)

@@ -167,16 +167,23 @@ class TokenData:
         return self._train_index_cache[T]
 
     def train_batch(self, step: int, seed: int, batch_size: int | None = None, seq_len: int | None = None,
-                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                    device: str | torch.device = "cpu", shard: tuple[int, int] = (0, 1)
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets, each (B, T) int64: B windows drawn uniformly (with replacement)
-        from every window inside the train region, by a generator seeded from (seed, step) alone."""
+        from every window inside the train region, by a generator seeded from (seed, step) alone.
+
+        `shard` = (rank, world_size): this rank's contiguous B / world_size rows of that same global
+        batch (B must divide), so the ranks of a DDP run together see exactly the single-process batch."""
         B, T = batch_size or self.batch_size, seq_len or self.seq_len
         seg_start, counts, cum = self._train_index(T)
         g = torch.Generator().manual_seed(batch_seed(seed, step))
         r = torch.randint(int(cum[-1]), (B,), generator=g).numpy()
         s = np.searchsorted(cum, r, side="right")  # which segment each draw falls in
         starts = seg_start[s] + r - (cum[s] - counts[s])
-        w = self._windows(starts, T + 1)  # (B, T + 1)
+        rank, world = shard
+        if world > 1:
+            starts = starts[rank * B // world : (rank + 1) * B // world]
+        w = self._windows(starts, T + 1)  # (B / world, T + 1)
         return _to(w[:, :-1].contiguous(), device), _to(w[:, 1:].contiguous(), device)
 
     def _fixed_starts(self, region: str, n_seqs: int, span: int, T: int) -> np.ndarray:

@@ -35,6 +35,7 @@ process would silently lose them). Create QKClip before compiling and set
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -142,11 +143,15 @@ class QKClip:
         gamma = clip.step()   # rescales heads over tau, resets the running max; (L, H) on device
     """
 
-    def __init__(self, model, tau: float = 100.0, budget: int = 2**26, sequences: int = 0):
+    def __init__(self, model, tau: float = 100.0, budget: int = 2**26, sequences: int = 0,
+                 merge_max: Callable[[torch.Tensor], None] | None = None):
+        """`merge_max(s_max)`: under DDP, an in-place all-reduce MAX of the tracker's (L, H) maxima, so
+        that every rank clips by the global batch's S_max and the replicas stay identical."""
         if tau <= 0:
             raise ValueError(f"QK-Clip threshold tau must be positive; got {tau}")
         self.model, self.tau, self._checked = model, tau, False
         self.tracker = MaxLogitTracker(model, budget, sequences)
+        self.merge_max = merge_max
 
     def step(self) -> torch.Tensor:
         if not self._checked:  # one host sync, once: hooks dropped by torch.compile must not pass silently
@@ -154,6 +159,8 @@ class QKClip:
                 raise RuntimeError("QK-Clip recorded no logits for some heads: was the forward run in eval "
                                    "mode, or compiled without the tracker's hooks? (rankprobe.optim.qkclip docstring)")
             self._checked = True
+        if self.merge_max is not None:
+            self.merge_max(self.tracker.max)
         gamma = qk_clip_(self.model, self.tracker.max, self.tau)
         self.tracker.reset()
         return gamma

@@ -189,10 +189,15 @@ def attention_lenses(model, tokens: torch.Tensor, batch_size: int) -> list[dict]
     return stats.rows()
 
 
-def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool = True
+def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool = True,
+                 merge: Callable[[dict[Key, CovStats], AttentionStats], None] | None = None
                  ) -> tuple[list[dict], list[dict]]:
     """One pass over `tokens`: (`spectral_rows` of every tap -> kind `probe`, attention rows -> kind
-    `attn`, empty when `attention` is False)."""
+    `attn`, empty when `attention` is False).
+
+    `merge(cov, attn)`, when given, combines the statistics in place before any metric is computed:
+    under DDP each rank passes its share of the probe set and `dist.reduce_probe_stats`, so the rows
+    describe the whole set exactly (sums and maxima merge without loss)."""
     cov: dict[Key, CovStats] = {}
     attn = AttentionStats()
     attn_sink = _attention_sink(model, attn) if attention else None
@@ -205,6 +210,8 @@ def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool =
             attn_sink(key, x)
 
     _feed(model, tokens, batch_size, sink)
+    if merge is not None:
+        merge(cov, attn)
     return spectral_rows(cov), attn.rows()
 
 
