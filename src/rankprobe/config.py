@@ -127,8 +127,8 @@ class TrainConfig:
     """'auto', 'cpu', 'cuda', 'cuda:N'"""
     dtype: str = "auto"
     """autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16', 'fp32'"""
-    compile: bool = False
-    """torch.compile the model"""
+    compile: str = "auto"
+    """torch.compile the training step: 'auto' (on CUDA, off on the CPU), 'true' or 'false'"""
     eval_tokens: int = 65536
     """validation tokens per evaluation"""
     log_every: int = 10
@@ -193,6 +193,7 @@ _CHOICES = {
     ("optim", "decay"): ("cosine", "linear", "constant"),
     ("probe", "tap"): ("proj", "norm", "rope"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
+    ("train", "compile"): ("auto", "true", "false"),
 }
 
 
@@ -305,6 +306,8 @@ def _coerce(value, tp, key: str):
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # `compile = true` in TOML reads as the choice "true"
+            return str(value).lower()
         raise ConfigError(f"{key} must be a string; got {value!r}")
     raise TypeError(f"unsupported config type {tp} for {key}")
 

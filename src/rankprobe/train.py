@@ -183,24 +183,25 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     optimizers, group_sizes = build_optimizers(model, cfg.optim, device)
     if state is not None:
         restore(state, model, optimizers, run_dir / CHECKPOINT)
+    # Compiled on CUDA by default; the CPU (and so the test suite) runs eager.
+    compiled = cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
     clip = None
     if cfg.optim.qk_clip:
-        if cfg.train.compile:
+        if compiled:
             # Dynamo otherwise reuses a graph compiled for a hook-less instance (the sweep's previous
             # arm) and the tracker's hooks silently never run (optim/qkclip.py).
             torch._dynamo.config.skip_nnmodule_hook_guards = False
         # Each rank saw its slice of the batch: clip by the global batch's S_max on every rank.
         merge_max = (lambda s_max: all_reduce_(dist, [s_max], "max")) if dist.active else None
         clip = QKClip(model, cfg.optim.qk_clip_tau, sequences=cfg.optim.qk_clip_sequences, merge_max=merge_max)
-    fwd = torch.compile(model) if cfg.train.compile else model  # eval, and training on one process
-    step_fwd = fwd
+    step_fwd = torch.compile(model) if compiled else model
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # broadcast_buffers off: the only buffers (RoPE tables) are computed, identical on every rank,
         # and a per-forward broadcast would make eval batches, which differ per rank, collective.
         ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        step_fwd = torch.compile(ddp) if cfg.train.compile else ddp
+        step_fwd = torch.compile(ddp) if compiled else ddp
     amp = autocast_dtype(cfg, device)
 
     tokens_per_step = B * T
@@ -225,7 +226,9 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
 
     def probe(step: int, updates: list[dict]) -> None:
         tokens = step * tokens_per_step
-        val_loss, n_val = evaluate(fwd, data, cfg, device, amp, dist)
+        # Eager: a compiled eval would be a second graph (no grad, eval mode) costing ~25 s of compile
+        # per arm on an H100 (BENCHMARKS.md) for a few forward passes per checkpoint.
+        val_loss, n_val = evaluate(model, data, cfg, device, amp, dist)
         out.write("eval", step=step, tokens=tokens, val_loss=val_loss, val_tokens=n_val)
         # Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast, so the
         # keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way).
