@@ -168,3 +168,16 @@ def test_bf16_autocast_run_probes_in_float(corpus_file, cache, tmp_path):
     attn = [r for r in rows(path, "attn")]
     assert all(r["max_logit"] is not None and 0 < r["entropy_norm"] <= 1 for r in attn)
     assert all(isinstance(r.get("qk_clipped"), int) for r in rows(path, "train"))
+
+
+def test_tensorboard_mirror_holds_losses_and_key_pr(corpus_file, cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = train(tiny_cfg(corpus_file, cache, **{"train.tensorboard": "true"}), tmp_path / "tb")
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "eval/val_loss", "probe_pr_norm/k_layer00"} <= tags
+    logged = [r["loss"] for r in rows(path, "train")]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(logged, rel=1e-6)
