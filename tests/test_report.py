@@ -552,3 +552,26 @@ def test_qkclip_arm_order_and_colours():
     assert sorted(arms, key=arm_key) == ["adamw", "muon", "hf:llama", "muon+qkclip", "muon+qknorm+qkclip"]
     colours = {a: arm_colour(a, arms, references={"hf:llama"}) for a in arms}
     assert len(set(colours.values())) == len(arms) and colours["muon"] == ARM_COLOURS["muon"]
+
+
+def test_compressed_metrics_rebuild_the_same_report(tmp_path):
+    """A published study ships metrics.jsonl.gz / .xz; the report must read them and say the same."""
+    import gzip
+    import lzma
+
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    for i, arm in enumerate(["adamw", "adamw+qknorm", "muon", "muon+qknorm"]):
+        for seed in (0, 1):
+            path = write_run(plain, arm, seed)
+            dest = packed / path.parent.name
+            dest.mkdir(parents=True)
+            codec, suffix = (gzip, ".gz") if i % 2 else (lzma, ".xz")
+            (dest / f"metrics.jsonl{suffix}").write_bytes(codec.compress(path.read_bytes()))
+    assert [r.name for r in find_runs(packed)] == [r.name for r in find_runs(plain)]
+    a = build_report(plain).read_text().split("## Configuration")[0]
+    b = build_report(packed).read_text().split("## Configuration")[0]
+    assert a.replace("plain", "packed") == b
+    broken = packed / "muon-s0" / "metrics.jsonl.xz"
+    broken.write_bytes(broken.read_bytes()[:50])
+    with pytest.raises(MetricsError, match="cannot read metrics file"):
+        read_metrics(broken)

@@ -9,7 +9,9 @@ that the report draws as a reference and never pools with trained arms.
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import math
 import warnings
 from collections import Counter
@@ -39,13 +41,26 @@ class MetricsError(UserError, ValueError):
     """A metrics file that cannot be read: a corrupt line that is not a torn last line."""
 
 
+# A published study may keep its metrics compressed; the report reads them as they are.
+METRICS_NAMES = ("metrics.jsonl", "metrics.jsonl.gz", "metrics.jsonl.xz")
+
+
+def _read_text(path: Path) -> str:
+    if path.suffix == ".gz":
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
+    if path.suffix == ".xz":
+        return lzma.decompress(path.read_bytes()).decode("utf-8")
+    return path.read_text(encoding="utf-8")
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """Parse one metrics.jsonl into row dicts. A torn last line (a crash mid-write) is dropped with a
-    warning; any other line that is not a JSON object raises MetricsError naming file and line."""
+    """Parse one metrics.jsonl (or .jsonl.gz / .jsonl.xz) into row dicts. A torn last line (a crash
+    mid-write) is dropped with a warning; any other line that is not a JSON object raises MetricsError
+    naming file and line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        lines = _read_text(path).splitlines()
+    except (OSError, UnicodeDecodeError, EOFError, lzma.LZMAError) as e:  # a bad gzip is OSError or EOFError
         raise MetricsError(f"cannot read metrics file {path}: {e}") from None
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     rows = []
@@ -152,12 +167,14 @@ def _load_run(path: Path) -> Run | None:
 
 
 def find_runs(root: str | Path) -> list[Run]:
-    """Every run whose metrics.jsonl lies under `root` (recursively), in arm order, then seed."""
+    """Every run whose metrics.jsonl (or .jsonl.gz / .jsonl.xz) lies under `root` (recursively), in arm
+    order, then seed. A folder holding both a plain and a compressed file reads the plain one."""
     root = Path(root)
     if root.is_file():
         paths = [root]
     elif root.is_dir():
-        paths = sorted(root.rglob("metrics.jsonl"))
+        found = {p.parent: p for name in reversed(METRICS_NAMES) for p in root.rglob(name)}
+        paths = sorted(found.values())
     else:
         raise UserError(f"no such directory: {root}")
     if not paths:
