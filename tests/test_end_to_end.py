@@ -181,3 +181,25 @@ def test_tensorboard_mirror_holds_losses_and_key_pr(corpus_file, cache, tmp_path
     assert {"train/loss", "eval/val_loss", "probe_pr_norm/k_layer00"} <= tags
     logged = [r["loss"] for r in rows(path, "train")]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(logged, rel=1e-6)
+
+
+def test_scan_trains_one_run_per_value_and_marks_the_best(corpus_file, cache, tmp_path):
+    from rankprobe.cli import main
+    from rankprobe.report.scan import scan_rows
+
+    out = tmp_path / "scan"
+    args = ["scan", "demo", "--param", "optim.lr", "--values", "1e-3,3e-2,1e39", "--out", str(out),
+            *overrides(corpus_file, cache)]
+    assert main(args) == 0
+    paths = [out / f"optim.lr={v}" / "metrics.jsonl" for v in ("1e-3", "3e-2", "1e39")]
+    got = scan_rows("optim.lr", paths)
+    assert [r["status"] for r in got] == ["finished", "finished", "diverged"]
+    lrs = [rows(p, "run")[0]["config"]["optim"]["lr"] for p in paths]
+    assert lrs == [1e-3, 3e-2, 1e39]
+    best = min(got[:2], key=lambda r: r["val_loss"])
+    table = (out / "scan.md").read_text()
+    assert f"| {best['value']} **(best)** | finished |" in table and "| 1e39 | diverged | 128 | – | – | – |" in table
+    before = [p.stat().st_mtime_ns for p in paths]
+    assert main(args) == 0  # nothing to redo
+    assert [p.stat().st_mtime_ns for p in paths] == before
+    assert main(["scan", "demo", "--param", "optim.lrr", "--values", "1", "--out", str(out)]) == 2

@@ -80,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     arm_mode.add_argument("--resume", action="store_true")
     arm_mode.add_argument("--force", action="store_true")
 
+    sc = sub.add_parser("scan", allow_abbrev=False, help="one run per value of a setting (e.g. a learning-rate scan)",
+                        description=f"Train CONFIG (a TOML file or a preset: {presets}) once per value of one "
+                                    "dotted setting and write scan.md with the final validation loss of each; "
+                                    "runs already ended are skipped.",
+                        epilog=_override_help(), formatter_class=fmt)
+    sc.add_argument("config", metavar="CONFIG")
+    sc.add_argument("--param", required=True, help="the dotted setting to scan, e.g. optim.lr or optim.muon_lr")
+    sc.add_argument("--values", required=True, help="comma-separated values, e.g. 1e-3,3e-3,1e-2")
+    sc.add_argument("--out", help="scan folder (default: <config out>/scan-<param>)")
+    sc.add_argument("--force", action="store_true", help="retrain every value from scratch")
+
     pr = sub.add_parser("probe", allow_abbrev=False, help="probe a checkpoint RankProbe did not train",
                         description="Probe CHECKPOINT — a Hugging Face causal LM folder (Llama, Mistral, Qwen2, "
                                     "Qwen3, GPT-2) or a RankProbe run folder — with every lens, into a metrics "
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return _train(from_dict(json.loads(Path(args.config).read_text())), args)
         overrides = parse_overrides(rest)
+        if args.command == "scan":
+            return _scan(load(args.config, overrides), args)
         if args.command == "demo":
             return _sweep(load("demo", overrides), Path(args.out), force=False)
         cfg = load(args.config, overrides)
@@ -192,6 +205,17 @@ def _sweep(cfg, out: Path, force: bool, workers: int = 0, gpus: int = 0) -> int:
               f"report: {out / 'report.md'}", file=sys.stderr)
         return EXIT_DIVERGED
     print(f"rankprobe: {n} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
+    return 0
+
+
+def _scan(cfg, args) -> int:
+    from .sweep import run_scan
+
+    values = [v.strip() for v in args.values.split(",") if v.strip()]
+    out = Path(args.out) if args.out else Path(cfg.out) / f"scan-{args.param}"
+    t0 = time.perf_counter()
+    path = run_scan(cfg, out, args.param, values, force=args.force)
+    print(f"rankprobe: {len(values)} runs in {time.perf_counter() - t0:.0f} s; table: {path}")
     return 0
 
 

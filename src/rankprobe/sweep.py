@@ -181,3 +181,41 @@ def _last_line(path: Path) -> str:
     except OSError:
         return ""
     return lines[-1] if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# a one-key scan (learning rates before a study)
+
+
+def scan_configs(cfg: Config, param: str, values: list[str]) -> list[Config]:
+    """One Config per value of the dotted key `param`, named '<param>=<value>', validated like any
+    override (so a typo in the key or a bad value fails before anything runs)."""
+    from .config import apply_overrides, from_dict
+
+    if not values:
+        raise UserError("scan needs at least one value (--values 1e-3,3e-3,1e-2)")
+    out = []
+    for value in values:
+        data = apply_overrides(to_dict(cfg), {param: value})
+        data["name"] = f"{param}={value}"
+        out.append(from_dict(data))
+    return out
+
+
+def run_scan(cfg: Config, out_dir: Path, param: str, values: list[str], force: bool = False) -> Path:
+    """Train one run per value of `param` into `out_dir/<param>=<value>/` (ended runs are skipped, cut
+    off ones resumed, as in a sweep), then write `out_dir/scan.md`; returns its path."""
+    from .report.scan import write_scan
+
+    out_dir = Path(out_dir)
+    grid = scan_configs(cfg, param, values)
+    ensure_writable(out_dir)
+    with folder_lock(out_dir):
+        if not force:
+            check_arm_folders(grid, out_dir)
+        todo = [c for c in grid if force or not is_finished(out_dir / c.name)]
+        data = prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size) if todo else None
+        for i, c in enumerate(todo):
+            log.info("[%d/%d] training %s", i + 1, len(todo), c.name)
+            train(c, out_dir / c.name, data=data, force=force, resume=not force)
+        return write_scan(out_dir, param, [out_dir / c.name / METRICS for c in grid])

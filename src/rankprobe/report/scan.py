@@ -1,0 +1,72 @@
+"""`scan.md`: one row per value of a scanned setting (a learning-rate scan before a study), from the
+runs' metrics files alone. The lowest final validation loss among runs that finished is marked."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rankprobe.report.metrics import read_metrics
+
+
+def _last(rows: list[dict], kind: str) -> dict | None:
+    found = [r for r in rows if r.get("kind") == kind]
+    return found[-1] if found else None
+
+
+def scan_rows(param: str, paths: list[Path]) -> list[dict]:
+    """Per metrics file: the scanned value, status, tokens, final val loss, mean key PR at the
+    headline tap and max attention logit at the last checkpoint (None where absent, and for runs that
+    did not finish)."""
+    out = []
+    for path in paths:
+        rows = read_metrics(path) if path.exists() else []
+        run = rows[0] if rows and rows[0].get("kind") == "run" else {}
+        value = path.parent.name.split("=", 1)[-1]
+        end, ev = _last(rows, "end"), _last(rows, "eval")
+        tap = run.get("config", {}).get("probe", {}).get("tap", "norm")
+        last_tokens = ev["tokens"] if ev else None
+        keys = [r["pr"] for r in rows if r.get("kind") == "probe" and r.get("tensor") == "k"
+                and r.get("tap") == tap and r.get("tokens") == last_tokens and r.get("pr") is not None]
+        logits = [r["max_logit"] for r in rows if r.get("kind") == "attn" and r.get("tokens") == last_tokens
+                  and r.get("max_logit") is not None]
+        status = end["status"] if end else ("not started" if not rows else "incomplete")
+        if status != "finished":  # numbers from before a run stopped are not its final ones
+            ev, keys, logits = None, [], []
+        out.append({
+            "value": value, "status": status,
+            "tokens": end["tokens"] if end else (last_tokens or 0),
+            "val_loss": ev["val_loss"] if ev else None,
+            "key_pr": sum(keys) / len(keys) if keys else None,
+            "max_logit": max(logits) if logits else None,
+            "arm": run.get("arm", "?"), "tap": tap,
+        })
+    return out
+
+
+def _fmt(x, digits: int) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def write_scan(out_dir: Path, param: str, paths: list[Path]) -> Path:
+    rows = scan_rows(param, paths)
+    done = [r for r in rows if r["status"] == "finished" and r["val_loss"] is not None]
+    best = min(done, key=lambda r: r["val_loss"]) if done else None
+    arms = sorted({r["arm"] for r in rows})
+    lines = [
+        f"# Scan of `{param}`", "",
+        f"{len(rows)} run(s) of arm {', '.join(f'`{a}`' for a in arms)}, one per value; everything else as in "
+        "each run's config.json. The best value is the lowest final validation loss among the runs that "
+        "finished (diverged runs are listed, never chosen). Key PR is the mean over layers at the headline "
+        f"tap (`{rows[0]['tap'] if rows else 'norm'}`) at the last checkpoint.", "",
+        f"| `{param}` | status | tokens | final val loss | key PR | max attention logit |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = " **(best)**" if r is best else ""
+        lines.append(f"| {r['value']}{mark} | {r['status']} | {r['tokens']:,} | {_fmt(r['val_loss'], 4)} | "
+                     f"{_fmt(r['key_pr'], 2)} | {_fmt(r['max_logit'], 2)} |")
+    lines += ["", f"Best: `{param} = {best['value']}`." if best else "No run finished: no best value.", ""]
+    path = Path(out_dir) / "scan.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
