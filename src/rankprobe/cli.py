@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("dir", metavar="DIR")
     r.add_argument("--metric", choices=("pr", "erank", "stable_rank", "rankme"), default="pr",
                    help="spectral metric for the figures and headline (default: pr)")
-    r.add_argument("--tap", choices=("proj", "norm", "rope"), help="key tap for the headline (default: the runs' probe.tap)")
+    r.add_argument("--tap", choices=("proj", "norm", "rope"),
+                   help="key tap for the headline (default: the runs' probe.tap)")
     return p
 
 

@@ -215,7 +215,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     run_row = dict(
         schema=SCHEMA_VERSION, run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm, cfg.optim.qk_clip),
         optimizer=cfg.optim.name, qk_norm=cfg.model.qk_norm, seed=cfg.train.seed, config=to_dict(cfg),
-        env=env_info(device) | ({"world_size": dist.world_size} if dist.active else {}), n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
+        env=env_info(device) | ({"world_size": dist.world_size} if dist.active else {}),
+        n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
         n_layer=cfg.model.n_layer, probe_checkpoints=schedule,
         data={"corpus_sha256": data.corpus_sha256, "tokenizer": data.tokenizer_name,
               "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens,
@@ -294,7 +295,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
                                  step in probe_steps or sync_due)
             if broken:
                 if dist.is_main:
-                    _diverged(out, cfg, *broken, tokens_per_step, saved["step"], ckpt_path, time.perf_counter() - t_start)
+                    _diverged(out, cfg, *broken, tokens_per_step, saved["step"], ckpt_path,
+                              time.perf_counter() - t_start)
                 return
             if logged:
                 loss_f = loss.item()  # the one host sync per logged step
