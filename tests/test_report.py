@@ -95,15 +95,16 @@ def key_pr(arm: str, c: int, layer: int, seed: int) -> float:
 
 
 def write_run(root: Path, arm: str, seed: int, *, finished: bool = True, checkpoints=CHECKPOINTS,
-              pr=key_pr, n_layer: int = 4, lenses: bool = True) -> Path:
+              pr=key_pr, n_layer: int = 4, lenses: bool = True, budget: int | None = None) -> Path:
     """A metrics.jsonl in the documented schema (docs/metrics.md); `lenses=False` writes the rows of a
-    run made before the lenses (no extra probe keys, no attn / weights / update rows)."""
+    run made before the lenses (no extra probe keys, no attn / weights / update rows); `budget` is
+    `train.tokens` (default the last of CHECKPOINTS)."""
     optimizer, qk = arm.split("+")[0], "qknorm" in arm
     cfg = to_dict(Config())
     cfg["name"] = f"{arm}-s{seed}"
     cfg["model"].update(n_layer=n_layer, head_dim=HEAD_DIM, qk_norm=qk)
     cfg["optim"].update(name=optimizer, qk_clip="qkclip" in arm)
-    cfg["train"].update(seed=seed, tokens=CHECKPOINTS[-1], batch_size=4)
+    cfg["train"].update(seed=seed, tokens=budget or CHECKPOINTS[-1], batch_size=4)
     cfg["probe"]["checkpoints"] = list(CHECKPOINTS)
     rows = [{"kind": "run", "schema": 1, "run": f"{arm}-s{seed}", "arm": arm, "optimizer": optimizer,
              "qk_norm": qk, "seed": seed, "config": cfg, "n_params": 1_234_567, "param_groups": {},
@@ -575,3 +576,115 @@ def test_compressed_metrics_rebuild_the_same_report(tmp_path):
     broken.write_bytes(broken.read_bytes()[:50])
     with pytest.raises(MetricsError, match="cannot read metrics file"):
         read_metrics(broken)
+
+
+# ---------------------------------------------------------------------------------------------
+# findings (report/findings.py): the study's questions, answered with seed intervals
+
+
+def findings_text(text: str, question: str = "") -> str:
+    """The "## Findings" section, or its "### <question>" part."""
+    section = text.split("## Findings", 1)[1].split("\n## ", 1)[0] if "## Findings" in text else text
+    if not question:
+        return section
+    return section.split(f"### {question}", 1)[1].split("\n### ", 1)[0]
+
+
+def test_findings_section_placed_after_headline(report):
+    text = report.read_text()
+    assert text.index("## Headline") < text.index("## Findings") < text.index("## Attention")
+    for q in ("1. Early", "2. Final", "3. Does validation", "4. Attention-logit"):
+        assert f"### {q}" in findings_text(text)
+
+
+def test_findings_early_qknorm_resolved_at_1m(tmp_path):
+    """3 seeds (-0.5, +0.5, 0): half-width t_{0.975,2}·0.5/√3 ≈ 1.24, far below the 20-PR gap at 1M."""
+    checkpoints = [0, 300_000, 900_000, 1_200_000]
+
+    def pr(arm, c, layer, seed):
+        return (50.0 if "qknorm" in arm else 30.0) + {0: -0.5, 1: 0.5}.get(seed, 0.0)
+
+    for arm in ("adamw", "adamw+qknorm"):
+        for seed in (0, 1, 2):
+            write_run(tmp_path, arm, seed, checkpoints=checkpoints, pr=pr, budget=1_200_000)
+    early = findings_text(build_report(tmp_path).read_text(), "1. Early")
+    half = t_quantile(2) * 0.5 / math.sqrt(3)
+    assert "`adamw` at 900,000 tokens, the checkpoint nearest 1M tokens" in early
+    assert f"50.00 ± {half:.2f} with QK-Norm vs 30.00 ± {half:.2f} without, difference +20.00" in early
+    assert "higher with QK-Norm, resolved" in early and "3 seeds" in early
+    assert "`muon`" not in early  # no muon arms at all: nothing to skip or claim
+
+
+def test_findings_overlapping_seeds_not_resolved(report):
+    """The default sweep: at 10,000 tokens (10% of 100,000) adamw+qknorm leads by 10.3 PR, but with 2
+    seeds each half-width is t_{0.975,1}·0.5 ≈ 6.35, so the intervals overlap."""
+    text = report.read_text()
+    early = findings_text(text, "1. Early")
+    assert "`adamw` at 10,000 tokens, the first checkpoint at or after 10% of the 100,000-token budget" in early
+    assert "44.13 ± 6.35 with QK-Norm vs 33.83 ± 6.35 without, difference +10.30: not resolved with 2 seeds" in early
+    assert "resolved (" not in early.replace("not resolved", "")
+    final = findings_text(text, "2. Final")
+    assert "`muon` has the highest mean key PR (58.75 ± 6.35)" in final
+    assert "runner-up `muon+qknorm` (49.05 ± 6.35) it is not resolved with 2 seeds" in final
+    rows = {r[0].strip("`"): r for r in parse_table(final, "arm")}
+    assert list(rows) == ["muon", "muon+qknorm", "adamw+qknorm", "adamw"]
+    assert rows["adamw"][4] == "2.0 ± 0.0"  # L1, L2 dead in both seeds
+    assert pm(rows["muon+qknorm"][4]) == pytest.approx((0.5, T1 * 0.5), abs=0.05)  # 9.7 dead in seed 0 only
+
+
+def test_findings_single_seed_has_no_interval(tmp_path):
+    for arm in ("adamw", "adamw+qknorm"):
+        write_run(tmp_path, arm, 0)
+    text = findings_text(build_report(tmp_path).read_text())
+    early = findings_text(text, "1. Early")
+    assert "higher with QK-Norm on a single seed (no interval" in early and "±" not in early
+    assert "43.63 with QK-Norm vs 33.33 without, difference +10.30" in early  # seed 0: 0.5 below the mean
+    assert "on a single seed (no interval" in findings_text(text, "2. Final")
+    assert "Cannot be assessed: 2 arm(s)" in findings_text(text, "3. Does")
+
+
+def test_spearman_known_answers():
+    from rankprobe.report.findings import average_ranks, spearman
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(0.8)  # 1 - 6·2/(4·15)
+    assert list(average_ranks([5, 1, 5, 2])) == [3.5, 1.0, 3.5, 2.0]
+    assert math.isnan(spearman([1, 2, 3], [7, 7, 7]))
+
+
+def test_findings_loss_agreement(report, tmp_path):
+    """Default sweep: PR ranks muon > muon+qknorm, val loss the other way round: ρ = 0.8."""
+    text = findings_text(report.read_text(), "3. Does")
+    assert "ρ = +0.80 over 4 arms" in text
+    assert ("(highest first): `muon`, `muon+qknorm`, `adamw+qknorm`, `adamw`; by final val loss (lowest "
+            "first): `muon+qknorm`, `muon`, `adamw+qknorm`, `adamw`") in text
+
+    def pr(arm, c, layer, seed):  # key PR opposite to val loss (adamw worst loss, highest PR)
+        return {"adamw": 50.0, "adamw+qknorm": 40.0, "muon": 30.0, "muon+qknorm": 20.0}[arm]
+
+    for arm in FINAL:
+        write_run(tmp_path, arm, 0, pr=pr)
+    assert "ρ = -1.00 over 4 arms" in findings_text(build_report(tmp_path).read_text(), "3. Does")
+
+
+def test_findings_logit_growth(report):
+    """Max logit (layer 3, seeds ±1) ramps from 3 at init to MAX_LOGIT: 3 + (final - 3)/3 at 1,000 tokens."""
+    text = findings_text(report.read_text(), "4. Attention")
+    rows = {r[0].strip("`"): r for r in parse_table(text, "arm")}
+    for arm, final in MAX_LOGIT.items():
+        first = 3.0 + (final - 3.0) / 3
+        assert rows[arm][1] == "1,000" and rows[arm][3] == "100,000"
+        assert pm(rows[arm][2]) == pytest.approx((first, T1 * 1.0), abs=0.01)
+        assert pm(rows[arm][4]) == pytest.approx((final, T1 * 1.0), abs=0.01)
+        assert rows[arm][5] == f"{final / first:.2f}×"
+    assert "`muon` (80.00 ± 12.71) against `adamw` (300.00 ± 12.71) is lower, resolved" in text
+
+
+def test_findings_old_files_without_attention(tmp_path):
+    for arm in ("adamw", "muon"):
+        for seed in (0, 1):
+            write_run(tmp_path, arm, seed, lenses=False)
+    text = findings_text(build_report(tmp_path).read_text())
+    assert "attention lenses were not recorded" in findings_text(text, "4. Attention")
+    early = findings_text(text, "1. Early")
+    assert "`adamw`: no finished `adamw+qknorm` arm" in early and "`muon`: no finished `muon+qknorm` arm" in early

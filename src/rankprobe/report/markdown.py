@@ -1,4 +1,4 @@
-"""`report.md`: what was run, the headline key-spectrum table per arm, attention and weight lenses,
+"""`report.md`: what was run, the headline key-spectrum table per arm, findings (findings.py), attention and weight lenses,
 the metric per checkpoint, figures, configs.
 
 Numbers come from metrics files only (see docs/metrics.md). Every aggregate is a seed mean with a
@@ -22,6 +22,7 @@ from rankprobe.report.figures import (
     heatmap_name,
     metric_label,
 )
+from rankprobe.report.findings import findings, findings_section
 from rankprobe.report.lenses import (
     ATTENTION_COLUMNS,
     WEIGHT_COLUMNS,
@@ -366,6 +367,9 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
         prs = {a: arm_pr(g, tap, tensor, metric) for a, g in {**arms, **refs}.items()}
         heads = {a: headline(prs[a], g, dead_pr) for a, g in {**arms, **refs}.items()}
         lines += _headline_section(list(heads.values()), tap, tensor, metric, head_dim, dead_pr, diverged)
+        if arms:
+            val = {a: heads[a].val_loss for a in arms}
+            lines += findings_section(findings(arms, {a: prs[a] for a in arms}, runs, dead_pr, val, label))
         lines += _attention_section(runs, heads, label) if has_rows(runs, "attn") else []
         lines += _weights_section(runs, heads, label) if has_rows(runs, "weights") else []
         if arms:
