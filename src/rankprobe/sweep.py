@@ -69,6 +69,25 @@ def check_arm_folders(grid: list[Config], out_dir: Path) -> None:
                             f"{new!r} now); use another --out, or --force to replace its runs")
 
 
+def _still_to_run(grid: list[Config], out_dir: Path, force: bool) -> list[Config]:
+    """The runs of `grid` that have not ended under `out_dir` (all of them with `force`)."""
+    if not force:
+        check_arm_folders(grid, out_dir)
+    todo = [a for a in grid if force or not is_finished(out_dir / a.name)]
+    for a in grid:
+        if a not in todo:
+            log.info("skip %s: already ended", a.name)
+    return todo
+
+
+def _train_in_turn(cfg: Config, todo: list[Config], out_dir: Path, force: bool) -> None:
+    """Train `todo` one after another in this process, tokenizing the corpus once for all of them."""
+    data = prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size) if todo else None
+    for i, a in enumerate(todo):
+        log.info("[%d/%d] training %s", i + 1, len(todo), a.name)
+        train(a, out_dir / a.name, data=data, force=force, resume=not force)
+
+
 class ArmsFailed(Exception):
     """Some arms of a parallel sweep exited with an error (the others ran and the report was built):
     `failures` holds (arm name, exit code, log path)."""
@@ -87,19 +106,14 @@ def run_sweep(cfg: Config, out_dir: Path, report: bool = True, force: bool = Fal
     ensure_writable(out_dir)
     grid = arms(cfg)
     with folder_lock(out_dir):
-        if not force:
-            check_arm_folders(grid, out_dir)
-        todo = [a for a in grid if force or not is_finished(out_dir / a.name)]
-        for a in grid:
-            if a not in todo:
-                log.info("skip %s: already ended", a.name)
-        data = prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size) if todo else None
+        todo = _still_to_run(grid, out_dir, force)
         failures = []
         if workers:
+            if todo:
+                prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size)  # the workers find the cache
             failures = _run_parallel(todo, out_dir, workers, gpus, force)
-        for i, a in enumerate(todo if not workers else []):
-            log.info("[%d/%d] training %s", i + 1, len(todo), a.name)
-            train(a, out_dir / a.name, data=data, force=force, resume=not force)
+        else:
+            _train_in_turn(cfg, todo, out_dir, force)
         paths = [out_dir / a.name / METRICS for a in grid]
         if report and (not failures or any(p.exists() for p in paths)):
             from .report import build_report
@@ -211,11 +225,5 @@ def run_scan(cfg: Config, out_dir: Path, param: str, values: list[str], force: b
     grid = scan_configs(cfg, param, values)
     ensure_writable(out_dir)
     with folder_lock(out_dir):
-        if not force:
-            check_arm_folders(grid, out_dir)
-        todo = [c for c in grid if force or not is_finished(out_dir / c.name)]
-        data = prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size) if todo else None
-        for i, c in enumerate(todo):
-            log.info("[%d/%d] training %s", i + 1, len(todo), c.name)
-            train(c, out_dir / c.name, data=data, force=force, resume=not force)
+        _train_in_turn(cfg, _still_to_run(grid, out_dir, force), out_dir, force)
         return write_scan(out_dir, param, [out_dir / c.name / METRICS for c in grid])

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
-from ..runlog import SCHEMA_VERSION, ensure_writable, env_info, finite
-from .lenses import Key, Sink, probe_lenses, weight_lenses
+from ..runlog import SCHEMA_VERSION, MetricsWriter, ensure_writable, env_info
+from .capture import Key, Sink
+from .lenses import probe_lenses, weight_lenses
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
@@ -254,11 +255,13 @@ def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str
     rows += [("weights", r) for r in weight_rows]
     rows.append(("end", {"step": 0, "tokens": 0, "wall_s": time.perf_counter() - t0, "status": "finished"}))
     metrics = out_dir / "metrics.jsonl"
-    tmp = metrics.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for kind, row in rows:
-            at = {"step": 0, "tokens": 0} if kind in ("probe", "attn", "weights") else {}
-            f.write(json.dumps({"kind": kind, **at, **{k: finite(v) for k, v in row.items()}}) + "\n")
+    tmp = metrics.with_suffix(".tmp")  # written whole, then renamed: no half-written probe is ever read
+    tmp.unlink(missing_ok=True)
+    out = MetricsWriter(tmp)
+    for kind, row in rows:
+        at = {"step": 0, "tokens": 0} if kind in ("probe", "attn", "weights") else {}
+        out.write(kind, **at, **row)
+    out.close()
     tmp.replace(metrics)
     return metrics
 

@@ -19,56 +19,18 @@ from collections.abc import Callable
 
 import torch
 
-from .capture import stats_to_rows
+from .capture import Key, Sink, covariance_sink, feed, is_hf, stats_to_rows
 from .spectra import CovStats, head_spectra, isotropic_null, matrix_metrics
-
-Key = tuple[str, str, int]  # (tap, tensor, layer), as in Transformer.tap_modules
-Sink = Callable[[Key, torch.Tensor], None]  # receives (B, T, H, D) activations
 SPECTRAL_KEYS = ("erank", "stable_rank", "rankme")
-
-
-def _is_hf(model) -> bool:
-    return not hasattr(model, "tap_modules")
-
-
-def attach_taps(model, sink: Sink, taps=None) -> list:
-    """Hooks that call `sink((tap, tensor, layer), x)` with x (B, T, H, D) at every tap of `model`
-    (or only the keys in `taps`); returns the handles to remove."""
-    if _is_hf(model):
-        from .hf import attach_hf_taps
-
-        return attach_hf_taps(model, sink, taps)
-    return [module.register_forward_hook(lambda _m, _i, out, key=key: sink(key, out))
-            for key, module in model.tap_modules().items() if taps is None or key in taps]
 
 
 def logit_scales(model) -> list[float]:
     """Per layer, the factor attention multiplies q·k by: 1/sqrt(D) for RankProbe (SDPA's default)."""
-    if _is_hf(model):
+    if is_hf(model):
         from .hf import hf_logit_scales
 
         return hf_logit_scales(model)
     return [model.cfg.head_dim ** -0.5] * model.cfg.n_layer
-
-
-@torch.no_grad()
-def _feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None) -> None:
-    """Run `tokens` (N, T) through `model` in eval mode with `sink` on the taps; restores the mode."""
-    handles = attach_taps(model, sink, taps)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, tokens.size(0), batch_size):
-            idx = tokens[i : i + batch_size].to(device)
-            if _is_hf(model):
-                model(input_ids=idx, use_cache=False)
-            else:
-                model(idx)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +147,7 @@ def attention_lenses(model, tokens: torch.Tensor, batch_size: int) -> list[dict]
     pass that also fills the probe rows."""
     stats = AttentionStats()
     taps = {(t, x, i) for i in range(len(logit_scales(model))) for t, x in (("rope", "q"), ("rope", "k"))}
-    _feed(model, tokens, batch_size, _attention_sink(model, stats), taps)
+    feed(model, tokens, batch_size, _attention_sink(model, stats), taps)
     return stats.rows()
 
 
@@ -200,16 +162,15 @@ def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool =
     describe the whole set exactly (sums and maxima merge without loss)."""
     cov: dict[Key, CovStats] = {}
     attn = AttentionStats()
+    cov_sink = covariance_sink(cov)
     attn_sink = _attention_sink(model, attn) if attention else None
 
     def sink(key: Key, x: torch.Tensor) -> None:
-        if key not in cov:
-            cov[key] = CovStats(x.size(-2), x.size(-1), device=x.device)
-        cov[key].add(x)
+        cov_sink(key, x)
         if attn_sink is not None:
             attn_sink(key, x)
 
-    _feed(model, tokens, batch_size, sink)
+    feed(model, tokens, batch_size, sink)
     if merge is not None:
         merge(cov, attn)
     return spectral_rows(cov), attn.rows()
@@ -222,7 +183,7 @@ def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool =
 def attention_weights(model) -> list[dict[str, tuple[torch.Tensor, int]]]:
     """Per layer {"q" | "k" | "v" | "o": (W as (out, in), heads)}: W_q (H·D, d), W_k and W_v
     (Hkv·D, d), W_o (d, H·D). The tensors are the live parameters (or views of them)."""
-    if _is_hf(model):
+    if is_hf(model):
         from .hf import hf_attention_weights
 
         return hf_attention_weights(model)

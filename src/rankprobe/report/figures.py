@@ -83,6 +83,15 @@ def _new(width: float = 9.0, height: float = 4.8):
     return fig, fig.add_subplot()
 
 
+def _finish(fig, ax, ylabel: str, title: str, path: Path) -> Path:
+    """Label, grid, legend outside on the right, save: the common end of every line figure."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend_right(ax)
+    return _save(fig, path)
+
+
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -209,12 +218,9 @@ def pr_trajectory(runs: list[Run], out_dir: str | Path, tap: str | None = None, 
         return None
     _guides(ax, ctx, list(prs.values()))
     _token_axis(ax, tokens)
-    ax.set_ylabel(f"{ctx.label}, mean over layers")
-    ax.set_title(f"{ctx.label[0].upper() + ctx.label[1:]} during training (tap={ctx.tap}; "
-                 "band = 95% CI over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    _legend_right(ax)
-    return _save(fig, Path(out_dir) / "pr_trajectory.png")
+    return _finish(fig, ax, f"{ctx.label}, mean over layers",
+                   f"{ctx.label[0].upper() + ctx.label[1:]} during training (tap={ctx.tap}; band = 95% CI over seeds)",
+                   Path(out_dir) / "pr_trajectory.png")
 
 
 def _layer_lines(ax, ctx: _Context, layers: dict[str, tuple[np.ndarray, np.ndarray, str, bool]]) -> int:
@@ -250,12 +256,9 @@ def layer_comparison(runs: list[Run], out_dir: str | Path, tap: str | None = Non
                                  f"{_label(pr)} at {fmt_tokens(pr.tokens[-1])} tokens", pr.reference)
                            for arm, pr in prs.items()})
     _guides(ax, ctx, list(prs.values()))
-    ax.set_ylabel(f"{ctx.label} (mean over heads)")
-    ax.set_title(f"{ctx.label[0].upper() + ctx.label[1:]} per layer at the final checkpoint (tap={ctx.tap}; "
-                 "band = 95% CI over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    _legend_right(ax)
-    return _save(fig, Path(out_dir) / "layer_comparison.png")
+    return _finish(fig, ax, f"{ctx.label} (mean over heads)",
+                   f"{ctx.label[0].upper() + ctx.label[1:]} per layer at the final checkpoint (tap={ctx.tap}; "
+                   "band = 95% CI over seeds)", Path(out_dir) / "layer_comparison.png")
 
 
 def _grid_figure(grid: np.ndarray, vmax: float, xticks: list[str], xlabel: str, title: str, cbar: str):
@@ -365,10 +368,7 @@ def loss_curves(runs: list[Run], out_dir: str | Path) -> Path | None:
             all_tokens.append(vt)
     if all_tokens:
         _token_axis(ax, np.concatenate(all_tokens))
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Training loss (smoothed; faint = raw seed mean) and validation loss (points, 95% CI)",
-                 fontsize=10)
-    ax.grid(alpha=0.3)
-    _legend_right(ax)
-    return _save(fig, Path(out_dir) / "loss_curves.png")
+    return _finish(fig, ax, "loss (nats/token)",
+                   "Training loss (smoothed; faint = raw seed mean) and validation loss (points, 95% CI)",
+                   Path(out_dir) / "loss_curves.png")
 

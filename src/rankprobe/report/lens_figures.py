@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from rankprobe.report.figures import (
-    _context, _layer_lines, _legend_right, _new, _save, _token_axis, _trajectory_lines, fmt_tokens,
+    _context, _finish, _layer_lines, _legend_right, _new, _save, _token_axis, _trajectory_lines, fmt_tokens,
 )
 from rankprobe.report.lenses import arm_final_layers, lens_series
 from rankprobe.report.metrics import Run, finished_by_arm
@@ -91,8 +91,6 @@ def weight_spectra(runs: list[Run], out_dir: str | Path) -> Path | None:
     fig, ax = _new()
     _layer_lines(ax, ctx, layers)
     ax.set_ylim(bottom=0)
-    ax.set_ylabel("W_k stable rank")
-    ax.set_title("Stable rank of W_k per layer at the final checkpoint (band = 95% CI over seeds)", fontsize=10)
-    ax.grid(alpha=0.3)
-    _legend_right(ax)
-    return _save(fig, Path(out_dir) / "weight_spectra.png")
+    return _finish(fig, ax, "W_k stable rank",
+                   "Stable rank of W_k per layer at the final checkpoint (band = 95% CI over seeds)",
+                   Path(out_dir) / "weight_spectra.png")

@@ -1,5 +1,5 @@
-"""`report.md`: what was run, the headline key-spectrum table per arm, findings (findings.py), attention and weight lenses,
-the metric per checkpoint, figures, configs.
+"""`report.md`: what was run, the headline key-spectrum table per arm, findings (findings.py),
+attention and weight lenses, the metric per checkpoint, figures, configs.
 
 Numbers come from metrics files only (see docs/metrics.md). Every aggregate is a seed mean with a
 95% Student-t half-width when an arm has more than one seed. Runs without an `end` row are listed as
