@@ -159,7 +159,7 @@ def test_sweep_workers_run_arms_in_parallel_and_survive_a_failing_arm(corpus_fil
     (tmp_path / "muon-s0" / "checkpoint.pt").write_bytes(b"not a checkpoint")  # this arm must fail alone
     r = _single("sweep", "demo", "--out", str(tmp_path), "--workers", "2", *overrides(corpus_file, cache))
     assert r.returncode == 1, r.stderr
-    assert "rankprobe: arm muon-s0 failed (exit 2)" in r.stderr
+    assert "rankprobe: run muon-s0 failed (exit 2)" in r.stderr
     for arm in ("adamw-s0", "adamw+qknorm-s0", "muon+qknorm-s0"):
         assert rows(tmp_path / arm / "metrics.jsonl", "end")[0]["status"] == "finished"
     assert "corrupt or truncated" in (tmp_path / "logs" / "muon-s0.log").read_text()

@@ -9,13 +9,14 @@ import pytest
 
 from rankprobe.config import load
 from rankprobe.sweep import arms, is_finished, run_sweep
+from rankprobe.runlog import WALL_CLOCK_FIELDS
 from rankprobe.train import probe_schedule, train
 
 TINY = {
     "model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.head_dim": "16",
     "model.seq_len": "32", "data.vocab_size": "300", "train.tokens": "3000", "train.batch_size": "4",
     "train.eval_tokens": "256", "train.log_every": "2", "train.progress": "false", "probe.tokens": "256",
-    "probe.n_checkpoints": "3", "sweep.seeds": "0",
+    "probe.n_checkpoints": "3", "sweep.seeds": "0", "train.checkpoint_minutes": "0",
 }
 
 
@@ -54,7 +55,7 @@ def test_train_writes_schema_and_is_deterministic(corpus_file, cache, tmp_path):
     assert (a.parent / "model.safetensors").exists() and (a.parent / "config.json").exists()
 
     def strip(rs):  # everything but wall-clock fields must match bit for bit
-        return [{k: v for k, v in r.items() if k not in ("step_time_s", "wall_s", "env")} for r in rs]
+        return [{k: v for k, v in r.items() if k not in (*WALL_CLOCK_FIELDS, "env")} for r in rs]
     assert strip(rows(a)) == strip(rows(b))
     losses = [r["loss"] for r in rows(a, "train")]
     assert losses[-1] < losses[0]  # it learns
@@ -189,7 +190,7 @@ def test_scan_trains_one_run_per_value_and_marks_the_best(corpus_file, cache, tm
 
     out = tmp_path / "scan"
     args = ["scan", "demo", "--param", "optim.lr", "--values", "1e-3,3e-2,1e39", "--out", str(out),
-            *overrides(corpus_file, cache)]
+            "--workers", "2", *overrides(corpus_file, cache)]  # subprocesses, as `--gpus` runs them
     assert main(args) == 0
     paths = [out / f"optim.lr={v}" / "metrics.jsonl" for v in ("1e-3", "3e-2", "1e39")]
     got = scan_rows("optim.lr", paths)

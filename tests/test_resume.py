@@ -19,6 +19,7 @@ from rankprobe.cli import main
 from rankprobe.config import DataError, UserError, load
 from rankprobe.data.corpus import load_corpus
 from rankprobe.sweep import arms, is_finished, run_sweep
+from rankprobe.runlog import WALL_CLOCK_FIELDS
 from rankprobe.train import train
 
 # 100 steps of 128 tokens, probed at 0, 25, 75 and 100 steps: long enough to kill in the middle
@@ -29,7 +30,7 @@ SMALL = {
     "probe.checkpoints": "0,3200,9600", "train.checkpoint_minutes": "0",
     "sweep.optimizers": "adamw", "sweep.qk_norm": "false", "sweep.seeds": "0",
 }
-WALL_CLOCK = ("step_time_s", "wall_s", "env")
+WALL_CLOCK = (*WALL_CLOCK_FIELDS, "env")
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +285,20 @@ def test_torn_last_line_is_dropped_by_is_finished(tmp_path, caplog):
     assert "dropped a torn last line" in caplog.text
     (run / "metrics.jsonl").write_text('{"kind": "run"}\n{"kind": "train", "step": 2}\n' + end[:-3])
     assert not is_finished(run)
+
+
+def test_checkpoints_follow_the_clock_and_the_end_row_splits_the_wall_time(base, tmp_path, monkeypatch):
+    import rankprobe.train as train_mod
+
+    # checkpoint_minutes > 0: no checkpoint at the probe points of a run shorter than the interval
+    cfg = load("demo", {**base, "train.checkpoint_minutes": "10"})
+    monkeypatch.setattr(train_mod, "_save_weights", lambda *a: (_ for _ in ()).throw(RuntimeError("cut")))
+    with pytest.raises(RuntimeError, match="cut"):
+        train(cfg, tmp_path / "cut")
+    assert not (tmp_path / "cut" / CHECKPOINT).exists()
+    monkeypatch.undo()
+
+    end = rows(train(cfg, tmp_path / "run"))[-1]
+    phases = [end[k] for k in ("first_step_s", "eval_s", "probe_s", "checkpoint_s")]
+    assert end["checkpoint_s"] == 0 and all(p > 0 for p in phases[:3])
+    assert sum(phases) < end["wall_s"]

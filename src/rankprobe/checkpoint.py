@@ -48,11 +48,11 @@ _FREE_KEYS = {"name", "out", "data.cache_dir", "train.progress", "train.tensorbo
 
 
 def capture(model, optimizers, *, config: dict, step: int, tokens: int, wall_s: float,
-            metrics_bytes: int, metrics_sha256: str) -> dict:
+            metrics_bytes: int, metrics_sha256: str, timing: dict[str, float] | None = None) -> dict:
     """The state of a run after `step` optimizer steps, as tensors and plain data only."""
     cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
     return {
-        "format": FORMAT, "step": step, "tokens_seen": tokens, "wall_s": wall_s,
+        "format": FORMAT, "step": step, "tokens_seen": tokens, "wall_s": wall_s, "timing": dict(timing or {}),
         "config": json.dumps(config, sort_keys=True),
         "metrics_bytes": metrics_bytes, "metrics_sha256": metrics_sha256,
         "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],

@@ -34,6 +34,14 @@ def _override_help() -> str:
     return "\n".join(lines)
 
 
+def _parallel_options(parser: argparse.ArgumentParser, what: str) -> None:
+    par = parser.add_mutually_exclusive_group()
+    par.add_argument("--workers", type=int, default=0, metavar="N",
+                     help=f"train N {what} at a time in subprocesses (default: one after another in this process)")
+    par.add_argument("--gpus", type=int, default=0, metavar="N",
+                     help=f"train N {what} at a time, each worker pinned to a GPU of its own")
+
+
 def _parser() -> argparse.ArgumentParser:
     presets = ", ".join(preset_names())
     p = argparse.ArgumentParser(
@@ -66,11 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config", metavar="CONFIG")
     s.add_argument("--out", help="sweep folder (default: the config's out)")
     s.add_argument("--force", action="store_true", help="retrain every arm, replacing the runs in the folder")
-    par = s.add_mutually_exclusive_group()
-    par.add_argument("--workers", type=int, default=0, metavar="N",
-                     help="train N arms at a time in subprocesses (default: one after another in this process)")
-    par.add_argument("--gpus", type=int, default=0, metavar="N",
-                     help="train N arms at a time, each worker pinned to a GPU of its own")
+    _parallel_options(s, "arms")
 
     # internal: one arm of a parallel sweep, from its resolved config (rankprobe.sweep)
     a = sub.add_parser("_arm", allow_abbrev=False)
@@ -90,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--values", required=True, help="comma-separated values, e.g. 1e-3,3e-3,1e-2")
     sc.add_argument("--out", help="scan folder (default: <config out>/scan-<param>)")
     sc.add_argument("--force", action="store_true", help="retrain every value from scratch")
+    _parallel_options(sc, "runs")
 
     pr = sub.add_parser("probe", allow_abbrev=False, help="probe a checkpoint RankProbe did not train",
                         description="Probe CHECKPOINT — a Hugging Face causal LM folder (Llama, Mistral, Qwen2, "
@@ -183,9 +188,7 @@ def _train(cfg, args) -> int:
     return 0
 
 
-def _sweep(cfg, out: Path, force: bool, workers: int = 0, gpus: int = 0) -> int:
-    from .sweep import ArmsFailed, arms, run_sweep
-
+def _check_parallel(workers: int, gpus: int) -> None:
     if workers < 0 or gpus < 0:
         raise UserError("--workers and --gpus take a number of processes, 1 or more")
     if gpus:
@@ -195,29 +198,43 @@ def _sweep(cfg, out: Path, force: bool, workers: int = 0, gpus: int = 0) -> int:
         if found < gpus:
             raise UserError(f"--gpus {gpus} but this machine has {found} CUDA device(s) visible; use --gpus "
                             f"{found} or --workers N for processes that share the devices (or the CPU)")
+
+
+def _in_parallel(run, n: int, done: str) -> int:
+    """Call `run()` (a sweep or scan of `n` runs); on ArmsFailed name each failed run and its log."""
+    from .sweep import ArmsFailed
+
     t0 = time.perf_counter()
-    n = len(arms(cfg))
     try:
-        run_sweep(dataclasses.replace(cfg, out=str(out)), out, force=force, workers=gpus or workers, gpus=gpus > 0)
+        run()
     except ArmsFailed as e:
         for name, code, log_path in e.failures:
-            print(f"rankprobe: arm {name} failed (exit {code}); log: {log_path}", file=sys.stderr)
-        print(f"rankprobe: {n - len(e.failures)} of {n} runs ended in {time.perf_counter() - t0:.0f} s; "
-              f"report: {out / 'report.md'}", file=sys.stderr)
+            print(f"rankprobe: run {name} failed (exit {code}); log: {log_path}", file=sys.stderr)
+        print(f"rankprobe: {n - len(e.failures)} of {n} runs ended in {time.perf_counter() - t0:.0f} s; {done}",
+              file=sys.stderr)
         return EXIT_DIVERGED
-    print(f"rankprobe: {n} runs in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
+    print(f"rankprobe: {n} runs in {time.perf_counter() - t0:.0f} s; {done}")
     return 0
+
+
+def _sweep(cfg, out: Path, force: bool, workers: int = 0, gpus: int = 0) -> int:
+    from .sweep import arms, run_sweep
+
+    _check_parallel(workers, gpus)
+    return _in_parallel(lambda: run_sweep(dataclasses.replace(cfg, out=str(out)), out, force=force,
+                                          workers=gpus or workers, gpus=gpus > 0),
+                        len(arms(cfg)), f"report: {out / 'report.md'}")
 
 
 def _scan(cfg, args) -> int:
     from .sweep import run_scan
 
+    _check_parallel(args.workers, args.gpus)
     values = [v.strip() for v in args.values.split(",") if v.strip()]
     out = Path(args.out) if args.out else Path(cfg.out) / f"scan-{args.param}"
-    t0 = time.perf_counter()
-    path = run_scan(cfg, out, args.param, values, force=args.force)
-    print(f"rankprobe: {len(values)} runs in {time.perf_counter() - t0:.0f} s; table: {path}")
-    return 0
+    return _in_parallel(lambda: run_scan(cfg, out, args.param, values, force=args.force,
+                                         workers=args.gpus or args.workers, gpus=args.gpus > 0),
+                        len(values), f"table: {out / 'scan.md'}")
 
 
 def _probe(args) -> int:

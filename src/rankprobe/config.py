@@ -137,8 +137,8 @@ class TrainConfig:
     """show a progress bar"""
     tensorboard: bool = False
     """also write TensorBoard scalars under the run directory"""
-    checkpoint_minutes: float = 30.0
-    """minutes between resumable checkpoints, besides the one at every probe checkpoint (0 = only those)"""
+    checkpoint_minutes: float = 10.0
+    """minutes between resumable checkpoints (0 = one at every probe checkpoint instead)"""
 
 
 @dataclass

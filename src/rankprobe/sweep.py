@@ -4,7 +4,7 @@ Re-running a sweep on its folder is safe: arms that ended (finished or diverged)
 arm that was cut off resumes from its checkpoint (or starts over if it has none), and the folder is
 locked so that a second sweep on it stops at once instead of interleaving writes.
 
-With `workers` > 0 the arms run in parallel, one subprocess each (`rankprobe _arm`, the same
+With `workers` > 0 the arms (or a scan's runs) run in parallel, one subprocess each (`rankprobe _arm`, the same
 `train` with `--resume`), at most `workers` at a time; with `gpus` each worker sees one GPU of its own
 through CUDA_VISIBLE_DEVICES. The parent tokenises the corpus once before launching (the workers find
 the token cache), holds the sweep folder's lock throughout, writes each worker's output to
@@ -88,6 +88,19 @@ def _train_in_turn(cfg: Config, todo: list[Config], out_dir: Path, force: bool) 
         train(a, out_dir / a.name, data=data, force=force, resume=not force)
 
 
+def _train_grid(cfg: Config, grid: list[Config], out_dir: Path, force: bool, workers: int,
+                gpus: bool) -> list[tuple[str, int, Path]]:
+    """Train the runs of `grid` not yet ended under `out_dir` (the caller holds its lock): in turn in
+    this process, or `workers` at a time in subprocesses. Returns the subprocess runs that failed."""
+    todo = _still_to_run(grid, out_dir, force)
+    if not workers:
+        _train_in_turn(cfg, todo, out_dir, force)
+        return []
+    if todo:
+        prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size)  # the workers find the cache
+    return _run_parallel(todo, out_dir, workers, gpus, force)
+
+
 class ArmsFailed(Exception):
     """Some arms of a parallel sweep exited with an error (the others ran and the report was built):
     `failures` holds (arm name, exit code, log path)."""
@@ -106,14 +119,7 @@ def run_sweep(cfg: Config, out_dir: Path, report: bool = True, force: bool = Fal
     ensure_writable(out_dir)
     grid = arms(cfg)
     with folder_lock(out_dir):
-        todo = _still_to_run(grid, out_dir, force)
-        failures = []
-        if workers:
-            if todo:
-                prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size)  # the workers find the cache
-            failures = _run_parallel(todo, out_dir, workers, gpus, force)
-        else:
-            _train_in_turn(cfg, todo, out_dir, force)
+        failures = _train_grid(cfg, grid, out_dir, force, workers, gpus)
         paths = [out_dir / a.name / METRICS for a in grid]
         if report and (not failures or any(p.exists() for p in paths)):
             from .report import build_report
@@ -216,14 +222,19 @@ def scan_configs(cfg: Config, param: str, values: list[str]) -> list[Config]:
     return out
 
 
-def run_scan(cfg: Config, out_dir: Path, param: str, values: list[str], force: bool = False) -> Path:
+def run_scan(cfg: Config, out_dir: Path, param: str, values: list[str], force: bool = False, workers: int = 0,
+             gpus: bool = False) -> Path:
     """Train one run per value of `param` into `out_dir/<param>=<value>/` (ended runs are skipped, cut
-    off ones resumed, as in a sweep), then write `out_dir/scan.md`; returns its path."""
+    off ones resumed, `workers` at a time, as in a sweep), then write `out_dir/scan.md`; returns its
+    path. ArmsFailed after scan.md if some subprocess runs failed."""
     from .report.scan import write_scan
 
     out_dir = Path(out_dir)
     grid = scan_configs(cfg, param, values)
     ensure_writable(out_dir)
     with folder_lock(out_dir):
-        _train_in_turn(cfg, _still_to_run(grid, out_dir, force), out_dir, force)
-        return write_scan(out_dir, param, [out_dir / c.name / METRICS for c in grid])
+        failures = _train_grid(cfg, grid, out_dir, force, workers, gpus)
+        path = write_scan(out_dir, param, [out_dir / c.name / METRICS for c in grid])
+    if failures:
+        raise ArmsFailed(failures)
+    return path

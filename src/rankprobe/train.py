@@ -34,7 +34,7 @@ from .model import Transformer
 from .optim.build import apply_lr, build_optimizers, lr_scale
 from .optim.qkclip import QKClip
 from .probes.lenses import probe_lenses, update_rms, weight_lenses, weight_snapshot
-from .runlog import SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, env_info
+from .runlog import PHASE_FIELDS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, env_info
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +225,17 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     out = _open_metrics(cfg, run_dir, state, run_row) if dist.is_main else NullWriter()
     start = state["step"] if state else 0
 
+    # Where this run's wall time went (seconds, summed over resumes): the `end` row reports it.
+    timing = dict.fromkeys(PHASE_FIELDS, 0.0) | (state or {}).get("timing", {})
+
     def probe(step: int, updates: list[dict]) -> None:
         tokens = step * tokens_per_step
+        t0 = time.perf_counter()
         # Eager: a compiled eval would be a second graph (no grad, eval mode) costing ~25 s of compile
         # per arm on an H100 (BENCHMARKS.md) for a few forward passes per checkpoint.
-        val_loss, n_val = evaluate(model, data, cfg, device, amp, dist)
+        val_loss, n_val = evaluate(model, data, cfg, device, amp, dist)  # ends in a host sync
+        t1 = time.perf_counter()
+        timing["eval_s"] += t1 - t0
         out.write("eval", step=step, tokens=tokens, val_loss=val_loss, val_tokens=n_val)
         # Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast, so the
         # keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way).
@@ -241,6 +247,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
         for kind, kind_rows in lenses:
             for row in kind_rows:
                 out.write(kind, step=step, tokens=tokens, **row)
+        timing["probe_s"] += time.perf_counter() - t1  # the rows are host numbers: the probe has synced
 
     saved = {"step": start if state else None, "at": time.monotonic()}
     every_s = cfg.train.checkpoint_minutes * 60
@@ -248,9 +255,11 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     def save(step: int) -> None:
         if not dist.is_main:
             return
+        t0 = time.perf_counter()
         save_checkpoint(ckpt_path, capture(
             model, optimizers, config=to_dict(cfg), step=step, tokens=step * tokens_per_step,
-            wall_s=time.perf_counter() - t_start, metrics_bytes=out.bytes, metrics_sha256=out.hash.hexdigest()))
+            wall_s=t0 - t_start, metrics_bytes=out.bytes, metrics_sha256=out.hash.hexdigest(), timing=timing))
+        timing["checkpoint_s"] += time.perf_counter() - t0
         saved.update(step=step, at=time.monotonic())
 
     # The first step whose loss was NaN/inf, and that loss, tracked on the device so that the check
@@ -262,7 +271,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     try:
         if state is None and 0 in probe_steps:  # a resumed run has these rows already
             probe(0, [])
-            save(0)
+            if every_s == 0:
+                save(0)
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
             scale = lr_scale(step * tokens_per_step, cfg.train.tokens, cfg.optim.warmup_frac,
@@ -272,6 +282,9 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = step_fwd(x, y)
             loss.backward()
+            if step == start + 1:  # this process's first step: compiling, autotuning, allocator warm-up
+                loss.item()
+                timing["first_step_s"] += time.perf_counter() - t0
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             before = weight_snapshot(model) if cfg.probe.weights and step in probe_steps and dist.is_main else None
@@ -307,14 +320,15 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
                 bar.set_postfix(loss=f"{loss_f:.3f}", refresh=False)
             if step in probe_steps:
                 probe(step, update_rms(before, weight_snapshot(model)) if before is not None else [])
-            if step < total_steps and (step in probe_steps or due):
+            at_probe = step in probe_steps and every_s == 0
+            if step < total_steps and (at_probe or due):
                 if sync_due or step in probe_steps or _finite(model):
                     save(step)  # the final step needs none: the weights and the `end` row follow at once
             bar.update(1)
         if dist.is_main:
             _save_weights(model, run_dir / "model.safetensors")
         out.write("end", step=total_steps, tokens=total_steps * tokens_per_step,
-                  wall_s=time.perf_counter() - t_start, status="finished")
+                  wall_s=time.perf_counter() - t_start, status="finished", **timing)
     finally:
         bar.close()
         out.close()
