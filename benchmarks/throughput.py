@@ -318,8 +318,8 @@ class Bench:
         free(dev)
 
     def probes(self, shape, fwd_compiled):
-        """PR-only probe_model in three precisions, every lens as train.py now calls them (probe_lenses
-        under bf16 autocast plus weight_lenses), and one eval pass."""
+        """What train.py does at each checkpoint, timed: every lens (probe_lenses under the run's bf16
+        autocast, then weight_lenses), the PR-only probe_model for comparison, and the eager eval pass."""
         dev = self.device
         free(dev)
         model = fwd_compiled._orig_mod if hasattr(fwd_compiled, "_orig_mod") else fwd_compiled
@@ -330,47 +330,38 @@ class Bench:
         probe_set = torch.randint(0, shape.vocab, (n_probe, T), generator=g)
         eval_set = torch.randint(0, shape.vocab, (n_eval, T + 1), generator=g)
         P = self.R["probe"]
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
-        def probe(mode):
-            def run():
-                tf32 = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-                try:
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
-                        probe_model(model, probe_set, B)
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = tf32
-            return run
+        def pr_only():
+            with amp:
+                probe_model(model, probe_set, B)
 
-        @torch.no_grad()
-        def evaluate():  # train.evaluate on random tokens: compiled model, eval mode, bf16 autocast
-            fwd_compiled.eval()
-            total = 0.0
-            for i in range(0, n_eval, B):
-                x = eval_set[i:i + B, :-1].contiguous().to(dev)
-                y = eval_set[i:i + B, 1:].contiguous().to(dev)
-                with torch.autocast(dev.type, dtype=torch.bfloat16):
-                    total += fwd_compiled(x, y).float() * y.numel()
-            fwd_compiled.train()
-            return float(total)
-
-        def lenses():  # what train.py's checkpoint does besides the eval (since 2026-11-27, after the H200 run)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        def lenses():
+            with amp:
                 probe_lenses(model, probe_set, B)
             weight_lenses(model)
 
-        for mode in ("fp32", "tf32", "bf16"):  # fp32 is what train.py did at the 2026-11-27 H200 run
-            first_call_s(probe(mode), dev)
-            P[f"probe_{mode}_s"] = statistics.median(time_calls(probe(mode), 3, dev))
-            self.log(f"probe_model {mode}: {P[f'probe_{mode}_s']:.3f} s for {n_probe * T:,} tokens")
-        first_call_s(lenses, dev)
-        P["lenses_s"] = statistics.median(time_calls(lenses, 3, dev))
-        self.log(f"all lenses (probe_lenses bf16 + weight_lenses): {P['lenses_s']:.3f} s")
-        P["eval_first_s"] = first_call_s(evaluate, dev)  # includes compiling the eval-mode graph
-        P["eval_s"] = statistics.median(time_calls(evaluate, 3, dev))
-        P["eval_compile_s"] = P["eval_first_s"] - P["eval_s"]
+        @torch.no_grad()
+        def evaluate():  # as train.evaluate: the eager model in eval mode under bf16 autocast
+            model.eval()
+            total = torch.zeros((), device=dev)
+            for i in range(0, n_eval, B):
+                x = eval_set[i:i + B, :-1].contiguous().to(dev)
+                y = eval_set[i:i + B, 1:].contiguous().to(dev)
+                with amp:
+                    total += model(x, y).float() * y.numel()
+            model.train()
+            return float(total)
+
+        for key, fn, what in (("probe_pr_s", pr_only, "probe_model, key/query PR only"),
+                              ("lenses_s", lenses, "every lens: probe_lenses + weight_lenses"),
+                              ("eval_s", evaluate, f"eval pass, eager, {n_eval * T:,} tokens")):
+            first_call_s(fn, dev)
+            P[key] = statistics.median(time_calls(fn, 3, dev))
+            self.log(f"{what}: {P[key]:.3f} s")
         P["probe_tokens"], P["eval_tokens"] = n_probe * T, n_eval * T
-        self.log(f"eval pass: {P['eval_s']:.3f} s for {n_eval * T:,} tokens (first call {P['eval_first_s']:.1f} s)")
+        if dev.type == "cuda":
+            self.R["profiles"][f"every lens at one checkpoint, {shape.name}"] = profile(lenses, dev, 1)
 
     def recompile(self, shape):
         """Compile cost of a second, fresh model in the same process (what later arms of a sweep pay)."""
@@ -424,7 +415,8 @@ def profile(fn, device, n: int) -> dict:
         cats[kernel_category(name)] = cats.get(kernel_category(name), 0.0) + t
     return {"device_ms_per_call": total / n / 1e3, "categories": {k: v / total for k, v in cats.items()},
             "kernels": [(k, t / n / 1e3, c // n) for k, t, c in kernels[:40]], "kernel_events": True,
-            "table": avg.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70)}
+            "table": avg.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70),
+            "cpu_table": avg.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=70)}
 
 
 def kernel_category(name: str) -> str:
@@ -492,24 +484,14 @@ def derived(R, shape_name: str) -> dict:
          "muon_over_adamw_preset": rp_muon["tokens_per_s"] / rp["tokens_per_s"] if rp and rp_muon else None,
          "muon_step_over_floor": muon_step["step_s"] / muon_step["floor_s"] if muon_step else None}
     P = R["probe"]
-    if rp and rp_muon and "eval_s" in P:
+    if rp and rp_muon and "lenses_s" in P:
         scale = PRESET["probe_tokens"] / P["probe_tokens"], PRESET["eval_tokens"] / P["eval_tokens"]
-        per_ckpt = P["probe_fp32_s"] * scale[0] + P["eval_s"] * scale[1]
-        per_ckpt_bf16 = P["probe_bf16_s"] * scale[0] + P["eval_s"] * scale[1]
+        probe_s, eval_s = P["lenses_s"] * scale[0], P["eval_s"] * scale[1]
         train_s = PRESET["tokens"] / rp["tokens_per_s"]
         n = PRESET["checkpoints"]
-        d["per_checkpoint_s"], d["per_checkpoint_bf16_s"] = per_ckpt, per_ckpt_bf16
-        d["probe_share"] = n * per_ckpt / (train_s + n * per_ckpt)
-        d["probe_share_bf16"] = n * per_ckpt_bf16 / (train_s + n * per_ckpt_bf16)
-        d["probe_only_share"] = n * P["probe_fp32_s"] * scale[0] / (train_s + n * per_ckpt)
-        arm_train = [PRESET["tokens"] / r["tokens_per_s"] for r in (rp, rp, rp_muon, rp_muon)]
-        cold = (rp["compile_s"] or 0) + P.get("eval_compile_s", 0)
-        d["compile_cold_s"] = cold
-        d["study_steady_s"] = sum(arm_train) + 4 * n * per_ckpt
-        d["study_s_cold"] = d["study_steady_s"] + 4 * cold
-        # Two distinct graphs (QK-Norm off / on); the other two arms repeat one of them in the same
-        # process. Their cost is `second_compile_s` where measured, else taken as 0 (a lower bound).
-        d["study_s_warm"] = d["study_steady_s"] + 2 * cold + 2 * min(P.get("second_compile_s", 0.0), cold)
+        wall = train_s + n * (probe_s + eval_s)
+        d["probe_share"], d["eval_share"] = n * probe_s / wall, n * eval_s / wall
+        d["probe_pr_share"] = n * P["probe_pr_s"] * scale[0] / wall
     return d
 
 
@@ -520,7 +502,6 @@ def targets(d) -> list[tuple[str, str, str]]:
     def ok(v, good):
         return "—" if v is None else ("met" if good(v) else "**missed**")
 
-    st = d.get("study_s_cold")
     return [
         ("RankProbe tokens/s ≥ 1.3× HF Llama + torch.compile (seed-22l, AdamW)",
          fmt(d["rp_over_hf"], "{:.2f}×"), ok(d["rp_over_hf"], lambda v: v >= 1.3)),
@@ -529,10 +510,8 @@ def targets(d) -> list[tuple[str, str, str]]:
          fmt(d["muon_over_adamw_128k"], "{:.3f}×"), ok(d["muon_over_adamw_128k"], lambda v: v >= 0.95)),
         ("Muon step ≤ 1.5× Newton–Schulz FLOP floor", fmt(d["muon_step_over_floor"], "{:.2f}×"),
          ok(d["muon_step_over_floor"], lambda v: v <= 1.5)),
-        ("probes + eval ≤ 1% of a seed-22l run's wall time", fmt(d.get("probe_share"), "{:.1%}"),
-         ok(d.get("probe_share"), lambda v: v <= 0.01)),
-        ("4-arm seed-22l study ≤ 8 min on one H100 (estimate; every arm compiling cold)",
-         fmt(None if st is None else st / 60, "{:.1f} min"), ok(st, lambda v: v <= 480)),
+        ("probes ≤ 1% of a seed-22l run's wall time (every lens, 12 checkpoints; estimate from one checkpoint)",
+         fmt(d.get("probe_share"), "{:.1%}"), ok(d.get("probe_share"), lambda v: v <= 0.01)),
     ]
 
 
@@ -568,29 +547,20 @@ def render(R) -> str:
         out.append(f"| {r['shape']} | {r['optimizer']} | {r['n_params'] / 1e6:.1f}M | {r['step_s'] * 1e3:.2f} "
                    f"| {r['floor_s'] * 1e3:.2f} | {r['step_s'] / r['floor_s']:.2f} |")
     P = R["probe"]
-    if "eval_s" in P:
-        out += ["", f"### Probes and eval at one checkpoint ({R['shapes'][0]['name']})", "",
-                f"- `probe_model` on {P['probe_tokens']:,} tokens, batch 32, as train.py calls it (fp32, TF32 off): "
-                f"**{P['probe_fp32_s']:.3f} s**; with TF32 matmuls: {P['probe_tf32_s']:.3f} s; under bf16 autocast: "
-                f"{P['probe_bf16_s']:.3f} s",
-                f"- one eval pass of {P['eval_tokens']:,} tokens (compiled, bf16): **{P['eval_s']:.3f} s**; its first "
-                f"call, which compiles the eval-mode graph: {P['eval_first_s']:.1f} s"]
+    d = derived(R, R["shapes"][0]["name"]) if R["shapes"] else None
+    if "lenses_s" in P:
+        out += ["", f"### Probes and eval at one checkpoint ({R['shapes'][0]['name']}, as train.py runs them)", "",
+                f"- every lens (`probe_lenses` under bf16 autocast: q/k/v spectra at every tap, attention entropy "
+                f"and max logit; then `weight_lenses`) on {P['probe_tokens']:,} tokens: **{P['lenses_s']:.3f} s**",
+                f"- key/query PR alone (`probe_model`, bf16): {P['probe_pr_s']:.3f} s",
+                f"- one eval pass of {P['eval_tokens']:,} tokens (eager, bf16): **{P['eval_s']:.3f} s**"]
         if "second_compile_s" in P:
             out.append(f"- first step of a second, fresh model compiled in the same process (a sweep's later arms): "
                        f"{P['second_compile_s']:.1f} s")
-    d = derived(R, R["shapes"][0]["name"]) if R["shapes"] else None
-    if d and "probe_share" in d:
-        out += ["", f"Probe share = 12 × (probe + eval) / (25M / tokens/s + 12 × (probe + eval)) = "
-                f"**{d['probe_share']:.1%}** (the probe alone {d['probe_only_share']:.1%}); with the probe under "
-                f"bf16 autocast {d['probe_share_bf16']:.1%}.", "",
-                f"4-arm study estimate (2 AdamW + 2 Muon arms, 25M tokens each at the preset batch of 32,768 tokens, "
-                f"QK-Norm arms assumed as fast as the others, data preparation excluded): "
-                f"{d['study_steady_s'] / 60:.1f} min of training, probes and evals; plus compilation "
-                f"({d['compile_cold_s']:.0f} s per arm cold: training graph + eval graph) "
-                f"**{d['study_s_cold'] / 60:.1f} min** if every arm compiles cold, {d['study_s_warm'] / 60:.1f} min if "
-                f"only the two distinct graphs (QK-Norm off, on) compile cold"
-                + ("" if "second_compile_s" in P else " and the repeats cost nothing (not measured: a lower bound)")
-                + ". An estimate, not a measured sweep."]
+        if d and "probe_share" in d:
+            out += ["", f"At the preset's schedule (12 checkpoints, 25M tokens at the AdamW rate above): probes "
+                    f"**{d['probe_share']:.1%}** of the wall time, evals {d['eval_share']:.1%}; PR alone would be "
+                    f"{d['probe_pr_share']:.1%}. Measured runs report the same split in their `end` rows."]
     if d:
         out += ["", f"### Targets (measured on {E['card']})", "", "| target | measured | |", "|---|---|---|"]
         out += [f"| {a} | {b} | {c} |" for a, b, c in targets(d)]
@@ -603,6 +573,8 @@ def render(R) -> str:
             cats = ", ".join(f"{k} {v:.0%}" for k, v in sorted(prof["categories"].items(), key=lambda kv: -kv[1]))
             out += [f"Device time per call {prof['device_ms_per_call']:.1f} ms; by kernel kind: {cats}.", ""]
         out += ["```", prof["table"].rstrip(), "```"]
+        if prof.get("cpu_table"):
+            out += ["", "By host (CPU) time:", "", "```", prof["cpu_table"].rstrip(), "```"]
     if R["skipped"]:
         out += ["", "Skipped for lack of time in this run: " + "; ".join(R["skipped"]) + "."]
     return "\n".join(out) + "\n"

@@ -299,6 +299,6 @@ def test_checkpoints_follow_the_clock_and_the_end_row_splits_the_wall_time(base,
     monkeypatch.undo()
 
     end = rows(train(cfg, tmp_path / "run"))[-1]
-    phases = [end[k] for k in ("first_step_s", "eval_s", "probe_s", "checkpoint_s")]
-    assert end["checkpoint_s"] == 0 and all(p > 0 for p in phases[:3])
+    phases = [end[k] for k in ("setup_s", "first_step_s", "eval_s", "probe_s", "checkpoint_s")]
+    assert end["checkpoint_s"] == 0 and all(p > 0 for p in phases[:4])
     assert sum(phases) < end["wall_s"]

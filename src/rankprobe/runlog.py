@@ -23,8 +23,9 @@ from .config import UserError
 
 SCHEMA_VERSION = 1
 # Fields that hold wall-clock seconds: they differ between otherwise identical runs. The `end` row
-# splits a run's wall time into the first step (compiling), evals, probes and checkpoint writes.
-PHASE_FIELDS = ("first_step_s", "eval_s", "probe_s", "checkpoint_s")
+# splits a run's wall time into set-up, the first step (compiling), evals, probes and checkpoint
+# writes; the rest is training steps.
+PHASE_FIELDS = ("setup_s", "first_step_s", "eval_s", "probe_s", "checkpoint_s")
 WALL_CLOCK_FIELDS = ("wall_s", "step_time_s", *PHASE_FIELDS)
 
 

@@ -169,7 +169,8 @@ def _prepare(cfg: Config, dist: Dist) -> TokenData:
 
 
 def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None, dist: Dist = Dist()) -> None:
-    t_start = time.perf_counter() - (state["wall_s"] if state else 0.0)
+    t_segment = time.perf_counter()
+    t_start = t_segment - (state["wall_s"] if state else 0.0)
     device = device_for(dist, resolve_device(cfg.train.device))
     B, T = cfg.train.batch_size, cfg.model.seq_len
     if data is None:
@@ -268,6 +269,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     bad_loss = torch.zeros((), device=device)
     clipped = torch.zeros((), dtype=torch.long, device=device)  # QK-Clip rescalings since the last row
     bar = _progress(total_steps, start, cfg, enabled=dist.is_main)
+    timing["setup_s"] += time.perf_counter() - t_segment
     try:
         if state is None and 0 in probe_steps:  # a resumed run has these rows already
             probe(0, [])
