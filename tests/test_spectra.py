@@ -95,3 +95,16 @@ def test_low_precision_input_is_accumulated_in_float64():
     s.add(x)
     assert s.outer.dtype == torch.float64
     assert participation_ratio(s.covariance()).item() == pytest.approx(pr_eig(x[:, 0].double().numpy()), rel=1e-10)
+
+
+def test_eigvalsh_host_matches_numpy_for_batches_of_any_shape():
+    from rankprobe.probes.spectra import eigvalsh_host
+
+    g = np.random.default_rng(5)
+    x = g.standard_normal((3, 20, 40, 16))
+    mats = np.einsum("abnd,abne->abde", x, x)  # (3, 20, 16, 16) PSD
+    got = eigvalsh_host(torch.from_numpy(mats))
+    assert got.shape == (3, 20, 16) and got.dtype == torch.float64 and got.device.type == "cpu"
+    np.testing.assert_allclose(got.numpy(), np.linalg.eigvalsh(mats), rtol=1e-10, atol=1e-10)
+    one = eigvalsh_host(torch.from_numpy(mats[0, 0]))
+    np.testing.assert_allclose(one.numpy(), np.linalg.eigvalsh(mats[0, 0]), rtol=1e-10, atol=1e-10)

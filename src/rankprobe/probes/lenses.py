@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .capture import Key, Sink, covariance_sink, feed, is_hf, stats_to_rows
-from .spectra import CovStats, head_spectra, isotropic_null, matrix_metrics
+from .spectra import CovStats, isotropic_null, matrix_metrics, spectra_of
 SPECTRAL_KEYS = ("erank", "stable_rank", "rankme")
 
 
@@ -45,9 +45,10 @@ def spectral_rows(stats: dict[Key, CovStats]) -> list[dict]:
     if not rows:
         return rows
     keys = [(r["tap"], r["tensor"], r["layer"]) for r in rows]
-    spectra = [head_spectra(stats[k]) for k in keys]
-    sizes = [s["pr"].numel() for s in spectra]
-    flat = {m: torch.cat([s[m] for s in spectra]).cpu().split(sizes) for m in SPECTRAL_KEYS}
+    sizes = [stats[k].sum.size(0) for k in keys]
+    flat = _batched(lambda cov, m2: spectra_of(cov, m2),
+                    [(stats[k].covariance(), stats[k].outer / stats[k].n) for k in keys])
+    flat = {m: [f[m] for f in flat] for m in SPECTRAL_KEYS}
     for i, row in enumerate(rows):
         for m in SPECTRAL_KEYS:
             heads = flat[m][i].tolist()
@@ -55,6 +56,22 @@ def spectral_rows(stats: dict[Key, CovStats]) -> list[dict]:
         for m in ("pr",) + SPECTRAL_KEYS:
             row[f"{m}_null"] = isotropic_null(m, row["n"], row["dim"])
     return rows
+
+
+def _batched(fn: Callable[..., dict[str, torch.Tensor]], args: list[tuple[torch.Tensor, ...]]) -> list[dict]:
+    """[fn(*a) for a in args], with the tensors of equal shape concatenated along their first dimension
+    into one call per shape (one host transfer and one batch of eigendecompositions each)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(args):
+        groups.setdefault(tuple(tuple(t.shape[1:]) for t in a), []).append(i)
+    out: list[dict] = [{} for _ in args]
+    for idx in groups.values():
+        sizes = [args[i][0].size(0) for i in idx]
+        got = fn(*(torch.cat([args[i][j] for i in idx]) for j in range(len(args[idx[0]]))))
+        for m, v in got.items():
+            for i, part in zip(idx, v.split(sizes)):
+                out[i][m] = part
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,18 +224,17 @@ def _per_head(w: torch.Tensor, heads: int, matrix: str) -> torch.Tensor:
 def weight_lenses(model, per_head: bool = True) -> list[dict]:
     """One row per (layer, matrix) with spectral_norm, stable_rank, erank of the whole matrix and,
     when `per_head`, `*_heads` lists for each head's block (rows of W_q/W_k/W_v, columns of W_o).
-    Singular values in float64 on the weights' device (metrics kind `weights`)."""
-    rows, pending = [], []
-    for layer, mats in enumerate(attention_weights(model)):
-        for matrix, (w, heads) in mats.items():
-            whole = matrix_metrics(w)
-            split = matrix_metrics(_per_head(w, heads, matrix)) if per_head else None
-            pending.append((layer, matrix, list(w.shape), whole, split))
-    for layer, matrix, shape, whole, split in pending:  # the host syncs, after all the SVDs
-        row = {"layer": layer, "matrix": matrix, "shape": shape}
-        row.update({m: v.item() for m, v in whole.items()})
+    Singular values in float64, one batch of eigendecompositions per matrix shape (metrics kind `weights`)."""
+    mats = [(layer, matrix, w, heads) for layer, ws in enumerate(attention_weights(model))
+            for matrix, (w, heads) in ws.items()]
+    whole = _batched(matrix_metrics, [(w[None],) for _, _, w, _ in mats])
+    split = _batched(matrix_metrics, [(_per_head(w, h, m),) for _, m, w, h in mats]) if per_head else None
+    rows = []
+    for i, (layer, matrix, w, _) in enumerate(mats):
+        row = {"layer": layer, "matrix": matrix, "shape": list(w.shape)}
+        row.update({m: v.item() for m, v in whole[i].items()})
         if split is not None:
-            row.update({f"{m}_heads": v.tolist() for m, v in split.items()})
+            row.update({f"{m}_heads": v.tolist() for m, v in split[i].items()})
         rows.append(row)
     return rows
 

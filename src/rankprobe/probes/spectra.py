@@ -89,16 +89,35 @@ def entropy_rank(values: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.special.xlogy(p, p).sum(-1))
 
 
+HOST_EIG_MAX_DIM = 128  # symmetric matrices up to this size are decomposed on the CPU
+
+
+def eigvalsh_host(mats: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (..., D), ascending, of symmetric (..., D, D), in float64, returned on the CPU.
+
+    One call for the whole batch. Matrices up to HOST_EIG_MAX_DIM wide are decomposed by LAPACK on
+    the CPU after one device-to-host copy (~0.1 ms each at D = 64): cuSOLVER decomposes a batch of
+    64×64 float64 matrices one by one at ~0.25 ms each, and each call's error check is a host sync.
+    Larger ones (weight Gram matrices, 768 wide at seed-22l) stay on their device. No thread pool:
+    LAPACK threads inside parallel Python threads oversubscribed the cores of a GPU host (BENCHMARKS.md).
+    """
+    a = mats.detach().to(torch.float64)
+    if a.size(-1) <= HOST_EIG_MAX_DIM:
+        a = a.cpu()
+    return torch.linalg.eigvalsh(a).cpu()
+
+
 def covariance_spectrum(cov: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues (..., D) of symmetric PSD (..., D, D) in float64, ascending; those below
+    """Eigenvalues (..., D) of symmetric PSD (..., D, D) in float64, on the CPU, ascending; those below
     D·eps·λ_max (round-off, the tolerance of numpy's matrix_rank) are set to 0. Without that, RankMe's
     square root would lift round-off of order 1e-16·λ_max to 1e-8 and count it as directions."""
-    cov = cov.to(torch.float64)
+    cov = cov.detach().to(torch.float64)
     # A head whose activations overflowed (a diverging run) gets NaN eigenvalues, not an exception:
     # its metrics become NaN (null in metrics.jsonl) and the other heads are still measured.
     ok = torch.isfinite(cov).all(-1).all(-1)
     eye = torch.eye(cov.size(-1), dtype=cov.dtype, device=cov.device)
-    lam = torch.linalg.eigvalsh(torch.where(ok[..., None, None], cov, eye))
+    lam = eigvalsh_host(torch.where(ok[..., None, None], cov, eye))
+    ok = ok.cpu()
     tol = lam[..., -1:].clamp_min(0) * lam.size(-1) * torch.finfo(torch.float64).eps
     lam = torch.where(lam > tol, lam, torch.zeros_like(lam))
     return torch.where(ok[..., None], lam, torch.full_like(lam, float("nan")))
@@ -127,28 +146,34 @@ def rankme(second_moment: torch.Tensor) -> torch.Tensor:
 def matrix_metrics(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """Spectral norm σ₁, stable rank Σσ²/σ₁² and effective rank exp H(σ/Σσ) of (..., m, n) -> (...).
 
-    σ² are the eigenvalues of the smaller Gram matrix WWᵀ or WᵀW in float64 (eigvalsh is ~7× faster
-    than an SVD on an H100 at 768×768); those below max(m, n)·eps·σ₁² are round-off and count as 0.
+    σ² are the eigenvalues of the smaller Gram matrix WWᵀ or WᵀW in float64 (formed on the weights'
+    device, decomposed by `eigvalsh_host`; results on the CPU); those below max(m, n)·eps·σ₁² are round-off and count as 0.
     For weights the effective rank is Roy & Vetterli's, on σ; the stable rank is on σ² as for
     activations (both are the textbook forms).
     """
     w = w.to(torch.float64)
     m, n = w.shape[-2:]
-    lam = torch.linalg.eigvalsh(w @ w.mT if m <= n else w.mT @ w)  # σ², ascending
+    lam = eigvalsh_host(w @ w.mT if m <= n else w.mT @ w)  # σ², ascending, on the CPU
     lam = torch.where(lam > lam[..., -1:] * max(m, n) * torch.finfo(torch.float64).eps, lam, 0)
     top = lam[..., -1]
     return {"spectral_norm": top.sqrt(), "stable_rank": lam.sum(-1) / top, "erank": entropy_rank(lam.sqrt())}
 
 
 def head_spectra(stats: CovStats) -> dict[str, torch.Tensor]:
-    """Per-head pr, erank, stable_rank, rankme (H,) of one CovStats, in float64 on its device."""
-    cov = stats.covariance()
-    lam = covariance_spectrum(cov)
+    """Per-head pr, erank, stable_rank, rankme (H,) of one CovStats, in float64 on the CPU."""
+    return spectra_of(stats.covariance(), stats.outer / stats.n)
+
+
+def spectra_of(cov: torch.Tensor, second_moment: torch.Tensor) -> dict[str, torch.Tensor]:
+    """pr, erank, stable_rank (of the centered covariances) and rankme (of the uncentered second
+    moments), each (...,) for (..., D, D) inputs, in float64 on the CPU; every eigendecomposition in
+    one `eigvalsh_host` call."""
+    lam = covariance_spectrum(torch.stack([cov, second_moment]))
     return {
-        "pr": participation_ratio(cov),
-        "erank": entropy_rank(lam),
-        "stable_rank": lam.sum(-1) / lam[..., -1],
-        "rankme": rankme(stats.outer / stats.n),
+        "pr": participation_ratio(cov).cpu(),
+        "erank": entropy_rank(lam[0]),
+        "stable_rank": lam[0].sum(-1) / lam[0][..., -1],
+        "rankme": entropy_rank(lam[1].sqrt()),
     }
 
 
