@@ -95,14 +95,16 @@ def key_pr(arm: str, c: int, layer: int, seed: int) -> float:
 
 
 def write_run(root: Path, arm: str, seed: int, *, finished: bool = True, checkpoints=CHECKPOINTS,
-              pr=key_pr, n_layer: int = 4, lenses: bool = True, budget: int | None = None) -> Path:
+              pr=key_pr, n_layer: int = 4, lenses: bool = True, budget: int | None = None,
+              timing: dict | None = None) -> Path:
     """A metrics.jsonl in the documented schema (docs/metrics.md); `lenses=False` writes the rows of a
     run made before the lenses (no extra probe keys, no attn / weights / update rows); `budget` is
-    `train.tokens` (default the last of CHECKPOINTS)."""
+    `train.tokens` (default the last of CHECKPOINTS); `timing` adds the `end` row's phase seconds
+    (without it the `end` row is that of a run made before them). One step is 4 × 250 = 1,000 tokens."""
     optimizer, qk = arm.split("+")[0], "qknorm" in arm
     cfg = to_dict(Config())
     cfg["name"] = f"{arm}-s{seed}"
-    cfg["model"].update(n_layer=n_layer, head_dim=HEAD_DIM, qk_norm=qk)
+    cfg["model"].update(n_layer=n_layer, head_dim=HEAD_DIM, qk_norm=qk, seq_len=250)
     cfg["optim"].update(name=optimizer, qk_clip="qkclip" in arm)
     cfg["train"].update(seed=seed, tokens=budget or CHECKPOINTS[-1], batch_size=4)
     cfg["probe"]["checkpoints"] = list(CHECKPOINTS)
@@ -133,7 +135,7 @@ def write_run(root: Path, arm: str, seed: int, *, finished: bool = True, checkpo
     rows.append({"kind": "some_future_kind", "x": 1})
     if finished:
         rows.append({"kind": "end", "step": checkpoints[-1] // step_tokens, "tokens": checkpoints[-1],
-                     "wall_s": 12.0, "status": "finished"})
+                     "wall_s": 12.0, "status": "finished", **(timing or {})})
     path = root / f"{arm}-s{seed}" / "metrics.jsonl"
     path.parent.mkdir(parents=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -688,3 +690,49 @@ def test_findings_old_files_without_attention(tmp_path):
     assert "attention lenses were not recorded" in findings_text(text, "4. Attention")
     early = findings_text(text, "1. Early")
     assert "`adamw`: no finished `adamw+qknorm` arm" in early and "`muon`: no finished `muon+qknorm` arm" in early
+
+
+# ---------------------------------------------------------------------------------------------
+# where the time went: the `end` row's phase seconds
+
+
+def timing(wall: float, setup: float, first: float, evals: float, probes: float, ckpt: float) -> dict:
+    return {"wall_s": wall, "setup_s": setup, "first_step_s": first, "eval_s": evals, "probe_s": probes,
+            "checkpoint_s": ckpt}
+
+
+def test_cost_table_rate_and_shares(tmp_path):
+    # 100,000 tokens, one step 1,000: the rate is 99,000 / (wall − the five phases)
+    write_run(tmp_path, "adamw", 0, timing=timing(200.0, 20.0, 40.0, 10.0, 30.0, 1.0))  # rest 99: 1,000/s
+    write_run(tmp_path, "adamw", 1, timing=timing(250.0, 50.0, 50.0, 25.0, 50.0, 25.5))  # rest 49.5: 2,000/s
+    write_run(tmp_path, "muon", 0, timing=timing(100.0, 5.0, 10.0, 2.5, 7.5, 0.0))  # rest 75: 1,320/s
+    write_run(tmp_path, "muon", 1)  # written before the phase fields: left out of muon's numbers
+    write_run(tmp_path, "muon+qknorm", 0)  # no seed has them: no row
+    write_run(tmp_path, "adamw+qknorm", 0, timing=timing(100.0, 5.0, 10.0, 2.5, 7.5, 0.0))
+    diverged = write_run(tmp_path, "adamw+qknorm", 1, timing=timing(100.0, 90.0, 1.0, 1.0, 1.0, 1.0))
+    lines = diverged.read_text().splitlines()
+    end = json.loads(lines[-1]) | {"status": "diverged", "reason": "non-finite loss", "checkpoint_step": None}
+    diverged.write_text("\n".join([*lines[:-1], json.dumps(end)]) + "\n")
+    text = build_report(tmp_path).read_text()
+    assert text.index("## Figures") < text.index("## Where the time went") < text.index("## Diverged runs")
+    assert table_header(text, "## Where the time went") == [
+        "arm", "seeds", "wall time (s)", "training rate (tokens/s)", "set-up (%)", "first step (%)", "evals (%)",
+        "probes (%)", "checkpoints (%)"]
+    rows = {r[0].strip("`"): r[1:] for r in parse_table(text, "arm", "## Where the time went")}
+    assert list(rows) == ["adamw", "adamw+qknorm", "muon"]
+
+    def two(a: float, b: float, digits: int) -> str:  # seed mean ± t_{0.975,1}·sd/√2 = T1·|a − b|/2
+        return f"{(a + b) / 2:,.{digits}f} ± {T1 * abs(a - b) / 2:,.{digits}f}"
+    assert rows["adamw"] == ["2", two(200, 250, 1), two(1_000, 2_000, 0), two(10, 20, 1), two(20, 20, 1),
+                             two(5, 10, 1), two(15, 20, 1), two(0.5, 10.2, 1)]
+    assert rows["adamw"][2] == "1,500 ± 6,353"
+    one = ["100.0", "1,320", "5.0", "10.0", "2.5", "7.5", "0.0"]  # one seed: no interval
+    assert rows["muon"] == ["1 of 2", *one]
+    assert rows["adamw+qknorm"] == ["1", *one]  # the diverged seed is not counted
+
+
+def test_old_end_rows_give_no_cost_section(tmp_path, report):
+    for seed in (0, 1):
+        write_run(tmp_path, "muon", seed)
+    for text in (build_report(tmp_path).read_text(), report.read_text()):
+        assert "## Where the time went" not in text and "## Figures" in text

@@ -40,7 +40,7 @@ def logit_scales(model) -> list[float]:
 def spectral_rows(stats: dict[Key, CovStats]) -> list[dict]:
     """`stats_to_rows(stats)` with, per row, erank / stable_rank / rankme (layer mean over heads) and
     their per-head lists `*_heads`, plus `<metric>_null` for pr and each new metric (isotropic data of
-    the row's n and dim). One device sync for all eigendecompositions."""
+    the row's n and dim). One batch of eigendecompositions for all of them (`spectra.eigvalsh_host`)."""
     rows = stats_to_rows(stats)
     if not rows:
         return rows

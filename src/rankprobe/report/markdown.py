@@ -1,5 +1,5 @@
 """`report.md`: what was run, the headline key-spectrum table per arm, findings (findings.py),
-attention and weight lenses, the metric per checkpoint, figures, configs.
+attention and weight lenses, the metric per checkpoint, figures, where the time went, configs.
 
 Numbers come from metrics files only (see docs/metrics.md). Every aggregate is a seed mean with a
 95% Student-t half-width when an arm has more than one seed. Runs without an `end` row are listed as
@@ -43,6 +43,7 @@ from rankprobe.report.metrics import (
     headline,
     split_arms,
 )
+from rankprobe.report.stats import mean_ci
 
 TAP_MEANING = {
     "proj": "right after the key projection W_k",
@@ -68,10 +69,11 @@ METRIC_MEANING = {
 }
 
 
-def _pm(mean: float, half: float, digits: int) -> str:
+def _pm(mean: float, half: float, digits: int, sep: str = "") -> str:
+    """'mean ± half' to `digits` decimals (sep="," groups thousands); no ± where `half` is NaN."""
     if not math.isfinite(mean):
         return "n/a"
-    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if math.isfinite(half) else "")
+    return f"{mean:{sep}.{digits}f}" + (f" ± {half:{sep}.{digits}f}" if math.isfinite(half) else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -274,6 +276,52 @@ def _figure_section(out_dir: Path, arms: list[str], references: list[str], label
     return lines if len(lines) > 2 else []
 
 
+_PHASES = ("setup_s", "first_step_s", "eval_s", "probe_s", "checkpoint_s")
+
+
+def _run_cost(run: Run) -> list[float] | None:
+    """[wall s, training tokens/s, % of wall time in each of _PHASES] from a finished run's `end` row
+    (docs/metrics.md, section `end`); None for files written before the phase fields."""
+    end = run.rows["end"][-1]
+    phases = [end.get(k) for k in _PHASES]
+    if any(p is None for p in phases) or not end.get("wall_s"):
+        return None
+    cfg = flatten(run.config)
+    step_tokens = int(cfg.get("train.batch_size") or 0) * int(cfg.get("model.seq_len") or 0)
+    wall = float(end["wall_s"])
+    rest = wall - sum(phases)  # the other training steps and saving the final weights
+    rate = (int(end["tokens"]) - step_tokens) / rest if step_tokens and rest > 0 else math.nan
+    return [wall, rate, *(100 * p / wall for p in phases)]
+
+
+def _cost_section(arms: dict[str, list[Run]]) -> list[str]:
+    rows = []
+    for arm, group in arms.items():
+        costs = [c for c in map(_run_cost, group) if c is not None]
+        if not costs:
+            continue
+        mean, half = mean_ci(costs)  # (7,) each: over seeds
+        seeds = str(len(costs)) + (f" of {len(group)}" if len(costs) < len(group) else "")
+        digits = [1, 0] + [1] * len(_PHASES)
+        rows.append([f"`{arm}`", seeds, *(_pm(m, h, d, ",") for m, h, d in zip(mean, half, digits))])
+    if not rows:
+        return []
+    header = ["arm", "seeds", "wall time (s)", "training rate (tokens/s)", "set-up (%)", "first step (%)",
+              "evals (%)", "probes (%)", "checkpoints (%)"]
+    return [
+        "## Where the time went", "",
+        "From each run's `end` row (docs/metrics.md, section `end`). Wall time is the whole run, summed over "
+        "resumed segments. Set-up runs from the start of a process to its first step (tokens, model, optimizer, "
+        "checkpoint loading); the first step is mostly compiling and autotuning; probes include every lens. "
+        "The shares are percentages of wall time; what they leave is the other training steps and saving the "
+        "final weights, and the training rate is the tokens after the first step divided by that remainder. "
+        "Values are seed means; ± is the 95% t-interval half-width over seeds (shown only where an arm has more "
+        "than one seed with timings). Runs written before these fields have no timings and are left out; "
+        "\"1 of 2\" seeds says one seed of two had them.", "",
+        *_table(header, rows), "",
+    ]
+
+
 def _incomplete_section(incomplete: list[Run], root: Path) -> list[str]:
     if not incomplete:
         return []
@@ -375,6 +423,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
         if arms:
             lines += _checkpoint_section({a: prs[a] for a in arms}, tensor, metric)
         lines += _figure_section(out_dir, list(arms), list(refs), label, figures)
+        lines += _cost_section(arms)
     lines += _diverged_section(diverged, base)
     lines += _incomplete_section(incomplete, base)
     if arms:
