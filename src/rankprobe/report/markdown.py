@@ -322,6 +322,11 @@ def _cost_section(arms: dict[str, list[Run]]) -> list[str]:
     ]
 
 
+def _where(run: Run, root: Path) -> Path:
+    """A run's metrics file, relative to the report's folder where it lies inside it."""
+    return run.path.relative_to(root) if run.path.is_relative_to(root) else run.path
+
+
 def _incomplete_section(incomplete: list[Run], root: Path) -> list[str]:
     if not incomplete:
         return []
@@ -329,8 +334,7 @@ def _incomplete_section(incomplete: list[Run], root: Path) -> list[str]:
     for r in incomplete:
         reached = max((int(x.get("tokens", 0)) for k in ("train", "eval", "probe") for x in r.rows.get(k, [])),
                       default=0)
-        where = r.path.relative_to(root) if r.path.is_relative_to(root) else r.path
-        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), f"{reached:,}", f"`{where}`"])
+        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), f"{reached:,}", f"`{_where(r, root)}`"])
     return [
         "## Incomplete runs", "",
         f"{len(incomplete)} run(s) have no `end` row (crashed, killed, or still running). They are excluded "
@@ -345,9 +349,8 @@ def _diverged_section(diverged: list[Run], root: Path) -> list[str]:
     rows = []
     for r in diverged:
         ckpt = r.rows["end"][-1].get("checkpoint_step")
-        where = r.path.relative_to(root) if r.path.is_relative_to(root) else r.path
         rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), f"{r.ended_at:,}",
-                     "none" if ckpt is None else f"step {ckpt}", f"`{where}`"])
+                     "none" if ckpt is None else f"step {ckpt}", f"`{_where(r, root)}`"])
     return [
         "## Diverged runs", "",
         f"{len(diverged)} run(s) stopped because the training loss or the weights became NaN or infinite. "
