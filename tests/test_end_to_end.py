@@ -80,6 +80,21 @@ def test_sweep_runs_every_arm_skips_finished_and_reports(corpus_file, cache, tmp
     after = {a.name: (tmp_path / a.name / "metrics.jsonl").stat().st_mtime_ns for a in grid}
     assert [n for n in before if before[n] != after[n]] == ["muon-s0"]
     assert is_finished(tmp_path / "muon-s0")
+    # a finished arm archived as metrics.jsonl.xz (as results/ publishes them) counts as finished too;
+    # an archived arm that never ended does not
+    import lzma
+
+    for name, keep in (("adamw-s0", None), ("adamw+qknorm-s0", -1)):
+        plain = tmp_path / name / "metrics.jsonl"
+        lines = plain.read_text().splitlines(keepends=True)
+        (tmp_path / name / "metrics.jsonl.xz").write_bytes(lzma.compress("".join(lines[:keep]).encode()))
+        plain.unlink()
+    assert is_finished(tmp_path / "adamw-s0") and not is_finished(tmp_path / "adamw+qknorm-s0")
+    run_sweep(cfg, tmp_path)
+    assert not (tmp_path / "adamw-s0" / "metrics.jsonl").exists()  # not retrained
+    assert is_finished(tmp_path / "adamw+qknorm-s0")  # retrained, its stale archive removed
+    assert not (tmp_path / "adamw+qknorm-s0" / "metrics.jsonl.xz").exists()
+    assert "`adamw`" in (tmp_path / "report.md").read_text()
 
 
 def cli(*args, cwd=None):

@@ -92,7 +92,8 @@ def evaluate(model, data: TokenData, cfg: Config, device, amp, dist: Dist = Dist
     return float(total) / count, count
 
 
-_OUTPUTS = (METRICS, CHECKPOINT, temp_path(Path(CHECKPOINT)).name, "model.safetensors", "config.json", "env.json")
+_OUTPUTS = (METRICS, f"{METRICS}.gz", f"{METRICS}.xz", CHECKPOINT, temp_path(Path(CHECKPOINT)).name,
+            "model.safetensors", "config.json", "env.json")
 
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool = False) -> None:
