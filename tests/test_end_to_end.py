@@ -90,6 +90,9 @@ def test_sweep_runs_every_arm_skips_finished_and_reports(corpus_file, cache, tmp
         (tmp_path / name / "metrics.jsonl.xz").write_bytes(lzma.compress("".join(lines[:keep]).encode()))
         plain.unlink()
     assert is_finished(tmp_path / "adamw-s0") and not is_finished(tmp_path / "adamw+qknorm-s0")
+    archive = (tmp_path / "adamw-s0" / "metrics.jsonl.xz").read_bytes()
+    train(grid[0], tmp_path / "adamw-s0", resume=True)  # `train --resume` leaves an archived run alone
+    assert (tmp_path / "adamw-s0" / "metrics.jsonl.xz").read_bytes() == archive
     run_sweep(cfg, tmp_path)
     assert not (tmp_path / "adamw-s0" / "metrics.jsonl").exists()  # not retrained
     assert is_finished(tmp_path / "adamw+qknorm-s0")  # retrained, its stale archive removed

@@ -219,6 +219,17 @@ def first_row(metrics_path: Path) -> dict | None:
     return row if isinstance(row, dict) and row.get("kind") == "run" else None
 
 
+def archived_rows(run_dir: Path) -> list[dict] | None:
+    """The rows of a compressed `metrics.jsonl.xz` / `.gz` that stands for a run folder without a plain
+    metrics.jsonl (a run archived for publishing, as in results/); None if there is none."""
+    from .report.metrics import METRICS_NAMES, read_metrics
+
+    if (run_dir / METRICS).exists():
+        return None
+    path = next((run_dir / n for n in METRICS_NAMES if n != METRICS and (run_dir / n).exists()), None)
+    return None if path is None else read_metrics(path)
+
+
 def end_row(metrics_path: Path, quiet: bool = False) -> dict | None:
     """The `end` row if the run ended (finished or diverged), else None."""
     row = last_row(metrics_path, quiet)

@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import METRICS, config_differences, end_row, first_row, folder_lock
+from .checkpoint import METRICS, archived_rows, config_differences, end_row, first_row, folder_lock
 from .config import Config, UserError, arm_label, parse_arm, to_dict
 from .data.tokens import prepare
 from .runlog import ensure_writable
@@ -49,23 +49,12 @@ def arms(cfg: Config) -> list[Config]:
     return out
 
 
-def _archived(run_dir: Path) -> list[dict] | None:
-    """The rows of a compressed `metrics.jsonl.xz` / `.gz` that stands for a run folder without a plain
-    metrics.jsonl (a run archived for publishing, as in results/); None if there is none."""
-    from .report.metrics import METRICS_NAMES, read_metrics
-
-    if (run_dir / METRICS).exists():
-        return None
-    path = next((run_dir / n for n in METRICS_NAMES if n != METRICS and (run_dir / n).exists()), None)
-    return None if path is None else read_metrics(path)
-
-
 def is_finished(run_dir: Path) -> bool:
     """A run has ended (finished or diverged) when the last complete row of its metrics file (or of
-    its compressed archive) is an `end` row; a torn last line (a crash mid-write) is dropped with a
-    warning first."""
+    its compressed archive, checkpoint.archived_rows) is an `end` row; a torn last line (a crash
+    mid-write) is dropped with a warning first."""
     run_dir = Path(run_dir)
-    archived = _archived(run_dir)
+    archived = archived_rows(run_dir)
     if archived is not None:
         return bool(archived) and archived[-1].get("kind") == "end"
     return end_row(run_dir / METRICS) is not None
@@ -75,7 +64,7 @@ def check_arm_folders(grid: list[Config], out_dir: Path) -> None:
     """Refuse to mix runs of different settings in one sweep folder: an arm folder whose run was made
     with other settings would otherwise be skipped as done, or resumed under the wrong config."""
     for a in grid:
-        archived = _archived(out_dir / a.name)
+        archived = archived_rows(out_dir / a.name)
         head = archived[0] if archived else first_row(out_dir / a.name / METRICS)
         if head is None or not isinstance(head.get("config"), dict):
             continue

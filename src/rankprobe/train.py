@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CHECKPOINT, LOCK, METRICS, capture, check_config, check_metrics, end_row, folder_lock,
-                         load_checkpoint, restore, rewind_metrics, save_checkpoint, temp_path)
+from .checkpoint import (CHECKPOINT, LOCK, METRICS, archived_rows, capture, check_config, check_metrics, end_row,
+                         folder_lock, load_checkpoint, restore, rewind_metrics, save_checkpoint, temp_path)
 from .config import Config, UserError, arm_label, to_dict
 from .data.tokens import TokenData, prepare
 from .dist import Dist, all_reduce_, device_for, mean_, on_main, reduce_probe_stats, shard_rows
@@ -131,8 +131,9 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
             held.enter_context(folder_lock(run_dir))
             if not resume:
                 return "fresh"
-            end = end_row(metrics_path, quiet=True)  # a torn line is reported where it is cut off
-            if end is not None:
+            archived = archived_rows(run_dir)  # a finished run compressed for publishing stays as it is
+            end = archived[-1] if archived else end_row(metrics_path, quiet=True)  # torn lines: reported later
+            if end is not None and end.get("kind") == "end":
                 log.info("%s already ended (%s); nothing to resume", run_dir, end.get("status"))
                 return "ended"
             state = _open_checkpoint(cfg, run_dir)
