@@ -210,7 +210,7 @@ def attention_by_hand(q: torch.Tensor, k: torch.Tensor) -> tuple[np.ndarray, np.
                     continue
                 p = np.exp(logits - logits.max())
                 p /= p.sum()
-                e = -(p * np.log(p)).sum()
+                e = -(p * np.log(np.where(p > 0, p, 1))).sum()  # 0 log 0 = 0
                 ent[h] += e / (N * (T - 1))
                 norm[h] += e / math.log(t + 1) / (N * (T - 1))
     return ent, norm, mx
@@ -236,6 +236,22 @@ def test_attention_lenses_match_a_hand_computation(kw):
         assert all(0 < e < 1 for e in row["entropy_norm_heads"])
         assert row["n_rows"] == 3 * 15 and row["seq_len"] == 16
     assert model.training
+
+
+def test_attention_entropy_stays_accurate_when_logits_are_large():
+    """Entropy is logsumexp minus the expected logit: with logits in the hundreds (a collapsed AdamW
+    arm reached ~500) both terms are large and nearly equal, and their float32 difference must still
+    match the float64 hand computation of -Σ p log p."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 24, 2, 8, generator=g) * 12, torch.randn(2, 24, 2, 8, generator=g) * 12
+    stats = AttentionStats()
+    stats.add(0, q, k, 8 ** -0.5)
+    row = stats.rows()[0]
+    ent, norm, mx = attention_by_hand(q, k)
+    assert mx.max() > 200 and ent.min() < 0.5  # the regime under test: huge logits, near one-hot rows
+    np.testing.assert_allclose(row["entropy_heads"], ent, atol=5e-5)
+    np.testing.assert_allclose(row["entropy_norm_heads"], norm, atol=5e-5)
+    np.testing.assert_allclose(row["max_logit_heads"], mx, rtol=1e-6)
 
 
 def test_attention_stats_do_not_depend_on_the_memory_budget():

@@ -106,5 +106,7 @@ def test_eigvalsh_host_matches_numpy_for_batches_of_any_shape():
     got = eigvalsh_host(torch.from_numpy(mats))
     assert got.shape == (3, 20, 16) and got.dtype == torch.float64 and got.device.type == "cpu"
     np.testing.assert_allclose(got.numpy(), np.linalg.eigvalsh(mats), rtol=1e-10, atol=1e-10)
+    threaded = eigvalsh_host(torch.from_numpy(mats), threads=3)  # 60 matrices in 3 slices on threads
+    np.testing.assert_array_equal(threaded.numpy(), got.numpy())
     one = eigvalsh_host(torch.from_numpy(mats[0, 0]))
     np.testing.assert_allclose(one.numpy(), np.linalg.eigvalsh(mats[0, 0]), rtol=1e-10, atol=1e-10)

@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .capture import Key, Sink, covariance_sink, feed, is_hf, stats_to_rows
 from .spectra import CovStats, isotropic_null, matrix_metrics, spectra_of
@@ -85,10 +86,14 @@ class AttentionStats:
     `add(layer, q, k, scale)` takes the post-RoPE q (B, T, H, D) and k (B, T, Hkv, D) of one batch;
     query head h reads key head h // (H / Hkv), as SDPA's enable_gqa and HF's repeat_kv do. Rows
     t ≥ 1 (at least two visible keys) enter the entropy means; every visible pair enters the max.
-    The scores are formed in float32 for at most `budget` elements at a time.
+
+    A row's entropy is H_t = logsumexp_j s_tj − Σ_j p_tj s_tj, and the second term is
+    scale · q_t · o_t with o = softmax(s)·k: one SDPA call with the keys as values, which never forms
+    the T×T matrix. The logsumexp and the max need the scores themselves: they are formed in float32
+    for at most `budget` elements at a time, with the causal mask added by the same matmul.
     """
 
-    def __init__(self, budget: int = 2**24):
+    def __init__(self, budget: int = 2**26):
         self.budget = budget
         self.layers: dict[int, dict] = {}
 
@@ -100,28 +105,28 @@ class AttentionStats:
 
     def _add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
         B, T, H, D = q.shape
-        rep = H // k.size(2)
-        q = q.float().transpose(1, 2).reshape(B * H, T, D)  # (B·H, T, D)
-        k = k.float().transpose(1, 2).repeat_interleave(rep, dim=1).reshape(B * H, T, D)
-        head = torch.arange(B * H, device=q.device) % H
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        log_keys = torch.arange(1, T + 1, device=q.device, dtype=torch.float32).log()  # log(t + 1)
+        q = q.float().transpose(1, 2)  # (B, H, T, D)
+        k = k.float().transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)
         s = self.layers.setdefault(layer, {
             "entropy": torch.zeros(H, dtype=torch.float64, device=q.device),
             "entropy_norm": torch.zeros(H, dtype=torch.float64, device=q.device),
             "max_logit": torch.full((H,), -math.inf, device=q.device), "rows": 0, "T": T,
             "entropy_max": math.lgamma(T + 1) / (T - 1) if T > 1 else 0.0,  # mean of log(t + 1), t ≥ 1
         })
+        expected = scale * (q * F.scaled_dot_product_attention(q, k, k, is_causal=True, scale=scale)).sum(-1)
+        q, k = q.reshape(B * H, T, D), k.reshape(B * H, T, D)
+        mask = torch.full((T, T), -math.inf, device=q.device).triu(1)
+        lse, row_max = torch.empty(B * H, T, device=q.device), torch.empty(B * H, T, device=q.device)
         chunk = max(1, self.budget // (T * T))
         for i in range(0, B * H, chunk):
-            scores = (q[i : i + chunk] @ k[i : i + chunk].transpose(1, 2)) * scale  # (c, T, T)
-            scores.masked_fill_(future, -math.inf)
-            h = head[i : i + chunk]
-            s["max_logit"].scatter_reduce_(0, h, scores.amax((1, 2)), "amax")
-            logp = scores.log_softmax(-1)
-            ent = -(logp.exp() * logp.masked_fill(future, 0)).sum(-1)[:, 1:]  # (c, T-1)
-            s["entropy"].index_add_(0, h, ent.sum(-1).double())
-            s["entropy_norm"].index_add_(0, h, (ent / log_keys[1:]).sum(-1).double())
+            scores = torch.baddbmm(mask, q[i : i + chunk], k[i : i + chunk].transpose(1, 2), alpha=scale)
+            m = row_max[i : i + chunk] = scores.amax(-1)  # (c, T)
+            lse[i : i + chunk] = scores.sub_(m[..., None]).exp_().sum(-1).log_().add_(m)
+        ent = (lse.view(B, H, T) - expected)[..., 1:].double()  # (B, H, T-1)
+        log_keys = torch.arange(2, T + 1, device=q.device, dtype=torch.float64).log()  # log(t + 1), t ≥ 1
+        s["entropy"] += ent.sum((0, 2))
+        s["entropy_norm"] += (ent / log_keys).sum((0, 2))
+        s["max_logit"] = torch.maximum(s["max_logit"], row_max.view(B, H, T).amax((0, 2)))
         s["rows"] += B * (T - 1)
 
     def rows(self) -> list[dict]:

@@ -14,6 +14,8 @@ each metric takes on isotropic Gaussian data of the same N and D (docs/lenses.md
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -92,19 +94,37 @@ def entropy_rank(values: torch.Tensor) -> torch.Tensor:
 HOST_EIG_MAX_DIM = 128  # symmetric matrices up to this size are decomposed on the CPU
 
 
-def eigvalsh_host(mats: torch.Tensor) -> torch.Tensor:
+def host_threads() -> int:
+    """Threads for small CPU eigendecompositions: half the cores this process may use, at most 8 (a
+    sweep runs one process per GPU on the same host)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="rankprobe-eig")
+
+
+def eigvalsh_host(mats: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """Eigenvalues (..., D), ascending, of symmetric (..., D, D), in float64, returned on the CPU.
 
-    One call for the whole batch. Matrices up to HOST_EIG_MAX_DIM wide are decomposed by LAPACK on
-    the CPU after one device-to-host copy (~0.1 ms each at D = 64): cuSOLVER decomposes a batch of
-    64×64 float64 matrices one by one at ~0.25 ms each, and each call's error check is a host sync.
-    Larger ones (weight Gram matrices, 768 wide at seed-22l) stay on their device. No thread pool:
-    LAPACK threads inside parallel Python threads oversubscribed the cores of a GPU host (BENCHMARKS.md).
+    Matrices up to HOST_EIG_MAX_DIM wide are decomposed by LAPACK on the CPU after one device-to-host
+    copy (~0.1 ms each at D = 64), the batch split into one slice per thread (default `host_threads()`):
+    torch decomposes a CPU batch one matrix after another on one core, and cuSOLVER decomposes a batch
+    of 64×64 float64 matrices one by one at ~0.25 ms each with a host sync per call. Larger ones (weight
+    Gram matrices, 768 wide at seed-22l) stay on their device, in one call.
     """
     a = mats.detach().to(torch.float64)
-    if a.size(-1) <= HOST_EIG_MAX_DIM:
-        a = a.cpu()
-    return torch.linalg.eigvalsh(a).cpu()
+    if a.size(-1) > HOST_EIG_MAX_DIM:
+        return torch.linalg.eigvalsh(a).cpu()
+    a = a.cpu()
+    flat = a.reshape(-1, *a.shape[-2:])
+    threads = min(threads or host_threads(), flat.size(0) // 16)  # slices of at least 16 matrices
+    if threads <= 1:
+        return torch.linalg.eigvalsh(a)
+    parts = _pool(threads).map(torch.linalg.eigvalsh, flat.tensor_split(threads))
+    return torch.cat(list(parts)).reshape(a.shape[:-1])
 
 
 def covariance_spectrum(cov: torch.Tensor) -> torch.Tensor:
