@@ -111,3 +111,30 @@ def test_flops_per_token_counts_6n_plus_attention():
     model = Transformer(cfg)
     n = model.num_params() - model.tok_emb.weight.numel()
     assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 16 * 32
+
+
+def test_regional_compile_matches_eager_and_leaves_the_module_eager():
+    """train.compile = "regional": each block and the loss head compiled on their own (Inductor on the
+    CPU here) give the eager loss and gradients, one compiled block serves every layer, and the module
+    itself stays eager, so probe hooks never enter a compiled graph."""
+    import torch._dynamo
+
+    from rankprobe.train import compile_regions
+
+    torch.manual_seed(0)
+    model = Transformer(tiny(n_layer=3, qk_norm=True))
+    x, y = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    model(x, y).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    step = compile_regions(model, model)
+    loss = step(x, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(model(x, y).item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert counters["stats"]["unique_graphs"] == 2  # one block graph for 3 layers, one for the head
+    assert type(model.blocks[0]) is not torch._dynamo.eval_frame.OptimizedModule

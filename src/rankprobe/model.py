@@ -140,14 +140,22 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.wo.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
             nn.init.normal_(block.mlp.w_down.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy when targets are given."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, regions=None):
+        """idx (B, T) token ids -> logits (B, T, V), or the mean cross-entropy when targets are given.
+
+        `regions` = (blocks, head) stands in for `self.blocks` and `self.head`: compiled wrappers of
+        them (train.py, `train.compile = "regional"`), so the module itself stays eager for probes."""
+        blocks, head = (self.blocks, self.head) if regions is None else regions
         x = self.tok_emb(idx)  # (B, T, d)
-        for block in self.blocks:
+        for block in blocks:
             x = block(x, self.rope_cos, self.rope_sin)
+        return head(x, targets)
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        """Final norm and unembedding of the residual stream x (B, T, d): logits, or the mean cross-entropy."""
         x = self.norm_f(x)
-        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head)  # (B, T, V)
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))

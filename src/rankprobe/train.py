@@ -39,6 +39,15 @@ from .runlog import PHASE_FIELDS, SCHEMA_VERSION, MetricsWriter, NullWriter, ens
 log = logging.getLogger(__name__)
 
 
+def compile_regions(fwd, model: Transformer):
+    """`fwd(x, y)` (the model, or its DDP wrapper) running each block and the loss head through its
+    own `torch.compile` wrapper (PyTorch's regional compilation). The blocks share code and shapes,
+    so one compiled block serves every layer and compiling costs about one layer's worth; the model
+    itself stays eager, for evals and probes."""
+    regions = ([torch.compile(block) for block in model.blocks], torch.compile(model.head))
+    return lambda x, y: fwd(x, y, regions=regions)
+
+
 def probe_schedule(total_tokens: int, tokens_per_step: int, n: int, explicit: list[int]) -> list[int]:
     """Token counts to probe at, each snapped up to a step boundary: 0, then log-spaced, then the budget.
 
@@ -187,7 +196,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     if state is not None:
         restore(state, model, optimizers, run_dir / CHECKPOINT)
     # Compiled on CUDA by default; the CPU (and so the test suite) runs eager.
-    compiled = cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
+    mode = cfg.train.compile if cfg.train.compile != "auto" else "true" if device.type == "cuda" else "false"
+    compiled = mode != "false"
     clip = None
     if cfg.optim.qk_clip:
         if compiled:
@@ -197,14 +207,17 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
         # Each rank saw its slice of the batch: clip by the global batch's S_max on every rank.
         merge_max = (lambda s_max: all_reduce_(dist, [s_max], "max")) if dist.active else None
         clip = QKClip(model, cfg.optim.qk_clip_tau, sequences=cfg.optim.qk_clip_sequences, merge_max=merge_max)
-    step_fwd = torch.compile(model) if compiled else model
+    step_fwd = model
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # broadcast_buffers off: the only buffers (RoPE tables) are computed, identical on every rank,
         # and a per-forward broadcast would make eval batches, which differ per rank, collective.
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        step_fwd = torch.compile(ddp) if compiled else ddp
+        step_fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if mode == "true":
+        step_fwd = torch.compile(step_fwd)
+    elif mode == "regional":
+        step_fwd = compile_regions(step_fwd, model)
     amp = autocast_dtype(cfg, device)
 
     tokens_per_step = B * T
