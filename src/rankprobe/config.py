@@ -128,9 +128,10 @@ class TrainConfig:
     dtype: str = "auto"
     """autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16', 'fp32'"""
     compile: str = "auto"
-    """torch.compile the training step: 'auto' (on CUDA, off on the CPU), 'true' (the whole model as
-    one graph), 'regional' (each block compiled on its own, plus the loss head: the layers share one
-    compiled block, so compiling costs far less) or 'false'"""
+    """torch.compile the training step: 'true' (the whole model as one graph), 'regional' (each block
+    compiled on its own, plus the loss head: the layers share one compiled block, so a cold compile
+    takes a fraction of the time), 'false', or 'auto': regional on one GPU, the whole model under
+    torchrun, off on the CPU"""
     eval_tokens: int = 65536
     """validation tokens per evaluation"""
     log_every: int = 10

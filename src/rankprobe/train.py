@@ -195,8 +195,12 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     optimizers, group_sizes = build_optimizers(model, cfg.optim, device)
     if state is not None:
         restore(state, model, optimizers, run_dir / CHECKPOINT)
-    # Compiled on CUDA by default; the CPU (and so the test suite) runs eager.
-    mode = cfg.train.compile if cfg.train.compile != "auto" else "true" if device.type == "cuda" else "false"
+    # Compiled on CUDA by default; the CPU (and so the test suite) runs eager. "auto" compiles by
+    # region on one GPU (a cold compile of 14 s against 50 s at seed-22l on an H200, BENCHMARKS.md) and
+    # the whole DDP model under torchrun (the combination measured on GPUs).
+    mode = cfg.train.compile
+    if mode == "auto":
+        mode = "false" if device.type != "cuda" else "true" if dist.active else "regional"
     compiled = mode != "false"
     clip = None
     if cfg.optim.qk_clip:
