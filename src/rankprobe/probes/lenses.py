@@ -3,8 +3,8 @@
 - `spectral_rows`: the `probe` rows of `capture.stats_to_rows` plus erank, stable rank and RankMe per
   head, and each metric's isotropic finite-sample null.
 - `attention_lenses`: per layer and head, the mean causal attention entropy and the largest
-  pre-softmax logit, from an explicit-softmax pass fed by the rope taps (SDPA never materialises
-  the attention weights, so they are recomputed here, in chunks of bounded memory).
+  pre-softmax logit, recomputed from the rope taps (SDPA never materialises the attention weights;
+  the scores are formed here in chunks of bounded memory).
 - `probe_lenses`: both of the above in one pass over the probe set.
 - `weight_lenses`, `weight_snapshot`, `update_rms`: spectra of W_q, W_k, W_v, W_o and of one update.
 
