@@ -1,0 +1,37 @@
+"""benchmarks/throughput.py keeps working: its CPU smoke run measures every section and renders them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_throughput_smoke_measures_every_section_and_renders(tmp_path):
+    out, md = tmp_path / "smoke.json", tmp_path / "bench.md"
+    md.write_text("# kept\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--json", str(out),
+                          "--out", str(md), "--sections", "seed,opt,eager,wide,probes,recompile"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    R = json.loads(out.read_text())
+    assert not R["skipped"]
+    arms = {(r["impl"], r["mode"], r["optimizer"]) for r in R["train"]}
+    for impl in ("rankprobe", "hf"):
+        for mode in ("compile", "eager"):
+            assert {(impl, mode, o) for o in ("adamw", "muon", "torch-muon")} <= arms
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in R["train"])
+    assert {r["optimizer"] for r in R["opt"]} >= {"muon (RankProbe, shape-batched)", "torch.optim.Muon"}
+    P = R["probe"]
+    assert all(P[k] > 0 for k in ("probe_pr_s", "probe_spectra_s", "probe_activations_s", "weights_whole_s",
+                                  "weights_s", "lenses_s", "eval_s"))
+    text = md.read_text()
+    assert text.startswith("# kept\n")  # the hand-written part above the marker is kept
+    assert "### Probes and eval at one checkpoint" in text and "its parts:" in text
+    rendered = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--render", str(out),
+                               "--out", str(tmp_path / "again.md")], capture_output=True, text=True, env=env)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    assert (tmp_path / "again.md").read_text().split("Command:")[1] == text.split("Command:")[1]
