@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from rankprobe.config import load
@@ -222,3 +223,16 @@ def test_scan_trains_one_run_per_value_and_marks_the_best(corpus_file, cache, tm
     assert main(args) == 0  # nothing to redo
     assert [p.stat().st_mtime_ns for p in paths] == before
     assert main(["scan", "demo", "--param", "optim.lrr", "--values", "1", "--out", str(out)]) == 2
+
+
+def test_regional_compile_trains_like_eager_with_qk_clip(corpus_file, cache, tmp_path):
+    """train.compile = "regional" (Inductor on the CPU here) follows the eager run's losses, and QK-Clip's
+    hooks still record inside the compiled blocks (its tracker raises if they record nothing)."""
+    kw = {"optim.qk_clip": "true", "optim.qk_clip_tau": "2.0", "train.tokens": "1500"}
+    losses = {}
+    for mode in ("false", "regional"):
+        path = train(tiny_cfg(corpus_file, cache, **{"train.compile": mode, **kw}), tmp_path / mode)
+        losses[mode] = [r["loss"] for r in rows(path, "train")]
+        assert rows(path, "end")[0]["status"] == "finished"
+    assert len(losses["false"]) > 3
+    np.testing.assert_allclose(losses["regional"], losses["false"], rtol=1e-4)
