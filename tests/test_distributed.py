@@ -74,9 +74,18 @@ def _cli_env():
     return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
+# torchrun's own start-up can lose a race for a local port or connection; such a run is retried once
+NETWORK_ERRORS = ("EADDRINUSE", "Address already in use", "DistNetworkError", "RendezvousConnectionError",
+                  "Connection reset by peer", "Connection refused")
+
+
 def _torchrun(*args, nproc=2):
     cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "rankprobe.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300)
+    if r.returncode != 0 and any(e in r.stderr for e in NETWORK_ERRORS):
+        print(f"torchrun failed to start its processes; retrying once:\n{r.stderr[-2000:]}")
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300)
+    return r
 
 
 def _single(*args):
