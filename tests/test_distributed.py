@@ -188,3 +188,17 @@ def test_gpus_without_gpus_refuses_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--gpus 2 but this machine has 0" in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+def test_torchrun_with_regional_compile_matches_one_eager_process(corpus_file, cache, tmp_path):
+    """DDP around regionally compiled blocks (Inductor on the CPU, gloo) trains like one eager process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = _single("train", "demo", "--out", str(one), *overrides(corpus_file, cache, **{"train.compile": "false"}))
+    assert r.returncode == 0, r.stderr
+    r = _torchrun("train", "demo", "--out", str(two), *overrides(corpus_file, cache, **{"train.compile": "regional"}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    la = [r["loss"] for r in rows(one / "metrics.jsonl", "train")]
+    lb = [r["loss"] for r in rows(two / "metrics.jsonl", "train")]
+    assert len(la) > 3 and lb == pytest.approx(la, rel=1e-5)
