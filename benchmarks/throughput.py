@@ -7,7 +7,8 @@ One command measures, at the seed-22l shape and one wider shape:
     (Muon on the hidden matrices, fused AdamW on the rest), at the preset batch and at 128k tokens
     per optimizer step (gradient accumulation);
   - the optimizer step alone (CUDA events, median) against the Newton-Schulz FLOP floor;
-  - one probe_model call and one eval pass, as a share of a seed-22l run's wall time.
+  - one checkpoint's probes (every lens, its parts, and PR alone) and one eval pass, as a share of a
+    seed-22l run's wall time (section `probes` runs them alone, on a freshly initialised model).
 Results go to a Markdown file (the part below GENERATED is rewritten; text above it is kept).
 
     PYTHONPATH=src python benchmarks/throughput.py --json results.json    # GPU: ~5 min, BENCHMARKS.md
