@@ -62,6 +62,28 @@ def test_train_writes_schema_and_is_deterministic(corpus_file, cache, tmp_path):
     assert losses[-1] < losses[0]  # it learns
 
 
+def test_weight_rows_from_the_worker_thread_describe_each_checkpoints_weights(corpus_file, cache, tmp_path):
+    """The weight spectra are decomposed on a worker thread while training goes on, yet each
+    checkpoint's rows sit between its own probe rows and the next checkpoint, and the final ones are
+    exactly the spectra of the saved weights."""
+    from rankprobe.probes.hf import load_run_checkpoint
+    from rankprobe.probes.lenses import weight_lenses
+
+    path = train(tiny_cfg(corpus_file, cache, **{"train.checkpoint_minutes": "10"}), tmp_path / "w")
+    got = rows(path)
+    ckpts = rows(path, "run")[0]["probe_checkpoints"]
+    for i, tokens in enumerate(ckpts):
+        at = [j for j, r in enumerate(got) if r["kind"] == "weights" and r["tokens"] == tokens]
+        assert len(at) == 2 * 4 and at == list(range(at[0], at[0] + 8))
+        own = max(j for j, r in enumerate(got) if r["kind"] == "probe" and r["tokens"] == tokens)
+        nxt = next(j for j, r in enumerate(got) if r["kind"] in ("eval", "end") and r["tokens"] > tokens
+                   or r["kind"] == "end")
+        assert own < at[0] and at[-1] < nxt
+    final = [{k: v for k, v in r.items() if k not in ("kind", "step", "tokens")}
+             for r in got if r["kind"] == "weights" and r["tokens"] == ckpts[-1]]
+    assert final == weight_lenses(load_run_checkpoint(path.parent))
+
+
 def test_sweep_runs_every_arm_skips_finished_and_reports(corpus_file, cache, tmp_path):
     cfg = tiny_cfg(corpus_file, cache)
     grid = arms(cfg)

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from .dist import Dist, all_reduce_, device_for, mean_, on_main, reduce_probe_st
 from .model import Transformer
 from .optim.build import apply_lr, build_optimizers, lr_scale
 from .optim.qkclip import QKClip
-from .probes.lenses import probe_lenses, update_rms, weight_lenses, weight_snapshot
+from .probes.lenses import probe_lenses, update_rms, weight_lenses_start, weight_snapshot
 from .runlog import PHASE_FIELDS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, env_info
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,23 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     # Where this run's wall time went (seconds, summed over resumes): the `end` row reports it.
     timing = dict.fromkeys(PHASE_FIELDS, 0.0) | (state or {}).get("timing", {})
 
+    # The weight spectra's eigendecompositions (0.64 s a checkpoint at seed-22l on an H200, BENCHMARKS.md)
+    # run on a worker thread while training goes on. One job at a time: its rows are written before the
+    # next checkpoint's, before a checkpoint is saved and before the `end` row, so metrics.jsonl comes
+    # out the same every time and a resumed run neither loses nor repeats them.
+    worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-weights")
+    pending: list[tuple[int, Future]] = []
+
+    def drain() -> None:
+        t0 = time.perf_counter()
+        while pending:
+            step, job = pending.pop(0)
+            for row in job.result():
+                out.write("weights", step=step, tokens=step * tokens_per_step, **row)
+        timing["probe_s"] += time.perf_counter() - t0
+
     def probe(step: int, updates: list[dict]) -> None:
+        drain()
         tokens = step * tokens_per_step
         t0 = time.perf_counter()
         # Eager: a compiled eval would be a second graph (no grad, eval mode) costing ~25 s of compile
@@ -261,9 +278,9 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
         # keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way).
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             rows, attn = probe_lenses(model, probe_shard, B, attention=cfg.probe.attention, merge=merge)
-        lenses = [("probe", rows), ("attn", attn)]
+        lenses = [("probe", rows), ("attn", attn), ("update", updates)]
         if cfg.probe.weights and dist.is_main:  # replicated weights: rank 0's are everyone's
-            lenses += [("weights", weight_lenses(model)), ("update", updates)]
+            pending.append((step, worker.submit(weight_lenses_start(model))))
         for kind, kind_rows in lenses:
             for row in kind_rows:
                 out.write(kind, step=step, tokens=tokens, **row)
@@ -275,6 +292,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     def save(step: int) -> None:
         if not dist.is_main:
             return
+        drain()
         t0 = time.perf_counter()
         save_checkpoint(ckpt_path, capture(
             model, optimizers, config=to_dict(cfg), step=step, tokens=step * tokens_per_step,
@@ -329,6 +347,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
                                  step in probe_steps or sync_due)
             if broken:
                 if dist.is_main:
+                    drain()  # rows of the last checkpoint's weights, which were finite
                     _diverged(out, cfg, *broken, tokens_per_step, saved["step"], ckpt_path,
                               time.perf_counter() - t_start)
                 return
@@ -348,9 +367,11 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
             bar.update(1)
         if dist.is_main:
             _save_weights(model, run_dir / "model.safetensors")
+        drain()
         out.write("end", step=total_steps, tokens=total_steps * tokens_per_step,
                   wall_s=time.perf_counter() - t_start, status="finished", **timing)
     finally:
+        worker.shutdown(cancel_futures=True)
         bar.close()
         out.close()
         if clip is not None:

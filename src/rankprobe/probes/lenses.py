@@ -6,7 +6,8 @@
   pre-softmax logit, recomputed from the rope taps (SDPA never materialises the attention weights;
   the scores are formed here in chunks of bounded memory).
 - `probe_lenses`: both of the above in one pass over the probe set.
-- `weight_lenses`, `weight_snapshot`, `update_rms`: spectra of W_q, W_k, W_v, W_o and of one update.
+- `weight_lenses` (or its halves, `weight_lenses_start`), `weight_snapshot`, `update_rms`: spectra of
+  W_q, W_k, W_v, W_o and of one update.
 
 Everything runs on RankProbe's Transformer (hooks on its named taps) and on Hugging Face causal LMs
 (rankprobe.probes.hf rebuilds the same taps with hooks). Formulas and row keys: docs/lenses.md.
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .capture import Key, Sink, covariance_sink, feed, is_hf, stats_to_rows
-from .spectra import CovStats, isotropic_null, matrix_metrics, spectra_of
+from .spectra import CovStats, gram, gram_metrics, isotropic_null, spectra_of
 SPECTRAL_KEYS = ("erank", "stable_rank", "rankme")
 
 
@@ -225,23 +226,57 @@ def _per_head(w: torch.Tensor, heads: int, matrix: str) -> torch.Tensor:
     return w.view(heads, w.size(0) // heads, w.size(1))
 
 
-@torch.no_grad()
 def weight_lenses(model, per_head: bool = True) -> list[dict]:
     """One row per (layer, matrix) with spectral_norm, stable_rank, erank of the whole matrix and,
     when `per_head`, `*_heads` lists for each head's block (rows of W_q/W_k/W_v, columns of W_o).
     Singular values in float64, one batch of eigendecompositions per matrix shape (metrics kind `weights`)."""
+    return weight_lenses_start(model, per_head)()
+
+
+@torch.no_grad()
+def weight_lenses_start(model, per_head: bool = True) -> Callable[[], list[dict]]:
+    """`weight_lenses` in two halves. This call does the device half: every Gram matrix in float64,
+    concatenated by shape and copied to host memory without blocking (pinned buffers on CUDA). It
+    returns the host half, a function that waits for the copies, decomposes the matrices on the CPU
+    (`spectra.eigvalsh_host`) and returns the rows. The training loop runs that function on a worker
+    thread while training goes on; the weights may change meanwhile, their Gram matrices no longer do."""
     mats = [(layer, matrix, w, heads) for layer, ws in enumerate(attention_weights(model))
             for matrix, (w, heads) in ws.items()]
-    whole = _batched(matrix_metrics, [(w[None],) for _, _, w, _ in mats])
-    split = _batched(matrix_metrics, [(_per_head(w, h, m),) for _, m, w, h in mats]) if per_head else None
-    rows = []
-    for i, (layer, matrix, w, _) in enumerate(mats):
-        row = {"layer": layer, "matrix": matrix, "shape": list(w.shape)}
-        row.update({m: v.item() for m, v in whole[i].items()})
-        if split is not None:
-            row.update({f"{m}_heads": v.tolist() for m, v in split[i].items()})
-        rows.append(row)
+    groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # (suffix, Gram shape, long side) -> [(i, grams)]
+    for i, (_, matrix, w, heads) in enumerate(mats):
+        for suffix, x in [("", w[None])] + ([("_heads", _per_head(w, heads, matrix))] if per_head else []):
+            g = gram(x)
+            groups.setdefault((suffix, *g.shape[1:], max(x.shape[-2:])), []).append((i, g))
+    parts = [(suffix, long_side, [i for i, _ in items], [g.size(0) for _, g in items],
+              _to_host(torch.cat([g for _, g in items])))
+             for (suffix, *_, long_side), items in groups.items()]
+    copied = None
+    if any(w.is_cuda for _, _, w, _ in mats):
+        copied = torch.cuda.Event()
+        copied.record()
+    names = [(layer, matrix, list(w.shape)) for layer, matrix, w, _ in mats]
+
+    def rows() -> list[dict]:
+        if copied is not None:
+            copied.synchronize()
+        found: list[dict] = [{} for _ in names]
+        for suffix, long_side, idx, sizes, g in parts:
+            for m, v in gram_metrics(g, long_side).items():
+                for i, part in zip(idx, v.split(sizes)):
+                    found[i][m + suffix] = part.tolist() if suffix else part.item()
+        order = [m + sfx for sfx in ("", "_heads") for m in ("spectral_norm", "stable_rank", "erank")]
+        return [{"layer": layer, "matrix": matrix, "shape": shape} | {k: f[k] for k in order if k in f}
+                for (layer, matrix, shape), f in zip(names, found)]
+
     return rows
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of `t`: from CUDA into pinned memory without blocking (wait on an event before
+    reading it); from elsewhere a plain copy (a CPU tensor is returned as it is)."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 @torch.no_grad()

@@ -109,18 +109,21 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def eigvalsh_host(mats: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """Eigenvalues (..., D), ascending, of symmetric (..., D, D), in float64, returned on the CPU.
 
-    Matrices up to HOST_EIG_MAX_DIM wide are decomposed by LAPACK on the CPU after one device-to-host
-    copy (~0.1 ms each at D = 64), the batch split into one slice per thread (default `host_threads()`):
-    torch decomposes a CPU batch one matrix after another on one core, and cuSOLVER decomposes a batch
-    of 64×64 float64 matrices one by one at ~0.25 ms each with a host sync per call. Larger ones (weight
-    Gram matrices, 768 wide at seed-22l) stay on their device, in one call.
+    Matrices up to HOST_EIG_MAX_DIM wide, and any matrices already on the CPU, are decomposed by LAPACK
+    on the CPU, the batch split into one slice per thread (default `host_threads()`): torch decomposes a
+    CPU batch one matrix after another on one core, and cuSOLVER decomposes a batch of 64×64 float64
+    matrices one by one at ~0.25 ms each with a host sync per call. Larger ones on a GPU (weight Gram
+    matrices, 768 wide at seed-22l) stay there, in one call; `lenses.weight_lenses_start` instead copies
+    them to the host and decomposes them here, off the training loop's thread.
     """
     a = mats.detach().to(torch.float64)
-    if a.size(-1) > HOST_EIG_MAX_DIM:
+    big = a.size(-1) > HOST_EIG_MAX_DIM
+    if big and a.device.type != "cpu":
         return torch.linalg.eigvalsh(a).cpu()
     a = a.cpu()
     flat = a.reshape(-1, *a.shape[-2:])
-    threads = min(threads or host_threads(), flat.size(0) // 16)  # slices of at least 16 matrices
+    # slices of at least 16 small matrices; a large one (~60 ms at D = 768) is worth a thread by itself
+    threads = min(threads or host_threads(), flat.size(0) // (1 if big else 16))
     if threads <= 1:
         return torch.linalg.eigvalsh(a)
     parts = _pool(threads).map(torch.linalg.eigvalsh, flat.tensor_split(threads))
@@ -167,14 +170,23 @@ def matrix_metrics(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """Spectral norm σ₁, stable rank Σσ²/σ₁² and effective rank exp H(σ/Σσ) of (..., m, n) -> (...).
 
     σ² are the eigenvalues of the smaller Gram matrix WWᵀ or WᵀW in float64 (formed on the weights'
-    device, decomposed by `eigvalsh_host`; results on the CPU); those below max(m, n)·eps·σ₁² are round-off and count as 0.
-    For weights the effective rank is Roy & Vetterli's, on σ; the stable rank is on σ² as for
-    activations (both are the textbook forms).
+    device by `gram`, decomposed by `gram_metrics`; results on the CPU). For weights the effective rank
+    is Roy & Vetterli's, on σ; the stable rank is on σ² as for activations (both are the textbook forms).
     """
-    w = w.to(torch.float64)
-    m, n = w.shape[-2:]
-    lam = eigvalsh_host(w @ w.mT if m <= n else w.mT @ w)  # σ², ascending, on the CPU
-    lam = torch.where(lam > lam[..., -1:] * max(m, n) * torch.finfo(torch.float64).eps, lam, 0)
+    return gram_metrics(gram(w), max(w.shape[-2:]))
+
+
+def gram(w: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of (..., m, n): WWᵀ (m ≤ n) or WᵀW, in float64, on w's device."""
+    w = w.detach().to(torch.float64)
+    return w @ w.mT if w.size(-2) <= w.size(-1) else w.mT @ w
+
+
+def gram_metrics(g: torch.Tensor, long_side: int) -> dict[str, torch.Tensor]:
+    """`matrix_metrics` from Gram matrices (..., k, k) of matrices whose longer side is `long_side`;
+    eigenvalues below long_side·eps·σ₁² are round-off and count as 0."""
+    lam = eigvalsh_host(g)  # σ², ascending, on the CPU
+    lam = torch.where(lam > lam[..., -1:] * long_side * torch.finfo(torch.float64).eps, lam, 0)
     top = lam[..., -1]
     return {"spectral_norm": top.sqrt(), "stable_rank": lam.sum(-1) / top, "erank": entropy_rank(lam.sqrt())}
 
