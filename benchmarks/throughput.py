@@ -39,7 +39,7 @@ from rankprobe.model import Transformer
 from rankprobe.optim.build import build_optimizers, param_groups
 from rankprobe.optim.muon import Muon, newton_schulz
 from rankprobe.probes.capture import probe_model
-from rankprobe.probes.lenses import probe_lenses, weight_lenses
+from rankprobe.probes.lenses import AttentionStats, probe_lenses, weight_lenses, weight_lenses_start
 from rankprobe.probes.spectra import host_threads
 
 PEAK_FLOPS = 989e12  # H100 / H200 SXM dense bf16
@@ -350,6 +350,23 @@ class Bench:
             activations(True)
             weight_lenses(model)
 
+        def loop_thread():  # what train.py's thread waits for; the weights' host half runs on a worker
+            activations(True)
+            weight_lenses_start(model)
+
+        host_half = weight_lenses_start(model)
+        cfg = model.cfg
+        g_dev = torch.Generator(device=dev).manual_seed(2)
+        q, k = (torch.randn(B, T, h, cfg.head_dim, device=dev, generator=g_dev).to(torch.bfloat16)
+                for h in (cfg.n_head, cfg.n_kv_head or cfg.n_head))
+
+        def attention(fused: bool):  # AttentionStats alone, on every layer's share of the probe set
+            stats = AttentionStats(fused=fused)
+            for layer in range(cfg.n_layer):
+                for _ in range(0, n_probe, B):
+                    stats.add(layer, q, k, cfg.head_dim ** -0.5)
+            stats.rows()
+
         @torch.no_grad()
         def evaluate():  # as train.evaluate: the eager model in eval mode under bf16 autocast
             model.eval()
@@ -369,6 +386,12 @@ class Bench:
                                "weight_lenses, whole matrices only"),
                               ("weights_s", lambda: weight_lenses(model), "weight_lenses"),
                               ("lenses_s", lenses, "every lens: probe_lenses + weight_lenses"),
+                              ("weights_start_s", lambda: weight_lenses_start(model),
+                               "weight_lenses_start: Gram matrices and their copy to the host"),
+                              ("weights_host_s", host_half, "weight_lenses' host half (a worker thread in train.py)"),
+                              ("loop_s", loop_thread, "the training loop's share: probe_lenses + weight_lenses_start"),
+                              ("attn_fused_s", lambda: attention(True), "AttentionStats, fused kernels"),
+                              ("attn_reference_s", lambda: attention(False), "AttentionStats, chunked float32 scores"),
                               ("eval_s", evaluate, f"eval pass, eager, {n_eval * T:,} tokens")):
             first_call_s(fn, dev)
             P[key] = statistics.median(time_calls(fn, 3, dev))
@@ -376,7 +399,8 @@ class Bench:
         P["probe_tokens"], P["eval_tokens"] = n_probe * T, n_eval * T
         P["eig_threads"] = host_threads()
         if dev.type == "cuda":
-            self.R["profiles"][f"every lens at one checkpoint, {shape.name}"] = profile(lenses, dev, 1)
+            self.R["profiles"][f"the training loop's probe work at one checkpoint, {shape.name}"] = \
+                profile(loop_thread, dev, 1)
 
     def recompile(self, shape):
         """Compile cost of a second, fresh model in the same process (what later arms of a sweep pay)."""
@@ -501,7 +525,8 @@ def derived(R, shape_name: str) -> dict:
     P = R["probe"]
     if rp and rp_muon and "lenses_s" in P:
         scale = PRESET["probe_tokens"] / P["probe_tokens"], PRESET["eval_tokens"] / P["eval_tokens"]
-        probe_s, eval_s = P["lenses_s"] * scale[0], P["eval_s"] * scale[1]
+        # the training loop waits for `loop_s` (results files before it: every lens, synchronously)
+        probe_s, eval_s = P.get("loop_s", P["lenses_s"]) * scale[0], P["eval_s"] * scale[1]
         train_s = PRESET["tokens"] / rp["tokens_per_s"]
         n = PRESET["checkpoints"]
         wall = train_s + n * (probe_s + eval_s)
@@ -573,12 +598,20 @@ def render(R) -> str:
                    f"`weight_lenses` {P['weights_s']:.3f} s, of which the whole matrices "
                    f"{P['weights_whole_s']:.3f} s ({P['eig_threads']} threads for the small CPU "
                    f"eigendecompositions)"] if "weights_s" in P else []),
+                *([f"- what the training loop waits for: `probe_lenses`, then `weight_lenses_start` (the Gram "
+                   f"matrices and their copy to the host, {P['weights_start_s']:.3f} s): **{P['loop_s']:.3f} s**. "
+                   f"The host half, {P['weights_host_s']:.3f} s of eigendecompositions, runs on a worker thread "
+                   f"while training goes on",
+                   f"- attention entropy and max logit alone (`AttentionStats`, every layer): fused kernels "
+                   f"{P['attn_fused_s']:.3f} s, chunked float32 scores {P['attn_reference_s']:.3f} s"]
+                  if "loop_s" in P else []),
                 f"- one eval pass of {P['eval_tokens']:,} tokens (eager, bf16): **{P['eval_s']:.3f} s**"]
         if "second_compile_s" in P:
             out.append(f"- first step of a second, fresh model compiled in the same process (a sweep's later arms): "
                        f"{P['second_compile_s']:.1f} s")
         if d and "probe_share" in d:
-            out += ["", f"At the preset's schedule (12 checkpoints, 25M tokens at the AdamW rate above): probes "
+            out += ["", f"At the preset's schedule (12 checkpoints, 25M tokens at the AdamW rate above): probes (what "
+                    f"the training loop waits for) "
                     f"**{d['probe_share']:.1%}** of the wall time, evals {d['eval_share']:.1%}; PR alone would be "
                     f"{d['probe_pr_share']:.1%}. Measured runs report the same split in their `end` rows."]
     if d:

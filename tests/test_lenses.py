@@ -238,13 +238,14 @@ def test_attention_lenses_match_a_hand_computation(kw):
     assert model.training
 
 
-def test_attention_entropy_stays_accurate_when_logits_are_large():
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_entropy_stays_accurate_when_logits_are_large(fused):
     """Entropy is logsumexp minus the expected logit: with logits in the hundreds (a collapsed AdamW
     arm reached ~500) both terms are large and nearly equal, and their float32 difference must still
-    match the float64 hand computation of -Σ p log p."""
+    match the float64 hand computation of -Σ p log p; so must the fused kernel's sharpened max."""
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 24, 2, 8, generator=g) * 12, torch.randn(2, 24, 2, 8, generator=g) * 12
-    stats = AttentionStats()
+    stats = AttentionStats(fused=fused)
     stats.add(0, q, k, 8 ** -0.5)
     row = stats.rows()[0]
     ent, norm, mx = attention_by_hand(q, k)
@@ -254,13 +255,27 @@ def test_attention_entropy_stays_accurate_when_logits_are_large():
     np.testing.assert_allclose(row["max_logit_heads"], mx, rtol=1e-6)
 
 
-def test_attention_stats_do_not_depend_on_the_memory_budget():
+def test_attention_stats_do_not_depend_on_the_memory_budget_or_the_fused_kernel():
     q, k = torch.randn(3, 16, 4, 8), torch.randn(3, 16, 2, 8)
-    small, big = AttentionStats(budget=1), AttentionStats()
-    small.add(0, q, k, 0.5)
-    big.add(0, q, k, 0.5)
+    small, big, fused = AttentionStats(budget=1, fused=False), AttentionStats(fused=False), AttentionStats()
+    for stats in (small, big, fused):
+        stats.add(0, q, k, 0.5)
     for key in ("entropy_heads", "entropy_norm_heads", "max_logit_heads"):
         np.testing.assert_allclose(small.rows()[0][key], big.rows()[0][key], rtol=1e-6)
+        np.testing.assert_allclose(fused.rows()[0][key], big.rows()[0][key], rtol=1e-5)
+
+
+def test_fused_max_logit_stays_within_its_bound_when_logits_tie():
+    """The sharpened log-sum-exp overshoots the max by log(#tied keys) / SHARPNESS at most: the worst
+    case is a row whose visible logits are all equal (every key the same)."""
+    T, D = 64, 8
+    q = torch.randn(2, T, 1, D)
+    k = torch.randn(1, 1, 1, D).expand(2, T, 1, D).contiguous()  # one key repeated: ties everywhere
+    stats = AttentionStats()
+    stats.add(0, q, k, D**-0.5)
+    exact = (q[..., 0, :] @ k[0, 0, 0]).max().item() * D**-0.5
+    excess = stats.rows()[0]["max_logit"] - exact
+    assert -1e-5 <= excess <= math.log(T) / AttentionStats.SHARPNESS + 1e-5
 
 
 def test_weight_lenses_and_update_rms():
