@@ -11,7 +11,7 @@ from rankprobe.config import ModelConfig
 from rankprobe.model import Transformer
 from rankprobe.probes.capture import probe_model
 from rankprobe.probes.lenses import (
-    AttentionStats, attention_lenses, probe_lenses, update_rms, weight_lenses, weight_snapshot)
+    AttentionStats, attention_lenses, probe_lenses, update_rms, weight_lenses, weight_lenses_start, weight_snapshot)
 from rankprobe.probes.spectra import (
     CovStats, NULL_METRICS, effective_rank, head_spectra, isotropic_null, isotropic_pr, matrix_metrics, rankme,
     stable_rank)
@@ -313,3 +313,47 @@ def test_non_finite_covariance_gives_nan_metrics_not_an_error():
     cov[1, 0, 0] = float("inf")
     lam = covariance_spectrum(cov)
     assert torch.equal(lam[0], torch.ones(4, dtype=torch.float64)) and lam[1].isnan().all()
+
+
+def cuda(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+
+
+@cuda
+@pytest.mark.parametrize("gain", [1.0, 4.0])
+def test_fused_attention_on_cuda_matches_float64(gain):
+    """The memory-efficient kernel's log-sum-exp (entropy, sharpened max) against float64 scores, at
+    the probe's shapes and at logits in the hundreds (gain 4)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(2, 1024, 12, 64, device="cuda", generator=g).mul(3 * gain).bfloat16() for _ in range(2))
+    scale = 64**-0.5
+    fused, chunked = AttentionStats(), AttentionStats(fused=False)
+    for stats in (fused, chunked):
+        stats.add(0, q, k, scale)
+    s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) * scale
+    s = s.masked_fill(torch.ones(1024, 1024, dtype=torch.bool, device="cuda").triu(1), -math.inf)
+    logp = s.log_softmax(-1)
+    ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)[..., 1:].mean((0, 2)).cpu().numpy()
+    mx = s.amax((0, 2, 3)).cpu().numpy()
+    assert mx.max() > (200 if gain > 1 else 20)
+    for stats in (fused, chunked):
+        row = stats.rows()[0]
+        np.testing.assert_allclose(row["entropy_heads"], ent, atol=2e-4)
+        np.testing.assert_allclose(row["max_logit_heads"], mx, rtol=1e-5)
+
+
+@cuda
+def test_weight_lenses_on_cuda_match_the_cpu():
+    """On CUDA the Gram matrices reach the host through pinned memory without blocking."""
+    model = tiny(n_kv_head=2)
+    cpu_rows = weight_lenses(model)
+    finish = weight_lenses_start(model.cuda())
+    with torch.no_grad():  # the weights change after the start: the rows must not
+        for p in model.parameters():
+            p.mul_(2)
+    got = finish()
+    assert [(r["layer"], r["matrix"]) for r in got] == [(r["layer"], r["matrix"]) for r in cpu_rows]
+    for row, ref in zip(got, cpu_rows):
+        for key in ("spectral_norm", "stable_rank", "erank"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-10)
+            np.testing.assert_allclose(row[f"{key}_heads"], ref[f"{key}_heads"], rtol=1e-10)
