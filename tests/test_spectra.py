@@ -110,3 +110,19 @@ def test_eigvalsh_host_matches_numpy_for_batches_of_any_shape():
     np.testing.assert_array_equal(threaded.numpy(), got.numpy())
     one = eigvalsh_host(torch.from_numpy(mats[0, 0]))
     np.testing.assert_allclose(one.numpy(), np.linalg.eigvalsh(mats[0, 0]), rtol=1e-10, atol=1e-10)
+
+
+def test_eigvalsh_host_slices_large_cpu_matrices_over_one_thread_each():
+    """Matrices wider than HOST_EIG_MAX_DIM already on the CPU are sliced over threads too, each LAPACK
+    call on one intra-op thread; the process's thread count comes back afterwards."""
+    from rankprobe.probes.spectra import HOST_EIG_MAX_DIM, eigvalsh_host
+
+    d = HOST_EIG_MAX_DIM + 2
+    x = np.random.default_rng(6).standard_normal((5, d, d))
+    mats = x @ x.transpose(0, 2, 1)
+    before = torch.get_num_threads()
+    threaded = eigvalsh_host(torch.from_numpy(mats), threads=3)
+    assert torch.get_num_threads() == before
+    np.testing.assert_allclose(threaded.numpy(), np.linalg.eigvalsh(mats), rtol=1e-9, atol=1e-9)
+    serial = eigvalsh_host(torch.from_numpy(mats), threads=1)  # LAPACK's own threads: other rounding
+    np.testing.assert_allclose(threaded.numpy(), serial.numpy(), rtol=1e-12, atol=1e-9)
