@@ -114,15 +114,18 @@ def test_eigvalsh_host_matches_numpy_for_batches_of_any_shape():
 
 def test_eigvalsh_host_slices_large_cpu_matrices_over_one_thread_each():
     """Matrices wider than HOST_EIG_MAX_DIM already on the CPU are sliced over threads too, each LAPACK
-    call on one intra-op thread; the process's thread count comes back afterwards."""
+    call on one intra-op thread, while the calling thread keeps its own count."""
     from rankprobe.probes.spectra import HOST_EIG_MAX_DIM, eigvalsh_host
 
     d = HOST_EIG_MAX_DIM + 2
     x = np.random.default_rng(6).standard_normal((5, d, d))
     mats = x @ x.transpose(0, 2, 1)
+    from rankprobe.probes.spectra import _pool
+
     before = torch.get_num_threads()
     threaded = eigvalsh_host(torch.from_numpy(mats), threads=3)
-    assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before  # the caller's threads are its own
+    assert {f.result() for f in [_pool(3).submit(torch.get_num_threads) for _ in range(6)]} == {1}
     np.testing.assert_allclose(threaded.numpy(), np.linalg.eigvalsh(mats), rtol=1e-9, atol=1e-9)
     serial = eigvalsh_host(torch.from_numpy(mats), threads=1)  # LAPACK's own threads: other rounding
     np.testing.assert_allclose(threaded.numpy(), serial.numpy(), rtol=1e-12, atol=1e-9)

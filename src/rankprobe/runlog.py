@@ -26,7 +26,7 @@ SCHEMA_VERSION = 1
 # splits a run's wall time into set-up, the first step (compiling), evals, probes and checkpoint
 # writes; the rest is training steps.
 PHASE_FIELDS = ("setup_s", "first_step_s", "eval_s", "probe_s", "checkpoint_s")
-WALL_CLOCK_FIELDS = ("wall_s", "step_time_s", *PHASE_FIELDS)
+WALL_CLOCK_FIELDS = ("wall_s", "step_time_s", *PHASE_FIELDS, "probe_wait_s")
 
 
 def env_info(device: torch.device) -> dict:

@@ -247,7 +247,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     start = state["step"] if state else 0
 
     # Where this run's wall time went (seconds, summed over resumes): the `end` row reports it.
-    timing = dict.fromkeys(PHASE_FIELDS, 0.0) | (state or {}).get("timing", {})
+    # probe_wait_s: the part of probe_s spent waiting for the weight spectra's worker thread.
+    timing = dict.fromkeys((*PHASE_FIELDS, "probe_wait_s"), 0.0) | (state or {}).get("timing", {})
 
     # The weight spectra's eigendecompositions (0.64 s a checkpoint at seed-22l on an H200, BENCHMARKS.md)
     # run on a worker thread while training goes on. One job at a time: its rows are written before the
@@ -260,7 +261,9 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
         t0 = time.perf_counter()
         while pending:
             step, job = pending.pop(0)
-            for row in job.result():
+            rows = job.result()
+            timing["probe_wait_s"] += time.perf_counter() - t0
+            for row in rows:
                 out.write("weights", step=step, tokens=step * tokens_per_step, **row)
         timing["probe_s"] += time.perf_counter() - t0
 

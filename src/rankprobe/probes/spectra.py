@@ -13,10 +13,8 @@ each metric takes on isotropic Gaussian data of the same N and D (docs/lenses.md
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -105,7 +103,12 @@ def host_threads() -> int:
 
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="rankprobe-eig")
+    """Threads for `eigvalsh_host`'s slices, each running torch on one intra-op thread (a setting of
+    the calling thread, which also becomes the default of threads started later): otherwise every
+    LAPACK call starts a team of all the cores, and 8 slices of 88 768×768 matrices took 3.4 s
+    instead of 0.73 s on a 16-core host (BENCHMARKS.md)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="rankprobe-eig", initializer=torch.set_num_threads,
+                              initargs=(1,))
 
 
 def eigvalsh_host(mats: torch.Tensor, threads: int | None = None) -> torch.Tensor:
@@ -128,27 +131,8 @@ def eigvalsh_host(mats: torch.Tensor, threads: int | None = None) -> torch.Tenso
     threads = min(threads or host_threads(), flat.size(0) // (1 if big else 16))
     if threads <= 1:
         return torch.linalg.eigvalsh(a)
-    with _one_intra_op_thread() if big else contextlib.nullcontext():
-        parts = list(_pool(threads).map(torch.linalg.eigvalsh, flat.tensor_split(threads)))
-    return torch.cat(parts).reshape(a.shape[:-1])
-
-
-_threads_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_intra_op_thread():
-    """torch's CPU intra-op threads set to 1 while inside, process-wide (MKL's thread count is global).
-    Large eigendecompositions sliced over threads need it: each LAPACK call would otherwise start a
-    team of every core, and 8 slices of 88 768×768 matrices took 3.4 s instead of 0.73 s on a
-    16-core host (BENCHMARKS.md). CPU work on other threads runs on one thread meanwhile."""
-    with _threads_lock:
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+    parts = _pool(threads).map(torch.linalg.eigvalsh, flat.tensor_split(threads))
+    return torch.cat(list(parts)).reshape(a.shape[:-1])
 
 
 def covariance_spectrum(cov: torch.Tensor) -> torch.Tensor:
