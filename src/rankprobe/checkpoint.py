@@ -48,12 +48,15 @@ _FREE_KEYS = {"name", "out", "data.cache_dir", "train.progress", "train.tensorbo
 
 
 def capture(model, optimizers, *, config: dict, step: int, tokens: int, wall_s: float,
-            metrics_bytes: int, metrics_sha256: str, timing: dict[str, float] | None = None) -> dict:
-    """The state of a run after `step` optimizer steps, as tensors and plain data only."""
+            metrics_bytes: int, metrics_sha256: str, timing: dict[str, float] | None = None,
+            pending_rows: list | None = None) -> dict:
+    """The state of a run after `step` optimizer steps, as tensors and plain data only. `pending_rows`:
+    metric rows computed but not yet written (the `weights` rows of the last probe checkpoint, which
+    the loop writes later), kept as JSON so that a resumed run writes them where this one would have."""
     cuda = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
     return {
         "format": FORMAT, "step": step, "tokens_seen": tokens, "wall_s": wall_s, "timing": dict(timing or {}),
-        "config": json.dumps(config, sort_keys=True),
+        "config": json.dumps(config, sort_keys=True), "pending_rows": json.dumps(pending_rows or []),
         "metrics_bytes": metrics_bytes, "metrics_sha256": metrics_sha256,
         "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
         "rng": {"torch": torch.get_rng_state(), "cuda": cuda},

@@ -250,22 +250,29 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     # probe_wait_s: the part of probe_s spent waiting for the weight spectra's worker thread.
     timing = dict.fromkeys((*PHASE_FIELDS, "probe_wait_s"), 0.0) | (state or {}).get("timing", {})
 
-    # The weight spectra's eigendecompositions (0.64 s a checkpoint at seed-22l on an H200, BENCHMARKS.md)
-    # run on a worker thread while training goes on. One job at a time: its rows are written before the
-    # next checkpoint's, before a checkpoint is saved and before the `end` row, so metrics.jsonl comes
-    # out the same every time and a resumed run neither loses nor repeats them.
+    # The weight spectra's eigendecompositions (0.64 s a checkpoint at seed-22l on an H200 when the loop
+    # waited for them, BENCHMARKS.md) run on a worker thread while training goes on. Their rows are
+    # written before the next checkpoint's rows or the `end` row, never at a time-driven point, so
+    # metrics.jsonl comes out the same every time; a checkpoint saved meanwhile carries them, finished,
+    # so that a resumed run writes them in the same place.
     worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-weights")
-    pending: list[tuple[int, Future]] = []
+    pending: list[tuple[int, Future]] = [(step, _finished(rows))
+                                         for step, rows in json.loads((state or {}).get("pending_rows", "[]"))]
+
+    def settle() -> list[tuple[int, list[dict]]]:
+        """Wait for the pending jobs: [(step, rows)]."""
+        t0 = time.perf_counter()
+        done = [(step, job.result()) for step, job in pending]
+        waited = time.perf_counter() - t0
+        timing["probe_wait_s"] += waited
+        timing["probe_s"] += waited
+        return done
 
     def drain() -> None:
-        t0 = time.perf_counter()
-        while pending:
-            step, job = pending.pop(0)
-            rows = job.result()
-            timing["probe_wait_s"] += time.perf_counter() - t0
+        for step, rows in settle():
             for row in rows:
                 out.write("weights", step=step, tokens=step * tokens_per_step, **row)
-        timing["probe_s"] += time.perf_counter() - t0
+        pending.clear()
 
     def probe(step: int, updates: list[dict]) -> None:
         drain()
@@ -295,11 +302,12 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     def save(step: int) -> None:
         if not dist.is_main:
             return
-        drain()
+        held = settle()
         t0 = time.perf_counter()
         save_checkpoint(ckpt_path, capture(
             model, optimizers, config=to_dict(cfg), step=step, tokens=step * tokens_per_step,
-            wall_s=t0 - t_start, metrics_bytes=out.bytes, metrics_sha256=out.hash.hexdigest(), timing=timing))
+            wall_s=t0 - t_start, metrics_bytes=out.bytes, metrics_sha256=out.hash.hexdigest(), timing=timing,
+            pending_rows=held))
         timing["checkpoint_s"] += time.perf_counter() - t0
         saved.update(step=step, at=time.monotonic())
 
@@ -381,6 +389,12 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
             clip.close()
     for path in (ckpt_path, temp_path(ckpt_path)) if dist.is_main else ():  # model.safetensors holds the result
         path.unlink(missing_ok=True)
+
+
+def _finished(result) -> Future:
+    job: Future = Future()
+    job.set_result(result)
+    return job
 
 
 def _open_metrics(cfg: Config, run_dir: Path, state: dict | None, run_row: dict) -> MetricsWriter:
