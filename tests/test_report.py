@@ -736,3 +736,21 @@ def test_old_end_rows_give_no_cost_section(tmp_path, report):
         write_run(tmp_path, "muon", seed)
     for text in (build_report(tmp_path).read_text(), report.read_text()):
         assert "## Where the time went" not in text and "## Figures" in text
+
+
+def test_env_records_the_commit_and_whether_the_package_differs_from_it(tmp_path):
+    import torch
+
+    from rankprobe.runlog import _git, env_info
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("x = 1\n")
+    git("add", "f.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert len(_git(tmp_path, "rev-parse", "HEAD")) == 40 and _git(tmp_path, "status", "--porcelain") == ""
+    (tmp_path / "f.py").write_text("x = 2\n")
+    assert _git(tmp_path, "status", "--porcelain") == "M f.py"
+    assert _git(tmp_path / "nowhere", "status") is None  # no such folder: no answer, no exception
+    env = env_info(torch.device("cpu"))
+    assert (env["git_sha"] is None) == (env["git_dirty"] is None)
