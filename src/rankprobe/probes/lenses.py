@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .capture import Key, Sink, covariance_sink, feed, is_hf, stats_to_rows
-from .spectra import CovStats, gram, gram_metrics, isotropic_null, spectra_of
+from .spectra import CovStats, gram, gram_metrics, isotropic_null, spectra_of, to_host
 SPECTRAL_KEYS = ("erank", "stable_rank", "rankme")
 
 
@@ -152,13 +152,14 @@ class AttentionStats:
     def rows(self) -> list[dict]:
         """One row per layer: entropy, entropy_norm, max_logit (mean / mean / max over heads) and
         their `*_heads` lists, entropy_max (uniform attention's entropy), n_rows, seq_len."""
+        layers = sorted(self.layers)
+        if not layers:
+            return []
+        stats = [self.layers[layer] for layer in layers]
+        values = torch.stack([torch.stack([s["entropy"] / max(s["rows"], 1), s["entropy_norm"] / max(s["rows"], 1),
+                                           s["max_logit"].double()]) for s in stats]).cpu()  # (layers, 3, H): one transfer
         out = []
-        for layer in sorted(self.layers):
-            s = self.layers[layer]
-            n = max(s["rows"], 1)
-            ent = (s["entropy"] / n).tolist()
-            norm = (s["entropy_norm"] / n).tolist()
-            mx = s["max_logit"].tolist()
+        for layer, s, (ent, norm, mx) in zip(layers, stats, values.tolist()):
             out.append({
                 "layer": layer, "entropy": sum(ent) / len(ent), "entropy_heads": ent,
                 "entropy_norm": sum(norm) / len(norm), "entropy_norm_heads": norm,
@@ -280,7 +281,7 @@ def weight_lenses_start(model, per_head: bool = True) -> Callable[[], list[dict]
             g = gram(x)
             groups.setdefault((suffix, *g.shape[1:], max(x.shape[-2:])), []).append((i, g))
     parts = [(suffix, long_side, [i for i, _ in items], [g.size(0) for _, g in items],
-              _to_host(torch.cat([g for _, g in items])))
+              to_host(torch.cat([g for _, g in items]), wait=False))
              for (suffix, *_, long_side), items in groups.items()]
     copied = None
     if any(w.is_cuda for _, _, w, _ in mats):
@@ -301,14 +302,6 @@ def weight_lenses_start(model, per_head: bool = True) -> Callable[[], list[dict]
                 for (layer, matrix, shape), f in zip(names, found)]
 
     return rows
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of `t`: from CUDA into pinned memory without blocking (wait on an event before
-    reading it); from elsewhere a plain copy (a CPU tensor is returned as it is)."""
-    if t.device.type != "cuda":
-        return t.cpu()
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 @torch.no_grad()

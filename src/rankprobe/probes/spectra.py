@@ -101,6 +101,15 @@ def host_threads() -> int:
     return max(1, min(8, cores // 2))
 
 
+def to_host(t: torch.Tensor, wait: bool = True) -> torch.Tensor:
+    """`t` on the CPU. From CUDA through pinned memory: the 121 MB of a seed-22l checkpoint's tap
+    covariances took 84 ms as a plain (pageable) copy on an H200. With `wait=False` the copy is only
+    queued on the current stream: record a CUDA event after it and synchronize that before reading."""
+    if t.device.type != "cuda":
+        return t.cpu()
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=not wait)
+
+
 @functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     """Threads for `eigvalsh_host`'s slices, each running torch on one intra-op thread (a setting of
@@ -125,7 +134,7 @@ def eigvalsh_host(mats: torch.Tensor, threads: int | None = None) -> torch.Tenso
     big = a.size(-1) > HOST_EIG_MAX_DIM
     if big and a.device.type != "cpu":
         return torch.linalg.eigvalsh(a).cpu()
-    a = a.cpu()
+    a = to_host(a)
     flat = a.reshape(-1, *a.shape[-2:])
     # slices of at least 16 small matrices; a large one (~50 ms at D = 768) is worth a thread by itself
     threads = min(threads or host_threads(), flat.size(0) // (1 if big else 16))
