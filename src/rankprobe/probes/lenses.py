@@ -4,7 +4,7 @@
   head, and each metric's isotropic finite-sample null.
 - `attention_lenses`: per layer and head, the mean causal attention entropy and the largest
   pre-softmax logit, recomputed from the rope taps (SDPA never materialises the attention weights;
-  the scores are formed here in chunks of bounded memory).
+  fused attention kernels return the log-sum-exp instead, `AttentionStats`).
 - `probe_lenses`: both of the above in one pass over the probe set.
 - `weight_lenses` (or its halves, `weight_lenses_start`), `weight_snapshot`, `update_rms`: spectra of
   W_q, W_k, W_v, W_o and of one update.
