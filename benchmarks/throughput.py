@@ -550,7 +550,7 @@ def targets(d) -> list[tuple[str, str, str]]:
          fmt(d["muon_over_adamw_128k"], "{:.3f}×"), ok(d["muon_over_adamw_128k"], lambda v: v >= 0.95)),
         ("Muon step ≤ 1.5× Newton–Schulz FLOP floor", fmt(d["muon_step_over_floor"], "{:.2f}×"),
          ok(d["muon_step_over_floor"], lambda v: v <= 1.5)),
-        ("probes ≤ 1% of a seed-22l run's wall time (every lens, 12 checkpoints; estimate from one checkpoint)",
+        ("probes ≤ 1% of a seed-22l run's wall time (every lens, 12 checkpoints, what the loop waits for; estimate from one checkpoint)",
          fmt(d.get("probe_share"), "{:.1%}"), ok(d.get("probe_share"), lambda v: v <= 0.01)),
     ]
 

@@ -72,12 +72,11 @@ def test_weight_rows_from_the_worker_thread_describe_each_checkpoints_weights(co
     path = train(tiny_cfg(corpus_file, cache, **{"train.checkpoint_minutes": "10"}), tmp_path / "w")
     got = rows(path)
     ckpts = rows(path, "run")[0]["probe_checkpoints"]
-    for i, tokens in enumerate(ckpts):
+    for tokens in ckpts:
         at = [j for j, r in enumerate(got) if r["kind"] == "weights" and r["tokens"] == tokens]
         assert len(at) == 2 * 4 and at == list(range(at[0], at[0] + 8))
         own = max(j for j, r in enumerate(got) if r["kind"] == "probe" and r["tokens"] == tokens)
-        nxt = next(j for j, r in enumerate(got) if r["kind"] in ("eval", "end") and r["tokens"] > tokens
-                   or r["kind"] == "end")
+        nxt = next(j for j, r in enumerate(got) if (r["kind"] == "eval" and r["tokens"] > tokens) or r["kind"] == "end")
         assert own < at[0] and at[-1] < nxt
     final = [{k: v for k, v in r.items() if k not in ("kind", "step", "tokens")}
              for r in got if r["kind"] == "weights" and r["tokens"] == ckpts[-1]]
