@@ -11,7 +11,8 @@ from torch import nn
 
 from rankprobe.config import OptimConfig
 from rankprobe.optim import (
-    Muon, adjusted_lr, apply_lr, build_optimizers, lr_scale, muon_update, newton_schulz, param_groups,
+    Muon, adjusted_lr, apply_lr, build_optimizers, fast_ns_dtype, lr_scale, muon_update, newton_schulz,
+    ns_dtype, param_groups,
 )
 from rankprobe.optim.muon import NS_COEFFICIENTS, NS_EPS
 
@@ -210,6 +211,62 @@ def test_muon_step_equals_torch_muon(shapes, nesterov, weight_decay, device):
                 torch.testing.assert_close(a, b, atol=drift[i] + 1e-6, rtol=0)
         for a, b in zip(mine, ref):  # momentum buffers never see Newton-Schulz: always exact
             assert torch.equal(opt.state[a]["momentum_buffer"], ref_opt.state[b]["momentum_buffer"])
+
+
+def _newton_schulz_float64(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The quintic iteration written out in float64, on the wide orientation: the reference."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.double().mT if G.size(0) > G.size(1) else G.double()
+    X = X / X.norm().clamp(min=NS_EPS)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if G.size(0) > G.size(1) else X
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (3, 32, 32)])
+def test_newton_schulz_fp32_matches_float64_and_bf16_within_its_rounding(shape):
+    G = torch.randn(shape)
+    fp32, bf16 = newton_schulz(G, dtype=torch.float32), newton_schulz(G)
+    assert fp32.dtype == torch.float32 and fp32.shape == G.shape
+    ref = torch.stack([_newton_schulz_float64(g) for g in G.reshape(-1, *shape[-2:])]).reshape(shape)
+    torch.testing.assert_close(fp32.double(), ref, atol=2e-6, rtol=0)
+    # bf16's self-correcting iteration lands within a few bf16 ulps (2^-8 near 1) of the fp32 one.
+    torch.testing.assert_close(bf16.float(), fp32, atol=2**-5, rtol=0)
+    assert (bf16.float() - fp32).abs().mean() < 2**-9
+
+
+def test_fast_ns_dtype_is_bf16_only_where_bf16_matmuls_are_hardware(monkeypatch):
+    assert fast_ns_dtype("cuda") is torch.bfloat16
+    # (oneDNN may use bf16, AVX512-BF16, AMX) -> dtype; the hardware queries are replaced, the rule is real
+    for onednn, avx512_bf16, amx, expected in [(True, False, False, torch.float32),
+                                               (True, True, False, torch.bfloat16),
+                                               (True, False, True, torch.bfloat16),
+                                               (False, True, True, torch.float32)]:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda v=onednn: v)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert fast_ns_dtype("cpu") is expected
+        assert ns_dtype(OptimConfig(name="muon"), "cpu") is expected  # optim.ns_dtype = "auto"
+        opts, _ = build_optimizers(TinyLM(), OptimConfig(name="muon"), "cpu")
+        assert opts[0].ns_dtype is expected
+    assert ns_dtype(OptimConfig(ns_dtype="bf16"), "cpu") is torch.bfloat16
+    assert ns_dtype(OptimConfig(ns_dtype="fp32"), "cuda") is torch.float32
+
+
+def test_muon_fp32_step_is_the_update_rule_with_fp32_newton_schulz():
+    shapes = [(48, 16), (48, 16), (16, 48)]
+    ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+    before = [p.detach().clone() for p in ps]
+    opt = Muon(ps, lr=0.05, momentum=0.9, nesterov=True, ns_dtype=torch.float32)
+    grads = [torch.randn(s) for s in shapes]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, p0, g in zip(ps, before, grads):
+        update = 0.1 * g + 0.9 * (0.1 * g)  # Nesterov on a fresh EMA buffer
+        expected = p0.double() - adjusted_lr(0.05, p.shape) * _newton_schulz_float64(update)
+        torch.testing.assert_close(p.detach().double(), expected, atol=1e-6, rtol=0)
 
 
 def test_muon_rejects_non_matrices():

@@ -81,6 +81,8 @@ class OptimConfig:
     """Muon Nesterov momentum"""
     ns_steps: int = 5
     """Muon quintic Newton-Schulz iterations"""
+    ns_dtype: str = "auto"
+    """Muon's Newton-Schulz dtype: 'bf16', 'fp32', or 'auto' (bf16 on CUDA and on CPUs with bf16 matrix instructions, else fp32)"""
     warmup_frac: float = 0.05
     """fraction of the token budget spent in linear warmup"""
     decay: str = "cosine"
@@ -196,6 +198,7 @@ _CHOICES = {
     ("optim", "decay"): ("cosine", "linear", "constant"),
     ("probe", "tap"): ("proj", "norm", "rope"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
+    ("optim", "ns_dtype"): ("auto", "bf16", "fp32"),
     ("train", "compile"): ("auto", "true", "regional", "false"),
 }
 

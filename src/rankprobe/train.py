@@ -32,7 +32,7 @@ from .config import Config, UserError, arm_label, to_dict
 from .data.tokens import TokenData, prepare
 from .dist import Dist, all_reduce_, device_for, mean_, on_main, reduce_probe_stats, shard_rows
 from .model import Transformer
-from .optim.build import apply_lr, build_optimizers, lr_scale
+from .optim.build import apply_lr, build_optimizers, lr_scale, ns_dtype
 from .optim.qkclip import QKClip
 from .probes.lenses import probe_lenses, update_rms, weight_lenses_start, weight_snapshot
 from .runlog import PHASE_FIELDS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, env_info
@@ -238,6 +238,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
         optimizer=cfg.optim.name, qk_norm=cfg.model.qk_norm, seed=cfg.train.seed, config=to_dict(cfg),
         env=env_info(device) | ({"world_size": dist.world_size} if dist.active else {}),
         n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
+        ns_dtype=str(ns_dtype(cfg.optim, device)).removeprefix("torch.") if cfg.optim.name == "muon" else None,
         n_layer=cfg.model.n_layer, probe_checkpoints=schedule,
         data={"corpus_sha256": data.corpus_sha256, "tokenizer": data.tokenizer_name,
               "train_tokens": data.n_train_tokens, "val_tokens": data.n_val_tokens,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rankprobe.config import OptimConfig
-from rankprobe.optim.muon import Muon
+from rankprobe.optim.muon import Muon, fast_ns_dtype
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -86,6 +86,13 @@ def _fused_ok(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def ns_dtype(cfg: OptimConfig, device: str | torch.device) -> torch.dtype:
+    """Muon's Newton-Schulz dtype for `device`: optim.ns_dtype, with 'auto' the device's fast one."""
+    if cfg.ns_dtype == "auto":
+        return fast_ns_dtype(device)
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.ns_dtype]
+
+
 def build_optimizers(
     model: nn.Module, cfg: OptimConfig, device: str | torch.device
 ) -> tuple[list[torch.optim.Optimizer], dict[str, dict[str, int]]]:
@@ -110,7 +117,8 @@ def build_optimizers(
     optimizers: list[torch.optim.Optimizer] = []
     if "muon" in groups:
         optimizers.append(Muon([torch_group("muon", cfg.muon_lr)], lr=cfg.muon_lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, weight_decay=cfg.weight_decay))
+                               nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, weight_decay=cfg.weight_decay,
+                               ns_dtype=ns_dtype(cfg, device)))
     optimizers.append(torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                         fused=fused or None, foreach=None if fused else True))
     return optimizers, sizes
