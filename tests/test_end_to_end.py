@@ -10,7 +10,7 @@ import pytest
 
 from rankprobe.config import load
 from rankprobe.sweep import arms, is_finished, run_sweep
-from rankprobe.runlog import WALL_CLOCK_FIELDS
+from rankprobe.runfolder import WALL_CLOCK_FIELDS
 from rankprobe.train import probe_schedule, train
 
 TINY = {

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rankprobe.checkpoint import CHECKPOINT, load_checkpoint
+from rankprobe.checkpoint import load_checkpoint
+from rankprobe.runfolder import CHECKPOINT
 from rankprobe.cli import main
 from rankprobe.config import DataError, UserError, load
 from rankprobe.data.corpus import load_corpus
 from rankprobe.sweep import arms, is_finished, run_sweep
-from rankprobe.runlog import WALL_CLOCK_FIELDS
+from rankprobe.runfolder import WALL_CLOCK_FIELDS
 from rankprobe.train import train
 
 # 100 steps of 128 tokens, probed at 0, 25, 75 and 100 steps: long enough to kill in the middle
@@ -275,14 +276,13 @@ def test_a_diverged_train_exits_1(base, tmp_path, capsys):
     assert "rankprobe: demo diverged at " in capsys.readouterr().err
 
 
-def test_torn_last_line_is_dropped_by_is_finished(tmp_path, caplog):
+def test_torn_last_line_is_dropped_by_is_finished(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     end = json.dumps({"kind": "end", "step": 3, "tokens": 96, "status": "finished"})
     (run / "metrics.jsonl").write_text('{"kind": "run"}\n' + end + '\n{"kind": "tra')
-    with caplog.at_level("WARNING"):
+    with pytest.warns(UserWarning, match="dropped torn last line 3"):  # runfolder.parse_rows, the one rule
         assert is_finished(run)
-    assert "dropped a torn last line" in caplog.text
     (run / "metrics.jsonl").write_text('{"kind": "run"}\n{"kind": "train", "step": 2}\n' + end[:-3])
     assert not is_finished(run)
 

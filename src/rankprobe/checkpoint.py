@@ -1,40 +1,34 @@
-"""What lets a run survive a crash: its checkpoint, the tail of its metrics file, and a folder lock.
+"""What lets a run survive a crash: its checkpoint, checked against the metrics file it was saved beside.
 
 `checkpoint.pt` holds everything the training loop needs to continue a killed run exactly where it
 stood: model and optimizer state, the step and tokens seen (the lr schedule and the batch order are
 pure functions of them), the torch RNG states, the resolved config, and the byte length and SHA-256
 of `metrics.jsonl` at that moment, so that resuming cuts the file back to the checkpoint and no row
-is logged twice. It is written atomically (temp file, fsync, os.replace), so a kill mid-write leaves
+is logged twice. It is written atomically (runfolder.atomic_file, fsynced), so a kill mid-write leaves
 the previous checkpoint intact. It is read with torch.load(weights_only=True), which accepts tensors
 and plain containers only: a checkpoint that asks to build any other object is refused, never run.
-
-A run folder or sweep folder is held by one process at a time through `.rankprobe.lock` (flock,
-non-blocking): a second process stops at once with one line instead of interleaving writes.
+The run folder's other files, its rows and its lock belong to rankprobe.runfolder.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .config import DataError, UserError, flatten
+from .config import DataError, flatten
+from .runfolder import atomic_file
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-LOCK = ".rankprobe.lock"
 FORMAT = 1
 
 log = logging.getLogger(__name__)
+
 
 # Settings that may differ between a killed run and its resume (or between sweeps sharing a folder)
 # without changing a single metric: names and places, display, the checkpoint cadence, the device
@@ -64,29 +58,10 @@ def capture(model, optimizers, *, config: dict, step: int, tokens: int, wall_s: 
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write `state` to `path` atomically: a reader (or a resume after a kill) sees the old file or the new."""
-    path = Path(path)
-    tmp = temp_path(path)  # one fixed name: the folder lock makes this process its only writer
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def temp_path(path: Path) -> Path:
-    """Where save_checkpoint writes before the rename; a kill mid-write leaves it, the next save replaces it."""
-    return path.with_name(path.name + ".tmp")
-
-
-def _fsync_dir(folder: Path) -> None:
-    # the rename itself must reach the disk, or a power cut can bring back the old directory entry
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write `state` to `path` atomically and durably: a reader (or a resume after a kill) sees the old
+    file or the new one, and a power cut keeps one of them."""
+    with atomic_file(path, fsync=True) as tmp:
+        torch.save(state, tmp)
 
 
 _TYPES = {"format": int, "step": int, "tokens_seen": int, "wall_s": float, "config": str, "metrics_bytes": int,
@@ -173,70 +148,7 @@ def restore(state: dict, model, optimizers, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the metrics file
-
-
-def split_torn(data: bytes, path: Path, quiet: bool = False) -> bytes:
-    """The complete rows of a metrics file's bytes, without a torn last line.
-
-    Every row the writer flushes ends in a newline, so a last line without one, or one that is not a
-    JSON object, is a write cut off by a crash: dropped with a warning, as report/metrics.py does.
-    """
-    head, newline, tail = data.rpartition(b"\n")
-    if not tail.strip():
-        return data
-    try:
-        if isinstance(json.loads(tail), dict):
-            return data  # a complete row that merely lacks its newline
-    except ValueError:
-        pass
-    if not quiet:
-        log.warning("%s: dropped a torn last line of %d bytes (a crash mid-write?)", path, len(tail))
-    return head + newline
-
-
-def last_row(metrics_path: Path, quiet: bool = False) -> dict | None:
-    """The last complete row of a metrics file (a torn last line skipped, with a warning unless quiet)."""
-    try:
-        data = Path(metrics_path).read_bytes()
-    except FileNotFoundError:
-        return None
-    body = split_torn(data, metrics_path, quiet)
-    for line in reversed(body.splitlines()):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            return row
-    return None
-
-
-def first_row(metrics_path: Path) -> dict | None:
-    """The `run` row a metrics file starts with, or None if it has none (yet)."""
-    try:
-        with open(metrics_path, "rb") as f:
-            row = json.loads(f.readline())
-    except (OSError, ValueError):
-        return None
-    return row if isinstance(row, dict) and row.get("kind") == "run" else None
-
-
-def archived_rows(run_dir: Path) -> list[dict] | None:
-    """The rows of a compressed `metrics.jsonl.xz` / `.gz` that stands for a run folder without a plain
-    metrics.jsonl (a run archived for publishing, as in results/); None if there is none."""
-    from .report.metrics import METRICS_NAMES, read_metrics
-
-    if (run_dir / METRICS).exists():
-        return None
-    path = next((run_dir / n for n in METRICS_NAMES if n != METRICS and (run_dir / n).exists()), None)
-    return None if path is None else read_metrics(path)
-
-
-def end_row(metrics_path: Path, quiet: bool = False) -> dict | None:
-    """The `end` row if the run ended (finished or diverged), else None."""
-    row = last_row(metrics_path, quiet)
-    return row if row is not None and row.get("kind") == "end" else None
+# the metrics file at the checkpoint
 
 
 def check_metrics(state: dict, metrics_path: Path, ckpt_path: Path) -> None:
@@ -256,40 +168,9 @@ def rewind_metrics(state: dict, metrics_path: Path) -> int:
     """Cut the metrics file back to its length at the checkpoint; returns the number of rows dropped
     (they are logged again as the run continues). Call check_metrics first."""
     n = state["metrics_bytes"]
-    dropped = split_torn(metrics_path.read_bytes()[n:], metrics_path).count(b"\n")
+    tail = metrics_path.read_bytes()[n:]
+    torn = tail.rsplit(b"\n", 1)[-1]  # a write cut off by the crash: no newline at its end
+    if torn:
+        log.warning("%s: dropped a torn last line of %d bytes (a crash mid-write?)", metrics_path, len(torn))
     os.truncate(metrics_path, n)
-    return dropped
-
-
-# ---------------------------------------------------------------------------------------------
-# one process per folder
-
-
-@contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold `folder/.rankprobe.lock` for the duration; UserError at once if another process holds it.
-
-    flock is released by the kernel when the holder dies, so a killed run never leaves a stale lock;
-    the file itself stays (removing it would let a third process lock a different inode).
-    """
-    path = Path(folder) / LOCK
-    f = open(path, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise UserError(f"{folder} is in use by another rankprobe process (pid {holder}); wait for it to end or "
-                        "use another --out") from None
-    except OSError as e:  # e.g. a network file system without flock
-        f.close()
-        raise UserError(f"cannot lock {path}: {e.strerror or e}") from None
-    try:
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+    return tail.count(b"\n")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import UserError, all_keys, field_docs, load, parse_overrides, preset_names
+from .runfolder import EXIT_DIVERGED
 
 EXIT_USAGE = 2
-EXIT_DIVERGED = 1  # the run itself is recorded (an `end` row with status "diverged"), but it has no result
 
 
 def _override_help() -> str:
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg, args) -> int:
     from . import dist
-    from .checkpoint import end_row
+    from .runfolder import end_of, read_rows
     from .train import train
 
     run_dir = Path(args.out) if args.out else Path(cfg.out) / cfg.name
@@ -179,7 +179,7 @@ def _train(cfg, args) -> int:
         dist.close(d)
     if not d.is_main:
         return 0
-    end = end_row(metrics) or {}
+    end = end_of(read_rows(metrics)) or {}
     if end.get("status") == "diverged":
         print(f"rankprobe: {cfg.name} diverged at {end.get('tokens'):,} tokens (step {end.get('step')}); "
               f"metrics in {metrics}", file=sys.stderr)

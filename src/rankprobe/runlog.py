@@ -1,14 +1,10 @@
-"""What every run folder records about itself: the environment, and the append-only metrics writer.
+"""What a run records about the machine it ran on (`env_info`), and the TensorBoard mirror of its rows.
 
-Shared by the training loop and by `rankprobe probe` (probes/hf.py), so every metrics.jsonl follows
-one schema (docs/metrics.md).
+The rows themselves, their writer and the folder's files belong to rankprobe.runfolder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import platform
 import socket
 import subprocess
@@ -19,14 +15,6 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import UserError
-
-SCHEMA_VERSION = 1
-# Fields that hold wall-clock seconds: they differ between otherwise identical runs. The `end` row
-# splits a run's wall time into set-up, the first step (compiling), evals, probes and checkpoint
-# writes; the rest is training steps.
-PHASE_FIELDS = ("setup_s", "first_step_s", "eval_s", "probe_s", "checkpoint_s")
-WALL_CLOCK_FIELDS = ("wall_s", "step_time_s", *PHASE_FIELDS, "probe_wait_s")
 
 
 def env_info(device: torch.device) -> dict:
@@ -55,60 +43,26 @@ def _git(cwd: Path, *args: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-class MetricsWriter:
-    """Append-only JSONL, one flushed line per row, NaN/inf written as null; optional TensorBoard mirror.
+class TensorBoardMirror:
+    """A MetricsWriter mirror: losses, lr scale, gradient norm and key PR as TensorBoard scalars at the
+    run's token count. `purge_step` (tokens) makes TensorBoard drop the events a killed run logged
+    after its checkpoint."""
 
-    Tracks the file's byte length and SHA-256 as it grows: a checkpoint records both, so a resume can
-    prove the file is the one it saw and cut it back to that point. `purge_step` (tokens) makes
-    TensorBoard drop the events a killed run logged after its checkpoint.
-    """
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
 
-    def __init__(self, path: Path, tensorboard: bool = False, purge_step: int | None = None):
-        self.file = open(path, "ab")
-        self.hash = hashlib.sha256(path.read_bytes())
-        self.bytes = self.file.tell()
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge_step)
+        self.tb = SummaryWriter(str(folder), purge_step=purge_step)
 
-    def write(self, kind: str, **row) -> None:
-        row = {"kind": kind, **{k: finite(v) for k, v in row.items()}}
-        line = (json.dumps(row) + "\n").encode()
-        self.file.write(line)
-        self.file.flush()
-        self.hash.update(line)
-        self.bytes += len(line)
-        if self.tb is not None and kind in ("train", "eval"):
+    def __call__(self, kind: str, row: dict) -> None:
+        if kind in ("train", "eval"):
             for key in ("loss", "val_loss", "lr_scale", "grad_norm", "step_time_s"):
                 if row.get(key) is not None:
                     self.tb.add_scalar(f"{kind}/{key}", row[key], row["tokens"])
-        elif self.tb is not None and kind == "probe" and row["tensor"] == "k":
+        elif kind == "probe" and row["tensor"] == "k":
             self.tb.add_scalar(f"probe_pr_{row['tap']}/k_layer{row['layer']:02d}", row["pr"], row["tokens"])
 
     def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-class NullWriter:
-    """What the ranks other than 0 of a DDP run write to: nothing (only rank 0 touches the run folder)."""
-
-    def write(self, kind: str, **row) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def finite(v):
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, list):
-        return [finite(x) for x in v]
-    return v
+        self.tb.close()
 
 
 def _version(package: str) -> str | None:
@@ -118,14 +72,3 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
-
-
-def ensure_writable(folder: Path) -> None:
-    """Create `folder` if needed and prove we can write there, before any expensive work starts."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".rankprobe-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None

@@ -23,10 +23,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import METRICS, archived_rows, config_differences, end_row, first_row, folder_lock
+from .checkpoint import config_differences
 from .config import Config, UserError, arm_label, parse_arm, to_dict
 from .data.tokens import prepare
-from .runlog import ensure_writable
+from .runfolder import ENDED, EXIT_DIVERGED, METRICS, ensure_writable, folder_lock, header, run_rows, status_of
 from .train import train
 
 log = logging.getLogger(__name__)
@@ -50,22 +50,15 @@ def arms(cfg: Config) -> list[Config]:
 
 
 def is_finished(run_dir: Path) -> bool:
-    """A run has ended (finished or diverged) when the last complete row of its metrics file (or of
-    its compressed archive, checkpoint.archived_rows) is an `end` row; a torn last line (a crash
-    mid-write) is dropped with a warning first."""
-    run_dir = Path(run_dir)
-    archived = archived_rows(run_dir)
-    if archived is not None:
-        return bool(archived) and archived[-1].get("kind") == "end"
-    return end_row(run_dir / METRICS) is not None
+    """A run has ended (finished or diverged): runfolder.status_of its metrics, archived or not."""
+    return status_of(run_rows(run_dir)) in ENDED
 
 
 def check_arm_folders(grid: list[Config], out_dir: Path) -> None:
     """Refuse to mix runs of different settings in one sweep folder: an arm folder whose run was made
     with other settings would otherwise be skipped as done, or resumed under the wrong config."""
     for a in grid:
-        archived = archived_rows(out_dir / a.name)
-        head = archived[0] if archived else first_row(out_dir / a.name / METRICS)
+        head = header(run_rows(out_dir / a.name))
         if head is None or not isinstance(head.get("config"), dict):
             continue
         diffs = config_differences(head["config"], to_dict(a))
@@ -139,7 +132,6 @@ def run_sweep(cfg: Config, out_dir: Path, report: bool = True, force: bool = Fal
 # ---------------------------------------------------------------------------------------------
 # arms in parallel subprocesses
 
-EXIT_DIVERGED = 1  # cli.EXIT_DIVERGED: the arm ran and its divergence is recorded; not a failure
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                   "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CHECKPOINT, LOCK, METRICS, archived_rows, capture, check_config, check_metrics, end_row,
-                         folder_lock, load_checkpoint, restore, rewind_metrics, save_checkpoint, temp_path)
+from .checkpoint import (capture, check_config, check_metrics, load_checkpoint, restore, rewind_metrics,
+                         save_checkpoint)
 from .config import Config, UserError, arm_label, to_dict
 from .data.tokens import TokenData, prepare
 from .dist import Dist, all_reduce_, device_for, mean_, on_main, reduce_probe_stats, shard_rows
@@ -35,7 +34,10 @@ from .model import Transformer
 from .optim.build import apply_lr, build_optimizers, lr_scale, ns_dtype
 from .optim.qkclip import QKClip
 from .probes.lenses import probe_lenses, update_rms, weight_lenses_start, weight_snapshot
-from .runlog import PHASE_FIELDS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, env_info
+from .runfolder import (CHECKPOINT, CONFIG, ENDED, ENV, LOCK, METRICS, OUTPUTS, PHASE_FIELDS, WEIGHTS, MetricsWriter,
+                        NullWriter, RunHeader, atomic_file, ensure_writable, folder_lock, run_status,
+                        stale_temp_files, write_json)
+from .runlog import TensorBoardMirror, env_info
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +104,6 @@ def evaluate(model, data: TokenData, cfg: Config, device, amp, dist: Dist = Dist
     return float(total) / count, count
 
 
-_OUTPUTS = (METRICS, f"{METRICS}.gz", f"{METRICS}.xz", CHECKPOINT, temp_path(Path(CHECKPOINT)).name,
-            "model.safetensors", "config.json", "env.json")
-
-
 def check_run_dir(run_dir: Path, force: bool, resume: bool = False) -> None:
     """Refuse a non-empty folder unless resuming or forced, and fail early on one we cannot write."""
     if run_dir.is_dir() and not (force or resume):
@@ -141,10 +139,9 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
             held.enter_context(folder_lock(run_dir))
             if not resume:
                 return "fresh"
-            archived = archived_rows(run_dir)  # a finished run compressed for publishing stays as it is
-            end = archived[-1] if archived else end_row(metrics_path, quiet=True)  # torn lines: reported later
-            if end is not None and end.get("kind") == "end":
-                log.info("%s already ended (%s); nothing to resume", run_dir, end.get("status"))
+            status = run_status(run_dir)  # a finished run compressed for publishing stays as it is
+            if status in ENDED:
+                log.info("%s already ended (%s); nothing to resume", run_dir, status)
                 return "ended"
             state = _open_checkpoint(cfg, run_dir)
             return "fresh" if state is None else "resume"
@@ -233,8 +230,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     probe_shard = shard_rows(dist, probe_set, "probe.tokens")  # statistics merged by reduce_probe_stats
     merge = (lambda cov, attn: reduce_probe_stats(dist, cov, attn)) if dist.active else None
     ckpt_path = run_dir / CHECKPOINT
-    run_row = dict(
-        schema=SCHEMA_VERSION, run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm, cfg.optim.qk_clip),
+    run_row = RunHeader(
+        run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm, cfg.optim.qk_clip),
         optimizer=cfg.optim.name, qk_norm=cfg.model.qk_norm, seed=cfg.train.seed, config=to_dict(cfg),
         env=env_info(device) | ({"world_size": dist.world_size} if dist.active else {}),
         n_params=model.num_params(), param_groups=group_sizes, head_dim=cfg.model.head_dim,
@@ -378,7 +375,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
                     save(step)  # the final step needs none: the weights and the `end` row follow at once
             bar.update(1)
         if dist.is_main:
-            _save_weights(model, run_dir / "model.safetensors")
+            _save_weights(model, run_dir / WEIGHTS)
         drain()
         out.write("end", step=total_steps, tokens=total_steps * tokens_per_step,
                   wall_s=time.perf_counter() - t_start, status="finished", **timing)
@@ -388,8 +385,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
         out.close()
         if clip is not None:
             clip.close()
-    for path in (ckpt_path, temp_path(ckpt_path)) if dist.is_main else ():  # model.safetensors holds the result
-        path.unlink(missing_ok=True)
+    for path in [ckpt_path, *stale_temp_files(run_dir, CHECKPOINT)] if dist.is_main else ():
+        path.unlink(missing_ok=True)  # model.safetensors holds the result
 
 
 def _finished(result) -> Future:
@@ -398,23 +395,25 @@ def _finished(result) -> Future:
     return job
 
 
-def _open_metrics(cfg: Config, run_dir: Path, state: dict | None, run_row: dict) -> MetricsWriter:
+def _open_metrics(cfg: Config, run_dir: Path, state: dict | None, run_row: RunHeader) -> MetricsWriter:
     """A fresh run: clear the folder's old outputs, write config, env and the `run` row. A resumed run:
     cut metrics.jsonl back to the checkpoint and note this process in env.json."""
     metrics_path = run_dir / METRICS
+    purge = state["tokens_seen"] + 1 if state else None
+    mirrors = (TensorBoardMirror(run_dir / "tensorboard", purge),) if cfg.train.tensorboard else ()
     if state is None:
-        for name in _OUTPUTS:  # a forced or restarted run: nothing of the old one may linger beside the new
-            (run_dir / name).unlink(missing_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(run_row["config"], indent=2) + "\n")
-        (run_dir / "env.json").write_text(json.dumps(run_row["env"], indent=2) + "\n")
-        out = MetricsWriter(metrics_path, cfg.train.tensorboard)
-        out.write("run", **run_row)
+        for path in [*(run_dir / n for n in OUTPUTS), *stale_temp_files(run_dir, CHECKPOINT)]:
+            path.unlink(missing_ok=True)  # a forced or restarted run: nothing of the old one may linger
+        write_json(run_dir / CONFIG, run_row.config)
+        write_json(run_dir / ENV, run_row.env)
+        out = MetricsWriter(metrics_path, mirrors)
+        out.write("run", **run_row.row())
         return out
     dropped = rewind_metrics(state, metrics_path)
-    _note_resume(run_dir / "env.json", run_row["env"], state["step"])
+    _note_resume(run_dir / ENV, run_row.env, state["step"])
     log.info("%s: resuming at step %d (%d tokens); %d rows logged after that checkpoint are redone",
              cfg.name, state["step"], state["tokens_seen"], dropped)
-    return MetricsWriter(metrics_path, cfg.train.tensorboard, purge_step=state["tokens_seen"] + 1)
+    return MetricsWriter(metrics_path, mirrors)
 
 
 def _divergence(step: int, bad_step, bad_loss, loss, model, check_loss: bool,
@@ -452,17 +451,14 @@ def _note_resume(env_path: Path, env: dict, step: int) -> None:
     except (OSError, ValueError):
         first = {}
     first.setdefault("resumes", []).append({**env, "step": step})
-    tmp = env_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(first, indent=2) + "\n")
-    os.replace(tmp, env_path)
+    write_json(env_path, first)
 
 
 def _save_weights(model, path: Path) -> None:
     from safetensors.torch import save_model
 
-    tmp = path.with_suffix(".tmp")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_model(model, str(tmp))
 
 
 def _progress(total: int, start: int, cfg: Config, enabled: bool = True):

@@ -14,11 +14,9 @@ import binascii
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import tiktoken
@@ -27,6 +25,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rankprobe.config import ConfigError, DataError
 from rankprobe.data.corpus import Corpus
+from rankprobe.runfolder import write_atomic
 
 EOT = "<|endoftext|>"
 BPE_RECIPE = "bpe1"  # part of the cache key: bump it when the training recipe below changes
@@ -104,21 +103,6 @@ class Tokenizer:
                     pending_chars = 0
         flush()
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file in the same folder and rename it into place, so readers (and
-    parallel runs sharing a cache) see the old file or the whole new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a cache folder may be shared between users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

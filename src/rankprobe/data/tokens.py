@@ -26,7 +26,8 @@ import torch
 
 from rankprobe.config import DataConfig, DataError
 from rankprobe.data.corpus import Corpus, load_corpus
-from rankprobe.data.tokenizer import Tokenizer, get_tokenizer, write_atomic
+from rankprobe.data.tokenizer import Tokenizer, get_tokenizer
+from rankprobe.runfolder import write_atomic
 
 BLOCK_SEQS = 8  # block length in sequences: small enough to spread val/probe, big enough to waste little
 TOKENS_FORMAT = 1  # part of the token-cache key: bump it when the stream layout (eot placement) changes

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
-from ..runlog import SCHEMA_VERSION, MetricsWriter, ensure_writable, env_info
+from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable
+from ..runlog import env_info
 from .capture import Key, Sink
 from .lenses import probe_lenses, weight_lenses
 

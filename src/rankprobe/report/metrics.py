@@ -9,9 +9,6 @@ that the report draws as a reference and never pools with trained arms.
 
 from __future__ import annotations
 
-import gzip
-import json
-import lzma
 import math
 import warnings
 from collections import Counter
@@ -21,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rankprobe.config import UserError
+from rankprobe.runfolder import METRICS_NAMES, MetricsError, read_rows, status_of  # noqa: F401 (MetricsError: re-exported)
 from rankprobe.report.stats import mean_ci
 
 CANONICAL_ARMS = ("adamw", "adamw+qknorm", "muon", "muon+qknorm")
@@ -37,45 +35,8 @@ def check_metric(metric: str | None) -> str:
     return metric
 
 
-class MetricsError(UserError, ValueError):
-    """A metrics file that cannot be read: a corrupt line that is not a torn last line."""
-
-
-# A published study may keep its metrics compressed; the report reads them as they are.
-METRICS_NAMES = ("metrics.jsonl", "metrics.jsonl.gz", "metrics.jsonl.xz")
-
-
-def _read_text(path: Path) -> str:
-    if path.suffix == ".gz":
-        return gzip.decompress(path.read_bytes()).decode("utf-8")
-    if path.suffix == ".xz":
-        return lzma.decompress(path.read_bytes()).decode("utf-8")
-    return path.read_text(encoding="utf-8")
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Parse one metrics.jsonl (or .jsonl.gz / .jsonl.xz) into row dicts. A torn last line (a crash
-    mid-write) is dropped with a warning; any other line that is not a JSON object raises MetricsError
-    naming file and line."""
-    path = Path(path)
-    try:
-        lines = _read_text(path).splitlines()
-    except (OSError, UnicodeDecodeError, EOFError, lzma.LZMAError) as e:  # a bad gzip is OSError or EOFError
-        raise MetricsError(f"cannot read metrics file {path}: {e}") from None
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    rows = []
-    for k, (lineno, line) in enumerate(numbered):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-        except ValueError as e:
-            if k == len(numbered) - 1:
-                warnings.warn(f"{path}: dropped torn last line {lineno} (a crash mid-write?)", stacklevel=2)
-                break
-            raise MetricsError(f"{path}, line {lineno}: corrupt metrics row ({e})") from None
-        rows.append(row)
-    return rows
+# Reading rows (one torn-line rule) and a run's status belong to the run folder's owner.
+read_metrics = read_rows
 
 
 @dataclass
@@ -99,7 +60,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        """'finished', 'diverged' (the training loss went NaN/inf), or 'incomplete' (no `end` row yet)."""
+        """runfolder.status_of the run: 'finished', 'diverged' (the training loss went NaN/inf) or 'cut off'."""
         return _status(self.rows)
 
     @property
@@ -139,7 +100,7 @@ class Run:
 
 def _status(rows: dict[str, list[dict]]) -> str:
     ends = rows.get("end")
-    return str(ends[-1].get("status") or "finished") if ends else "incomplete"
+    return status_of(ends[-1:] if ends else rows.get("run", []))
 
 
 def _num(value) -> float:

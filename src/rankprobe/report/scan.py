@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rankprobe.report.metrics import read_metrics
+from rankprobe.runfolder import end_of, header, run_rows, status_of
 
 
 def _last(rows: list[dict], kind: str) -> dict | None:
@@ -20,17 +20,17 @@ def scan_rows(param: str, paths: list[Path]) -> list[dict]:
     did not finish)."""
     out = []
     for path in paths:
-        rows = read_metrics(path) if path.exists() else []
-        run = rows[0] if rows and rows[0].get("kind") == "run" else {}
+        rows = run_rows(path.parent)
+        run = header(rows) or {}
         value = path.parent.name.split("=", 1)[-1]
-        end, ev = _last(rows, "end"), _last(rows, "eval")
+        end, ev = end_of(rows), _last(rows, "eval")
         tap = run.get("config", {}).get("probe", {}).get("tap", "norm")
         last_tokens = ev["tokens"] if ev else None
         keys = [r["pr"] for r in rows if r.get("kind") == "probe" and r.get("tensor") == "k"
                 and r.get("tap") == tap and r.get("tokens") == last_tokens and r.get("pr") is not None]
         logits = [r["max_logit"] for r in rows if r.get("kind") == "attn" and r.get("tokens") == last_tokens
                   and r.get("max_logit") is not None]
-        status = end["status"] if end else ("not started" if not rows else "incomplete")
+        status = status_of(rows)
         if status != "finished":  # numbers from before a run stopped are not its final ones
             ev, keys, logits = None, [], []
         out.append({

@@ -1,0 +1,327 @@
+"""The run folder's format, owned in one place: file names, the rows of metrics.jsonl, a run's status,
+atomic writes and the folder lock. No torch import, so reports and sweeps read folders without it.
+
+A run folder holds `metrics.jsonl` (docs/metrics.md; a published one may be `metrics.jsonl.xz` or
+`.gz` instead), `config.json`, `env.json`, `model.safetensors` when finished, `checkpoint.pt` while it
+can be resumed, and `.rankprobe.lock`. Training, sweeps, scans, probes, reports and the CLI all ask
+this module what a folder holds and whether its run has ended, so they can never disagree about it:
+
+- **Rows.** One JSON object a line, appended and flushed by `MetricsWriter`. A crash mid-write can
+  leave the last line torn: the one rule, in `parse_rows`, drops a last line that is not a JSON object
+  (with a warning); any other bad line is an error naming file and line.
+- **Status** (`status_of`): `empty` (no rows), `cut off` (rows but no `end` row: resumable),
+  `finished`, or `diverged` (an `end` row with that status). `finished` and `diverged` have *ended*.
+- **Writes.** Whole files go through `atomic_file`: a uniquely named temporary file created
+  exclusively in the same folder (never through a link someone planted), fsynced on request and
+  renamed into place, and removed if anything fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import json
+import lzma
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from .config import UserError
+
+METRICS = "metrics.jsonl"
+METRICS_NAMES = (METRICS, f"{METRICS}.gz", f"{METRICS}.xz")
+"""a run's metrics, plain or compressed for publishing; a folder holding both reads the plain one"""
+CHECKPOINT = "checkpoint.pt"
+LOCK = ".rankprobe.lock"
+CONFIG = "config.json"
+ENV = "env.json"
+WEIGHTS = "model.safetensors"
+OUTPUTS = (*METRICS_NAMES, CHECKPOINT, WEIGHTS, CONFIG, ENV)
+"""what a fresh run clears from its folder, so nothing of an old run lingers beside the new"""
+
+SCHEMA_VERSION = 1
+# Fields that hold wall-clock seconds: they differ between otherwise identical runs. The `end` row
+# splits a run's wall time into set-up, the first step (compiling), evals, probes and checkpoint
+# writes; the rest is training steps. probe_wait_s is the part of probe_s spent waiting for the
+# weight spectra's worker thread.
+PHASE_FIELDS = ("setup_s", "first_step_s", "eval_s", "probe_s", "checkpoint_s")
+WALL_CLOCK_FIELDS = ("wall_s", "step_time_s", *PHASE_FIELDS, "probe_wait_s")
+
+EXIT_DIVERGED = 1
+"""exit code of `rankprobe train` for a run that diverged: recorded (an `end` row), but without a result"""
+
+ENDED = ("finished", "diverged")
+
+
+class MetricsError(UserError, ValueError):
+    """A metrics file that cannot be read: a corrupt line that is not a torn last line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the run row
+
+
+@dataclass
+class RunHeader:
+    """The `run` row every metrics.jsonl starts with (docs/metrics.md): who made the run and how."""
+
+    run: str
+    arm: str
+    optimizer: str
+    qk_norm: bool
+    seed: int
+    config: dict
+    env: dict
+    n_params: int
+    head_dim: int
+    n_layer: int
+    probe_checkpoints: list[int]
+    data: dict
+    param_groups: dict = field(default_factory=dict)
+    ns_dtype: str | None = None
+    source: dict | None = None
+    """probed checkpoints only (`rankprobe probe`): where the model came from"""
+    schema: int = SCHEMA_VERSION
+
+    def row(self) -> dict:
+        """The row's fields; `source` only where there is one (its presence marks a probed checkpoint)."""
+        fields = asdict(self)
+        if fields["source"] is None:
+            del fields["source"]
+        return {"schema": fields.pop("schema"), **fields}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading rows, and a run's status
+
+
+def parse_rows(data: bytes | str, path: Path | str) -> list[dict]:
+    """The rows of a metrics file's contents. A last line that is not a JSON object is a write cut off
+    by a crash: dropped with a warning. Any other such line raises MetricsError naming file and line."""
+    text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
+    numbered = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    rows = []
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except (ValueError, RecursionError) as e:
+            if k == len(numbered) - 1:
+                warnings.warn(f"{path}: dropped torn last line {lineno} (a crash mid-write?)", stacklevel=3)
+                break
+            raise MetricsError(f"{path}, line {lineno}: corrupt metrics row ({e})") from None
+        rows.append(row)
+    return rows
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of one metrics.jsonl (or .jsonl.gz / .jsonl.xz); see `parse_rows`."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        elif path.suffix == ".xz":
+            data = lzma.decompress(data)
+        return parse_rows(data, path)
+    except (OSError, UnicodeDecodeError, EOFError, lzma.LZMAError) as e:  # a bad gzip is OSError or EOFError
+        raise MetricsError(f"cannot read metrics file {path}: {e}") from None
+
+
+def metrics_file(run_dir: str | Path) -> Path | None:
+    """The file holding a run folder's metrics: the plain one, else a compressed archive; None if none."""
+    return next((p for p in (Path(run_dir) / n for n in METRICS_NAMES) if p.is_file()), None)
+
+
+def run_rows(run_dir: str | Path) -> list[dict]:
+    """Every row of a run folder's metrics ([] when it has none yet)."""
+    path = metrics_file(run_dir)
+    return read_rows(path) if path is not None else []
+
+
+def header(rows: list[dict]) -> dict | None:
+    """The `run` row the rows start with, or None."""
+    return rows[0] if rows and rows[0].get("kind") == "run" else None
+
+
+def end_of(rows: list[dict]) -> dict | None:
+    """The `end` row, if the rows end with one."""
+    return rows[-1] if rows and rows[-1].get("kind") == "end" else None
+
+
+def status_of(rows: list[dict]) -> str:
+    """'empty', 'cut off' (no `end` row yet), or the `end` row's status: 'finished' or 'diverged'."""
+    if not rows:
+        return "empty"
+    end = end_of(rows)
+    if end is None:
+        return "cut off"
+    return str(end.get("status") or "finished")
+
+
+def run_status(run_dir: str | Path) -> str:
+    """`status_of` the run in `run_dir`, archived or not."""
+    return status_of(run_rows(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def finite(v):
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, list):
+        return [finite(x) for x in v]
+    return v
+
+
+class MetricsWriter:
+    """Append-only JSONL, one flushed line per row, NaN/inf written as null, each row also handed to
+    `mirrors` (callables of (kind, row), e.g. runlog.TensorBoardMirror).
+
+    Tracks the file's byte length and SHA-256 as it grows: a checkpoint records both, so a resume can
+    prove the file is the one it saw and cut it back to that point.
+    """
+
+    def __init__(self, path: Path, mirrors: tuple = ()):
+        self.file = open(path, "ab")
+        self.hash = hashlib.sha256(Path(path).read_bytes())
+        self.bytes = self.file.tell()
+        self.mirrors = mirrors
+
+    def write(self, kind: str, **row) -> None:
+        row = {"kind": kind, **{k: finite(v) for k, v in row.items()}}
+        line = (json.dumps(row) + "\n").encode()
+        self.file.write(line)
+        self.file.flush()
+        self.hash.update(line)
+        self.bytes += len(line)
+        for mirror in self.mirrors:
+            mirror(kind, row)
+
+    def close(self) -> None:
+        self.file.close()
+        for mirror in self.mirrors:
+            getattr(mirror, "close", lambda: None)()
+
+
+class NullWriter:
+    """What the ranks other than 0 of a DDP run write to: nothing (only rank 0 touches the run folder)."""
+
+    def write(self, kind: str, **row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def atomic_file(path: str | Path, fsync: bool = False, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path`; when the block ends, rename it over `path`.
+
+    The temporary file is created exclusively under a unique name (so a link planted under any name
+    is never written through) and removed if the block fails, so readers see the old file or the
+    whole new one. `fsync`: force the data and the rename to disk (a power cut keeps one or the other).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, mode)  # mkstemp makes 0600; a cache folder may be shared between users
+        os.close(fd)
+        yield tmp
+        if fsync:
+            _fsync(tmp, os.O_RDONLY)
+        os.replace(tmp, path)
+        if fsync:
+            _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: bytes | str | Callable[[BinaryIO], None], fsync: bool = False) -> None:
+    """Write `data` (bytes, text, or a function writing to a binary file) to `path` through `atomic_file`."""
+    with atomic_file(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode() if isinstance(data, str) else data)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """`obj` as indented JSON, atomically."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stale_temp_files(folder: Path, name: str) -> list[Path]:
+    """Temporary files `atomic_file` left for `name` in `folder` (a kill mid-write); safe to remove."""
+    return sorted(Path(folder).glob(f".{name}.*.tmp"))
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove we can write there, before any expensive work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".rankprobe-write-test.")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# one process per folder
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder/.rankprobe.lock` for the duration; UserError at once if another process holds it.
+
+    flock is released by the kernel when the holder dies, so a killed run never leaves a stale lock;
+    the file itself stays (removing it would let a third process lock a different inode). It is
+    opened without following links: a link planted under its name is refused, never written through.
+    """
+    path = Path(folder) / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot open lock file {path}: {e.strerror or e} (a link or a folder in its place?)") from None
+    f = os.fdopen(fd, "r+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{folder} is in use by another rankprobe process (pid {holder}); wait for it to end or "
+                        "use another --out") from None
+    except OSError as e:  # e.g. a network file system without flock
+        f.close()
+        raise UserError(f"cannot lock {path}: {e.strerror or e}") from None
+    try:
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
