@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rankprobe.report.lenses import lens_series
-from rankprobe.report.metrics import ArmPR, Run
-from rankprobe.report.stats import mean_ci
+from rankprobe.report.fmt import pm, prose, table
+from rankprobe.report.metrics import Run
+from rankprobe.report.series import ArmSeries, lens_series
+from rankprobe.report.stats import Estimate, estimate, spearman
 
 EARLY_TOKENS = 1_000_000
 """the checkpoint question 1 looks for; runs with a smaller budget use EARLY_FRACTION of it instead"""
@@ -28,21 +29,6 @@ EARLY_FRACTION = 0.1
 
 # ---------------------------------------------------------------------------------------------
 # seed estimates and the resolution rule
-
-
-@dataclass
-class Estimate:
-    """A seed mean with its 95% t half-width (NaN with one seed)."""
-
-    mean: float
-    half: float
-    n: int
-
-
-def estimate(values) -> Estimate:
-    values = np.asarray(values, dtype=float)
-    mean, half = mean_ci(values)
-    return Estimate(float(mean), float(half), int(values.size))
 
 
 def resolution(a: Estimate, b: Estimate) -> str:
@@ -107,17 +93,16 @@ def early_checkpoint(tokens: list[int], budget: int) -> tuple[int | None, str]:
     return (later[0] if later else None), rule
 
 
-def _budget(runs: list[Run], pr: ArmPR) -> int:
+def _budget(runs: list[Run], pr: ArmSeries) -> int:
     budgets = [int(r.config.get("train", {}).get("tokens") or 0) for r in runs]
     return max(budgets + [int(pr.tokens[-1])])
 
 
-def _at(pr: ArmPR, tokens: int) -> Estimate:
-    index = int(np.flatnonzero(pr.tokens == tokens)[0])
-    return estimate(pr.values[:, index, :].mean(axis=1))  # per-seed mean over layers
+def _at(pr: ArmSeries, tokens: int) -> Estimate:
+    return pr.at(int(np.flatnonzero(pr.tokens == tokens)[0]))
 
 
-def early_effect(arms: dict[str, list[Run]], prs: dict[str, ArmPR]) -> EarlyEffect:
+def early_effect(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> EarlyEffect:
     """For every optimizer `o` with both arms `o` and `o+qknorm`: the key metric at the early checkpoint."""
     out = EarlyEffect()
     optimizers = list(dict.fromkeys(g[0].optimizer for g in arms.values()))
@@ -167,40 +152,16 @@ class FinalRanking:
         return self.arms[1] if len(self.arms) > 1 else None
 
 
-def final_ranking(prs: dict[str, ArmPR], dead_pr: float) -> FinalRanking:
+def final_ranking(prs: dict[str, ArmSeries], dead_pr: float) -> FinalRanking:
     rows = []
     for arm, pr in prs.items():
-        final = pr.values[:, -1, :]  # (S, L)
-        dead = estimate((final < dead_pr).sum(axis=1)) if pr.metric == "pr" else None
-        rows.append(FinalArm(arm, int(pr.tokens[-1]), estimate(final.mean(axis=1)), dead))
+        dead = estimate((pr.values[:, -1, :] < dead_pr).sum(axis=1)) if pr.metric == "pr" else None  # (S,)
+        rows.append(FinalArm(arm, int(pr.tokens[-1]), pr.at(-1), dead))
     return FinalRanking(sorted(rows, key=lambda r: -r.value.mean), dead_pr)
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. does validation loss agree?
-
-
-def average_ranks(x) -> np.ndarray:
-    """Ranks 1..n of `x` (ascending), ties sharing their average rank."""
-    x = np.asarray(x, dtype=float)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(x.size)
-    i = 0
-    while i < x.size:
-        j = i
-        while j + 1 < x.size and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x, y) -> float:
-    """Spearman's rank correlation: Pearson's r of the average ranks; NaN when either is constant."""
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
 
 
 @dataclass
@@ -265,8 +226,7 @@ def logit_growth(runs: list[Run], trained: list[str]) -> LogitGrowth:
         if positive.size == 0:
             continue
         i = int(positive[0])
-        out.arms.append(LogitArm(arm, int(s.tokens[i]), estimate(s.values[:, i]), int(s.tokens[-1]),
-                                 estimate(s.values[:, -1])))
+        out.arms.append(LogitArm(arm, int(s.tokens[i]), s.at(i), int(s.tokens[-1]), s.at(-1)))
     if not out.arms:
         out.skipped = "the attention rows hold no checkpoint after init"
     by_arm = {r.arm: r for r in out.arms}
@@ -288,7 +248,7 @@ class Findings:
     logits: LogitGrowth
 
 
-def findings(arms: dict[str, list[Run]], prs: dict[str, ArmPR], runs: list[Run], dead_pr: float,
+def findings(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], runs: list[Run], dead_pr: float,
              val_loss: dict[str, float], label: str) -> Findings:
     """The four answers for the trained `arms` (their `prs` at the headline tap and metric)."""
     prs = {a: prs[a] for a in arms}
@@ -297,22 +257,11 @@ def findings(arms: dict[str, list[Run]], prs: dict[str, ArmPR], runs: list[Run],
                     logit_growth(runs, list(arms)))
 
 
-def _v(e: Estimate, digits: int = 2) -> str:
-    if not math.isfinite(e.mean):
-        return "n/a"
-    return f"{e.mean:.{digits}f}" + (f" ± {e.half:.{digits}f}" if math.isfinite(e.half) else "")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def _early_lines(e: EarlyEffect, label: str) -> list[str]:
     lines = ["### 1. Early effect of QK-Norm", ""]
     for p in e.pairs:
-        lines += [f"`{p.optimizer}` at {p.tokens:,} tokens, {p.rule}: mean {label} {_v(p.with_qk)} with QK-Norm "
-                  f"vs {_v(p.without)} without, difference {p.difference:+.2f}: "
+        lines += [f"`{p.optimizer}` at {p.tokens:,} tokens, {p.rule}: mean {label} {pm(p.with_qk)} with QK-Norm "
+                  f"vs {pm(p.without)} without, difference {p.difference:+.2f}: "
                   f"{verdict(p.with_qk, p.without, 'higher with QK-Norm', 'lower with QK-Norm')}.", ""]
     lines += [f"Not answered for {s}." for s in e.skipped] + ([""] if e.skipped else [])
     return lines
@@ -324,17 +273,17 @@ def _final_lines(f: FinalRanking, label: str) -> list[str]:
     if best is None:
         return lines + ["No finished trained arm.", ""]
     if second is None:
-        lines.append(f"Only one arm, `{best.arm}`: mean {label} {_v(best.value)}; there is no ranking to report.")
+        lines.append(f"Only one arm, `{best.arm}`: mean {label} {pm(best.value)}; there is no ranking to report.")
     else:
-        lines.append(f"`{best.arm}` has the highest mean {label} ({_v(best.value)}); against the runner-up "
-                     f"`{second.arm}` ({_v(second.value)}) it is {verdict(best.value, second.value)}.")
+        lines.append(f"`{best.arm}` has the highest mean {label} ({pm(best.value)}); against the runner-up "
+                     f"`{second.arm}` ({pm(second.value)}) it is {verdict(best.value, second.value)}.")
     if best.dead is None:
         lines.append("Dead layers are counted for PR only (`probe.dead_pr` is a PR value).")
-    rows = [[f"`{r.arm}`", str(r.value.n), f"{r.tokens:,}", _v(r.value)] + ([_v(r.dead, 1)] if r.dead else [])
+    rows = [[f"`{r.arm}`", str(r.value.n), f"{r.tokens:,}", pm(r.value)] + ([pm(r.dead, 1)] if r.dead else [])
             for r in f.arms]
     header = ["arm", "seeds", "tokens", f"mean {label}"] + (
         [f"layers with PR < {f.dead_pr:g} (per-seed count)"] if best.dead else [])
-    return lines + ["", *_table(header, rows), ""]
+    return lines + ["", *table(header, rows), ""]
 
 
 def _agreement_lines(a: Agreement) -> list[str]:
@@ -352,17 +301,16 @@ def _logit_lines(g: LogitGrowth) -> list[str]:
     lines = ["### 4. Attention-logit growth", ""]
     if g.skipped:
         return lines + [f"Not answered: {g.skipped}.", ""]
-    rows = [[f"`{r.arm}`", f"{r.first_tokens:,}", _v(r.first), f"{r.final_tokens:,}", _v(r.final),
+    rows = [[f"`{r.arm}`", f"{r.first_tokens:,}", pm(r.first), f"{r.final_tokens:,}", pm(r.final),
              f"{r.growth:.2f}×" if math.isfinite(r.growth) else "n/a"] for r in g.arms]
-    lines += ["Max logit = the largest scaled pre-softmax logit q·k/√D, max over layers and heads per seed, then "
-              "the seed mean; growth = final over first (ratio of the seed means).", "",
-              *_table(["arm", "first tokens", "max logit (first)", "final tokens", "max logit (final)", "growth"],
+    lines += [prose("findings", "logits"), "",
+              *table(["arm", "first tokens", "max logit (first)", "final tokens", "max logit (final)", "growth"],
                       rows), ""]
     if g.muon is None or g.adamw is None:
         missing = " and ".join(f"`{a}`" for a, r in (("adamw", g.adamw), ("muon", g.muon)) if r is None)
         return lines + [f"Muon vs AdamW without QK-Norm: not answered, no {missing} arm with attention rows.", ""]
     m, a = g.muon.final, g.adamw.final
-    return lines + [f"Without QK-Norm, the final max logit of `muon` ({_v(m)}) against `adamw` ({_v(a)}) is "
+    return lines + [f"Without QK-Norm, the final max logit of `muon` ({pm(m)}) against `adamw` ({pm(a)}) is "
                     f"{verdict(m, a)}.", ""]
 
 
@@ -370,9 +318,7 @@ def findings_section(f: Findings) -> list[str]:
     """The "## Findings" Markdown lines."""
     return [
         "## Findings", "",
-        f"Answers from the metrics alone, at the headline tap and metric ({f.label}). Values are seed means ± "
-        "the 95% t half-width; a difference is called resolved only when the two arms' 95% intervals do not "
-        "overlap, and with one seed no interval exists and only point values are given.", "",
+        prose("findings", "intro", label=f.label), "",
         *_early_lines(f.early, f.label), *_final_lines(f.final, f.label), *_agreement_lines(f.agreement),
         *_logit_lines(f.logits),
     ]
