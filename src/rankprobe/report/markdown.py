@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from rankprobe.config import flatten
-from rankprobe.report.findings import findings, findings_section
+from rankprobe.report.findings import findings_section
 from rankprobe.report.fmt import fmt_tokens, pm, prose, table
 from rankprobe.report.metrics import (
     METRIC_NAME, Run, arm_key, check_metric, default_tap, find_runs, split_arms,
@@ -27,6 +27,8 @@ from rankprobe.report.series import (
 from rankprobe.report.stats import Estimate, mean_ci
 
 _SKIP_CONFIG = {"name", "out", "train.seed", "train.progress", "train.tensorboard"}
+
+
 def _fmt(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -320,7 +322,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
         lines += _headline_section(list(heads.values()), tap, tensor, metric, head_dim, dead_pr, diverged)
         if arms:
             val = {a: heads[a].val_loss.mean for a in arms}
-            lines += findings_section(findings(arms, {a: prs[a] for a in arms}, runs, dead_pr, val, label))
+            lines += findings_section(arms, prs, runs, dead_pr, val, label)
         if has_rows(runs, "attn"):
             lines += _lens_section("## Attention at the final checkpoint", prose("lenses", "attention"), runs,
                                    ATTENTION_COLUMNS, heads, label)
