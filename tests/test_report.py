@@ -24,7 +24,7 @@ from rankprobe.config import Config, UserError, to_dict
 from rankprobe.report import build_report, find_runs, layer_pr, mean_ci, read_metrics, t_quantile
 from rankprobe.report.figures import _nulls
 from rankprobe.report.metrics import MetricsError, arm_key
-from rankprobe.report.series import aggregate, arm_pr, headline_numbers
+from rankprobe.report.series import ArmSeries, aggregate, arm_pr, arm_series, headline_numbers
 
 CHECKPOINTS = [0, 1_000, 10_000, 100_000]
 FINAL = {  # arm -> final key PR per layer (seed mean) at tap `norm`
@@ -312,6 +312,24 @@ def test_aggregation_against_hand_values(sweep):
     np.testing.assert_allclose(mean, FINAL["adamw"])
     np.testing.assert_allclose(half, [T1 * 0.5] * 4, rtol=1e-6)
 
+
+
+def test_every_row_kind_stacks_through_one_series(sweep):
+    """Lens, loss and probe rows all become ArmSeries over the seeds' common token counts; layers reduce
+    by mean or max skipping layers without a value, checked against float64 sums by hand."""
+    runs = [r for r in find_runs(sweep) if r.arm == "muon" and r.finished]
+    loss = arm_series(runs, "train", "loss")
+    expect = [[r["loss"] for r in run.rows["train"]] for run in runs]  # both seeds log the same tokens
+    assert loss.values.shape == (2, len(expect[0]), 1)
+    np.testing.assert_array_equal(loss.per_seed(), np.array(expect, dtype=np.float64))
+    logit = arm_series(runs, "attn", "max_logit", "max")
+    by_hand = [max(r["max_logit"] for r in run.rows["attn"] if r["tokens"] == CHECKPOINTS[-1]) for run in runs]
+    assert logit.at(-1).mean == pytest.approx(sum(by_hand) / 2)
+    assert arm_series(runs, "attn", "no_such_key") is None and arm_series(runs, "weights", "x", matrix="z") is None
+    values = np.array([[[1.0, np.nan, 4.0], [np.nan, np.nan, np.nan]]])  # (S=1, C=2, L=3)
+    for how, first in (("mean", 2.5), ("max", 4.0)):
+        s = ArmSeries("a", [0], np.array([0, 1]), values, reduce=how)
+        np.testing.assert_array_equal(s.per_seed(), [[first, np.nan]])
 
 def test_headline_numbers_and_dead_layers(sweep):
     heads = {h.arm: h for h in headline_numbers(find_runs(sweep))}
