@@ -215,16 +215,13 @@ def _cost_section(arms: dict[str, list[Run]]) -> list[str]:
         mean, half = mean_ci(costs)  # (7,) each: over seeds
         seeds = str(len(costs)) + (f" of {len(group)}" if len(costs) < len(group) else "")
         digits = [1, 0] + [1] * len(_PHASES)
-        rows.append([f"`{arm}`", seeds, *(pm(Estimate(m, h, len(costs)), d, ",") for m, h, d in zip(mean, half, digits))])
+        rows.append([f"`{arm}`", seeds,
+                     *(pm(Estimate(m, h, len(costs)), d, ",") for m, h, d in zip(mean, half, digits))])
     if not rows:
         return []
     header = ["arm", "seeds", "wall time (s)", "training rate (tokens/s)", "set-up (%)", "first step (%)",
               "evals (%)", "probes (%)", "checkpoints (%)"]
-    return [
-        "## Where the time went", "",
-        prose("sections", "cost"), "",
-        *table(header, rows), "",
-    ]
+    return ["## Where the time went", "", prose("sections", "cost"), "", *table(header, rows), ""]
 
 
 def _where(run: Run, root: Path) -> Path:
@@ -232,34 +229,23 @@ def _where(run: Run, root: Path) -> Path:
     return run.path.relative_to(root) if run.path.is_relative_to(root) else run.path
 
 
-def _incomplete_section(incomplete: list[Run], root: Path) -> list[str]:
-    if not incomplete:
-        return []
+def _excluded_section(runs: list[Run], root: Path, diverged: bool) -> list[str]:
+    """The runs left out of every number: diverged ones (where, and their last good checkpoint) or those
+    without an `end` row (how far they logged)."""
     rows = []
-    for r in incomplete:
-        reached = max((int(x.get("tokens", 0)) for k in ("train", "eval", "probe") for x in r.rows.get(k, [])),
-                      default=0)
-        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), f"{reached:,}", f"`{_where(r, root)}`"])
-    return [
-        "## Incomplete runs", "",
-        prose("sections", "incomplete", n=len(incomplete)), "",
-        *table(["run", "arm", "seed", "last tokens logged", "metrics file"], rows), "",
-    ]
-
-
-def _diverged_section(diverged: list[Run], root: Path) -> list[str]:
-    if not diverged:
-        return []
-    rows = []
-    for r in diverged:
-        ckpt = r.rows["end"][-1].get("checkpoint_step")
-        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), f"{r.ended_at:,}",
-                     "none" if ckpt is None else f"step {ckpt}", f"`{_where(r, root)}`"])
-    return [
-        "## Diverged runs", "",
-        prose("sections", "diverged", n=len(diverged)), "",
-        *table(["run", "arm", "seed", "diverged at tokens", "last good checkpoint", "metrics file"], rows), "",
-    ]
+    for r in runs:
+        if diverged:
+            ckpt = r.rows["end"][-1].get("checkpoint_step")
+            cells = [f"{r.ended_at:,}", "none" if ckpt is None else f"step {ckpt}"]
+        else:
+            logged = (int(x.get("tokens", 0)) for k in ("train", "eval", "probe") for x in r.rows.get(k, []))
+            cells = [f"{max(logged, default=0):,}"]
+        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), *cells, f"`{_where(r, root)}`"])
+    kind = "diverged" if diverged else "incomplete"
+    header = ["run", "arm", "seed", *(["diverged at tokens", "last good checkpoint"] if diverged
+                                      else ["last tokens logged"]), "metrics file"]
+    return [f"## {kind.capitalize()} runs", "", prose("sections", kind, n=len(runs)), "", *table(header, rows),
+            ""] if runs else []
 
 
 def _config_section(arms: dict[str, list[Run]]) -> list[str]:
@@ -333,8 +319,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
             lines += _checkpoint_section({a: prs[a] for a in arms}, tensor, metric)
         lines += _figure_section(out_dir, list(arms), list(refs), label, figures)
         lines += _cost_section(arms)
-    lines += _diverged_section(diverged, base)
-    lines += _incomplete_section(incomplete, base)
+    lines += _excluded_section(diverged, base, True) + _excluded_section(incomplete, base, False)
     if arms:
         lines += _config_section(arms)
     if arms or refs:
