@@ -15,7 +15,8 @@ from rankprobe.probes.capture import probe_model  # noqa: E402
 from rankprobe.probes.hf import (  # noqa: E402
     attach_hf_taps, load_hf, load_run_checkpoint, probe_checkpoint_to_dir)
 from rankprobe.probes.lenses import attention_lenses  # noqa: E402
-from rankprobe.report.metrics import aggregate, find_runs  # noqa: E402
+from rankprobe.report.metrics import find_runs  # noqa: E402
+from rankprobe.report.series import aggregate  # noqa: E402
 
 V, T = 300, 12
 SMALL = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,

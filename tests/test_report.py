@@ -23,8 +23,8 @@ from matplotlib.image import imread
 from rankprobe.config import Config, UserError, to_dict
 from rankprobe.report import build_report, find_runs, layer_pr, mean_ci, read_metrics, t_quantile
 from rankprobe.report.figures import _nulls
-from rankprobe.report.markdown import headline_numbers
-from rankprobe.report.metrics import MetricsError, aggregate, arm_key, arm_pr
+from rankprobe.report.metrics import MetricsError, arm_key
+from rankprobe.report.series import ArmSeries, aggregate, arm_pr, arm_series, headline_numbers
 
 CHECKPOINTS = [0, 1_000, 10_000, 100_000]
 FINAL = {  # arm -> final key PR per layer (seed mean) at tap `norm`
@@ -313,17 +313,35 @@ def test_aggregation_against_hand_values(sweep):
     np.testing.assert_allclose(half, [T1 * 0.5] * 4, rtol=1e-6)
 
 
+
+def test_every_row_kind_stacks_through_one_series(sweep):
+    """Lens, loss and probe rows all become ArmSeries over the seeds' common token counts; layers reduce
+    by mean or max skipping layers without a value, checked against float64 sums by hand."""
+    runs = [r for r in find_runs(sweep) if r.arm == "muon" and r.finished]
+    loss = arm_series(runs, "train", "loss")
+    expect = [[r["loss"] for r in run.rows["train"]] for run in runs]  # both seeds log the same tokens
+    assert loss.values.shape == (2, len(expect[0]), 1)
+    np.testing.assert_array_equal(loss.per_seed(), np.array(expect, dtype=np.float64))
+    logit = arm_series(runs, "attn", "max_logit", "max")
+    by_hand = [max(r["max_logit"] for r in run.rows["attn"] if r["tokens"] == CHECKPOINTS[-1]) for run in runs]
+    assert logit.at(-1).mean == pytest.approx(sum(by_hand) / 2)
+    assert arm_series(runs, "attn", "no_such_key") is None and arm_series(runs, "weights", "x", matrix="z") is None
+    values = np.array([[[1.0, np.nan, 4.0], [np.nan, np.nan, np.nan]]])  # (S=1, C=2, L=3)
+    for how, first in (("mean", 2.5), ("max", 4.0)):
+        s = ArmSeries("a", [0], np.array([0, 1]), values, reduce=how)
+        np.testing.assert_array_equal(s.per_seed(), [[first, np.nan]])
+
 def test_headline_numbers_and_dead_layers(sweep):
     heads = {h.arm: h for h in headline_numbers(find_runs(sweep))}
     assert heads["adamw"].dead_layers == [1, 2]
     assert heads["adamw+qknorm"].dead_layers == [2]
     assert heads["muon"].dead_layers == []
     assert heads["muon+qknorm"].dead_layers == []  # 10.2 is above dead_pr = 10
-    assert (heads["muon+qknorm"].weakest_layer, heads["muon+qknorm"].weakest_value) == (2, pytest.approx(10.2))
-    assert heads["muon"].val_loss == pytest.approx(2.81)
-    assert heads["muon"].val_loss_half == pytest.approx(T1 * 0.02, rel=1e-6)
+    assert (heads["muon+qknorm"].weakest_layer, heads["muon+qknorm"].weakest.mean) == (2, pytest.approx(10.2))
+    assert heads["muon"].val_loss.mean == pytest.approx(2.81)
+    assert heads["muon"].val_loss.half == pytest.approx(T1 * 0.02, rel=1e-6)
     proj = {h.arm: h for h in headline_numbers(find_runs(sweep), tap="proj")}
-    assert proj["adamw"].mean == pytest.approx(np.mean(FINAL["adamw"]) + 5)
+    assert proj["adamw"].mean.mean == pytest.approx(np.mean(FINAL["adamw"]) + 5)
     assert proj["adamw"].dead_layers == []  # proj profile 45, 13, 10, 35: dead means strictly below 10
     rope = {h.arm: h for h in headline_numbers(find_runs(sweep), tap="rope")}
     assert rope["adamw+qknorm"].dead_layers == [2] and rope["muon+qknorm"].dead_layers == [2]  # 6.8, 7.2
@@ -446,7 +464,7 @@ def test_metric_erank_changes_the_headline(sweep, tmp_path):
     checkpoints = parse_table(text, "tokens")
     assert pm(checkpoints[0][1])[0] == pytest.approx(62.0)  # init: 60 + 2
     stable = {h.arm: h for h in headline_numbers(find_runs(sweep), metric="stable_rank")}
-    assert stable["adamw"].mean == pytest.approx(np.mean(FINAL["adamw"]) / 2)
+    assert stable["adamw"].mean.mean == pytest.approx(np.mean(FINAL["adamw"]) / 2)
     assert stable["adamw"].dead_layers is None and stable["adamw"].null == pytest.approx(54.0)
     for name in ("pr_trajectory.png", "layer_comparison.png", "heatmap_muon.png", "heads_muon.png"):
         assert (tmp_path / name).stat().st_size > 15_000, name
@@ -508,7 +526,7 @@ def test_pretrained_is_a_reference_not_an_arm(sweep, with_reference, tmp_path):
     assert ref["isotropic null"] == "126.00 (N = 8,192)" and ref["weakest layer: PR"] == "L5: 50.00"
     # trained arms are untouched by the reference: same numbers as without it
     alone = {h.arm: h for h in headline_numbers(find_runs(sweep))}
-    assert pm(rows["adamw"]["mean key PR"])[0] == pytest.approx(alone["adamw"].mean, abs=0.005)
+    assert pm(rows["adamw"]["mean key PR"])[0] == pytest.approx(alone["adamw"].mean.mean, abs=0.005)
     assert rows["adamw"]["seeds"] == "2" and "is 63.00 for the 4,096 probe tokens" in text
     assert [r[0] for r in parse_table(text, "tokens")] == ["0 (init)", "1,000", "10,000", "100,000"]
     assert table_header(text, "## Mean key PR") == ["tokens", "`adamw`", "`muon+qknorm`"]  # no column at "init"
@@ -550,7 +568,7 @@ def test_old_metrics_files_still_report(tmp_path):
 
 
 def test_qkclip_arm_order_and_colours():
-    from rankprobe.report.figures import ARM_COLOURS, arm_colour
+    from rankprobe.report.plot import ARM_COLOURS, arm_colour
     arms = ["adamw", "muon", "muon+qkclip", "muon+qknorm+qkclip", "hf:llama"]
     assert sorted(arms, key=arm_key) == ["adamw", "muon", "hf:llama", "muon+qkclip", "muon+qknorm+qkclip"]
     colours = {a: arm_colour(a, arms, references={"hf:llama"}) for a in arms}
@@ -646,11 +664,11 @@ def test_findings_single_seed_has_no_interval(tmp_path):
 
 
 def test_spearman_known_answers():
-    from rankprobe.report.findings import average_ranks, spearman
+    from rankprobe.report.stats import spearman
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(0.8)  # 1 - 6·2/(4·15)
-    assert list(average_ranks([5, 1, 5, 2])) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([5, 1, 5, 2], [1, 2, 3, 4]) == pytest.approx(-1 / math.sqrt(22.5))  # ties: ranks 3.5, 1, 3.5, 2
     assert math.isnan(spearman([1, 2, 3], [7, 7, 7]))
 
 

@@ -1,36 +1,25 @@
 """Figures and `report.md` rebuilt from `metrics.jsonl` files alone (no torch, no training code).
 
 `build_report(root)` finds every metrics.jsonl under `root`, draws the figures and writes report.md
-next to them. The pieces: `metrics` (reading and seed aggregation of the key spectra), `stats`
-(t intervals), `lenses` (attention and weight rows), `figures` and `lens_figures` (PNGs), `markdown`.
+next to them. Data flows one way through the modules:
+
+    metrics   read metrics files into `Run`s; group finished runs into arms
+    series    `ArmSeries`: one quantity of one arm stacked over seeds; every table and figure reads these
+    stats     t intervals (`Estimate`) and Spearman, from scipy.stats
+    findings  the study's four questions, answered from series
+    fmt       the one Markdown table and ± formatter, and the fixed prose (prose.toml)
+    plot      the public drawing kit; figures: one function per PNG
+    markdown  report.md; scan: scan.md of a learning-rate scan
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rankprobe.report.figures import head_heatmaps, heatmaps, layer_comparison, loss_curves, pr_trajectory
-from rankprobe.report.lens_figures import attention_entropy, max_logit, weight_spectra
+from rankprobe.report.figures import build_figures
 from rankprobe.report.markdown import write_report
 from rankprobe.report.metrics import METRICS, Run, check_metric, find_runs, layer_pr, read_metrics
 from rankprobe.report.stats import mean_ci, t_quantile
-
-
-def build_figures(runs: list[Run], out_dir: str | Path, tap: str | None = None, tensor: str = "k",
-                  metric: str | None = None) -> list[Path]:
-    """Every figure of the report for `metric` (default 'pr'); returns the written paths. Figures whose
-    rows are absent (attention, weights, or a trained arm for the trajectories) are not written."""
-    paths = [
-        pr_trajectory(runs, out_dir, tap, tensor, metric),
-        layer_comparison(runs, out_dir, tap, tensor, metric),
-        *heatmaps(runs, out_dir, tap, tensor, metric),
-        *head_heatmaps(runs, out_dir, tap, tensor, metric),
-        loss_curves(runs, out_dir),
-        attention_entropy(runs, out_dir),
-        max_logit(runs, out_dir),
-        weight_spectra(runs, out_dir),
-    ]
-    return [p for p in paths if p is not None]
 
 
 def build_report(root: str | Path, tap: str | None = None, *, metric: str | None = None,

@@ -2,8 +2,8 @@
 
 1. early QK-Norm effect on the key metric, 2. which arm ends highest (and how many layers are dead),
 3. whether validation loss ranks the arms the same way (Spearman), 4. attention-logit growth and
-whether Muon keeps it below AdamW. Each answer is a dataclass computed by a pure function, then
-rendered by `findings_section`; a question whose arms or rows are absent carries the reason instead.
+whether Muon keeps it below AdamW. Each question is one function from the arms' series (`series`) to
+its Markdown lines; a question whose arms or rows are absent says why instead of answering.
 
 A difference is called resolved only when the two arms' 95% t-intervals over seeds do not overlap
 (a conservative check, stricter than a two-sample test); with one seed there is no interval and only
@@ -13,13 +13,13 @@ the point values are reported. Rules in docs/metrics.md, "Headline numbers".
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from rankprobe.report.lenses import lens_series
-from rankprobe.report.metrics import ArmPR, Run
-from rankprobe.report.stats import mean_ci
+from rankprobe.report.fmt import pm, prose, table
+from rankprobe.report.metrics import Run
+from rankprobe.report.series import ArmSeries, lens_series
+from rankprobe.report.stats import Estimate, estimate, spearman
 
 EARLY_TOKENS = 1_000_000
 """the checkpoint question 1 looks for; runs with a smaller budget use EARLY_FRACTION of it instead"""
@@ -28,21 +28,6 @@ EARLY_FRACTION = 0.1
 
 # ---------------------------------------------------------------------------------------------
 # seed estimates and the resolution rule
-
-
-@dataclass
-class Estimate:
-    """A seed mean with its 95% t half-width (NaN with one seed)."""
-
-    mean: float
-    half: float
-    n: int
-
-
-def estimate(values) -> Estimate:
-    values = np.asarray(values, dtype=float)
-    mean, half = mean_ci(values)
-    return Estimate(float(mean), float(half), int(values.size))
 
 
 def resolution(a: Estimate, b: Estimate) -> str:
@@ -67,31 +52,6 @@ def verdict(a: Estimate, b: Estimate, higher: str = "higher", lower: str = "lowe
     return f"{higher if a.mean > b.mean else lower}, resolved (the 95% intervals do not overlap; {_seeds(a, b)})"
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. early QK-Norm effect
-
-
-@dataclass
-class EarlyPair:
-    optimizer: str
-    tokens: int
-    rule: str
-    """how `tokens` was chosen, in words"""
-    with_qk: Estimate
-    without: Estimate
-
-    @property
-    def difference(self) -> float:
-        return self.with_qk.mean - self.without.mean
-
-
-@dataclass
-class EarlyEffect:
-    pairs: list[EarlyPair] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    """one reason per optimizer (or for the whole question) that could not be answered"""
-
-
 def early_checkpoint(tokens: list[int], budget: int) -> tuple[int | None, str]:
     """The checkpoint nearest EARLY_TOKENS (earlier on a tie) when the budget reaches it; else the
     first checkpoint at or after EARLY_FRACTION of the budget. Init (tokens 0) is never chosen."""
@@ -107,272 +67,112 @@ def early_checkpoint(tokens: list[int], budget: int) -> tuple[int | None, str]:
     return (later[0] if later else None), rule
 
 
-def _budget(runs: list[Run], pr: ArmPR) -> int:
+def _budget(runs: list[Run], pr: ArmSeries) -> int:
     budgets = [int(r.config.get("train", {}).get("tokens") or 0) for r in runs]
     return max(budgets + [int(pr.tokens[-1])])
 
 
-def _at(pr: ArmPR, tokens: int) -> Estimate:
-    index = int(np.flatnonzero(pr.tokens == tokens)[0])
-    return estimate(pr.values[:, index, :].mean(axis=1))  # per-seed mean over layers
+def _at(pr: ArmSeries, tokens: int) -> Estimate:
+    return pr.at(int(np.flatnonzero(pr.tokens == tokens)[0]))
 
 
-def early_effect(arms: dict[str, list[Run]], prs: dict[str, ArmPR]) -> EarlyEffect:
-    """For every optimizer `o` with both arms `o` and `o+qknorm`: the key metric at the early checkpoint."""
-    out = EarlyEffect()
+def early_effect(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], label: str) -> list[str]:
+    """1. For every optimizer `o` with both arms `o` and `o+qknorm`: the key metric at the early checkpoint."""
+    lines, skipped = ["### 1. Early effect of QK-Norm", ""], []
     optimizers = list(dict.fromkeys(g[0].optimizer for g in arms.values()))
     for opt in optimizers:
         on, off = f"{opt}+qknorm", opt
         if on not in prs or off not in prs:
             missing = " and ".join(f"`{a}`" for a in (off, on) if a not in prs)
-            out.skipped.append(f"`{opt}`: no finished {missing} arm to compare")
+            skipped.append(f"`{opt}`: no finished {missing} arm to compare")
             continue
         common = sorted(set(map(int, prs[on].tokens)) & set(map(int, prs[off].tokens)))
-        budget = max(_budget(arms[on], prs[on]), _budget(arms[off], prs[off]))
-        tokens, rule = early_checkpoint(common, budget)
+        tokens, rule = early_checkpoint(common, max(_budget(arms[on], prs[on]), _budget(arms[off], prs[off])))
         if tokens is None:
-            out.skipped.append(f"`{opt}`: {rule}; no checkpoint common to both arms qualifies")
+            skipped.append(f"`{opt}`: {rule}; no checkpoint common to both arms qualifies")
             continue
-        out.pairs.append(EarlyPair(opt, tokens, rule, _at(prs[on], tokens), _at(prs[off], tokens)))
-    if not optimizers:
-        out.skipped.append("no finished trained arm")
-    return out
+        a, b = _at(prs[on], tokens), _at(prs[off], tokens)
+        lines += [f"`{opt}` at {tokens:,} tokens, {rule}: mean {label} {pm(a)} with QK-Norm vs {pm(b)} without, "
+                  f"difference {a.mean - b.mean:+.2f}: {verdict(a, b, 'higher with QK-Norm', 'lower with QK-Norm')}.",
+                  ""]
+    skipped += [] if optimizers else ["no finished trained arm"]
+    return lines + [f"Not answered for {s}." for s in skipped] + ([""] if skipped else [])
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. the final checkpoint
-
-
-@dataclass
-class FinalArm:
-    arm: str
-    tokens: int
-    value: Estimate
-    dead: Estimate | None
-    """per-seed count of layers below dead_pr (PR only), as a seed mean"""
-
-
-@dataclass
-class FinalRanking:
-    arms: list[FinalArm]
-    """highest seed-mean value first"""
-    dead_pr: float
-
-    @property
-    def best(self) -> FinalArm | None:
-        return self.arms[0] if self.arms else None
-
-    @property
-    def runner_up(self) -> FinalArm | None:
-        return self.arms[1] if len(self.arms) > 1 else None
-
-
-def final_ranking(prs: dict[str, ArmPR], dead_pr: float) -> FinalRanking:
-    rows = []
-    for arm, pr in prs.items():
-        final = pr.values[:, -1, :]  # (S, L)
-        dead = estimate((final < dead_pr).sum(axis=1)) if pr.metric == "pr" else None
-        rows.append(FinalArm(arm, int(pr.tokens[-1]), estimate(final.mean(axis=1)), dead))
-    return FinalRanking(sorted(rows, key=lambda r: -r.value.mean), dead_pr)
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. does validation loss agree?
-
-
-def average_ranks(x) -> np.ndarray:
-    """Ranks 1..n of `x` (ascending), ties sharing their average rank."""
-    x = np.asarray(x, dtype=float)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(x.size)
-    i = 0
-    while i < x.size:
-        j = i
-        while j + 1 < x.size and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x, y) -> float:
-    """Spearman's rank correlation: Pearson's r of the average ranks; NaN when either is constant."""
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
-
-
-@dataclass
-class Agreement:
-    by_metric: list[str]
-    """arms by seed-mean key metric, highest first"""
-    by_loss: list[str]
-    """arms by seed-mean final val loss, lowest first"""
-    rho: float
-    skipped: str | None = None
-
-
-def loss_agreement(ranking: FinalRanking, val_loss: dict[str, float]) -> Agreement:
-    """Spearman's rho between the arms' final key metric and their negative final val loss."""
-    arms = [r for r in ranking.arms if math.isfinite(val_loss.get(r.arm, math.nan))]
-    by_metric = [r.arm for r in arms]
-    by_loss = sorted(by_metric, key=lambda a: val_loss[a])
-    if len(arms) < 3:
-        why = f"{len(arms)} arm(s) with a final val loss; a rank correlation needs at least 3"
-        return Agreement(by_metric, by_loss, math.nan, why)
-    rho = spearman([r.value.mean for r in arms], [-val_loss[a] for a in by_metric])
-    return Agreement(by_metric, by_loss, rho, None if math.isfinite(rho) else "every arm ties on one of the two")
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. attention-logit growth
-
-
-@dataclass
-class LogitArm:
-    arm: str
-    first_tokens: int
-    first: Estimate
-    final_tokens: int
-    final: Estimate
-
-    @property
-    def growth(self) -> float:
-        """Ratio of the seed means, final over first."""
-        return self.final.mean / self.first.mean if self.first.mean else math.nan
-
-
-@dataclass
-class LogitGrowth:
-    arms: list[LogitArm] = field(default_factory=list)
-    muon: LogitArm | None = None
-    adamw: LogitArm | None = None
-    """the arms without QK-Norm compared in the second sentence (None when absent)"""
-    skipped: str | None = None
-
-
-def logit_growth(runs: list[Run], trained: list[str]) -> LogitGrowth:
-    """Max logit (max over layers and heads, per seed) at each arm's first checkpoint after init and its
-    final one; `trained` names the arms to include (references are left out)."""
-    series = {a: s for a, s in lens_series(runs, "attn", "max_logit", "max").items() if a in trained}
-    if not series:
-        return LogitGrowth(skipped="attention lenses were not recorded in these metrics files (no `attn` rows "
-                                   "with `max_logit`)")
-    out = LogitGrowth()
-    for arm, s in series.items():
-        positive = np.flatnonzero(s.tokens > 0)
-        if positive.size == 0:
-            continue
-        i = int(positive[0])
-        out.arms.append(LogitArm(arm, int(s.tokens[i]), estimate(s.values[:, i]), int(s.tokens[-1]),
-                                 estimate(s.values[:, -1])))
-    if not out.arms:
-        out.skipped = "the attention rows hold no checkpoint after init"
-    by_arm = {r.arm: r for r in out.arms}
-    out.muon, out.adamw = by_arm.get("muon"), by_arm.get("adamw")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# all four, and the Markdown
-
-
-@dataclass
-class Findings:
-    label: str
-    """'key PR', 'key erank', ..."""
-    early: EarlyEffect
-    final: FinalRanking
-    agreement: Agreement
-    logits: LogitGrowth
-
-
-def findings(arms: dict[str, list[Run]], prs: dict[str, ArmPR], runs: list[Run], dead_pr: float,
-             val_loss: dict[str, float], label: str) -> Findings:
-    """The four answers for the trained `arms` (their `prs` at the headline tap and metric)."""
-    prs = {a: prs[a] for a in arms}
-    ranking = final_ranking(prs, dead_pr)
-    return Findings(label, early_effect(arms, prs), ranking, loss_agreement(ranking, val_loss),
-                    logit_growth(runs, list(arms)))
-
-
-def _v(e: Estimate, digits: int = 2) -> str:
-    if not math.isfinite(e.mean):
-        return "n/a"
-    return f"{e.mean:.{digits}f}" + (f" ± {e.half:.{digits}f}" if math.isfinite(e.half) else "")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
-def _early_lines(e: EarlyEffect, label: str) -> list[str]:
-    lines = ["### 1. Early effect of QK-Norm", ""]
-    for p in e.pairs:
-        lines += [f"`{p.optimizer}` at {p.tokens:,} tokens, {p.rule}: mean {label} {_v(p.with_qk)} with QK-Norm "
-                  f"vs {_v(p.without)} without, difference {p.difference:+.2f}: "
-                  f"{verdict(p.with_qk, p.without, 'higher with QK-Norm', 'lower with QK-Norm')}.", ""]
-    lines += [f"Not answered for {s}." for s in e.skipped] + ([""] if e.skipped else [])
-    return lines
-
-
-def _final_lines(f: FinalRanking, label: str) -> list[str]:
+def final_ranking(prs: dict[str, ArmSeries], dead_pr: float, label: str) -> tuple[list[str], list[str]]:
+    """2. The arms by their final seed-mean key metric, highest first, with the per-seed count of dead
+    layers (PR only); returns (lines, arms in that order)."""
     lines = ["### 2. Final checkpoint", ""]
-    best, second = f.best, f.runner_up
-    if best is None:
-        return lines + ["No finished trained arm.", ""]
-    if second is None:
-        lines.append(f"Only one arm, `{best.arm}`: mean {label} {_v(best.value)}; there is no ranking to report.")
+    dead = {a: estimate((pr.values[:, -1, :] < dead_pr).sum(axis=1)) for a, pr in prs.items() if pr.metric == "pr"}
+    ranked = sorted(prs, key=lambda a: -prs[a].at(-1).mean)
+    if not ranked:
+        return lines + ["No finished trained arm.", ""], ranked
+    best = prs[ranked[0]].at(-1)
+    if len(ranked) == 1:
+        lines.append(f"Only one arm, `{ranked[0]}`: mean {label} {pm(best)}; there is no ranking to report.")
     else:
-        lines.append(f"`{best.arm}` has the highest mean {label} ({_v(best.value)}); against the runner-up "
-                     f"`{second.arm}` ({_v(second.value)}) it is {verdict(best.value, second.value)}.")
-    if best.dead is None:
+        second = prs[ranked[1]].at(-1)
+        lines.append(f"`{ranked[0]}` has the highest mean {label} ({pm(best)}); against the runner-up "
+                     f"`{ranked[1]}` ({pm(second)}) it is {verdict(best, second)}.")
+    if not dead:
         lines.append("Dead layers are counted for PR only (`probe.dead_pr` is a PR value).")
-    rows = [[f"`{r.arm}`", str(r.value.n), f"{r.tokens:,}", _v(r.value)] + ([_v(r.dead, 1)] if r.dead else [])
-            for r in f.arms]
+    rows = [[f"`{a}`", str(prs[a].n_seeds), f"{int(prs[a].tokens[-1]):,}", pm(prs[a].at(-1))]
+            + ([pm(dead[a], 1)] if dead else []) for a in ranked]
     header = ["arm", "seeds", "tokens", f"mean {label}"] + (
-        [f"layers with PR < {f.dead_pr:g} (per-seed count)"] if best.dead else [])
-    return lines + ["", *_table(header, rows), ""]
+        [f"layers with PR < {dead_pr:g} (per-seed count)"] if dead else [])
+    return lines + ["", *table(header, rows), ""], ranked
 
 
-def _agreement_lines(a: Agreement) -> list[str]:
+def loss_agreement(prs: dict[str, ArmSeries], ranked: list[str], val_loss: dict[str, float]) -> list[str]:
+    """3. Spearman's rho between the arms' final key metric and their negative final val loss."""
     lines = ["### 3. Does validation loss agree with the ranking?", ""]
-    order = (f"By the key metric (highest first): {', '.join(f'`{x}`' for x in a.by_metric) or 'none'}; "
-             f"by final val loss (lowest first): {', '.join(f'`{x}`' for x in a.by_loss) or 'none'}.")
-    if a.skipped:
-        return lines + [f"Cannot be assessed: {a.skipped}. {order}", ""]
+    by_metric = [a for a in ranked if math.isfinite(val_loss.get(a, math.nan))]
+    by_loss = sorted(by_metric, key=lambda a: val_loss[a])
+    order = (f"By the key metric (highest first): {', '.join(f'`{x}`' for x in by_metric) or 'none'}; "
+             f"by final val loss (lowest first): {', '.join(f'`{x}`' for x in by_loss) or 'none'}.")
+    if len(by_metric) < 3:
+        why = f"{len(by_metric)} arm(s) with a final val loss; a rank correlation needs at least 3"
+        return lines + [f"Cannot be assessed: {why}. {order}", ""]
+    rho = spearman([prs[a].at(-1).mean for a in by_metric], [-val_loss[a] for a in by_metric])
+    if not math.isfinite(rho):
+        return lines + [f"Cannot be assessed: every arm ties on one of the two. {order}", ""]
     return lines + [f"Spearman rank correlation between the arms' seed-mean key metric and their negative final "
-                    f"val loss: ρ = {a.rho:+.2f} over {len(a.by_metric)} arms (+1: the same order, −1: reversed; "
+                    f"val loss: ρ = {rho:+.2f} over {len(by_metric)} arms (+1: the same order, −1: reversed; "
                     f"seed means only, so no interval). {order}", ""]
 
 
-def _logit_lines(g: LogitGrowth) -> list[str]:
+def logit_growth(runs: list[Run], trained: list[str]) -> list[str]:
+    """4. Max logit (max over layers and heads, per seed) at each trained arm's first checkpoint after
+    init and its final one, and whether Muon ends below AdamW without QK-Norm."""
     lines = ["### 4. Attention-logit growth", ""]
-    if g.skipped:
-        return lines + [f"Not answered: {g.skipped}.", ""]
-    rows = [[f"`{r.arm}`", f"{r.first_tokens:,}", _v(r.first), f"{r.final_tokens:,}", _v(r.final),
-             f"{r.growth:.2f}×" if math.isfinite(r.growth) else "n/a"] for r in g.arms]
-    lines += ["Max logit = the largest scaled pre-softmax logit q·k/√D, max over layers and heads per seed, then "
-              "the seed mean; growth = final over first (ratio of the seed means).", "",
-              *_table(["arm", "first tokens", "max logit (first)", "final tokens", "max logit (final)", "growth"],
-                      rows), ""]
-    if g.muon is None or g.adamw is None:
-        missing = " and ".join(f"`{a}`" for a, r in (("adamw", g.adamw), ("muon", g.muon)) if r is None)
+    series = {a: s for a, s in lens_series(runs, "attn", "max_logit", "max").items() if a in trained}
+    first = {a: int(np.flatnonzero(s.tokens > 0)[0]) for a, s in series.items() if (s.tokens > 0).any()}
+    if not first:
+        why = ("the attention rows hold no checkpoint after init" if series else
+               "attention lenses were not recorded in these metrics files (no `attn` rows with `max_logit`)")
+        return lines + [f"Not answered: {why}.", ""]
+    rows = []
+    for arm, i in first.items():
+        s = series[arm]
+        a, b = s.at(i), s.at(-1)
+        growth = b.mean / a.mean if a.mean else math.nan
+        rows.append([f"`{arm}`", f"{int(s.tokens[i]):,}", pm(a), f"{int(s.tokens[-1]):,}", pm(b),
+                     f"{growth:.2f}×" if math.isfinite(growth) else "n/a"])
+    lines += [prose("findings", "logits"), "",
+              *table(["arm", "first tokens", "max logit (first)", "final tokens", "max logit (final)", "growth"],
+                     rows), ""]
+    if "muon" not in first or "adamw" not in first:
+        missing = " and ".join(f"`{a}`" for a in ("adamw", "muon") if a not in first)
         return lines + [f"Muon vs AdamW without QK-Norm: not answered, no {missing} arm with attention rows.", ""]
-    m, a = g.muon.final, g.adamw.final
-    return lines + [f"Without QK-Norm, the final max logit of `muon` ({_v(m)}) against `adamw` ({_v(a)}) is "
+    m, a = series["muon"].at(-1), series["adamw"].at(-1)
+    return lines + [f"Without QK-Norm, the final max logit of `muon` ({pm(m)}) against `adamw` ({pm(a)}) is "
                     f"{verdict(m, a)}.", ""]
 
 
-def findings_section(f: Findings) -> list[str]:
-    """The "## Findings" Markdown lines."""
-    return [
-        "## Findings", "",
-        f"Answers from the metrics alone, at the headline tap and metric ({f.label}). Values are seed means ± "
-        "the 95% t half-width; a difference is called resolved only when the two arms' 95% intervals do not "
-        "overlap, and with one seed no interval exists and only point values are given.", "",
-        *_early_lines(f.early, f.label), *_final_lines(f.final, f.label), *_agreement_lines(f.agreement),
-        *_logit_lines(f.logits),
-    ]
+def findings_section(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], runs: list[Run], dead_pr: float,
+                     val_loss: dict[str, float], label: str) -> list[str]:
+    """The "## Findings" Markdown lines for the trained `arms` (their `prs` at the headline tap and metric)."""
+    prs = {a: prs[a] for a in arms}
+    ranking, ranked = final_ranking(prs, dead_pr, label)
+    return ["## Findings", "", prose("findings", "intro", label=label), "", *early_effect(arms, prs, label),
+            *ranking, *loss_agreement(prs, ranked, val_loss), *logit_growth(runs, list(arms))]

@@ -15,70 +15,18 @@ from collections import Counter
 from pathlib import Path
 
 from rankprobe.config import flatten
-from rankprobe.report.figures import (
-    TENSOR_NAME,
-    fmt_tokens,
-    heads_name,
-    heatmap_name,
-    metric_label,
-)
-from rankprobe.report.findings import findings, findings_section
-from rankprobe.report.lenses import (
-    ATTENTION_COLUMNS,
-    WEIGHT_COLUMNS,
-    LensRow,
-    has_rows,
-    lens_table,
-)
+from rankprobe.report.findings import findings_section
+from rankprobe.report.fmt import fmt_tokens, pm, prose, table
 from rankprobe.report.metrics import (
-    METRIC_NAME,
-    Headline,
-    Run,
-    arm_key,
-    arm_pr,
-    check_metric,
-    default_tap,
-    find_runs,
-    finished_by_arm,
-    headline,
-    split_arms,
+    METRIC_NAME, Run, arm_key, check_metric, default_tap, find_runs, split_arms,
 )
-from rankprobe.report.stats import mean_ci
+from rankprobe.report.plot import TENSOR_NAME, heads_name, heatmap_name, metric_label
+from rankprobe.report.series import (
+    ATTENTION_COLUMNS, WEIGHT_COLUMNS, ArmSeries, Headline, arm_pr, has_rows, headline, lens_table,
+)
+from rankprobe.report.stats import Estimate, mean_ci
 
-TAP_MEANING = {
-    "proj": "right after the key projection W_k",
-    "norm": "after QK-Norm (identical to `proj` in arms without QK-Norm)",
-    "rope": "after RoPE, i.e. what attention actually consumes",
-}
 _SKIP_CONFIG = {"name", "out", "train.seed", "train.progress", "train.tensorboard"}
-METRIC_MEANING = {
-    "pr": "The Participation Ratio PR = (Σλ)²/Σλ² of the eigenvalues λ of a head's centred {t} covariance "
-          "counts how many dimensions the {t}s effectively use: PR = head_dim = {d} means all dimensions are "
-          "used equally, PR = 1 means the {t}s have collapsed onto one direction.",
-    "erank": "The effective rank erank = exp(−Σ p log p), p = λ/Σλ, of the eigenvalues λ of a head's centred "
-             "{t} covariance (Roy & Vetterli 2007, on the variances) is the number of equally used directions "
-             "with the same Shannon entropy: head_dim = {d} when every direction is used equally, 1 for a single "
-             "direction. Of the metrics it is the most sensitive to the tail of the spectrum.",
-    "stable_rank": "The stable rank Σλ/λ_max of the eigenvalues λ of a head's centred {t} covariance says how "
-                   "many directions the strongest one is worth (at most head_dim = {d}; stable rank ≤ PR ≤ erank "
-                   "on any spectrum). It is the most sensitive to one dominant direction, and finite samples "
-                   "inflate λ_max, so its isotropic null lies well below head_dim: read it against the null.",
-    "rankme": "RankMe = exp(−Σ q log q), q = σ/Σσ, of the singular values σ of the uncentred matrix of a head's "
-              "{t}s (Garrido et al., ICML 2023) counts used directions like erank but without removing the mean: "
-              "a large shared offset counts as one strong direction (at most head_dim = {d}).",
-}
-
-
-def _pm(mean: float, half: float, digits: int, sep: str = "") -> str:
-    """'mean ± half' to `digits` decimals (sep="," groups thousands); no ± where `half` is NaN."""
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:{sep}.{digits}f}" + (f" ± {half:{sep}.{digits}f}" if math.isfinite(half) else "")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def _fmt(value) -> str:
@@ -152,109 +100,73 @@ def _null_text(heads: list[Headline], metric: str) -> str:
     nulls = sorted({(round(h.null, 2), h.n_probe) for h in trained})
     value = (f"is {nulls[0][0]:.2f} for the {nulls[0][1]:,} probe tokens" if len(nulls) == 1
              else "depends on each arm's probe tokens N (column)")
-    return (f" The isotropic null — the {METRIC_NAME[metric]} that N isotropic Gaussian vectors of width head_dim "
-            f"give, the ceiling a probe set of that size can be expected to reach — {value} (docs/lenses.md).")
+    return prose("headline", "null", name=METRIC_NAME[metric], value=value)
 
 
-def _headline_section(heads: list[Headline], tap: str, tensor: str, metric: str, head_dim: int, dead_pr: float,
-                      diverged: list[Run]) -> list[str]:
+def _headline_rows(heads: list[Headline], dead: bool, diverged: list[Run]) -> list[list[str]]:
+    """One row per arm (references last); an arm whose every seed diverged says where instead."""
     lost: dict[str, list[Run]] = {}
     for r in diverged:
         lost.setdefault(r.arm, []).append(r)
-    dead = metric == "pr"
     rows = []
     for h in heads:
         row = [f"`{h.arm}`" + (" (pretrained)" if h.reference else ""),
                "—" if h.reference else str(h.n_seeds) + (f" (+{len(lost[h.arm])} diverged)" if h.arm in lost else ""),
-               "—" if h.reference else f"{h.tokens:,}", _pm(h.mean, h.mean_half, 2), _null_cell(h),
-               f"L{h.weakest_layer}: {_pm(h.weakest_value, h.weakest_half, 2)}"]
+               "—" if h.reference else f"{h.tokens:,}", pm(h.mean), _null_cell(h),
+               f"L{h.weakest_layer}: {pm(h.weakest)}"]
         if dead:
             row.append(f"{len(h.dead_layers)}" + (f" ({', '.join(f'L{i}' for i in h.dead_layers)})"
                                                   if h.dead_layers else ""))
-        rows.append((h.reference, arm_key(h.arm), row + [_pm(h.val_loss, h.val_loss_half, 4)]))
+        rows.append((h.reference, arm_key(h.arm), row + [pm(h.val_loss, 4)]))
     shown = {h.arm for h in heads}
-    for arm, group in lost.items():  # every seed diverged: say where instead of showing numbers
+    for arm, group in lost.items():
         if arm not in shown:
             where = ", ".join(f"{r.ended_at:,} tokens (seed {r.seed})" for r in group)
             rows.append((False, arm_key(arm), [f"`{arm}`", "0", "—", f"diverged at {where}"]
                          + ["—"] * (4 if dead else 3)))
-    name = METRIC_NAME[metric]
-    label = metric_label(tensor, metric)
+    return [r for *_, r in sorted(rows, key=lambda x: x[:2])]
+
+
+def _headline_section(heads: list[Headline], tap: str, tensor: str, metric: str, head_dim: int, dead_pr: float,
+                      diverged: list[Run]) -> list[str]:
+    dead = metric == "pr"
+    name, label = METRIC_NAME[metric], metric_label(tensor, metric)
     header = ["arm", "seeds", "tokens", f"mean {label}", "isotropic null", f"weakest layer: {name}",
               *([f"dead layers (PR < {dead_pr:g})"] if dead else []), "val loss"]
-    reading = ("Mean PR averages the layers; the weakest layer and the dead layers are read from the seed-mean "
-               "layer profile" if dead else
-               f"Mean {name} averages the layers; the weakest layer is read from the seed-mean layer profile "
-               f"(dead layers are defined by PR, so they are counted only in a PR report)")
-    lines = [
-        f"## Headline: {label} at the final checkpoint", "",
-        f"Headline tap: `{tap}`, {TAP_MEANING.get(tap, 'see docs/metrics.md')}. "
-        + METRIC_MEANING[metric].format(t=TENSOR_NAME.get(tensor, tensor), d=head_dim)
-        + f" A layer's {name} is the mean over its heads. Values are seed means; ± is the 95% t-interval "
-        f"half-width over seeds (shown only where an arm has more than one seed). {reading}; val loss is the "
-        f"last evaluation (nats/token)." + _null_text(heads, metric), "",
-        *_table(header, [r for *_, r in sorted(rows, key=lambda x: x[:2])]), "",  # references last
-    ]
+    reading = prose("headline", "reading_pr") if dead else prose("headline", "reading", name=name)
+    text = (f"Headline tap: `{tap}`, {prose('tap').get(tap, 'see docs/metrics.md')}. "
+            + prose("metric", metric, t=TENSOR_NAME.get(tensor, tensor), d=head_dim)
+            + prose("headline", "values", name=name, reading=reading) + _null_text(heads, metric))
+    lines = [f"## Headline: {label} at the final checkpoint", "", text, "",
+             *table(header, _headline_rows(heads, dead, diverged)), ""]
     refs = [h for h in heads if h.reference]
     if refs:
-        lines += ["Rows marked (pretrained) are checkpoints probed once as loaded (`rankprobe.probes.hf`: a "
-                  "Hugging Face model, or a finished RankProbe run probed again), on their own probe set and "
-                  "tokenizer: " + "; ".join(
-                      f"`{h.arm}` {h.n_layer} layers, {h.n_probe:,} probe tokens" for h in refs)
-                  + ". They are references: no trained arm's number includes them.", ""]
+        items = "; ".join(f"`{h.arm}` {h.n_layer} layers, {h.n_probe:,} probe tokens" for h in refs)
+        lines += [prose("headline", "references", items=items), ""]
     return lines
 
 
-def _lens_cells(row: LensRow, digits: list[int]) -> list[str]:
-    return [_pm(m, h, d) for (m, h), d in zip(row.cells, digits)]
-
-
-def _lens_section(title: str, text: str, columns: list[tuple], digits: list[int], lens: list[LensRow],
-                  heads: dict[str, Headline], label: str) -> list[str]:
-    if not lens:
-        return []
+def _lens_section(title: str, text: str, runs: list[Run], columns: list[tuple], heads: dict[str, Headline],
+                  label: str) -> list[str]:
+    """A lens table: the arm's headline mean, then each column's final value (`series.lens_table`)."""
     rows = [[f"`{r.arm}`" + (" (pretrained)" if r.reference else ""), "—" if r.reference else str(r.n_seeds),
-             "—" if r.reference else f"{r.tokens:,}",
-             _pm(heads[r.arm].mean, heads[r.arm].mean_half, 2) if r.arm in heads else "n/a",
-             *_lens_cells(r, digits)] for r in lens]
+             "—" if r.reference else f"{r.tokens:,}", pm(heads[r.arm].mean) if r.arm in heads else "n/a",
+             *(pm(e, c[-1]) for e, c in zip(r.cells, columns))] for r in lens_table(runs, columns)]
     header = ["arm", "seeds", "tokens", f"mean {label}", *(c[0] for c in columns)]
-    return [title, "", text, "", *_table(header, rows), ""]
+    return [title, "", text, "", *table(header, rows), ""] if rows else []
 
 
-def _attention_section(runs: list[Run], heads: dict[str, Headline], label: str) -> list[str]:
-    return _lens_section(
-        "## Attention at the final checkpoint",
-        "QK-Norm exists to keep attention logits bounded and attention from collapsing onto single keys (QK-Clip "
-        "caps the logit directly), so these sit next to the key metric. Attention is recomputed on the probe set "
-        "from the post-RoPE q and k. Normalised entropy is each query row's entropy divided by log(visible keys), "
-        "averaged over rows t ≥ 1, heads and layers (1 = uniform over the visible keys, 0 = every query reads "
-        "one key); the entropy in nats is averaged the same way; the max logit is the largest scaled "
-        "pre-softmax logit q·k/√D, max over heads and layers (docs/lenses.md, section 2). Seed means ± 95% "
-        "half-width; tokens = the last checkpoint with attention rows.",
-        ATTENTION_COLUMNS, [3, 3, 2], lens_table(runs, ATTENTION_COLUMNS), heads, label)
-
-
-def _weights_section(runs: list[Run], heads: dict[str, Headline], label: str) -> list[str]:
-    return _lens_section(
-        "## Weights at the final checkpoint",
-        "Stable rank ‖W‖_F²/‖W‖₂² of the whole W_q and W_k (mean over layers) and their spectral norm σ₁ "
-        "(max over layers), the operator norm that Muon's orthogonalised updates control (docs/lenses.md, "
-        "section 3). "
-        "Seed means ± 95% half-width; tokens = the last checkpoint with weight rows.",
-        WEIGHT_COLUMNS, [2, 2, 3, 3], lens_table(runs, WEIGHT_COLUMNS), heads, label)
-
-
-def _checkpoint_section(prs: dict, tensor: str, metric: str) -> list[str]:
+def _checkpoint_section(prs: dict[str, ArmSeries], tensor: str, metric: str) -> list[str]:
     tokens = sorted({int(t) for pr in prs.values() for t in pr.tokens})
     cols = {}
     for arm, pr in prs.items():
         mean, half = pr.trajectory()
-        cols[arm] = {int(t): _pm(m, h, 2) for t, m, h in zip(pr.tokens, mean, half)}
+        cols[arm] = {int(t): pm(Estimate(m, h, pr.n_seeds)) for t, m, h in zip(pr.tokens, mean, half)}
     rows = [[f"{t:,}" + (" (init)" if t == 0 else "")] + [cols[a].get(t, "—") for a in prs] for t in tokens]
     return [
         f"## Mean {metric_label(tensor, metric)} over layers at each checkpoint", "",
         "Only checkpoints that every seed of an arm reached are aggregated.", "",
-        *_table(["tokens"] + [f"`{a}`" for a in prs], rows), "",
+        *table(["tokens"] + [f"`{a}`" for a in prs], rows), "",
     ]
 
 
@@ -303,23 +215,13 @@ def _cost_section(arms: dict[str, list[Run]]) -> list[str]:
         mean, half = mean_ci(costs)  # (7,) each: over seeds
         seeds = str(len(costs)) + (f" of {len(group)}" if len(costs) < len(group) else "")
         digits = [1, 0] + [1] * len(_PHASES)
-        rows.append([f"`{arm}`", seeds, *(_pm(m, h, d, ",") for m, h, d in zip(mean, half, digits))])
+        rows.append([f"`{arm}`", seeds,
+                     *(pm(Estimate(m, h, len(costs)), d, ",") for m, h, d in zip(mean, half, digits))])
     if not rows:
         return []
     header = ["arm", "seeds", "wall time (s)", "training rate (tokens/s)", "set-up (%)", "first step (%)",
               "evals (%)", "probes (%)", "checkpoints (%)"]
-    return [
-        "## Where the time went", "",
-        "From each run's `end` row (docs/metrics.md, section `end`). Wall time is the whole run, summed over "
-        "resumed segments. Set-up runs from the start of a process to its first step (tokens, model, optimizer, "
-        "checkpoint loading); the first step is mostly compiling and autotuning; probes include every lens. "
-        "The shares are percentages of wall time; what they leave is the other training steps and saving the "
-        "final weights, and the training rate is the tokens after the first step divided by that remainder. "
-        "Values are seed means; ± is the 95% t-interval half-width over seeds (shown only where an arm has more "
-        "than one seed with timings). Runs written before these fields have no timings and are left out; "
-        "\"1 of 2\" seeds says one seed of two had them.", "",
-        *_table(header, rows), "",
-    ]
+    return ["## Where the time went", "", prose("sections", "cost"), "", *table(header, rows), ""]
 
 
 def _where(run: Run, root: Path) -> Path:
@@ -327,37 +229,23 @@ def _where(run: Run, root: Path) -> Path:
     return run.path.relative_to(root) if run.path.is_relative_to(root) else run.path
 
 
-def _incomplete_section(incomplete: list[Run], root: Path) -> list[str]:
-    if not incomplete:
-        return []
+def _excluded_section(runs: list[Run], root: Path, diverged: bool) -> list[str]:
+    """The runs left out of every number: diverged ones (where, and their last good checkpoint) or those
+    without an `end` row (how far they logged)."""
     rows = []
-    for r in incomplete:
-        reached = max((int(x.get("tokens", 0)) for k in ("train", "eval", "probe") for x in r.rows.get(k, [])),
-                      default=0)
-        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), f"{reached:,}", f"`{_where(r, root)}`"])
-    return [
-        "## Incomplete runs", "",
-        f"{len(incomplete)} run(s) have no `end` row (crashed, killed, or still running). They are excluded "
-        "from every number, table and figure in this report.", "",
-        *_table(["run", "arm", "seed", "last tokens logged", "metrics file"], rows), "",
-    ]
-
-
-def _diverged_section(diverged: list[Run], root: Path) -> list[str]:
-    if not diverged:
-        return []
-    rows = []
-    for r in diverged:
-        ckpt = r.rows["end"][-1].get("checkpoint_step")
-        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), f"{r.ended_at:,}",
-                     "none" if ckpt is None else f"step {ckpt}", f"`{_where(r, root)}`"])
-    return [
-        "## Diverged runs", "",
-        f"{len(diverged)} run(s) stopped because the training loss or the weights became NaN or infinite. "
-        "They are excluded from every number, table and figure in this report; their last good checkpoint "
-        "is kept in the run folder (`checkpoint.pt`).", "",
-        *_table(["run", "arm", "seed", "diverged at tokens", "last good checkpoint", "metrics file"], rows), "",
-    ]
+    for r in runs:
+        if diverged:
+            ckpt = r.rows["end"][-1].get("checkpoint_step")
+            cells = [f"{r.ended_at:,}", "none" if ckpt is None else f"step {ckpt}"]
+        else:
+            logged = (int(x.get("tokens", 0)) for k in ("train", "eval", "probe") for x in r.rows.get(k, []))
+            cells = [f"{max(logged, default=0):,}"]
+        rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), *cells, f"`{_where(r, root)}`"])
+    kind = "diverged" if diverged else "incomplete"
+    header = ["run", "arm", "seed", *(["diverged at tokens", "last good checkpoint"] if diverged
+                                      else ["last tokens logged"]), "metrics file"]
+    return [f"## {kind.capitalize()} runs", "", prose("sections", kind, n=len(runs)), "", *table(header, rows),
+            ""] if runs else []
 
 
 def _config_section(arms: dict[str, list[Run]]) -> list[str]:
@@ -371,7 +259,7 @@ def _config_section(arms: dict[str, list[Run]]) -> list[str]:
     lines = ["## Configuration", ""]
     if differing:
         rows = [[f"`{k}`"] + [" / ".join(sorted(per_arm[a][k])) for a in arms] for k in differing]
-        lines += ["Settings that differ between arms:", "", *_table(["key"] + [f"`{a}`" for a in arms], rows), ""]
+        lines += ["Settings that differ between arms:", "", *table(["key"] + [f"`{a}`" for a in arms], rows), ""]
     lines += ["Varying per run (by design): `name`, `train.seed`."
               + (f" Also varying within an arm: {', '.join(f'`{k}`' for k in within)}." if within else ""), ""]
     lines += ["Common settings:", ""]
@@ -419,16 +307,19 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
         heads = {a: headline(prs[a], g, dead_pr) for a, g in {**arms, **refs}.items()}
         lines += _headline_section(list(heads.values()), tap, tensor, metric, head_dim, dead_pr, diverged)
         if arms:
-            val = {a: heads[a].val_loss for a in arms}
-            lines += findings_section(findings(arms, {a: prs[a] for a in arms}, runs, dead_pr, val, label))
-        lines += _attention_section(runs, heads, label) if has_rows(runs, "attn") else []
-        lines += _weights_section(runs, heads, label) if has_rows(runs, "weights") else []
+            val = {a: heads[a].val_loss.mean for a in arms}
+            lines += findings_section(arms, prs, runs, dead_pr, val, label)
+        if has_rows(runs, "attn"):
+            lines += _lens_section("## Attention at the final checkpoint", prose("lenses", "attention"), runs,
+                                   ATTENTION_COLUMNS, heads, label)
+        if has_rows(runs, "weights"):
+            lines += _lens_section("## Weights at the final checkpoint", prose("lenses", "weights"), runs,
+                                   WEIGHT_COLUMNS, heads, label)
         if arms:
             lines += _checkpoint_section({a: prs[a] for a in arms}, tensor, metric)
         lines += _figure_section(out_dir, list(arms), list(refs), label, figures)
         lines += _cost_section(arms)
-    lines += _diverged_section(diverged, base)
-    lines += _incomplete_section(incomplete, base)
+    lines += _excluded_section(diverged, base, True) + _excluded_section(incomplete, base, False)
     if arms:
         lines += _config_section(arms)
     if arms or refs:
@@ -437,17 +328,3 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
     path = out_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
-
-
-def headline_numbers(runs: list[Run], tap: str | None = None, tensor: str = "k",
-                     metric: str | None = None) -> list[Headline]:
-    """The headline rows as data (for callers that want numbers, not Markdown): trained arms, then
-    pretrained references (`Headline.reference`)."""
-    metric = check_metric(metric)
-    arms = finished_by_arm(runs)
-    finished = [r for g in arms.values() for r in g]
-    if not finished:
-        return []
-    trained = [r for r in finished if not r.reference] or finished
-    tap = tap or default_tap(finished)
-    return [headline(arm_pr(g, tap, tensor, metric), g, trained[0].dead_pr) for g in arms.values()]

@@ -1,8 +1,8 @@
-"""Reading `metrics.jsonl` files (schema in docs/metrics.md) and aggregating key spectra across seeds.
+"""Reading `metrics.jsonl` files (schema in docs/metrics.md) into runs, and grouping runs into arms.
 
 Everything here is plain Python and numpy: a report is rebuilt on a laptop from files alone, so
 nothing imports torch or training code. A run is one `metrics.jsonl`; an arm is the set of finished
-runs sharing an `arm` label (one per seed). Aggregates are seed means with a Student-t 95% interval.
+runs sharing an `arm` label (one per seed); `series` stacks an arm's seeds for every table and figure.
 A pretrained checkpoint probed once as loaded (`Run.reference`) is an arm of its own, ordered last,
 that the report draws as a reference and never pools with trained arms.
 """
@@ -19,7 +19,6 @@ import numpy as np
 
 from rankprobe.config import UserError
 from rankprobe.runfolder import METRICS_NAMES, MetricsError, read_rows, status_of  # noqa: F401 (MetricsError: re-exported)
-from rankprobe.report.stats import mean_ci
 
 CANONICAL_ARMS = ("adamw", "adamw+qknorm", "muon", "muon+qknorm")
 METRICS = ("pr", "erank", "stable_rank", "rankme")
@@ -193,20 +192,6 @@ def default_tap(runs: list[Run]) -> str:
     return counts.most_common(1)[0][0] if counts else "norm"
 
 
-def train_loss(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, loss) of the `train` rows."""
-    rows = run.rows.get("train", [])
-    return (np.array([int(r["tokens"]) for r in rows], dtype=float),
-            np.array([_num(r.get("loss")) for r in rows], dtype=float))
-
-
-def val_loss(run: Run) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, val_loss) of the `eval` rows."""
-    rows = run.rows.get("eval", [])
-    return (np.array([int(r["tokens"]) for r in rows], dtype=float),
-            np.array([_num(r.get("val_loss")) for r in rows], dtype=float))
-
-
 # ---------------------------------------------------------------------------------------------
 # arms
 
@@ -236,128 +221,3 @@ def split_arms(runs: list[Run]) -> tuple[dict[str, list[Run]], dict[str, list[Ru
     arms = finished_by_arm(runs)
     trained = {a: g for a, g in arms.items() if not g[0].reference}
     return trained, {a: g for a, g in arms.items() if g[0].reference}
-
-
-@dataclass
-class ArmPR:
-    """One spectral metric (PR by default) of one arm at the checkpoints every seed has:
-    values[seed, checkpoint, layer]; `null` and `n_probe` per checkpoint; per-head values at the final one."""
-
-    arm: str
-    seeds: list[int]
-    tokens: np.ndarray
-    values: np.ndarray
-    metric: str = "pr"
-    null: np.ndarray | None = None
-    """(C,) isotropic null of the metric for the probe set: mean over seeds and layers (NaN if unknown)"""
-    n_probe: np.ndarray | None = None
-    """(C,) probe tokens N the statistics (and the null) are for"""
-    heads: np.ndarray | None = None
-    """(S, L, H) per-head values at the final checkpoint; None when the rows lack `<metric>_heads`"""
-    reference: bool = False
-
-    @property
-    def n_seeds(self) -> int:
-        return len(self.seeds)
-
-    def trajectory(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean over layers per checkpoint: seed mean (C,) and 95% half-width (C,)."""
-        return mean_ci(self.values.mean(axis=2), axis=0)
-
-    def layers_at(self, index: int = -1) -> tuple[np.ndarray, np.ndarray]:
-        """Value per layer at checkpoint `index` (default the final one): seed mean and half-width (L,)."""
-        return mean_ci(self.values[:, index, :], axis=0)
-
-    def seed_mean(self) -> np.ndarray:
-        """Seed-mean values, (checkpoint, layer)."""
-        return self.values.mean(axis=0)
-
-
-def _nanmean(x: np.ndarray, axis) -> np.ndarray:
-    """Mean ignoring NaNs; NaN (without a warning) where everything is NaN."""
-    ok = np.isfinite(x)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(ok, x, 0.0).sum(axis=axis) / ok.sum(axis=axis)
-
-
-def _stack_heads(rows: list[list[dict]], key: str) -> np.ndarray | None:
-    """rows[seed][layer] -> (S, L, H) of the list `key`; None if missing or ragged."""
-    lists = [[r.get(key) for r in seed] for seed in rows]
-    if any(not isinstance(v, list) or not v for seed in lists for v in seed):
-        return None
-    if len({len(v) for seed in lists for v in seed}) != 1:
-        return None
-    return np.array([[[_num(x) for x in v] for v in seed] for seed in lists], dtype=float)
-
-
-def arm_pr(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> ArmPR:
-    """Stack `metric` of one arm's runs at the checkpoints present in all of them."""
-    arm = runs[0].arm if runs else "?"
-    tables = [layer_rows(run, "probe", tap=tap, tensor=tensor) for run in runs]
-    common = sorted(set.intersection(*(set(t) for t in tables))) if tables else []
-    if not common:
-        have = probe_taps(runs, tensor)
-        raise UserError(f"arm {arm}: no {tensor} probe at tap {tap!r} common to all "
-                        f"seeds (taps with {tensor} probes: {', '.join(have) or 'none'})")
-    rows = [[t[c] for c in common] for t in tables]  # [seed][checkpoint][layer] -> row
-    if not any(metric in r for seed in rows for ckpt in seed for r in ckpt):
-        have = [m for m in METRICS if any(m in r for seed in rows for ckpt in seed for r in ckpt)]
-        raise UserError(f"arm {arm}: the probe rows have no {metric!r} (metrics written before the spectral "
-                        f"lenses?); metrics available: {', '.join(have) or 'none'}")
-    values = np.array([[[_num(r.get(metric)) for r in ckpt] for ckpt in seed] for seed in rows], dtype=float)
-    nulls = np.array([[[null_value(r, metric) for r in ckpt] for ckpt in seed] for seed in rows], dtype=float)
-    n = np.array([[[_num(r.get("n")) for r in ckpt] for ckpt in seed] for seed in rows], dtype=float)
-    return ArmPR(arm=arm, seeds=[r.seed for r in runs], tokens=np.array(common), values=values,  # (S, C, L)
-                 metric=metric, null=_nanmean(nulls, (0, 2)), n_probe=_nanmean(n, (0, 2)),
-                 heads=_stack_heads([seed[-1] for seed in rows], f"{metric}_heads"),
-                 reference=runs[0].reference)
-
-
-def aggregate(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> dict[str, ArmPR]:
-    """ArmPR for every arm with finished runs, in report order (pretrained references last)."""
-    return {arm: arm_pr(group, tap, tensor, metric) for arm, group in finished_by_arm(runs).items()}
-
-
-@dataclass
-class Headline:
-    """The per-arm numbers of the report's headline table (half-widths NaN with one seed), for the
-    report's metric (`mean`, `weakest_value`: PR by default)."""
-
-    arm: str
-    n_seeds: int
-    tokens: int
-    mean: float
-    mean_half: float
-    weakest_layer: int
-    weakest_value: float
-    weakest_half: float
-    dead_layers: list[int] | None
-    """layers below `probe.dead_pr`; None for metrics other than PR (the threshold is a PR value)"""
-    val_loss: float
-    val_loss_half: float
-    metric: str = "pr"
-    null: float = math.nan
-    """the metric's isotropic null at the final checkpoint (NaN if the rows do not say)"""
-    n_probe: int = 0
-    reference: bool = False
-    n_layer: int = 0
-
-
-def headline(pr: ArmPR, runs: list[Run], dead_pr: float) -> Headline:
-    """Headline numbers at the arm's final common checkpoint (docs/metrics.md, last section):
-    mean over layers, the weakest layer of the seed-mean profile, layers whose seed-mean PR is
-    below `dead_pr` (PR only), and the last val loss, each as a seed mean with its 95% half-width."""
-    mean, mean_half = mean_ci(pr.values[:, -1, :].mean(axis=1))
-    layer_mean, layer_half = pr.layers_at(-1)
-    weakest = int(np.nanargmin(layer_mean)) if np.isfinite(layer_mean).any() else 0
-    loss, loss_half = mean_ci([r.final_val_loss() for r in runs])
-    n_probe = pr.n_probe[-1] if pr.n_probe is not None else math.nan
-    return Headline(
-        arm=pr.arm, n_seeds=pr.n_seeds, tokens=int(pr.tokens[-1]),
-        mean=float(mean), mean_half=float(mean_half),
-        weakest_layer=weakest, weakest_value=float(layer_mean[weakest]), weakest_half=float(layer_half[weakest]),
-        dead_layers=[int(i) for i in np.flatnonzero(layer_mean < dead_pr)] if pr.metric == "pr" else None,
-        val_loss=float(loss), val_loss_half=float(loss_half), metric=pr.metric,
-        null=float(pr.null[-1]) if pr.null is not None else math.nan,
-        n_probe=int(n_probe) if math.isfinite(n_probe) else 0, reference=pr.reference, n_layer=layer_mean.size,
-    )

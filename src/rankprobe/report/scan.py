@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from rankprobe.report.fmt import table
 from rankprobe.runfolder import end_of, header, run_rows, status_of
 
 
@@ -59,14 +60,10 @@ def write_scan(out_dir: Path, param: str, paths: list[Path]) -> Path:
         "each run's config.json. The best value is the lowest final validation loss among the runs that "
         "finished (diverged runs are listed, never chosen). Key PR is the mean over layers at the headline "
         f"tap (`{rows[0]['tap'] if rows else 'norm'}`) at the last checkpoint.", "",
-        f"| `{param}` | status | tokens | final val loss | key PR | max attention logit |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        mark = " **(best)**" if r is best else ""
-        lines.append(f"| {r['value']}{mark} | {r['status']} | {r['tokens']:,} | {_fmt(r['val_loss'], 4)} | "
-                     f"{_fmt(r['key_pr'], 2)} | {_fmt(r['max_logit'], 2)} |")
-    lines += ["", f"Best: `{param} = {best['value']}`." if best else "No run finished: no best value.", ""]
+        *table([f"`{param}`", "status", "tokens", "final val loss", "key PR", "max attention logit"],
+               [[r["value"] + (" **(best)**" if r is best else ""), r["status"], f"{r['tokens']:,}",
+                 _fmt(r["val_loss"], 4), _fmt(r["key_pr"], 2), _fmt(r["max_logit"], 2)] for r in rows]),
+        "", f"Best: `{param} = {best['value']}`." if best else "No run finished: no best value.", ""]
     path = Path(out_dir) / "scan.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

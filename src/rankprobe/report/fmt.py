@@ -1,0 +1,45 @@
+"""Text helpers shared by every Markdown section: the one table writer, the one ± formatter, token
+counts in words, and the report's fixed prose, which lives in `prose.toml` next to this module."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from functools import cache
+from importlib.resources import files
+
+from rankprobe.report.stats import Estimate
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table as lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def pm(e: Estimate, digits: int = 2, sep: str = "") -> str:
+    """'mean ± half' to `digits` decimals (sep="," groups thousands); no ± where the half-width is NaN
+    (one seed), 'n/a' where the mean is."""
+    if not math.isfinite(e.mean):
+        return "n/a"
+    return f"{e.mean:{sep}.{digits}f}" + (f" ± {e.half:{sep}.{digits}f}" if math.isfinite(e.half) else "")
+
+
+def fmt_tokens(n: float) -> str:
+    """16384 -> '16k', 1_000_000 -> '1M', 2.5e9 -> '2.5B'."""
+    n = float(n)
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+@cache
+def _prose() -> dict:
+    return tomllib.loads(files("rankprobe.report").joinpath("prose.toml").read_text(encoding="utf-8"))
+
+
+def prose(section: str, key: str | None = None, **fields) -> str:
+    """A paragraph of prose.toml (`[section] key`, or the top-level `section`), its {fields} filled in."""
+    text = _prose()[section] if key is None else _prose()[section][key]
+    return text.format(**fields) if fields else text

@@ -1,0 +1,217 @@
+"""The drawing kit every report figure is built from (public, so each figure is a short function).
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global backend
+switch). Every arm keeps one colour across figures; pretrained references (`Run.reference`) are
+dash-dot lines in colours of their own, never a point at "init". Token axes are symlog: linear between
+0 (initialization) and the first checkpoint, logarithmic above it, so init sits at a true 0.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+from rankprobe.report.fmt import fmt_tokens
+from rankprobe.report.metrics import METRIC_NAME, Run, arm_key, check_metric, default_tap, finished_by_arm
+from rankprobe.report.series import ArmSeries
+
+ARM_COLOURS = {"adamw": "#1f77b4", "adamw+qknorm": "#17becf", "muon": "#d62728", "muon+qknorm": "#ff7f0e"}
+_EXTRA_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]
+_REFERENCE_COLOURS = ["#000000", "#7f7f7f", "#8c564b", "#bcbd22"]
+TENSOR_NAME = {"k": "key", "q": "query", "v": "value"}
+DPI = 120
+NULL_STYLE = {"color": "black", "linestyle": (0, (10, 3)), "linewidth": 0.9}  # long dashes
+REFERENCE_STYLE = {"linestyle": "-.", "linewidth": 1.6}
+
+
+def arm_colour(arm: str, arms: list[str], references=()) -> str:
+    """Fixed colours for the four canonical arms; other trained arms take the next free colour in arm
+    order; pretrained references (named in `references`) take colours from a palette of their own."""
+    if arm in references:
+        return _REFERENCE_COLOURS[[a for a in arms if a in references].index(arm) % len(_REFERENCE_COLOURS)]
+    if arm in ARM_COLOURS:
+        return ARM_COLOURS[arm]
+    extra = sorted((a for a in arms if a not in ARM_COLOURS and a not in references), key=arm_key)
+    return _EXTRA_COLOURS[extra.index(arm) % len(_EXTRA_COLOURS)]
+
+
+def marker(arm: str) -> str:
+    return "s" if "qknorm" in arm else "^" if "qkclip" in arm else "o"
+
+
+def _safe(arm: str) -> str:
+    return re.sub(r"[^A-Za-z0-9+_-]", "_", arm)
+
+
+def heatmap_name(arm: str) -> str:
+    """File name of an arm's heatmap; characters other than letters, digits, '+', '-', '_' become '_'."""
+    return f"heatmap_{_safe(arm)}.png"
+
+
+def heads_name(arm: str) -> str:
+    """File name of an arm's layer × head heatmap (same character rule as `heatmap_name`)."""
+    return f"heads_{_safe(arm)}.png"
+
+
+def metric_label(tensor: str, metric: str) -> str:
+    """'key PR', 'key erank', 'query stable rank', ..."""
+    return f"{TENSOR_NAME.get(tensor, tensor)} {METRIC_NAME.get(metric, metric)}"
+
+
+@dataclass
+class Context:
+    """What every figure needs: the tap, tensor and metric drawn, and the arms and their colours."""
+
+    tap: str
+    tensor: str
+    metric: str
+    head_dim: int
+    """of the trained arms (the largest, if they differ)"""
+    dead_pr: float
+    arms: list[str]
+    references: set[str]
+    head_dims: dict[str, int]
+    """per arm"""
+
+    def colour(self, arm: str) -> str:
+        return arm_colour(arm, self.arms, self.references)
+
+    @property
+    def label(self) -> str:
+        return metric_label(self.tensor, self.metric)
+
+
+def context(runs: list[Run], tap: str | None, tensor: str = "k", metric: str | None = None) -> Context:
+    finished = [r for r in runs if r.finished] or runs
+    trained = [r for r in finished if not r.reference] or finished
+    arms = finished_by_arm(runs)
+    return Context(tap=tap or default_tap(finished), tensor=tensor, metric=check_metric(metric),
+                   head_dim=max(r.head_dim for r in trained), dead_pr=trained[0].dead_pr, arms=list(arms),
+                   references={a for a, g in arms.items() if g[0].reference},
+                   head_dims={a: max(r.head_dim for r in g) for a, g in arms.items()})
+
+
+def new_axes(width: float = 9.0, height: float = 4.8):
+    """(figure, axes) on an Agg canvas."""
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def legend_right(ax) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def finish(fig, ax, ylabel: str, title: str, path: Path, legend: bool = True) -> Path:
+    """Label, grid, legend outside on the right, save: the common end of every line figure."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if legend:
+        legend_right(ax)
+    return save(fig, path)
+
+
+def token_axis(ax, tokens: np.ndarray, label: str = "training tokens") -> None:
+    """Symlog x axis: linear from 0 (init) up to the first positive token count, log above it."""
+    positive = tokens[tokens > 0]
+    if positive.size == 0:
+        ax.set_xlabel(label)
+        return
+    lo, hi = float(positive.min()), float(tokens.max())
+    ax.set_xscale("symlog", linthresh=lo, linscale=0.5)
+    decades = [10.0 ** k for k in range(int(np.ceil(np.log10(lo))), int(np.floor(np.log10(hi))) + 1)]
+    ticks = sorted({0.0, lo, *decades} if len(decades) >= 2 else {0.0, lo, *decades, hi})
+    ticks = [t for i, t in enumerate(ticks) if i == 0 or t > 1.6 * ticks[i - 1] or t == lo]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: "init" if x == 0 else fmt_tokens(x)))
+    ax.set_xlim(-0.08 * lo, hi * 1.25)
+    ax.set_xlabel(f"{label} (log scale above {fmt_tokens(lo)}; 0 = initialization)")
+
+
+def seeds_label(arm: str, n: int) -> str:
+    return f"{arm} ({n} seed{'s' if n != 1 else ''})"
+
+
+def series_label(s: ArmSeries) -> str:
+    return f"{s.arm} (pretrained)" if s.reference else seeds_label(s.arm, s.n_seeds)
+
+
+def band(ax, x, mean, half, colour) -> None:
+    """The 95% band over seeds (nothing with one seed)."""
+    if np.isfinite(half).any():
+        ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
+
+
+def trajectory_lines(ax, ctx: Context, series: dict[str, ArmSeries]) -> np.ndarray | None:
+    """Trained arms as seed-mean lines with 95% bands vs tokens, references as dash-dot horizontal
+    lines at their one value; returns the tokens drawn (None when no trained arm has data)."""
+    tokens = []
+    for arm, s in series.items():
+        mean, half = s.trajectory()
+        if s.reference:
+            ax.axhline(float(mean[-1]), color=ctx.colour(arm), **REFERENCE_STYLE, label=series_label(s))
+            continue
+        c = ctx.colour(arm)
+        ax.plot(s.tokens, mean, color=c, marker=marker(arm), markersize=4, label=series_label(s))
+        band(ax, s.tokens, mean, half, c)
+        tokens.append(s.tokens)
+    return np.concatenate(tokens).astype(float) if tokens else None
+
+
+def layer_lines(ax, ctx: Context, series: dict[str, ArmSeries], with_tokens: bool = True) -> int:
+    """Each arm's values per layer at its final checkpoint, band across seeds; a reference with another
+    layer count at relative depth, its layer i at i·(L−1)/(L_ref−1) (L: the trained arms' layer count),
+    so first and last layers line up. Returns L."""
+    sizes = {arm: s.values.shape[2] for arm, s in series.items()}
+    n_layer = max([n for a, n in sizes.items() if not series[a].reference] or sizes.values())
+    for arm, s in series.items():
+        mean, half = s.layers_at(-1)
+        c = ctx.colour(arm)
+        if s.reference:
+            x = np.arange(mean.size) if mean.size == n_layer else np.linspace(0, n_layer - 1, mean.size)
+            note = "" if mean.size == n_layer else f", {mean.size} layers at relative depth"
+            ax.plot(x, mean, color=c, **REFERENCE_STYLE, label=f"{arm} (pretrained{note})")
+            continue
+        x = np.arange(mean.size)
+        label = series_label(s) + (f" at {fmt_tokens(s.tokens[-1])} tokens" if with_tokens else "")
+        ax.plot(x, mean, color=c, marker=marker(arm), markersize=4, label=label)
+        band(ax, x, mean, half, c)
+    ax.set_xticks(range(0, n_layer, max(1, n_layer // 16)))
+    ax.set_xlim(-0.3, n_layer - 0.7)
+    ax.set_xlabel("layer (0 = nearest the embedding)")
+    return n_layer
+
+
+def grid_figure(grid: np.ndarray, vmax: float, xticks: list[str], xlabel: str, title: str, cbar: str):
+    """A (rows = layers) × (columns) heatmap on [0, vmax], annotated when small enough to read."""
+    n_layer, n_col = grid.shape
+    fig, ax = new_axes(max(5.0, 1.6 + 0.55 * n_col), max(3.5, 1.4 + 0.3 * n_layer))
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+    if n_layer * n_col <= 400:
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="black" if v > 0.6 * vmax else "white")
+    step = max(1, n_col // 32)
+    ax.set_xticks(range(0, n_col, step), xticks[::step], rotation=45 if n_col > 6 else 0, fontsize=8)
+    ax.set_yticks(range(0, n_layer, max(1, n_layer // 24)))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label=cbar)
+    return fig
