@@ -307,3 +307,31 @@ def test_each_arm_trains_a_few_steps_with_finite_loss(name, corpus_file, cache, 
     assert hidden["optimizer"].rsplit(".", 1)[-1] == {"custom": "RAdam"}.get(name, NAMED.get(name) and
                                                                               NAMED[name].cls.rsplit(".", 1)[-1])
     assert hidden["kwargs"]["lr"] == resolve(cfg.optim)[1]["lr"]
+
+
+@pytest.mark.parametrize("name", list(NAMED))
+def test_each_arm_resumes_bit_exactly_from_a_weights_only_state(name, tmp_path):
+    """What checkpoint.py does: state_dicts through torch.save and a weights_only load."""
+    cfg = OptimConfig(name=name)
+
+    def steps(model, opts, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            for o in opts:
+                o.step()
+
+    a = tiny_model()
+    opts_a, _ = build_optimizers(a, cfg, "cpu")
+    steps(a, opts_a, 11, 0)  # past SOAP's first basis refresh (every 10 steps)
+    torch.save({"model": a.state_dict(), "optimizers": [o.state_dict() for o in opts_a]}, tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    b = tiny_model(seed=1)
+    opts_b, _ = build_optimizers(b, cfg, "cpu")
+    b.load_state_dict(state["model"])
+    for o, s in zip(opts_b, state["optimizers"]):
+        o.load_state_dict(s)
+    steps(a, opts_a, 3, 1)
+    steps(b, opts_b, 3, 1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
