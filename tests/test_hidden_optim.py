@@ -14,7 +14,7 @@ import torch
 from rankprobe import config as C
 from rankprobe.config import OPTIMIZERS, ModelConfig, OptimConfig, arm_label, parse_arm
 from rankprobe.model import Transformer
-from rankprobe.optim import Muon, NormSGD, build_optimizers, orthogonal_norm_scale, param_groups
+from rankprobe.optim import Muon, NormSGD, adjusted_lr, build_optimizers, orthogonal_norm_scale, param_groups
 from rankprobe.optim.hidden import NAMED, check, resolve
 
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
@@ -152,6 +152,18 @@ def test_normsgd_direction_has_the_norm_of_the_orthogonal_factor():
         rms = D.pow(2).mean(dim=(-2, -1)).sqrt()
         torch.testing.assert_close(rms, torch.full_like(rms, 1 / math.sqrt(max(shape[-2:]))))
     assert torch.equal(orthogonal_norm_scale(torch.zeros(4, 6)), torch.zeros(4, 6))
+
+
+def test_normsgd_step_is_the_pure_function_times_muons_adjusted_lr():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(24, 8), (8, 24), (16, 16), (24, 8)]]
+    start = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    NormSGD(params, lr=0.1, momentum=0.9, nesterov=True).step()
+    for p, w in zip(params, start):
+        update = p.grad.lerp(0.1 * p.grad, 0.9)  # Nesterov after one step from a zero buffer
+        torch.testing.assert_close(p.detach(), w - adjusted_lr(0.1, p.shape) * orthogonal_norm_scale(update))
 
 
 def test_muon_and_normsgd_steps_are_near_equal_in_size():
@@ -335,3 +347,14 @@ def test_each_arm_resumes_bit_exactly_from_a_weights_only_state(name, tmp_path):
     steps(a, opts_a, 3, 1)
     steps(b, opts_b, 3, 1)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_a_sweep_of_new_arms_sets_each_runs_optimizer():
+    from rankprobe.sweep import arms
+
+    grid = arms(C.load("demo", {"sweep.arms": "sgd,lion+qknorm,custom", "optim.cls": "torch.optim.RAdam",
+                                "sweep.seeds": "0,1"}))
+    assert [(a.name, a.optim.name, a.model.qk_norm) for a in grid] == [
+        ("sgd-s0", "sgd", False), ("sgd-s1", "sgd", False), ("lion+qknorm-s0", "lion", True),
+        ("lion+qknorm-s1", "lion", True), ("custom-s0", "custom", False), ("custom-s1", "custom", False)]
+    assert all(a.optim.cls == "torch.optim.RAdam" for a in grid)
