@@ -9,6 +9,7 @@ import math
 import re
 
 import pytest
+import pytorch_optimizer  # pinned in requirements.txt: a missing install fails here rather than skipping
 import torch
 
 from rankprobe import config as C
@@ -17,7 +18,6 @@ from rankprobe.model import Transformer
 from rankprobe.optim import Muon, NormSGD, adjusted_lr, build_optimizers, orthogonal_norm_scale, param_groups
 from rankprobe.optim.hidden import NAMED, check, resolve
 
-pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 
 
 @pytest.fixture(autouse=True)
@@ -211,7 +211,8 @@ def test_every_arm_groups_every_parameter_once(name):
         assert json.loads(json.dumps(sizes)) == sizes  # recorded in the run row as it is
 
 
-@pytest.mark.parametrize("label", [arm_label(o, q, c) for o in OPTIMIZERS for q in (False, True) for c in (False, True)])
+@pytest.mark.parametrize("label", [arm_label(o, q, c) for o in OPTIMIZERS
+                                   for q in (False, True) for c in (False, True)])
 def test_arm_labels_round_trip(label):
     assert arm_label(*parse_arm(label)) == label
 
