@@ -359,3 +359,15 @@ def test_a_sweep_of_new_arms_sets_each_runs_optimizer():
         ("sgd-s0", "sgd", False), ("sgd-s1", "sgd", False), ("lion+qknorm-s0", "lion", True),
         ("lion+qknorm-s1", "lion", True), ("custom-s0", "custom", False), ("custom-s1", "custom", False)]
     assert all(a.optim.cls == "torch.optim.RAdam" for a in grid)
+
+
+def test_runs_made_before_the_optimizer_keys_still_match_at_their_defaults():
+    from rankprobe.checkpoint import config_differences
+
+    now = C.to_dict(C.load("demo"))
+    before = json.loads(json.dumps(now))
+    for key in ("hidden_lr", "cls", "kwargs"):
+        del before["optim"][key]
+    assert config_differences(before, now) == []
+    lion = C.to_dict(C.load("demo", {"optim.name": "lion", "optim.hidden_lr": "1e-4"}))
+    assert ("optim.hidden_lr", None, 1e-4) in config_differences(before, lion)
