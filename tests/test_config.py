@@ -37,12 +37,12 @@ def test_toml_file_roundtrip(tmp_path):
     ({"model.n_layer": "three"}, "model.n_layer must be an integer; got 'three'"),
     ({"model.qk_norm": "maybe"}, "model.qk_norm must be true or false"),
     ({"optim.lr": "fast"}, "optim.lr must be a number"),
-    ({"optim.name": "sgd"}, "optim.name must be one of adamw, muon"),
+    ({"optim.name": "rmsprop"}, "optim.name must be one of adamw, muon, sgd"),
     ({"model.head_dim": "15"}, "model.head_dim must be even"),
     ({"train.tokens": "0"}, "train.tokens must be positive"),
     ({"model.n_kv_head": "3"}, "must be a multiple of model.n_kv_head"),
     ({"probe.tap": "post"}, "probe.tap must be one of proj, norm, rope"),
-    ({"sweep.optimizers": "adamw,lion"}, "unknown optimizer 'lion'"),
+    ({"sweep.optimizers": "adamw,rmsprop"}, "unknown optimizer 'rmsprop'"),
 ])
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(C.ConfigError) as e:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataError, flatten
+from .config import Config, DataError, flatten, to_dict
 from .runfolder import atomic_file
 
 FORMAT = 1
@@ -99,10 +99,13 @@ def load_checkpoint(path: Path) -> dict:
 def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, current value) for every setting that would change the run's metrics."""
     a, b = flatten(json.loads(json.dumps(saved))), flatten(json.loads(json.dumps(current)))
+    defaults = flatten(json.loads(json.dumps(to_dict(Config()))))
     out = []
     for key in sorted(set(a) | set(b)):
         if key in _FREE_KEYS or key.startswith("sweep."):
             continue
+        if key not in a and key in defaults and b[key] == defaults[key]:
+            continue  # a setting added after the run was made, at the default that reproduces it
         if key == "model.vocab_size" and not b.get(key):
             continue  # 0 = taken from the tokenizer, which the data.* settings already pin
         if a.get(key) != b.get(key):

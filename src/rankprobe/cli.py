@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "runs already ended are skipped.",
                         epilog=_override_help(), formatter_class=fmt)
     sc.add_argument("config", metavar="CONFIG")
-    sc.add_argument("--param", required=True, help="the dotted setting to scan, e.g. optim.lr or optim.muon_lr")
+    sc.add_argument("--param", required=True, help="the dotted setting to scan, e.g. optim.lr, optim.muon_lr or optim.hidden_lr")
     sc.add_argument("--values", required=True, help="comma-separated values, e.g. 1e-3,3e-3,1e-2")
     sc.add_argument("--out", help="scan folder (default: <config out>/scan-<param>)")
     sc.add_argument("--force", action="store_true", help="retrain every value from scratch")
@@ -168,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 def _train(cfg, args) -> int:
     from . import dist
     from .runfolder import end_of, read_rows
+    from .optim.hidden import check
     from .train import train
 
+    check(cfg.optim)  # a bad optim.cls or optim.kwargs fails before the corpus is read
     run_dir = Path(args.out) if args.out else Path(cfg.out) / cfg.name
     t0 = time.perf_counter()
     d = dist.init(cfg.train.device)

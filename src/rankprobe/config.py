@@ -64,21 +64,33 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    """'adamw' (every parameter) or 'muon' (hidden 2-D matrices; AdamW for the rest)"""
+    """optimizer of the 2-D matrices inside blocks: 'adamw' (then of every parameter), 'muon', 'sgd', 'normsgd',
+    'lion', 'signum', 'adafactor', 'soap', or 'custom' (optim.cls); all but adamw leave embeddings, head and gains
+    to AdamW"""
     lr: float = 3e-3
-    """AdamW learning rate (for the AdamW groups in a Muon run too)"""
+    """AdamW learning rate (for the AdamW groups of every other arm too)"""
     muon_lr: float = 0.02
     """Muon learning rate, scaled per matrix by sqrt(max(1, rows/cols)) as in torch.optim.Muon"""
+    hidden_lr: float = 0.0
+    """learning rate of the hidden matrices' optimizer for every name but adamw and muon (0 = its default: sgd 0.05,
+    normsgd 0.02, lion 3e-4, signum 3e-4, adafactor 0.01, soap 3e-3, custom the class's own)"""
+    cls: str = ""
+    """for optim.name='custom': dotted path of the torch.optim.Optimizer subclass for the hidden matrices, e.g.
+    torch.optim.RAdam"""
+    kwargs: dict[str, object] = field(default_factory=dict)
+    """more keyword arguments for the hidden matrices' optimizer (not adamw or muon), as a TOML table, e.g.
+    '{betas = [0.95, 0.98]}'; they override those taken from optim.momentum, nesterov and weight_decay"""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
     eps: float = 1e-8
     """AdamW epsilon"""
     weight_decay: float = 0.0
-    """decoupled weight decay on 2-D hidden matrices (never on norms or gains)"""
+    """weight decay on 2-D hidden matrices and the head (never on norms or gains); decoupled except for sgd and
+    custom classes that couple it to the gradient"""
     momentum: float = 0.95
-    """Muon momentum"""
+    """momentum of muon, sgd, normsgd and signum"""
     nesterov: bool = True
-    """Muon Nesterov momentum"""
+    """Nesterov momentum for muon, sgd and normsgd"""
     ns_steps: int = 5
     """Muon quintic Newton-Schulz iterations"""
     ns_dtype: str = "auto"
@@ -193,8 +205,12 @@ class Config:
         validate(self)
 
 
+# Every optimizer an arm may name. rankprobe.optim.hidden says which class steps the hidden matrices of each
+# (this module imports no torch); 'custom' takes its class from optim.cls.
+OPTIMIZERS = ("adamw", "muon", "sgd", "normsgd", "lion", "signum", "adafactor", "soap", "custom")
+
 _CHOICES = {
-    ("optim", "name"): ("adamw", "muon"),
+    ("optim", "name"): OPTIMIZERS,
     ("optim", "decay"): ("cosine", "linear", "constant"),
     ("probe", "tap"): ("proj", "norm", "rope"),
     ("train", "dtype"): ("auto", "bf16", "fp32"),
@@ -206,9 +222,9 @@ _CHOICES = {
 def parse_arm(label: str) -> tuple[str, bool, bool]:
     """'muon+qknorm+qkclip' -> ('muon', True, True): optimizer, QK-Norm, QK-Clip."""
     name, *flags = label.split("+")
-    if name not in _CHOICES[("optim", "name")] or any(f not in ("qknorm", "qkclip") for f in flags) \
-            or len(set(flags)) != len(flags):
-        raise ConfigError(f"sweep.arms: cannot read arm {label!r} (e.g. adamw, muon+qknorm, muon+qkclip)")
+    if name not in OPTIMIZERS or any(f not in ("qknorm", "qkclip") for f in flags) or len(set(flags)) != len(flags):
+        raise ConfigError(f"sweep.arms: cannot read arm {label!r} (an optimizer, then +qknorm and/or +qkclip, "
+                          f"e.g. lion+qknorm; optimizers: {', '.join(OPTIMIZERS)})")
     return name, "qknorm" in flags, "qkclip" in flags
 
 
@@ -225,7 +241,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{section}.{key} must be one of {', '.join(choices)}; got {value!r}")
     for opt in cfg.sweep.optimizers:
         if opt not in _CHOICES[("optim", "name")]:
-            raise ConfigError(f"sweep.optimizers: unknown optimizer {opt!r} (use adamw, muon)")
+            raise ConfigError(f"sweep.optimizers: unknown optimizer {opt!r} (use {', '.join(OPTIMIZERS)})")
     m, t, o, d, p = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.probe
     positive = {
         "model.n_layer": m.n_layer, "model.d_model": m.d_model, "model.n_head": m.n_head,
@@ -245,8 +261,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.val_frac and data.probe_frac must lie in (0, 0.5)")
     if not 0 <= o.warmup_frac < 1 or not 0 <= o.min_lr_frac <= 1:
         raise ConfigError("optim.warmup_frac must lie in [0, 1) and optim.min_lr_frac in [0, 1]")
-    if o.lr <= 0 or o.muon_lr <= 0 or o.weight_decay < 0 or o.grad_clip < 0:
-        raise ConfigError("optim.lr and optim.muon_lr must be positive, weight_decay and grad_clip >= 0")
+    if o.lr <= 0 or o.muon_lr <= 0 or o.hidden_lr < 0 or o.weight_decay < 0 or o.grad_clip < 0:
+        raise ConfigError("optim.lr and optim.muon_lr must be positive, hidden_lr, weight_decay and grad_clip >= 0")
+    _validate_hidden(cfg)
     if not 0 <= t.checkpoint_minutes < float("inf"):
         raise ConfigError(f"train.checkpoint_minutes must be a number >= 0; got {t.checkpoint_minutes}")
     for label in cfg.sweep.arms:
@@ -259,6 +276,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"probe.checkpoints must lie in [0, train.tokens={t.tokens}]")
     if not cfg.sweep.optimizers or not cfg.sweep.qk_norm or not cfg.sweep.seeds:
         raise ConfigError("sweep.optimizers, sweep.qk_norm and sweep.seeds must each be non-empty")
+
+
+def _validate_hidden(cfg: Config) -> None:
+    """optim.cls and optim.kwargs must fit the arms that use them: a sweep's arms as much as optim.name.
+
+    Whether the class imports and takes these keywords is checked where torch is (rankprobe.optim.hidden).
+    """
+    o = cfg.optim
+    names = {o.name, *cfg.sweep.optimizers, *(parse_arm(a)[0] for a in cfg.sweep.arms)}
+    if "custom" in names and not o.cls:
+        raise ConfigError("optimizer 'custom' needs optim.cls, a dotted class path such as torch.optim.RAdam")
+    if o.cls and "custom" not in names:
+        raise ConfigError(f"optim.cls ({o.cls}) is used only by optim.name='custom'; got {o.name!r}")
+    if o.kwargs and names <= {"adamw", "muon"}:
+        raise ConfigError("optim.kwargs is for the hidden matrices' optimizer of arms other than adamw and muon, "
+                          "which have their own keys (optim.betas, optim.momentum, ...)")
+    if "lr" in o.kwargs or "params" in o.kwargs:
+        raise ConfigError("optim.kwargs may not set lr or params; the hidden matrices' lr is optim.hidden_lr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,6 +314,8 @@ def _coerce(value, tp, key: str):
                 raise ConfigError(f"{key} must have {len(args)} entries; got {len(value)}")
             return tuple(_coerce(v, a, key) for v, a in zip(value, args))
         return [_coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        return _table(value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -316,6 +353,21 @@ def _coerce(value, tp, key: str):
             return str(value).lower()
         raise ConfigError(f"{key} must be a string; got {value!r}")
     raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _table(value, key: str) -> dict:
+    """A TOML table (from a file) or its inline text (from a dotted override, '{betas = [0.9, 0.99]}')."""
+    if isinstance(value, str):
+        try:
+            value = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f"{key} must be a TOML table such as '{{betas = [0.9, 0.99]}}'; got {value!r}") \
+                from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a table of keyword arguments; got {value!r}")
+    if not all(isinstance(k, str) and k.isidentifier() for k in value):
+        raise ConfigError(f"{key}: every key must be an argument name; got {list(value)}")
+    return dict(value)
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:

@@ -91,6 +91,10 @@ def _train_grid(cfg: Config, grid: list[Config], out_dir: Path, force: bool, wor
                 gpus: bool) -> list[tuple[str, int, Path]]:
     """Train the runs of `grid` not yet ended under `out_dir` (the caller holds its lock): in turn in
     this process, or `workers` at a time in subprocesses. Returns the subprocess runs that failed."""
+    from .optim.hidden import check
+
+    for c in grid:  # a class that does not import or a misspelt optim.kwargs fails before any run starts
+        check(c.optim)
     todo = _still_to_run(grid, out_dir, force)
     if not workers:
         _train_in_turn(cfg, todo, out_dir, force)

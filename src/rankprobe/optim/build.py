@@ -3,8 +3,9 @@
 `param_groups` sorts every trainable parameter into named groups by declarative rules and fails
 loudly when a parameter lands in no group or two, or when a rule matches nothing (a renamed module
 would otherwise slip silently into the wrong optimizer). `build_optimizers` turns the groups into
-AdamW (and Muon) instances whose param groups remember their peak lr; `lr_scale` and `apply_lr`
-are the schedule, a pure function of tokens seen plus a setter.
+AdamW and the hidden matrices' optimizer (Muon, or any other: `hidden.py`), whose param groups
+remember their peak lr; `lr_scale` and `apply_lr` are the schedule, a pure function of tokens seen
+plus a setter.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rankprobe.config import OptimConfig
+from rankprobe.config import OPTIMIZERS, OptimConfig
+from rankprobe.optim import hidden
 from rankprobe.optim.muon import Muon, fast_ns_dtype
 
 NamedParams = list[tuple[str, nn.Parameter]]
@@ -43,12 +45,14 @@ HEAD = Rule("output head lm_head.weight", lambda n, p: n == "lm_head.weight", op
 EMBED = Rule("token embedding tok_emb.weight", lambda n, p: n == "tok_emb.weight")
 GAINS = Rule("RMSNorm gains", lambda n, p: p.ndim == 1 and _GAIN.search(n) is not None)
 
-# Both arms decay the same tensors, so the hidden matrices' optimizer is the only difference
-# between them. Weight decay on the head but not on gains or the embedding follows nanoGPT's
+# Every arm decays the same tensors, so the hidden matrices' optimizer is the only difference
+# between arms. Weight decay on the head but not on gains or the embedding follows nanoGPT's
 # "2-D weights decay except embeddings" convention; gains never decay (config: optim.weight_decay).
+# Every arm but adamw splits like muon: its hidden matrices form a group named after the optimizer.
 RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
     "adamw": {"adamw_decay": (HIDDEN, HEAD), "adamw_no_decay": (EMBED, GAINS)},
-    "muon": {"muon": (HIDDEN,), "adamw_decay": (HEAD,), "adamw_no_decay": (EMBED, GAINS)},
+    **{name: {name: (HIDDEN,), "adamw_decay": (HEAD,), "adamw_no_decay": (EMBED, GAINS)}
+       for name in OPTIMIZERS if name != "adamw"},
 }
 
 
@@ -95,11 +99,13 @@ def ns_dtype(cfg: OptimConfig, device: str | torch.device) -> torch.dtype:
 
 def build_optimizers(
     model: nn.Module, cfg: OptimConfig, device: str | torch.device
-) -> tuple[list[torch.optim.Optimizer], dict[str, dict[str, int]]]:
-    """AdamW (both arms) and Muon (muon arm) over `param_groups`; returns (optimizers, group_sizes).
+) -> tuple[list[torch.optim.Optimizer], dict[str, dict]]:
+    """AdamW (every arm) and the hidden matrices' optimizer (every arm but adamw) over `param_groups`;
+    returns (optimizers, group_sizes).
 
-    group_sizes maps each group name to {"n_tensors", "n_params"}. Every torch param group carries
-    'name' and 'peak_lr' (the lr at schedule scale 1), which `apply_lr` reads.
+    group_sizes maps each group name to {"n_tensors", "n_params", "optimizer"} (the stepping class's
+    full path), plus the resolved "kwargs" for a `hidden.py` optimizer; a run records it. Every torch
+    param group carries 'name' and 'peak_lr' (the lr at schedule scale 1), which `apply_lr` reads.
     """
     device = torch.device(device)
     groups = param_groups(model, cfg)
@@ -115,12 +121,19 @@ def build_optimizers(
                     for g in ("adamw_decay", "adamw_no_decay") if g in groups]
     fused = _fused_ok(device)
     optimizers: list[torch.optim.Optimizer] = []
+    spec = None  # the hidden.py optimizer's resolved arguments, recorded with its group
     if "muon" in groups:
         optimizers.append(Muon([torch_group("muon", cfg.muon_lr)], lr=cfg.muon_lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov, ns_steps=cfg.ns_steps, weight_decay=cfg.weight_decay,
                                ns_dtype=ns_dtype(cfg, device)))
+    elif cfg.name in groups:
+        _, spec = hidden.resolve(cfg)
+        optimizers.append(hidden.build(cfg, torch_group(cfg.name, spec["lr"])))
     optimizers.append(torch.optim.AdamW(adamw_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                         fused=fused or None, foreach=None if fused else True))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            sizes[group["name"]] |= hidden.describe(opt, spec if group["name"] == cfg.name else None)
     return optimizers, sizes
 
 
