@@ -15,7 +15,6 @@ end rows (docs/metrics.md, docs/lenses.md).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,10 +23,9 @@ import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
 from ..runlog import SCHEMA_VERSION, MetricsWriter, ensure_writable, env_info
-from .capture import Key, Sink
+from .capture import adapter_for
+from .families import SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
-
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -42,8 +40,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
     if not (path / "config.json").is_file():
         raise DataError(f"{path} is not a checkpoint folder (no config.json)")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED:
-        raise DataError(f"{path}: model_type {config.model_type!r} is not supported "
+    if text_config(config).model_type not in SUPPORTED:
+        raise DataError(f"{path}: model_type {text_config(config).model_type!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED)})")
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     return model.to(device).eval()
@@ -79,132 +77,24 @@ def is_run_folder(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# taps
-
-
-def _layers(model) -> list:
-    """The self-attention module of every decoder layer, in depth order."""
-    if model.config.model_type == "gpt2":
-        return [block.attn for block in model.transformer.h]
-    return [layer.self_attn for layer in model.model.layers]
-
-
-def _config_head_dim(c) -> int:
-    """Head width of an HF config (GPT-2 and older Llama configs have no head_dim)."""
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-
-def hf_logit_scales(model) -> list[float]:
-    """Per layer, the factor the model multiplies q·k by (`scaling` of its attention modules)."""
-    return [float(getattr(a, "scaling", _config_head_dim(model.config) ** -0.5)) for a in _layers(model)]
-
-
-def attach_hf_taps(model, sink: Sink, taps=None) -> list:
-    """Hooks on every attention layer of an HF model that call `sink((tap, tensor, layer), x)` with
-    x (B, T, H, D) at proj / norm / rope for q and k and proj for v (only keys in `taps`, if given).
-    Returns the handles to remove."""
-    if model.config.model_type not in SUPPORTED:
-        raise DataError(f"model_type {model.config.model_type!r} is not supported ({', '.join(SUPPORTED)})")
-    D = _config_head_dim(model.config)
-
-    def emit(key: Key, x: torch.Tensor) -> None:
-        if taps is None or key in taps:
-            sink(key, x)
-
-    handles = []
-    for i, attn in enumerate(_layers(model)):
-        if model.config.model_type == "gpt2":
-            handles.append(attn.c_attn.register_forward_hook(_gpt2_hook(i, D, attn.split_size, emit)))
-        else:
-            handles += _rope_model_hooks(i, attn, D, emit)
-    return handles
-
-
-def _gpt2_hook(layer: int, D: int, width: int, emit):
-    def hook(_m, _i, out):  # out: (B, T, 3·d), the fused q | k | v projection
-        q, k, v = (t.unflatten(-1, (-1, D)) for t in out.split(width, dim=-1))  # (B, T, H, D)
-        for tap in ("proj", "norm", "rope"):  # no QK-Norm, no RoPE: one tensor at all three taps
-            emit((tap, "q", layer), q)
-            emit((tap, "k", layer), k)
-        emit(("proj", "v", layer), v)
-    return hook
-
-
-def _rope_model_hooks(layer: int, attn, D: int, emit) -> list:
-    """Llama-style attention: record the projections (and q_norm / k_norm outputs) as they happen and
-    the (cos, sin) the layer was given; emit every tap once the layer has run."""
-    seen: dict[str, torch.Tensor] = {}
-    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own RoPE
-    has_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
-
-    def pre(_m, args, kwargs):
-        seen["cos_sin"] = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
-
-    def record(name, split):
-        def hook(_m, _i, out):
-            seen[name] = out.unflatten(-1, (-1, D)) if split else out  # (B, T, H, D)
-        return hook
-
-    def post(_m, _args, _out):
-        q, k = seen["q_proj"], seen["k_proj"]
-        qn, kn = (seen["q_norm"], seen["k_norm"]) if has_norm else (q, k)
-        cos, sin = seen.pop("cos_sin")
-        if cos.size(-1) != D:
-            raise DataError(f"layer {layer}: partial rotary embeddings ({cos.size(-1)} of {D} dims) are not supported")
-        qr, kr = rotate(qn, kn, cos, sin, unsqueeze_dim=2)  # cos (B, T, D) -> (B, T, 1, D)
-        for key, x in ((("proj", "q", layer), q), (("proj", "k", layer), k), (("proj", "v", layer), seen["v_proj"]),
-                       (("norm", "q", layer), qn), (("norm", "k", layer), kn),
-                       (("rope", "q", layer), qr), (("rope", "k", layer), kr)):
-            emit(key, x)
-        seen.clear()
-
-    handles = [attn.register_forward_pre_hook(pre, with_kwargs=True), attn.register_forward_hook(post)]
-    for name in ("q_proj", "k_proj", "v_proj"):
-        handles.append(getattr(attn, name).register_forward_hook(record(name, True)))
-    if has_norm:
-        for name in ("q_norm", "k_norm"):
-            handles.append(getattr(attn, name).register_forward_hook(record(name, False)))
-    return handles
-
-
-def hf_attention_weights(model) -> list[dict[str, tuple[torch.Tensor, int]]]:
-    """Per layer {"q" | "k" | "v" | "o": (W as (out, in), heads)}, as `lenses.attention_weights`.
-    GPT-2's Conv1D stores (in, out), so its matrices are transposed views."""
-    c = model.config
-    out = []
-    for attn in _layers(model):
-        if c.model_type == "gpt2":
-            q, k, v = attn.c_attn.weight.t().split(attn.split_size, dim=0)  # (d, d) each
-            H = attn.num_heads
-            out.append({"q": (q, H), "k": (k, H), "v": (v, H), "o": (attn.c_proj.weight.t(), H)})
-        else:
-            H, Hkv = c.num_attention_heads, c.num_key_value_heads
-            out.append({"q": (attn.q_proj.weight, H), "k": (attn.k_proj.weight, Hkv),
-                        "v": (attn.v_proj.weight, Hkv), "o": (attn.o_proj.weight, H)})
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # a run folder for `rankprobe report`
 
 
-def hf_model_config(config) -> dict:
-    """RankProbe's `model` table filled from an HF config (what the report reads: head_dim, n_layer)."""
-    c = config
-    if c.model_type == "gpt2":
-        return asdict(ModelConfig(
-            n_layer=c.n_layer, d_model=c.n_embd, n_head=c.n_head, n_kv_head=c.n_head, head_dim=c.n_embd // c.n_head,
-            mlp_hidden=c.n_inner or 4 * c.n_embd, seq_len=c.n_positions, vocab_size=c.vocab_size,
-            tie_embeddings=bool(c.tie_word_embeddings), rope_theta=0.0, norm_eps=c.layer_norm_epsilon,
-            init_std=c.initializer_range))
-    rope = getattr(c, "rope_parameters", None) or {}
+def hf_model_config(model) -> dict:
+    """RankProbe's `model` table filled from an HF model (what the report reads: head_dim, n_layer)."""
+    c, adapter = text_config(model.config), adapter_for(model)
+    get = lambda *names, default=None: next((getattr(c, n) for n in names if getattr(c, n, None) is not None),  # noqa: E731
+                                             default)
+    rope = get("rope_parameters", default={}) or {}
+    d = get("hidden_size", "n_embd")
     return asdict(ModelConfig(
-        n_layer=c.num_hidden_layers, d_model=c.hidden_size, n_head=c.num_attention_heads,
-        n_kv_head=c.num_key_value_heads, head_dim=_config_head_dim(c),
-        mlp_hidden=c.intermediate_size, seq_len=c.max_position_embeddings, vocab_size=c.vocab_size,
-        qk_norm=c.model_type == "qwen3", tie_embeddings=bool(c.tie_word_embeddings),
-        rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))), norm_eps=c.rms_norm_eps,
-        init_std=c.initializer_range))
+        n_layer=adapter.n_layer, d_model=d, n_head=adapter.heads, n_kv_head=adapter.kv_heads,
+        head_dim=adapter.head_dim, mlp_hidden=get("intermediate_size", "n_inner", "ffn_hidden_size", default=4 * d),
+        seq_len=max_positions(c) or 0, vocab_size=c.vocab_size, qk_norm=adapter.has_qk_norm,
+        tie_embeddings=bool(get("tie_word_embeddings", default=False)),
+        rope_theta=float(rope.get("rope_theta", get("rope_theta", default=0.0))),
+        norm_eps=float(get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
+        init_std=float(get("initializer_range", default=0.02))))
 
 
 def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str | Path, batch_size: int = 8,
@@ -231,7 +121,7 @@ def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str
         model = load_hf(path, device=device)
         mt = model.config.model_type
         # only the tables that mean something for a model RankProbe did not train
-        cfg = {"name": name or f"hf-{mt}", "model": hf_model_config(model.config),
+        cfg = {"name": name or f"hf-{mt}", "model": hf_model_config(model),
                "probe": asdict(ProbeConfig(checkpoints=[0], n_checkpoints=1, tokens=int(tokens.numel())))}
         optimizer, qk_norm, seed, arm = "pretrained", cfg["model"]["qk_norm"], 0, arm or f"hf:{mt}"
         source = {"path": str(path), "kind": "hf", "model_type": mt,
