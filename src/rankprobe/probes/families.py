@@ -33,6 +33,7 @@ class Family:
     patterns: Patterns
     optional_norm: bool = False  # QK-Norm present only when the config turns it on
     rope: str = "interface"  # or "rotate": the family calls attention itself (Falcon)
+    learned_positions: bool = False  # a table of position embeddings: nothing exists past its end (GPT-2)
 
 
 FAMILIES: dict[str, Family] = {
@@ -45,7 +46,8 @@ FAMILIES: dict[str, Family] = {
     "phi": Family(PHI, optional_norm=True),
     "stablelm": Family(replace(PHI, o="o_proj"), optional_norm=True),
     "phi3": Family(Patterns(layers="model.layers.*.self_attn", qkv="qkv_proj", fused="blocks", o="o_proj")),
-    "gpt2": Family(Patterns(layers="transformer.h.*.attn", qkv="c_attn", fused="blocks", o="c_proj", conv1d=True)),
+    "gpt2": Family(Patterns(layers="transformer.h.*.attn", qkv="c_attn", fused="blocks", o="c_proj", conv1d=True),
+                   learned_positions=True),
     "gpt_neox": Family(Patterns(layers="gpt_neox.layers.*.attention", qkv="query_key_value", fused="heads",
                                 o="dense")),
     "falcon": Family(Patterns(layers="transformer.h.*.self_attention", qkv="query_key_value", o="dense"),
