@@ -345,7 +345,8 @@ def loss_curves(runs: list[Run], out_dir: str | Path) -> Path | None:
     means). None without a trained arm (pretrained references have no losses)."""
     everything = finished_by_arm(runs)
     names, references = list(everything), {a for a, g in everything.items() if g[0].reference}
-    arms = {a: g for a, g in everything.items() if a not in references}
+    arms = {a: g for a, g in everything.items() if a not in references  # a probed checkpoint series has no losses
+            and any(train_loss(r)[0].size or val_loss(r)[0].size for r in g)}
     if not arms:
         return None
     fig, ax = _new()
