@@ -27,6 +27,8 @@ def adapter_for(model) -> TapAdapter:
     adapter already (a `ModuleAdapter` built from module-name patterns for any other nn.Module)."""
     if isinstance(model, TapAdapter):
         return model
+    while hasattr(model, "_orig_mod") or type(model).__name__ == "DistributedDataParallel":
+        model = getattr(model, "_orig_mod", None) or model.module  # torch.compile / DDP wrappers: the taps are inside
     if model not in _ADAPTERS:
         if hasattr(model, "tap_modules"):
             _ADAPTERS[model] = rankprobe_adapter(model)

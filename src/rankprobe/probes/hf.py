@@ -35,14 +35,11 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
     """A Hugging Face causal LM from the local folder `path` (no download), in eval mode.
 
     Raises DataError for a missing folder or a model_type outside SUPPORTED."""
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise UserError("probing Hugging Face checkpoints needs `transformers` (pip install transformers)") from None
     path = Path(path)
     config = hf_config(path)
     if not weight_files(path):
         raise DataError(f"{path} holds a model config but no weights (*.safetensors or *.bin)")
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     quiet = hf_logging.is_progress_bar_enabled()
@@ -61,7 +58,10 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
 def hf_config(path: Path):
     """The checked config of the HF model folder `path`: DataError for a folder that is not one or a
     model_type outside SUPPORTED."""
-    from transformers import AutoConfig
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise UserError("probing Hugging Face checkpoints needs `transformers` (pip install transformers)") from None
 
     if not (path / "config.json").is_file():
         raise DataError(f"{path} is not a Hugging Face model folder (no config.json) nor a RankProbe run folder")
