@@ -84,6 +84,12 @@ def test_pythia_style_step_folders_need_a_token_count(trainer_output, tmp_path, 
     assert "--tokens-per-step" in capsys.readouterr().err
     assert main(["probe", glob, "--out", str(tmp_path / "p"), "--tokens-per-step", "2048", *ARGS]) == 0
     assert rows_of(tmp_path / "p")[0]["probe_checkpoints"] == [2_048_000, 4_096_000]
+    wider = tmp_path / "step3000"
+    transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=48, num_attention_heads=4, num_hidden_layers=2, vocab_size=V,
+        max_position_embeddings=64)).save_pretrained(wider)
+    assert main(["probe", glob, "--out", str(tmp_path / "q"), "--tokens-per-step", "2048", *ARGS]) == 2
+    assert "is another model than" in capsys.readouterr().err
 
 
 def test_two_probes_claiming_one_arm_are_refused_by_the_report(trainer_output, tmp_path, capsys):

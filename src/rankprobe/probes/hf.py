@@ -194,6 +194,8 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
             if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
                 raise DataError(f"tokens must be ids in [0, {vocab}); tokenize the probe text with the "
                                 "checkpoint's own tokenizer")
+        elif not run_folder and hf_model_config(model) != cfg["model"]:
+            raise DataError(f"{ckpt.path} is another model than {checkpoints[0].path}: a series is one model")
         probe_rows, attn_rows = probe_lenses(model, tokens, batch_size, progress=bar.update)
         at = {"step": ckpt.step, "tokens": ckpt.tokens}
         rows += [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
@@ -313,7 +315,9 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
     specs = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     series = find_checkpoints([str(s) for s in specs], tokens_per_step)
     first = series[0].path
-    out_dir = Path(out) if out else first.parent / f"{first.name}-probe"
+    # one checkpoint: beside it; a series: beside the folder that holds it
+    out_dir = Path(out) if out else (first.parent / f"{first.name}-probe" if len(series) == 1
+                                     else first.parent.parent / f"{first.parent.name}-probe")
     if is_run_folder(first):
         cfg = json.loads((first / "config.json").read_text())
         data_cfg, T = DataConfig(**cfg["data"]), cfg["model"]["seq_len"]
