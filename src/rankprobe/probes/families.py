@@ -140,7 +140,7 @@ class HFAdapter(ModuleAdapter):
         spec, name = self.specs[layer], f"{self.model_type} layer {layer}"
 
         def call(module, query, key, value, attention_mask, **kwargs):  # query (B, H, T, D), key (B, Hkv, T, D)
-            _check_call(name, spec, module, query.size(-2), attention_mask, kwargs)
+            _check_call(name, spec, module, query.size(-2), attention_mask, kwargs, impl)
             q(query.transpose(1, 2))
             k(key.transpose(1, 2))
             return inner(module, query, key, value, attention_mask, **kwargs)
@@ -189,7 +189,7 @@ def _intercept(module, query, key, value, attention_mask, **kwargs):
     return _ACTIVE[id(module)](module, query, key, value, attention_mask, **kwargs)
 
 
-def _check_call(name: str, spec: AttentionSpec, module, T: int, mask, kwargs) -> None:
+def _check_call(name: str, spec: AttentionSpec, module, T: int, mask, kwargs, impl: str) -> None:
     """Refuse, rather than measure something else, when the kernel call differs from `spec`."""
     scaling = kwargs.get("scaling")
     scaling = module.head_dim ** -0.5 if scaling is None and hasattr(module, "head_dim") else scaling
@@ -201,6 +201,14 @@ def _check_call(name: str, spec: AttentionSpec, module, T: int, mask, kwargs) ->
         raise DataError(f"{name}: attention sinks are not supported by the attention lens")
     if "sliding_window" in kwargs and (kwargs["sliding_window"] or None) != spec.window:
         raise DataError(f"{name}: attention slides a window of {kwargs['sliding_window']}, expected {spec.window}")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise DataError(f"{name}: cannot check the {impl} attention mask; load the model with sdpa or eager")
+    if mask is not None and mask.ndim == 2:  # flash attention's padding mask
+        if not bool(mask.all()):
+            raise DataError(f"{name}: padded sequences are not supported by the attention lens")
+        mask = None
+    if mask is None and "flash" in impl:  # causal, and the window is the sliding_window checked above
+        return
     if mask is None:  # SDPA's is_causal
         if not getattr(module, "is_causal", True) or (spec.window is not None and spec.window < T):
             raise DataError(f"{name}: the model attends causally without a window; expected {spec}")
