@@ -130,7 +130,6 @@ def hf_model_config(model) -> dict:
         init_std=float(get("initializer_range", default=0.02))))
 
 
-
 def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str | Path, batch_size: int = 8,
                             name: str | None = None, arm: str | None = None, force: bool = False,
                             device: str | torch.device = "cpu") -> Path:
@@ -201,9 +200,13 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
         rows += [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
         rows += [("weights", at | r) for r in weight_lenses(model)]
         seen.append({"path": str(ckpt.path), **at, "weights_sha256": sha256_files(weight_files(ckpt.path))})
-        del model
+        del model  # one checkpoint in memory at a time
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     bar.close()
+    if not run_folder:
+        cfg["probe"].update(checkpoints=[c["tokens"] for c in seen], n_checkpoints=len(seen))
     name = name or cfg.get("name") or out_dir.name
     m = cfg["model"]
     run = {"schema": SCHEMA_VERSION, "run": name, "arm": arm, "optimizer": optimizer, "qk_norm": qk_norm,
