@@ -136,7 +136,7 @@ class HFAdapter(ModuleAdapter):
         if impl == TAP_IMPL:
             raise DataError("taps are already attached to this model")
         eager = sys.modules[type(attn).__module__].eager_attention_forward
-        inner = AttentionInterface().get_interface(impl, eager)
+        inner = eager if impl == "eager" else AttentionInterface()[impl]  # the model's own kernel
         spec, name = self.specs[layer], f"{self.model_type} layer {layer}"
 
         def call(module, query, key, value, attention_mask, **kwargs):  # query (B, H, T, D), key (B, Hkv, T, D)
@@ -147,10 +147,10 @@ class HFAdapter(ModuleAdapter):
 
         def pre(_m, _args):
             _ACTIVE[id(attn)] = call
-            config._attn_implementation_internal = TAP_IMPL
+            _set_impl(config, TAP_IMPL)
 
         def post(_m, _args, _out):
-            config._attn_implementation_internal = impl
+            _set_impl(config, impl)
 
         return [attn.register_forward_pre_hook(pre), attn.register_forward_hook(post), _Restore(attn, config, impl)]
 
@@ -182,7 +182,13 @@ class _Restore:
 
     def remove(self) -> None:
         _ACTIVE.pop(id(self.attn), None)
-        self.config._attn_implementation_internal = self.impl
+        _set_impl(self.config, self.impl)
+
+
+def _set_impl(config, impl: str) -> None:
+    # the plain attribute behind the `_attn_implementation` property: no sub-config walk on every layer
+    name = "_attn_implementation_internal" if hasattr(config, "_attn_implementation_internal") else "_attn_implementation"
+    setattr(config, name, impl)
 
 
 def _intercept(module, query, key, value, attention_mask, **kwargs):
