@@ -104,7 +104,8 @@ def test_two_probes_claiming_one_arm_are_refused_by_the_report(trainer_output, t
 def test_one_line_refusals(tmp_path, tokenizer, capsys):
     gpt2 = tmp_path / "gpt2"
     transformers.AutoModelForCausalLM.from_config(transformers.GPT2Config(
-        n_embd=32, n_head=4, n_layer=2, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0)).save_pretrained(gpt2)
+        n_embd=32, n_head=4, n_layer=2, vocab_size=V, n_positions=64, bos_token_id=0,
+        eos_token_id=0)).save_pretrained(gpt2)
     short = tmp_path / "short"
     llama(0).save_pretrained(short)  # 64 positions, no tokenizer
     empty = tmp_path / "empty"

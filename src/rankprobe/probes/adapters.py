@@ -174,7 +174,8 @@ class ModuleAdapter(TapAdapter):
         self.kv_heads = kv_heads or heads
         if (patterns.qkv is None) == (patterns.q is None or patterns.k is None or patterns.v is None):
             raise DataError("give either q, k and v or one fused qkv module")
-        if (patterns.q_rope is None) != (patterns.k_rope is None) or (patterns.q_norm is None) != (patterns.k_norm is None):
+        if any((a is None) != (b is None) for a, b in ((patterns.q_rope, patterns.k_rope),
+                                                       (patterns.q_norm, patterns.k_norm))):
             raise DataError("q_norm / k_norm and q_rope / k_rope come in pairs")
         spec = attention or AttentionSpec(scale=head_dim ** -0.5)
         self.specs = list(spec) if isinstance(spec, list) else [spec] * self.n_layer

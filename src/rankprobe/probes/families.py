@@ -187,8 +187,8 @@ class _Restore:
 
 def _set_impl(config, impl: str) -> None:
     # the plain attribute behind the `_attn_implementation` property: no sub-config walk on every layer
-    name = "_attn_implementation_internal" if hasattr(config, "_attn_implementation_internal") else "_attn_implementation"
-    setattr(config, name, impl)
+    internal = "_attn_implementation_internal"
+    setattr(config, internal if hasattr(config, internal) else "_attn_implementation", impl)
 
 
 def _intercept(module, query, key, value, attention_mask, **kwargs):
@@ -222,5 +222,6 @@ def _check_call(name: str, spec: AttentionSpec, module, T: int, mask, kwargs, im
     want = spec.visible(T, device=mask.device)
     seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     if not torch.equal(seen[..., -T:, -T:], want.expand_as(seen[..., -T:, -T:])):
-        raise DataError(f"{name}: the model's attention mask is not the causal{' sliding-window' if spec.window else ''}"
-                        f" mask the attention lens assumes (padding is not supported)")
+        kind = "sliding-window causal" if spec.window else "causal"
+        raise DataError(f"{name}: the model's attention mask is not the {kind} mask the attention lens assumes "
+                        "(padding is not supported)")
