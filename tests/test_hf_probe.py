@@ -11,9 +11,9 @@ transformers = pytest.importorskip("transformers")
 
 from rankprobe.config import Config, DataError, ModelConfig, UserError, to_dict  # noqa: E402
 from rankprobe.model import Transformer  # noqa: E402
-from rankprobe.probes.capture import probe_model  # noqa: E402
+from rankprobe.probes.capture import attach_taps, probe_model  # noqa: E402
 from rankprobe.probes.hf import (  # noqa: E402
-    attach_hf_taps, load_hf, load_run_checkpoint, probe_checkpoint_to_dir)
+    load_hf, load_run_checkpoint, probe_checkpoint_to_dir)
 from rankprobe.probes.lenses import attention_lenses  # noqa: E402
 from rankprobe.report.metrics import find_runs  # noqa: E402
 from rankprobe.report.series import aggregate  # noqa: E402
@@ -59,7 +59,7 @@ def saved(tmp_path_factory):
 
 def taps_of(model, tokens) -> dict:
     seen = {}
-    handles = attach_hf_taps(model, lambda key, x: seen.__setitem__(key, x.detach().clone()))
+    handles = attach_taps(model, lambda key, x: seen.__setitem__(key, x.detach().clone()))
     with torch.no_grad():
         hidden = model(input_ids=tokens, output_hidden_states=True, use_cache=False).hidden_states
     for h in handles:

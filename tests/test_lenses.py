@@ -357,3 +357,28 @@ def test_weight_lenses_on_cuda_match_the_cpu():
         for key in ("spectral_norm", "stable_rank", "erank"):
             assert row[key] == pytest.approx(ref[key], rel=1e-10)
             np.testing.assert_allclose(row[f"{key}_heads"], ref[f"{key}_heads"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("window, softcap", [(5, None), (None, 2.0), (4, 1.5), (64, None)])
+def test_attention_stats_with_a_sliding_window_and_soft_cap_match_float64(window, softcap):
+    """Windowed and soft-capped layers (Mistral, Gemma 2): entropy, its normalisation by the keys each
+    row sees, the ceiling and the max logit against a float64 hand computation."""
+    torch.manual_seed(0)
+    B, T, H, D, scale = 2, 16, 4, 8, 0.7
+    q, k = torch.randn(B, T, H, D) * 2, torch.randn(B, T, 2, D) * 2
+    stats = AttentionStats()
+    stats.add(0, q, k, scale, window=window, softcap=softcap)
+    (row,) = stats.rows()
+    s = torch.einsum("bthd,bshd->bhts", q.double(), k.double().repeat_interleave(2, dim=2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    t = torch.arange(T)
+    visible = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - (window or T))
+    s = s.masked_fill(~visible, -math.inf)
+    p = s.softmax(-1)[:, :, 1:]
+    ent = -(p * p.clamp_min(1e-300).log()).sum(-1)  # (B, H, T-1)
+    n_keys = visible[1:].sum(-1).double()
+    np.testing.assert_allclose(row["entropy_heads"], ent.mean((0, 2)).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(row["entropy_norm_heads"], (ent / n_keys.log()).mean((0, 2)).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(row["entropy_max"], n_keys.log().mean().item(), rtol=1e-12)
+    np.testing.assert_allclose(row["max_logit_heads"], s.amax((0, 2, 3)).numpy(), rtol=1e-5)

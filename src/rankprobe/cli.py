@@ -96,19 +96,28 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--force", action="store_true", help="retrain every value from scratch")
     _parallel_options(sc, "runs")
 
-    pr = sub.add_parser("probe", allow_abbrev=False, help="probe a checkpoint RankProbe did not train",
-                        description="Probe CHECKPOINT — a Hugging Face causal LM folder (Llama, Mistral, Qwen2, "
-                                    "Qwen3, GPT-2) or a RankProbe run folder — with every lens, into a metrics "
-                                    "folder that `rankprobe report` draws next to trained arms.")
-    pr.add_argument("checkpoint", metavar="CHECKPOINT")
-    pr.add_argument("--out", help="output folder (default: <CHECKPOINT name>-probe)")
+    pr = sub.add_parser("probe", allow_abbrev=False, help="probe checkpoints RankProbe did not train",
+                        description="Probe CHECKPOINT — a Hugging Face causal LM folder (every family in "
+                                    "docs/probes.md) or a RankProbe run folder — with every lens, into a metrics "
+                                    "folder that `rankprobe report` draws next to trained arms. Several "
+                                    "checkpoints (folders, globs, a Trainer output folder of checkpoint-N, "
+                                    "Pythia-style stepN) become one run, a trajectory over their steps.")
+    pr.add_argument("checkpoint", metavar="CHECKPOINT", nargs="+")
+    pr.add_argument("--out", help="output folder (default: <first CHECKPOINT name>-probe)")
+    pr.add_argument("--arm", help="arm name in the report (default: hf:<model_type>)")
+    pr.add_argument("--tokens-per-step", type=int, metavar="N",
+                    help="training tokens per step, for checkpoints that do not record their token count")
     pr.add_argument("--corpus", default="embedded",
                     help="probe text for HF models, tokenized with the model's own tokenizer (default: embedded); "
                          "a RankProbe run is probed on its own held-out probe set")
     pr.add_argument("--tokens", type=int, default=16384, help="probe tokens (default: 16384)")
     pr.add_argument("--seq-len", type=int, default=512, help="sequence length for HF models (default: 512)")
+    pr.add_argument("--allow-long-context", action="store_true",
+                    help="allow --seq-len beyond the model's position count (recorded in the run row)")
     pr.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    pr.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32",
+                    help="weights and activations (default: fp32); the statistics are float64 either way")
     pr.add_argument("--force", action="store_true", help="replace an earlier probe in the output folder")
 
     r = sub.add_parser("report", allow_abbrev=False, help="rebuild figures and report.md from metrics files",
@@ -242,9 +251,12 @@ def _scan(cfg, args) -> int:
 def _probe(args) -> int:
     from .probes.hf import probe_checkpoint
 
-    path = probe_checkpoint(Path(args.checkpoint), args.out, corpus=args.corpus, n_tokens=args.tokens,
-                            seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, force=args.force)
-    print(f"rankprobe: probed {args.checkpoint}; metrics in {path}")
+    path = probe_checkpoint(args.checkpoint, args.out, corpus=args.corpus, n_tokens=args.tokens,
+                            seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, force=args.force,
+                            dtype=args.dtype, arm=args.arm, tokens_per_step=args.tokens_per_step,
+                            allow_long_context=args.allow_long_context)
+    what = args.checkpoint[0] if len(args.checkpoint) == 1 else f"{len(args.checkpoint)} checkpoint arguments"
+    print(f"rankprobe: probed {what}; metrics in {path}")
     return 0
 
 

@@ -1,56 +1,74 @@
 """Capture q/k/v at the model's taps and turn them into `probe` metric rows.
 
-Forward hooks on the identity taps (or, for Hugging Face models, on their attention modules:
-probes/hf.py) hand (B, T, H, D) activations to a sink; `covariance_sink` folds them into per-head
-sufficient statistics (CovStats) on the model's device, so the only host transfer is the final
-metric computation, once per checkpoint. probes/lenses.py adds its sinks to the same pass.
+The model's `TapAdapter` (probes/adapters.py; Hugging Face families in probes/families.py), chosen
+once per model by `adapter_for`, hands (B, T, H, D) activations to a sink; `covariance_sink` folds
+them into per-head sufficient statistics (CovStats) on the model's device, so the only host transfer
+is the final metric computation, once per checkpoint. probes/lenses.py adds its sinks to the same pass.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 
+from ..config import DataError
+from .adapters import Key, Sink, TapAdapter, rankprobe_adapter
 from .spectra import CovStats, participation_ratio
 
-Key = tuple[str, str, int]  # (tap, tensor, layer), as in Transformer.tap_modules
-Sink = Callable[[Key, torch.Tensor], None]  # receives (B, T, H, D) activations
+__all__ = ["Key", "Sink", "adapter_for", "attach_taps", "feed", "covariance_sink", "probe_model", "stats_to_rows"]
+_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def is_hf(model) -> bool:
-    return not hasattr(model, "tap_modules")
+def adapter_for(model) -> TapAdapter:
+    """The model's adapter, chosen once per model: RankProbe's Transformer (its identity taps), a
+    Hugging Face causal LM (its family's row in probes/families.py), or `model` itself when it is an
+    adapter already (a `ModuleAdapter` built from module-name patterns for any other nn.Module)."""
+    if isinstance(model, TapAdapter):
+        return model
+    while hasattr(model, "_orig_mod") or type(model).__name__ == "DistributedDataParallel":
+        model = getattr(model, "_orig_mod", None) or model.module  # torch.compile / DDP wrappers: the taps are inside
+    if model not in _ADAPTERS:
+        if hasattr(model, "tap_modules"):
+            _ADAPTERS[model] = rankprobe_adapter(model)
+        elif hasattr(getattr(model, "config", None), "model_type"):
+            from .families import hf_adapter  # transformers is optional: imported only for its models
+
+            _ADAPTERS[model] = hf_adapter(model)
+        else:
+            raise DataError(f"no tap adapter for {type(model).__name__}: wrap it in adapters.ModuleAdapter "
+                            "with the module names of its projections (adapters.Patterns)")
+    return _ADAPTERS[model]
 
 
 def attach_taps(model, sink: Sink, taps=None) -> list:
     """Hooks that call `sink((tap, tensor, layer), x)` with x (B, T, H, D) at every tap of `model`
     (or only the keys in `taps`); returns the handles to remove."""
-    if is_hf(model):
-        from .hf import attach_hf_taps
-
-        return attach_hf_taps(model, sink, taps)
-    return [module.register_forward_hook(lambda _m, _i, out, key=key: sink(key, out))
-            for key, module in model.tap_modules().items() if taps is None or key in taps]
+    return adapter_for(model).attach(sink, taps)
 
 
 @torch.no_grad()
-def feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None) -> None:
-    """Run `tokens` (N, T) through `model` in eval mode with `sink` on the taps; restores the mode."""
-    handles = attach_taps(model, sink, taps)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None,
+         progress: Callable[[int], None] | None = None) -> None:
+    """Run `tokens` (N, T) through `model` (or an adapter) in eval mode with `sink` on the taps;
+    restores the mode. `progress(n)` is called after each batch of n sequences."""
+    adapter = adapter_for(model)
+    module = adapter.model
+    handles = adapter.attach(sink, taps)
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
     try:
         for i in range(0, tokens.size(0), batch_size):
             idx = tokens[i : i + batch_size].to(device)
-            if is_hf(model):
-                model(input_ids=idx, use_cache=False)
-            else:
-                model(idx)
+            adapter.forward(idx)
+            if progress is not None:
+                progress(idx.size(0))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        module.train(was_training)
 
 
 def covariance_sink(stats: dict[Key, CovStats]) -> Sink:

@@ -1,21 +1,18 @@
-"""Probe a pretrained checkpoint with RankProbe's taps and write a run folder `rankprobe report` reads.
+"""`rankprobe probe`: checkpoints RankProbe did not train, probed into a run folder `rankprobe report` reads.
 
-Hugging Face causal LMs (Llama family incl. TinyLlama and Mistral, Qwen2, Qwen3, GPT-2) are loaded
-from a local folder with `transformers`, never from a hub. Their forward has no identity taps, so
-hooks rebuild the same three points per attention layer, (B, T, H, D) per head:
-  proj  the q_proj / k_proj / v_proj output (GPT-2: the split of the fused c_attn output)
-  norm  after QK-Norm (Qwen3's q_norm / k_norm); equal to proj for models without QK-Norm
-  rope  the norm tap rotated by the model's own apply_rotary_pos_emb with the (cos, sin) the
-        attention layer received; GPT-2 has no RoPE, so rope equals proj
-RankProbe's own run folders (config.json + model.safetensors) load into `Transformer` too, so old
-runs can be probed with new lenses. `probe_checkpoint_to_dir` writes run, probe, attn, weights and
-end rows (docs/metrics.md, docs/lenses.md).
+Hugging Face causal LMs of every family in probes/families.py are loaded from local folders with
+`transformers`, never from a hub; their taps are the family's adapter (docs/probes.md lists where
+each sits). RankProbe's own run folders (config.json + model.safetensors) load into `Transformer`,
+so old runs can be probed with new lenses. One checkpoint becomes a pretrained reference; a series
+(probes/series.py) becomes one run whose rows sit at each checkpoint's step and token count, drawn as
+a trajectory. `probe_series_to_dir` writes run, probe, attn, weights and end rows (docs/metrics.md,
+docs/lenses.md); the run row records the corpus, tokenizer and weights hashes, seq_len and dtype.
 """
 
 from __future__ import annotations
 
+import gc
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,29 +22,63 @@ import torch
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
 from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable
 from ..runlog import env_info
-from .capture import Key, Sink
+from .capture import adapter_for
+from .families import FAMILIES, SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
+from .series import Checkpoint, find_checkpoints, sha256_files, weight_files
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A Hugging Face causal LM from the local folder `path` (no download), in eval mode.
 
     Raises DataError for a missing folder or a model_type outside SUPPORTED."""
+    path = Path(path)
+    config = hf_config(path)
+    if not weight_files(path):
+        raise DataError(f"{path} holds a model config but no weights (*.safetensors or *.bin)")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    quiet = hf_logging.is_progress_bar_enabled()
+    if quiet:  # one bar of our own over the probe, not one per checkpoint's shards
+        hf_logging.disable_progress_bar()
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, config=config)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"cannot load the model in {path}: {_one_line(e)}") from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+    return model.to(device).eval()
+
+
+def hf_config(path: Path):
+    """The checked config of the HF model folder `path`: DataError for a folder that is not one or a
+    model_type outside SUPPORTED."""
+    try:
+        from transformers import AutoConfig
     except ImportError:
         raise UserError("probing Hugging Face checkpoints needs `transformers` (pip install transformers)") from None
-    path = Path(path)
+
     if not (path / "config.json").is_file():
-        raise DataError(f"{path} is not a checkpoint folder (no config.json)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED:
-        raise DataError(f"{path}: model_type {config.model_type!r} is not supported "
+        raise DataError(f"{path} is not a Hugging Face model folder (no config.json) nor a RankProbe run folder")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}/config.json is not a Hugging Face model config: {_one_line(e)}") from None
+    if text_config(config).model_type not in SUPPORTED:
+        raise DataError(f"{path}: model_type {text_config(config).model_type!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED)})")
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    return model.to(device).eval()
+    return config
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def load_run_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu"):
@@ -80,203 +111,167 @@ def is_run_folder(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# taps
-
-
-def _layers(model) -> list:
-    """The self-attention module of every decoder layer, in depth order."""
-    if model.config.model_type == "gpt2":
-        return [block.attn for block in model.transformer.h]
-    return [layer.self_attn for layer in model.model.layers]
-
-
-def _config_head_dim(c) -> int:
-    """Head width of an HF config (GPT-2 and older Llama configs have no head_dim)."""
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-
-def hf_logit_scales(model) -> list[float]:
-    """Per layer, the factor the model multiplies q·k by (`scaling` of its attention modules)."""
-    return [float(getattr(a, "scaling", _config_head_dim(model.config) ** -0.5)) for a in _layers(model)]
-
-
-def attach_hf_taps(model, sink: Sink, taps=None) -> list:
-    """Hooks on every attention layer of an HF model that call `sink((tap, tensor, layer), x)` with
-    x (B, T, H, D) at proj / norm / rope for q and k and proj for v (only keys in `taps`, if given).
-    Returns the handles to remove."""
-    if model.config.model_type not in SUPPORTED:
-        raise DataError(f"model_type {model.config.model_type!r} is not supported ({', '.join(SUPPORTED)})")
-    D = _config_head_dim(model.config)
-
-    def emit(key: Key, x: torch.Tensor) -> None:
-        if taps is None or key in taps:
-            sink(key, x)
-
-    handles = []
-    for i, attn in enumerate(_layers(model)):
-        if model.config.model_type == "gpt2":
-            handles.append(attn.c_attn.register_forward_hook(_gpt2_hook(i, D, attn.split_size, emit)))
-        else:
-            handles += _rope_model_hooks(i, attn, D, emit)
-    return handles
-
-
-def _gpt2_hook(layer: int, D: int, width: int, emit):
-    def hook(_m, _i, out):  # out: (B, T, 3·d), the fused q | k | v projection
-        q, k, v = (t.unflatten(-1, (-1, D)) for t in out.split(width, dim=-1))  # (B, T, H, D)
-        for tap in ("proj", "norm", "rope"):  # no QK-Norm, no RoPE: one tensor at all three taps
-            emit((tap, "q", layer), q)
-            emit((tap, "k", layer), k)
-        emit(("proj", "v", layer), v)
-    return hook
-
-
-def _rope_model_hooks(layer: int, attn, D: int, emit) -> list:
-    """Llama-style attention: record the projections (and q_norm / k_norm outputs) as they happen and
-    the (cos, sin) the layer was given; emit every tap once the layer has run."""
-    seen: dict[str, torch.Tensor] = {}
-    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own RoPE
-    has_norm = hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
-
-    def pre(_m, args, kwargs):
-        seen["cos_sin"] = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
-
-    def record(name, split):
-        def hook(_m, _i, out):
-            seen[name] = out.unflatten(-1, (-1, D)) if split else out  # (B, T, H, D)
-        return hook
-
-    def post(_m, _args, _out):
-        q, k = seen["q_proj"], seen["k_proj"]
-        qn, kn = (seen["q_norm"], seen["k_norm"]) if has_norm else (q, k)
-        cos, sin = seen.pop("cos_sin")
-        if cos.size(-1) != D:
-            raise DataError(f"layer {layer}: partial rotary embeddings ({cos.size(-1)} of {D} dims) are not supported")
-        qr, kr = rotate(qn, kn, cos, sin, unsqueeze_dim=2)  # cos (B, T, D) -> (B, T, 1, D)
-        for key, x in ((("proj", "q", layer), q), (("proj", "k", layer), k), (("proj", "v", layer), seen["v_proj"]),
-                       (("norm", "q", layer), qn), (("norm", "k", layer), kn),
-                       (("rope", "q", layer), qr), (("rope", "k", layer), kr)):
-            emit(key, x)
-        seen.clear()
-
-    handles = [attn.register_forward_pre_hook(pre, with_kwargs=True), attn.register_forward_hook(post)]
-    for name in ("q_proj", "k_proj", "v_proj"):
-        handles.append(getattr(attn, name).register_forward_hook(record(name, True)))
-    if has_norm:
-        for name in ("q_norm", "k_norm"):
-            handles.append(getattr(attn, name).register_forward_hook(record(name, False)))
-    return handles
-
-
-def hf_attention_weights(model) -> list[dict[str, tuple[torch.Tensor, int]]]:
-    """Per layer {"q" | "k" | "v" | "o": (W as (out, in), heads)}, as `lenses.attention_weights`.
-    GPT-2's Conv1D stores (in, out), so its matrices are transposed views."""
-    c = model.config
-    out = []
-    for attn in _layers(model):
-        if c.model_type == "gpt2":
-            q, k, v = attn.c_attn.weight.t().split(attn.split_size, dim=0)  # (d, d) each
-            H = attn.num_heads
-            out.append({"q": (q, H), "k": (k, H), "v": (v, H), "o": (attn.c_proj.weight.t(), H)})
-        else:
-            H, Hkv = c.num_attention_heads, c.num_key_value_heads
-            out.append({"q": (attn.q_proj.weight, H), "k": (attn.k_proj.weight, Hkv),
-                        "v": (attn.v_proj.weight, Hkv), "o": (attn.o_proj.weight, H)})
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # a run folder for `rankprobe report`
 
 
-def hf_model_config(config) -> dict:
-    """RankProbe's `model` table filled from an HF config (what the report reads: head_dim, n_layer)."""
-    c = config
-    if c.model_type == "gpt2":
-        return asdict(ModelConfig(
-            n_layer=c.n_layer, d_model=c.n_embd, n_head=c.n_head, n_kv_head=c.n_head, head_dim=c.n_embd // c.n_head,
-            mlp_hidden=c.n_inner or 4 * c.n_embd, seq_len=c.n_positions, vocab_size=c.vocab_size,
-            tie_embeddings=bool(c.tie_word_embeddings), rope_theta=0.0, norm_eps=c.layer_norm_epsilon,
-            init_std=c.initializer_range))
-    rope = getattr(c, "rope_parameters", None) or {}
+def hf_model_config(model) -> dict:
+    """RankProbe's `model` table filled from an HF model (what the report reads: head_dim, n_layer)."""
+    c, adapter = text_config(model.config), adapter_for(model)
+    get = lambda *names, default=None: next((getattr(c, n) for n in names if getattr(c, n, None) is not None),  # noqa: E731
+                                             default)
+    rope = get("rope_parameters", default={}) or {}
+    d = get("hidden_size", "n_embd")
     return asdict(ModelConfig(
-        n_layer=c.num_hidden_layers, d_model=c.hidden_size, n_head=c.num_attention_heads,
-        n_kv_head=c.num_key_value_heads, head_dim=_config_head_dim(c),
-        mlp_hidden=c.intermediate_size, seq_len=c.max_position_embeddings, vocab_size=c.vocab_size,
-        qk_norm=c.model_type == "qwen3", tie_embeddings=bool(c.tie_word_embeddings),
-        rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))), norm_eps=c.rms_norm_eps,
-        init_std=c.initializer_range))
+        n_layer=adapter.n_layer, d_model=d, n_head=adapter.heads, n_kv_head=adapter.kv_heads,
+        head_dim=adapter.head_dim, mlp_hidden=get("intermediate_size", "n_inner", "ffn_hidden_size", default=4 * d),
+        seq_len=max_positions(c) or 0, vocab_size=c.vocab_size, qk_norm=adapter.has_qk_norm,
+        tie_embeddings=bool(get("tie_word_embeddings", default=False)),
+        rope_theta=float(rope.get("rope_theta", get("rope_theta", default=0.0))),
+        norm_eps=float(get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
+        init_std=float(get("initializer_range", default=0.02))))
 
 
 def probe_checkpoint_to_dir(path: str | Path, tokens: torch.Tensor, out_dir: str | Path, batch_size: int = 8,
                             name: str | None = None, arm: str | None = None, force: bool = False,
                             device: str | torch.device = "cpu") -> Path:
-    """Probe the checkpoint at `path` (an HF folder or a RankProbe run folder) on `tokens` (N, T) of
-    its own vocabulary and write `out_dir/metrics.jsonl` (plus config.json, env.json): a `run` row
-    (arm "hf:<model_type>" or "rankprobe:<arm>", optimizer "pretrained" for HF, probe_checkpoints
-    [0]), then `probe`, `attn` and `weights` rows at step 0 / tokens 0, and a finished `end` row.
-    Returns the metrics path. Refuses to replace an existing metrics.jsonl unless `force`."""
+    """One checkpoint at step 0 / tokens 0, a pretrained reference: `probe_series_to_dir` of one."""
+    return probe_series_to_dir([Checkpoint(Path(path), 0, 0)], tokens, out_dir, batch_size=batch_size, name=name,
+                               arm=arm, force=force, device=device)
+
+
+def _load(ckpt: Checkpoint, run_folder: bool, device, dtype: torch.dtype):
+    if run_folder:
+        return load_run_checkpoint(ckpt.path, device).to(dtype)
+    return load_hf(ckpt.path, dtype=dtype, device=device)
+
+
+def _identity(path: Path, model, tokens: torch.Tensor, name: str | None, arm: str | None, series: bool) -> tuple:
+    """(config, arm, optimizer, qk_norm, seed, source) of the run row, from the first checkpoint."""
+    if is_run_folder(path):
+        cfg = json.loads((path / "config.json").read_text())
+        qk_norm = bool(cfg["model"]["qk_norm"])
+        arm = arm or f"rankprobe:{arm_label(cfg['optim']['name'], qk_norm, cfg['optim'].get('qk_clip', False))}"
+        return cfg, arm, "pretrained", qk_norm, cfg["train"]["seed"], {"path": str(path), "kind": "rankprobe"}
+    mt = text_config(model.config).model_type
+    # only the tables that mean something for a model RankProbe did not train
+    cfg = {"name": name or f"hf-{mt}", "model": hf_model_config(model),
+           "probe": asdict(ProbeConfig(checkpoints=[0], n_checkpoints=1, tokens=int(tokens.numel())))}
+    source = {"path": str(path), "kind": "hf", "model_type": mt,
+              "architectures": list(getattr(model.config, "architectures", None) or [])}
+    # a series is a trajectory (the report draws it against tokens); one checkpoint is a reference line
+    return cfg, arm or f"hf:{mt}", "checkpoints" if series else "pretrained", cfg["model"]["qk_norm"], 0, source
+
+
+def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out_dir: str | Path,
+                        batch_size: int = 8, name: str | None = None, arm: str | None = None, force: bool = False,
+                        device: str | torch.device = "cpu", dtype: str = "fp32", data: dict | None = None,
+                        progress: bool = False) -> Path:
+    """Probe each checkpoint (HF folders, or one RankProbe run folder) on `tokens` (N, T) of its own
+    vocabulary and write `out_dir/metrics.jsonl` (plus config.json, env.json): a `run` row, then per
+    checkpoint `probe`, `attn` and `weights` rows at its step and token count, and a finished `end`
+    row. One checkpoint is a reference (optimizer "pretrained", a `source`); several are one run of
+    optimizer "checkpoints" whose rows form a trajectory. The model is loaded in `dtype`; statistics
+    are float64 either way. Refuses to replace an existing metrics.jsonl unless `force`."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if (out_dir / "metrics.jsonl").exists() and not force:
         raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass --force to replace it")
+    if tokens.ndim != 2 or tokens.numel() == 0:
+        raise DataError("tokens must be a non-empty (N, T) tensor of token ids")
+    run_folder = is_run_folder(checkpoints[0].path)
+    if run_folder and len(checkpoints) > 1:
+        raise DataError("a RankProbe run folder is probed on its own; a series must be Hugging Face folders")
     ensure_writable(out_dir)
-    if is_run_folder(path):
-        model = load_run_checkpoint(path, device)
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        qk_norm, seed = bool(cfg["model"]["qk_norm"]), cfg["train"]["seed"]
-        arm = arm or f"rankprobe:{arm_label(cfg['optim']['name'], qk_norm, cfg['optim'].get('qk_clip', False))}"
-        optimizer = "pretrained"  # a finished checkpoint, drawn as a reference like any pretrained model
-        source = {"path": str(path), "kind": "rankprobe"}
-    else:
-        model = load_hf(path, device=device)
-        mt = model.config.model_type
-        # only the tables that mean something for a model RankProbe did not train
-        cfg = {"name": name or f"hf-{mt}", "model": hf_model_config(model.config),
-               "probe": asdict(ProbeConfig(checkpoints=[0], n_checkpoints=1, tokens=int(tokens.numel())))}
-        optimizer, qk_norm, seed, arm = "pretrained", cfg["model"]["qk_norm"], 0, arm or f"hf:{mt}"
-        source = {"path": str(path), "kind": "hf", "model_type": mt,
-                  "architectures": list(getattr(model.config, "architectures", None) or [])}
-    vocab = cfg["model"]["vocab_size"]
-    if tokens.ndim != 2 or tokens.numel() == 0 or int(tokens.max()) >= vocab or int(tokens.min()) < 0:
-        raise DataError(f"tokens must be a non-empty (N, T) tensor of ids in [0, {vocab}); "
-                        f"tokenize the probe text with the checkpoint's own tokenizer")
+    rows, seen, cfg = [], [], None
+    bar = _bar(len(checkpoints) * tokens.size(0), progress)
+    for ckpt in checkpoints:
+        model = _load(ckpt, run_folder, device, DTYPES[dtype])
+        if cfg is None:
+            cfg, arm, optimizer, qk_norm, seed, source = _identity(ckpt.path, model, tokens, name, arm,
+                                                                   len(checkpoints) > 1)
+            vocab, n_params = cfg["model"]["vocab_size"], sum(p.numel() for p in model.parameters())
+            env = env_info(next(model.parameters()).device)
+            if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
+                raise DataError(f"tokens must be ids in [0, {vocab}); tokenize the probe text with the "
+                                "checkpoint's own tokenizer")
+        elif not run_folder and hf_model_config(model) != cfg["model"]:
+            raise DataError(f"{ckpt.path} is another model than {checkpoints[0].path}: a series is one model")
+        probe_rows, attn_rows = probe_lenses(model, tokens, batch_size, progress=bar.update)
+        at = {"step": ckpt.step, "tokens": ckpt.tokens}
+        rows += [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
+        rows += [("weights", at | r) for r in weight_lenses(model)]
+        seen.append({"path": str(ckpt.path), **at, "weights_sha256": sha256_files(weight_files(ckpt.path))})
+        del model  # one checkpoint in memory at a time
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    bar.close()
+    if not run_folder:
+        cfg["probe"].update(checkpoints=[c["tokens"] for c in seen], n_checkpoints=len(seen))
     name = name or cfg.get("name") or out_dir.name
-    probe_rows, attn_rows = probe_lenses(model, tokens, batch_size)
-    weight_rows = weight_lenses(model)
-    env = env_info(next(model.parameters()).device)
+    m = cfg["model"]
+    run = {"schema": SCHEMA_VERSION, "run": name, "arm": arm, "optimizer": optimizer, "qk_norm": qk_norm,
+           "seed": seed, "config": cfg, "env": env, "n_params": n_params, "param_groups": {},
+           "head_dim": m["head_dim"], "n_layer": m["n_layer"], "probe_checkpoints": [c["tokens"] for c in seen],
+           "seq_len": int(tokens.size(1)), "max_positions": m["seq_len"], "dtype": dtype,
+           "data": {"probe_tokens": int(tokens.numel())} | (data or {}), "checkpoints": seen}
+    if len(checkpoints) == 1:
+        run["source"] = source
+    else:
+        run["series"] = source | {"path": str(Path(seen[0]["path"]).parent)}
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    m = cfg["model"]
-    rows = [("run", {"schema": SCHEMA_VERSION, "run": name, "arm": arm, "optimizer": optimizer, "qk_norm": qk_norm,
-                     "seed": seed, "config": cfg, "env": env, "n_params": sum(p.numel() for p in model.parameters()),
-                     "param_groups": {}, "head_dim": m["head_dim"], "n_layer": m["n_layer"],
-                     "probe_checkpoints": [0], "data": {"probe_tokens": int(tokens.numel())}, "source": source})]
-    rows += [("probe", r) for r in probe_rows] + [("attn", r) for r in attn_rows]
-    rows += [("weights", r) for r in weight_rows]
-    rows.append(("end", {"step": 0, "tokens": 0, "wall_s": time.perf_counter() - t0, "status": "finished"}))
-    metrics = out_dir / "metrics.jsonl"
+    end = {"step": seen[-1]["step"], "tokens": seen[-1]["tokens"], "wall_s": time.perf_counter() - t0,
+           "status": "finished"}
+    _write(out_dir / "metrics.jsonl", [("run", run)] + rows + [("end", end)])
+    return out_dir / "metrics.jsonl"
+
+
+def _write(metrics: Path, rows: list[tuple[str, dict]]) -> None:
     tmp = metrics.with_suffix(".tmp")  # written whole, then renamed: no half-written probe is ever read
     tmp.unlink(missing_ok=True)
     out = MetricsWriter(tmp)
     for kind, row in rows:
-        at = {"step": 0, "tokens": 0} if kind in ("probe", "attn", "weights") else {}
-        out.write(kind, **at, **row)
+        out.write(kind, **row)
     out.close()
     tmp.replace(metrics)
-    return metrics
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="probe", unit="seq", disable=None if enabled else True)  # None: off without a tty
+
+
+# ---------------------------------------------------------------------------------------------
+# probe tokens
+
+
+def load_tokenizer(path: Path):
+    """(tokenizer, record for the run row) from the local folder `path`; DataError without one."""
+    from transformers import AutoTokenizer
+
+    files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+    if not any(f.name != "tokenizer_config.json" and f.name != "special_tokens_map.json" for f in files):
+        raise DataError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); save the "
+                        "model's tokenizer beside it (tokenizer.save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"no usable tokenizer in {path}: {_one_line(e)}") from None
+    record = {"class": type(tokenizer).__name__, "name": tokenizer.name_or_path, "sha256": sha256_files(files)}
+    return tokenizer, record
 
 
 def probe_tokens_from_text(path: str | Path, text: str, seq_len: int, max_tokens: int) -> torch.Tensor:
     """Tokenize `text` with the checkpoint's own tokenizer (local files only) into (N, seq_len) ids,
     N = min(all tokens, max_tokens) // seq_len: the probe set for an HF model."""
-    from transformers import AutoTokenizer
+    tokenizer, _ = load_tokenizer(Path(path))
+    return _tokenize(tokenizer, text, seq_len, max_tokens)
 
+
+def _tokenize(tokenizer, text: str, seq_len: int, max_tokens: int) -> torch.Tensor:
     text = text[: 16 * max_tokens]  # English BPE averages ~4 characters a token: plenty, without encoding a book
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise DataError(f"no usable tokenizer in {path}: {str(e).splitlines()[0]}") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = min(len(ids), max_tokens) // seq_len
     if n == 0:
@@ -284,28 +279,73 @@ def probe_tokens_from_text(path: str | Path, text: str, seq_len: int, max_tokens
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def probe_checkpoint(path: Path, out: str | None, corpus: str = "embedded", n_tokens: int = 16384,
-                     seq_len: int = 512, batch_size: int = 8, device: str = "auto", force: bool = False) -> Path:
-    """`rankprobe probe`: every lens on a checkpoint, into a metrics folder `rankprobe report` reads.
+def resolve_device(name: str) -> torch.device:
+    """--device as `rankprobe train` checks it: auto, cpu, cuda, cuda:N; one line when absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpus: str = "embedded",
+                     n_tokens: int = 16384, seq_len: int = 512, batch_size: int = 8, device: str = "auto",
+                     force: bool = False, dtype: str = "fp32", arm: str | None = None,
+                     tokens_per_step: int | None = None, allow_long_context: bool = False,
+                     progress: bool = True) -> Path:
+    """`rankprobe probe`: every lens on a checkpoint or a series of them, into one metrics folder
+    `rankprobe report` reads.
 
     A RankProbe run folder is probed on its own fixed probe set (the tokens its checkpoints were
-    probed on during training); an HF model on `corpus`, tokenized with the model's own tokenizer.
-    """
+    probed on during training); HF models on `corpus`, tokenized with the first checkpoint's own
+    tokenizer, in sequences of `seq_len` no longer than the model's positions (unless
+    `allow_long_context`, which the run row records)."""
     from ..data.corpus import load_corpus
     from ..data.tokens import prepare
 
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(f"checkpoint {path} is not a folder (a Hugging Face model folder or a RankProbe run)")
-    out_dir = Path(out) if out else path.parent / f"{path.name}-probe"
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if n_tokens <= 0 or seq_len <= 0 or batch_size <= 0:
         raise UserError("--tokens, --seq-len and --batch-size must be positive")
-    if is_run_folder(path):
-        cfg = json.loads((path / "config.json").read_text())
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
+    dev = resolve_device(device)
+    specs = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    series = find_checkpoints([str(s) for s in specs], tokens_per_step)
+    first = series[0].path
+    # one checkpoint: beside it; a series: beside the folder that holds it
+    out_dir = Path(out) if out else (first.parent / f"{first.name}-probe" if len(series) == 1
+                                     else first.parent.parent / f"{first.parent.name}-probe")
+    if is_run_folder(first):
+        cfg = json.loads((first / "config.json").read_text())
         data_cfg, T = DataConfig(**cfg["data"]), cfg["model"]["seq_len"]
         tokens = prepare(data_cfg, T, cfg["train"]["batch_size"]).probe_tokens(cfg["probe"]["tokens"], T)
+        data = {"corpus": data_cfg.corpus}
     else:
-        tokens = probe_tokens_from_text(path, load_corpus(corpus).text, seq_len, n_tokens)
-    return probe_checkpoint_to_dir(path, tokens, out_dir, batch_size=batch_size, force=force, device=device)
+        config = hf_config(first)
+        for ckpt in series[1:]:
+            hf_config(ckpt.path)
+        limit = max_positions(config)
+        if limit is not None and seq_len > limit:
+            if FAMILIES[text_config(config).model_type].learned_positions:
+                raise UserError(f"--seq-len {seq_len} is longer than the {limit} learned positions of {first.name}; "
+                                f"use --seq-len {limit} or less")
+            if not allow_long_context:
+                raise UserError(f"--seq-len {seq_len} is longer than the {limit} positions {first.name} was built "
+                                "for; lower --seq-len, or pass --allow-long-context to probe past them")
+        # HF Trainer saves the tokenizer into each checkpoint, or only beside them in the output folder
+        holder = next((p for p in [c.path for c in series] + [first.parent]
+                       if (p / "tokenizer_config.json").is_file()), first)
+        tokenizer, tok_record = load_tokenizer(holder)
+        text = load_corpus(corpus)
+        tokens = _tokenize(tokenizer, text.text, seq_len, n_tokens)
+        data = {"corpus": text.source, "corpus_sha256": text.sha256, "tokenizer": tok_record,
+                "long_context": bool(limit is not None and seq_len > limit)}
+    return probe_series_to_dir(series, tokens, out_dir, batch_size=batch_size, arm=arm, force=force, device=dev,
+                               dtype=dtype, data=data, progress=progress)

@@ -9,8 +9,10 @@
 - `weight_lenses` (or its halves, `weight_lenses_start`), `weight_snapshot`, `update_rms`: spectra of
   W_q, W_k, W_v, W_o and of one update.
 
-Everything runs on RankProbe's Transformer (hooks on its named taps) and on Hugging Face causal LMs
-(rankprobe.probes.hf rebuilds the same taps with hooks). Formulas and row keys: docs/lenses.md.
+Everything runs on any model with a tap adapter (capture.adapter_for: RankProbe's Transformer, the
+Hugging Face families of probes/families.py, any nn.Module through adapters.ModuleAdapter); the
+adapter also says what each attention layer computes (adapters.AttentionSpec: scale, sliding
+window, soft-cap). Formulas and row keys: docs/lenses.md.
 """
 
 from __future__ import annotations
@@ -21,18 +23,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .capture import Key, Sink, covariance_sink, feed, is_hf, stats_to_rows
+from .adapters import AttentionSpec
+from .capture import Key, Sink, adapter_for, covariance_sink, feed, stats_to_rows
 from .spectra import CovStats, gram, gram_metrics, isotropic_null, spectra_of, to_host
+
 SPECTRAL_KEYS = ("erank", "stable_rank", "rankme")
 
 
 def logit_scales(model) -> list[float]:
     """Per layer, the factor attention multiplies q·k by: 1/sqrt(D) for RankProbe (SDPA's default)."""
-    if is_hf(model):
-        from .hf import hf_logit_scales
-
-        return hf_logit_scales(model)
-    return [model.cfg.head_dim ** -0.5] * model.cfg.n_layer
+    adapter = adapter_for(model)
+    return [adapter.attention(i).scale for i in range(adapter.n_layer)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +97,10 @@ class AttentionStats:
     SHARPNESS ≤ max_j s_tj + log(t + 1) / SHARPNESS, an excess of at most 4.2e-4 at T = 1,024 and
     ~0 unless two logits tie to within 1/SHARPNESS. Elsewhere, or with `fused=False`, the scores are
     formed in chunks of at most `budget` elements: the reference the tests hold the kernels to.
+
+    A layer with a sliding `window` (query t sees keys t − window < j ≤ t) or a logit `softcap`
+    (s = softcap · tanh(s / softcap), Gemma 2) always takes the chunked path, which forms exactly
+    those logits; entropy_norm then divides by log of the keys each row really sees, min(t + 1, window).
     """
 
     SHARPNESS = 2.0**14
@@ -105,30 +110,37 @@ class AttentionStats:
         self.layers: dict[int, dict] = {}
 
     @torch.no_grad()
-    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, window: int | None = None,
+            softcap: float | None = None) -> None:
         # float32 on purpose, also inside a bf16 training autocast (which would recast the matmul)
         with torch.autocast(q.device.type, enabled=False):
-            self._add(layer, q, k, scale)
+            self._add(layer, q, k, AttentionSpec(scale, window, softcap))
 
-    def _add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float) -> None:
+    def _add(self, layer: int, q: torch.Tensor, k: torch.Tensor, spec: AttentionSpec) -> None:
         B, T, H, D = q.shape
+        W = spec.window if spec.window is not None and spec.window < T else None  # a window ≥ T changes nothing
+        if W is not None and W < 2:
+            raise ValueError(f"layer {layer}: a sliding window of {W} key leaves no attention to measure")
         q = q.float().transpose(1, 2)  # (B, H, T, D)
         k = k.float().transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)
         s = self.layers.setdefault(layer, {
             "entropy": torch.zeros(H, dtype=torch.float64, device=q.device),
             "entropy_norm": torch.zeros(H, dtype=torch.float64, device=q.device),
             "max_logit": torch.full((H,), -math.inf, device=q.device), "rows": 0, "T": T,
-            "entropy_max": math.lgamma(T + 1) / (T - 1) if T > 1 else 0.0,  # mean of log(t + 1), t ≥ 1
+            "entropy_max": _mean_log_keys(T, W),
         })
-        kernel = _LSE_KERNELS.get(q.device.type) if self.fused else None
-        if kernel is None:
-            lse, expected, row_max = self._scores(q, k, scale)
+        kernel = _LSE_KERNELS.get(q.device.type) if self.fused and W is None and spec.softcap is None else None
+        if W is not None or spec.softcap is not None:
+            lse, expected, row_max = self._masked_scores(q, k, spec.scale, W, spec.softcap)
+        elif kernel is None:
+            lse, expected, row_max = self._scores(q, k, spec.scale)
         else:
-            out, lse = kernel(q, k, scale)
-            expected = scale * (q * out).sum(-1)
-            row_max = kernel(q, k, scale * self.SHARPNESS)[1] / self.SHARPNESS
+            out, lse = kernel(q, k, spec.scale)
+            expected = spec.scale * (q * out).sum(-1)
+            row_max = kernel(q, k, spec.scale * self.SHARPNESS)[1] / self.SHARPNESS
         ent = (lse - expected)[..., 1:].double()  # (B, H, T-1)
-        log_keys = torch.arange(2, T + 1, device=q.device, dtype=torch.float64).log()  # log(t + 1), t ≥ 1
+        keys = torch.arange(2, T + 1, device=q.device, dtype=torch.float64)  # t + 1 visible keys, t ≥ 1
+        log_keys = (keys if W is None else keys.clamp_max(W)).log()
         s["entropy"] += ent.sum((0, 2))
         s["entropy_norm"] += (ent / log_keys).sum((0, 2))
         s["max_logit"] = torch.maximum(s["max_logit"], row_max.amax((0, 2)))
@@ -148,6 +160,27 @@ class AttentionStats:
             m = row_max[i : i + chunk] = scores.amax(-1)  # (c, T)
             lse[i : i + chunk] = scores.sub_(m[..., None]).exp_().sum(-1).log_().add_(m)
         return lse.view(B, H, T), expected, row_max.view(B, H, T)
+
+    def _masked_scores(self, q: torch.Tensor, k: torch.Tensor, scale: float, window: int | None,
+                       softcap: float | None) -> tuple[torch.Tensor, ...]:
+        """(lse, expected logit, row max), each (B, H, T), from float32 logits formed chunk by chunk,
+        soft-capped before the (sliding-window) causal mask, as the models' eager attention does."""
+        B, H, T, D = q.shape
+        q, k = q.reshape(B * H, T, D), k.reshape(B * H, T, D)
+        visible = AttentionSpec(scale, window).visible(T, q.device)
+        out = [torch.empty(B * H, T, device=q.device) for _ in range(3)]
+        chunk = max(1, self.budget // (T * T))
+        for i in range(0, B * H, chunk):
+            s = torch.bmm(q[i : i + chunk], k[i : i + chunk].transpose(1, 2)).mul_(scale)  # (c, T, T)
+            if softcap is not None:
+                s = s.div_(softcap).tanh_().mul_(softcap)
+            s = s.masked_fill_(~visible, -math.inf)
+            m = s.amax(-1)  # (c, T)
+            lse = (s - m[..., None]).exp_().sum(-1).log_().add_(m)
+            p = (s - lse[..., None]).exp_()  # masked entries: exp(-inf) = 0
+            out[0][i : i + chunk], out[2][i : i + chunk] = lse, m
+            out[1][i : i + chunk] = (p * s.masked_fill_(~visible, 0.0)).sum(-1)
+        return tuple(t.view(B, H, T) for t in out)
 
     def rows(self) -> list[dict]:
         """One row per layer: entropy, entropy_norm, max_logit (mean / mean / max over heads) and
@@ -169,6 +202,15 @@ class AttentionStats:
         return out
 
 
+def _mean_log_keys(T: int, window: int | None) -> float:
+    """Uniform attention's entropy averaged over rows t = 1 … T−1: the mean of log(visible keys)."""
+    if T < 2:
+        return 0.0
+    if window is None:
+        return math.lgamma(T + 1) / (T - 1)  # Σ log(t + 1) = log T!
+    return (math.lgamma(window + 1) + (T - window) * math.log(window)) / (T - 1)
+
+
 def _lse_cuda(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, k, None, True, 0.0, True, scale=scale)[:2]
     return out, lse[..., : q.size(-2)]  # the kernel pads the log-sum-exp's length to a multiple of 32
@@ -182,17 +224,21 @@ def _lse_cpu(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tens
 _LSE_KERNELS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"cuda": _lse_cuda, "cpu": _lse_cpu}
 
 
-def _attention_sink(model, stats: AttentionStats) -> Sink:
-    scales, pending = logit_scales(model), {}
+def _attention_sink(adapter, stats: AttentionStats) -> Sink:
+    """Pairs each layer's rope-tap q and k (in whichever order the model computes them) and adds
+    them to `stats` with what that layer computes (its AttentionSpec)."""
+    pending: dict[int, dict[str, torch.Tensor]] = {}
 
     def sink(key: Key, x: torch.Tensor) -> None:
         tap, tensor, layer = key
-        if tap != "rope":
+        if tap != "rope" or tensor == "v":
             return
-        if tensor == "q":
-            pending[layer] = x
-        elif tensor == "k":
-            stats.add(layer, pending.pop(layer), x, scales[layer])
+        got = pending.setdefault(layer, {})
+        got[tensor] = x
+        if len(got) == 2:
+            spec = adapter.attention(layer)
+            stats.add(layer, got["q"], got["k"], spec.scale, spec.window, spec.softcap)
+            del pending[layer]
 
     return sink
 
@@ -201,32 +247,35 @@ def attention_lenses(model, tokens: torch.Tensor, batch_size: int) -> list[dict]
     """Attention entropy and max pre-softmax logit per layer and head on `tokens` (N, T): the rows
     of `AttentionStats.rows` (metrics kind `attn`). A pass of its own; see `probe_lenses` for one
     pass that also fills the probe rows."""
+    adapter = adapter_for(model)
     stats = AttentionStats()
-    taps = {(t, x, i) for i in range(len(logit_scales(model))) for t, x in (("rope", "q"), ("rope", "k"))}
-    feed(model, tokens, batch_size, _attention_sink(model, stats), taps)
+    taps = {(t, x, i) for i in range(adapter.n_layer) for t, x in (("rope", "q"), ("rope", "k"))}
+    feed(adapter, tokens, batch_size, _attention_sink(adapter, stats), taps)
     return stats.rows()
 
 
 def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool = True,
-                 merge: Callable[[dict[Key, CovStats], AttentionStats], None] | None = None
-                 ) -> tuple[list[dict], list[dict]]:
+                 merge: Callable[[dict[Key, CovStats], AttentionStats], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[list[dict], list[dict]]:
     """One pass over `tokens`: (`spectral_rows` of every tap -> kind `probe`, attention rows -> kind
     `attn`, empty when `attention` is False).
 
     `merge(cov, attn)`, when given, combines the statistics in place before any metric is computed:
     under DDP each rank passes its share of the probe set and `dist.reduce_probe_stats`, so the rows
-    describe the whole set exactly (sums and maxima merge without loss)."""
+    describe the whole set exactly (sums and maxima merge without loss). `progress(n)` is called
+    after each batch of n sequences."""
+    adapter = adapter_for(model)
     cov: dict[Key, CovStats] = {}
     attn = AttentionStats()
     cov_sink = covariance_sink(cov)
-    attn_sink = _attention_sink(model, attn) if attention else None
+    attn_sink = _attention_sink(adapter, attn) if attention else None
 
     def sink(key: Key, x: torch.Tensor) -> None:
         cov_sink(key, x)
         if attn_sink is not None:
             attn_sink(key, x)
 
-    feed(model, tokens, batch_size, sink)
+    feed(adapter, tokens, batch_size, sink, progress=progress)
     if merge is not None:
         merge(cov, attn)
     return spectral_rows(cov), attn.rows()
@@ -239,16 +288,7 @@ def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool =
 def attention_weights(model) -> list[dict[str, tuple[torch.Tensor, int]]]:
     """Per layer {"q" | "k" | "v" | "o": (W as (out, in), heads)}: W_q (H·D, d), W_k and W_v
     (Hkv·D, d), W_o (d, H·D). The tensors are the live parameters (or views of them)."""
-    if is_hf(model):
-        from .hf import hf_attention_weights
-
-        return hf_attention_weights(model)
-    out = []
-    for block in model.blocks:
-        a = block.attn
-        out.append({"q": (a.wq.weight, a.n_head), "k": (a.wk.weight, a.n_kv_head),
-                    "v": (a.wv.weight, a.n_kv_head), "o": (a.wo.weight, a.n_head)})
-    return out
+    return adapter_for(model).weights()
 
 
 def _per_head(w: torch.Tensor, heads: int, matrix: str) -> torch.Tensor:

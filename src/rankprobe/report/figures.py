@@ -128,7 +128,8 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
 def loss_curves(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
     """loss_curves.png: lightly smoothed train loss vs tokens and val-loss points per trained arm (seed
     means). None without a trained arm (pretrained references have no losses)."""
-    arms = {a: g for a, g in finished_by_arm(runs).items() if a not in ctx.references}
+    arms = {a: g for a, g in finished_by_arm(runs).items() if a not in ctx.references
+            and any(r.rows.get("train") or r.rows.get("eval") for r in g)}  # a probed checkpoint series has none
     if not arms:
         return None
     fig, ax = new_axes()

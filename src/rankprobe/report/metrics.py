@@ -203,15 +203,16 @@ def arm_key(arm: str) -> tuple[int, str]:
 
 
 def finished_by_arm(runs: list[Run]) -> dict[str, list[Run]]:
-    """Finished runs grouped by arm, arms in report order (pretrained references last); a repeated
-    (arm, seed) keeps the first."""
+    """Finished runs grouped by arm, arms in report order (pretrained references last); MetricsError
+    when two runs claim one (arm, seed), since either could be the one drawn."""
     arms: dict[str, list[Run]] = {}
     for run in sorted((r for r in runs if r.finished),
                       key=lambda r: (r.reference, arm_key(r.arm), r.seed, str(r.path))):
         group = arms.setdefault(run.arm, [])
-        if any(r.seed == run.seed for r in group):
-            warnings.warn(f"arm {run.arm} seed {run.seed} appears twice; ignoring {run.path}", stacklevel=2)
-            continue
+        twin = next((r for r in group if r.seed == run.seed), None)
+        if twin is not None:
+            raise MetricsError(f"arm {run.arm} seed {run.seed} appears twice ({twin.path.parent} and "
+                               f"{run.path.parent}); move one away or re-probe it with --arm NAME")
         group.append(run)
     return arms
 
