@@ -138,11 +138,11 @@ def kurtosis_max_null(n: int, d: int) -> float:
 
 @functools.lru_cache(maxsize=64)
 def expected_max_normal(d: int) -> float:
-    """E[max of d iid N(0, 1)] = ∫₀^∞ (1 − Φᵈ) − ∫_{−∞}^0 Φᵈ, by the trapezoid rule on [−12, 12]."""
-    x = np.linspace(-12.0, 12.0, 48001)
-    cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))  # Φ(x)
-    f = np.where(x >= 0, 1 - cdf**d, -(cdf**d))
-    return float(np.trapezoid(f, x))
+    """E[max of d iid N(0, 1)] = ∫ x · dφ(x)Φ(x)^(d−1) dx, by the trapezoid rule on [−12, 12]."""
+    x = np.linspace(-12.0, 12.0, 24001)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    pdf = np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    return float(np.trapezoid(x * d * pdf * cdf ** (d - 1), x))
 
 
 # ---------------------------------------------------------------------------------------------
