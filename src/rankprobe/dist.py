@@ -178,8 +178,8 @@ def shard_rows(d: Dist, x: torch.Tensor, what: str) -> torch.Tensor:
 
 def reduce_probe_stats(d: Dist, cov: dict, attn) -> None:
     """Merge every rank's probe statistics into the whole probe set's, in place: CovStats n and every
-    field of `CovStats.sums()` and the attention entropy sums and row counts by SUM, the max logits by MAX. The keys are
-    walked in sorted order, the same on every rank."""
+    field of `CovStats.sums()` and the attention entropy sums and row counts by SUM, the max logits by
+    MAX. The keys are walked in sorted order, the same on every rank."""
     if not d.active:
         return
     keys = sorted(cov)
