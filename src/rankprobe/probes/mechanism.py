@@ -52,13 +52,13 @@ def covariance_eigh(cov: torch.Tensor, threads: int | None = None) -> tuple[torc
     eye = torch.eye(a.size(-1), dtype=a.dtype)
     a = torch.where(ok[..., None, None], a, eye)
     flat = a.reshape(-1, *a.shape[-2:])
-    threads = min(threads or host_threads(), flat.size(0) // 16)
-    if threads <= 1:
-        lam, vec = torch.linalg.eigh(a)
-    else:
-        parts = list(_pool(threads).map(torch.linalg.eigh, flat.tensor_split(threads)))
-        lam = torch.cat([p[0] for p in parts]).reshape(a.shape[:-1])
-        vec = torch.cat([p[1] for p in parts]).reshape(a.shape)
+    # Always on the pool's threads, one intra-op thread each, even for one slice: a batched eigh on
+    # the calling thread's 2 intra-op threads took 3.9 s instead of 0.1 s for 112 64×64 matrices on
+    # a busy 2-core host.
+    threads = max(1, min(threads or host_threads(), flat.size(0) // 16))
+    parts = list(_pool(threads).map(torch.linalg.eigh, flat.tensor_split(threads)))
+    lam = torch.cat([p[0] for p in parts]).reshape(a.shape[:-1])
+    vec = torch.cat([p[1] for p in parts]).reshape(a.shape)
     tol = lam[..., -1:].clamp_min(0) * lam.size(-1) * torch.finfo(torch.float64).eps
     lam = torch.where(lam > tol, lam, torch.zeros_like(lam))
     nan = torch.tensor(float("nan"), dtype=torch.float64)
