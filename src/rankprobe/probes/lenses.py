@@ -1,13 +1,13 @@
 """Lenses beyond the key PR: more spectra of the taps, attention entropy and max logit, weight spectra.
 
 - `spectral_rows`: the `probe` rows of `capture.stats_to_rows` plus erank, stable rank and RankMe per
-  head, and each metric's isotropic finite-sample null.
+  head, each metric's isotropic finite-sample null, and the mechanism lenses (probes/mechanism.py).
 - `attention_lenses`: per layer and head, the mean causal attention entropy and the largest
   pre-softmax logit, recomputed from the rope taps (SDPA never materialises the attention weights;
   fused attention kernels return the log-sum-exp instead, `AttentionStats`).
 - `probe_lenses`: both of the above in one pass over the probe set.
-- `weight_lenses` (or its halves, `weight_lenses_start`), `weight_snapshot`, `update_rms`: spectra of
-  W_q, W_k, W_v, W_o and of one update.
+- `weight_lenses` (or its halves, `weight_lenses_start`), `weight_snapshot`, `update_rms`: spectra and
+  orthogonality of W_q, W_k, W_v, W_o and of one update.
 
 Everything runs on RankProbe's Transformer (hooks on its named taps) and on Hugging Face causal LMs
 (rankprobe.probes.hf rebuilds the same taps with hooks). Formulas and row keys: docs/lenses.md.
