@@ -294,7 +294,8 @@ def test_weight_and_update_rows_match_numpy():
     row = rows[(1, "k")]
     assert (row["orth_dev"], row["cond"]) == pytest.approx(orth_reference(wk), rel=1e-8)
     assert (row["orth_dev_heads"][1], row["cond_heads"][1]) == pytest.approx(orth_reference(wk[16:]), rel=1e-8)
-    assert row["orth_dev_null"] == gaussian_orth_null(32, 64) and row["orth_dev_heads_null"] == gaussian_orth_null(16, 64)
+    assert row["orth_dev_null"] == gaussian_orth_null(32, 64)
+    assert row["orth_dev_heads_null"] == gaussian_orth_null(16, 64)
     wo = model.blocks[0].attn.wo.weight.detach().double().numpy()  # head 2 = columns 32..47
     assert rows[(0, "o")]["orth_dev_heads"][2] == pytest.approx(orth_reference(wo[:, 32:48])[0], rel=1e-8)
 

@@ -379,7 +379,8 @@ def update_rms(before: dict, after: dict) -> list[dict]:
     stats = torch.stack([torch.stack([delta[k].norm(), before[k].double().norm(), gram_orth_dev(gram(delta[k]))])
                          for k in keys]).cpu()
     rows = [{"layer": layer, "matrix": m, "update_rms": (d / math.sqrt(before[(layer, m)].numel())).item(),
-             "update_rel": (d / w).item(), "orth_dev": o.item(), "orth_dev_null": gaussian_orth_null(*delta[(layer, m)].shape)}
+             "update_rel": (d / w).item(), "orth_dev": o.item(),
+             "orth_dev_null": gaussian_orth_null(*delta[(layer, m)].shape)}
             for (layer, m), (d, w, o) in zip(keys, stats)]
     heads = getattr(before, "heads", None)
     if heads is None:
