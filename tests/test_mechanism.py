@@ -10,7 +10,8 @@ import torch
 
 from rankprobe.config import ModelConfig
 from rankprobe.model import Transformer
-from rankprobe.probes.lenses import probe_lenses, spectral_rows, update_rms, weight_lenses, weight_snapshot
+from rankprobe.probes.lenses import (Snapshot, probe_lenses, spectral_rows, update_rms, weight_lenses,
+                                     weight_snapshot)
 from rankprobe.probes.mechanism import (
     MECHANISM_KEYS, axis_alignment, covariance_eigh, expected_max_normal, gaussian_orth_null, gram_orth_dev,
     haar_axis_null, kurtosis_max_null, kurtosis_null, orthogonality, sphere_null)
@@ -335,3 +336,30 @@ def test_probe_rows_carry_every_mechanism_key():
         assert all(row["diag_pr_heads"][h] >= row["pr_heads"][h] * (1 - 1e-12) for h in range(heads))
         for key in ("top_axis_null", "kurtosis_null", "kurtosis_max_null", "sphere_r_null", "pr_uncentered_null"):
             assert isinstance(row[key], float), key
+
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mechanism_lenses_on_cuda_match_the_cpu():
+    """On CUDA the sums accumulate on the device and reach the host through pinned memory; the
+    update's Gram matrices are formed there too."""
+    model = tiny(n_kv_head=2, qk_norm=True)
+    tokens = torch.randint(0, 97, (6, 16))
+    want, _ = probe_lenses(model, tokens, batch_size=4, attention=False)
+    got, _ = probe_lenses(model.cuda(), tokens, batch_size=4, attention=False)
+    for one, two in zip(want, got):
+        for key in MECHANISM_KEYS:
+            np.testing.assert_allclose(two[f"{key}_heads"], one[f"{key}_heads"], rtol=1e-4, err_msg=key)
+    before = weight_snapshot(model)
+    with torch.no_grad():
+        model.blocks[0].attn.wq.weight.add_(1e-3 * torch.randn_like(model.blocks[0].attn.wq.weight))
+    after = weight_snapshot(model)
+    on_cpu = []
+    for snap in (before, after):
+        copy = Snapshot({k: v.cpu() for k, v in snap.items()})
+        copy.heads = snap.heads
+        on_cpu.append(copy)
+    for one, two in zip(update_rms(*on_cpu), update_rms(before, after)):
+        assert two["orth_dev"] == pytest.approx(one["orth_dev"], rel=1e-9, nan_ok=True)
+        np.testing.assert_allclose(two["cond_heads"], one["cond_heads"], rtol=1e-9)
