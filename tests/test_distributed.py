@@ -13,6 +13,7 @@ import torch
 from rankprobe.config import load
 from rankprobe.model import Transformer
 from rankprobe.probes.lenses import probe_lenses
+from rankprobe.probes.mechanism import MECHANISM_KEYS
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -61,7 +62,7 @@ def test_probe_stats_merged_across_two_ranks_equal_one_process(tmp_path):
     for one, two in zip(probe, merged["probe"]):
         assert (one["tap"], one["tensor"], one["layer"], one["n"]) == (two["tap"], two["tensor"], two["layer"], two["n"])
         assert one["n"] == 12 * 32
-        for m in ("pr", "erank", "stable_rank", "rankme"):
+        for m in ("pr", "erank", "stable_rank", "rankme", *MECHANISM_KEYS):  # every CovStats sum is all-reduced
             assert two[m] == pytest.approx(one[m], rel=1e-6, abs=1e-9), (m, one["tap"], one["layer"])
         assert two["pr_heads"] == pytest.approx(one["pr_heads"], rel=1e-6)
     for one, two in zip(attn, merged["attn"]):

@@ -1,13 +1,13 @@
 """Lenses beyond the key PR: more spectra of the taps, attention entropy and max logit, weight spectra.
 
 - `spectral_rows`: the `probe` rows of `capture.stats_to_rows` plus erank, stable rank and RankMe per
-  head, and each metric's isotropic finite-sample null.
+  head, each metric's isotropic finite-sample null, and the mechanism lenses (probes/mechanism.py).
 - `attention_lenses`: per layer and head, the mean causal attention entropy and the largest
   pre-softmax logit, recomputed from the rope taps (SDPA never materialises the attention weights;
   fused attention kernels return the log-sum-exp instead, `AttentionStats`).
 - `probe_lenses`: both of the above in one pass over the probe set.
-- `weight_lenses` (or its halves, `weight_lenses_start`), `weight_snapshot`, `update_rms`: spectra of
-  W_q, W_k, W_v, W_o and of one update.
+- `weight_lenses` (or its halves, `weight_lenses_start`), `weight_snapshot`, `update_rms`: spectra and
+  orthogonality of W_q, W_k, W_v, W_o and of one update.
 
 Everything runs on any model with a tap adapter (capture.adapter_for: RankProbe's Transformer, the
 Hugging Face families of probes/families.py, any nn.Module through adapters.ModuleAdapter); the
@@ -25,7 +25,10 @@ import torch.nn.functional as F
 
 from .adapters import AttentionSpec
 from .capture import Key, Sink, adapter_for, covariance_sink, feed, stats_to_rows
-from .spectra import CovStats, gram, gram_metrics, isotropic_null, spectra_of, to_host
+from .mechanism import (LAYER_MAX_KEYS, MECHANISM_KEYS, covariance_eigh, gaussian_orth_null, gram_orth_dev,
+                        haar_axis_null, kurtosis_max_null, kurtosis_null, mechanism_of, orthogonality, sphere_null)
+from .spectra import (CovStats, covariance_spectrum, gram, gram_spectrum, gram_spectrum_metrics,
+                      isotropic_null, isotropic_pr, spectra_from, to_host)
 
 SPECTRAL_KEYS = ("erank", "stable_rank", "rankme")
 
@@ -43,22 +46,46 @@ def logit_scales(model) -> list[float]:
 def spectral_rows(stats: dict[Key, CovStats]) -> list[dict]:
     """`stats_to_rows(stats)` with, per row, erank / stable_rank / rankme (layer mean over heads) and
     their per-head lists `*_heads`, plus `<metric>_null` for pr and each new metric (isotropic data of
-    the row's n and dim). One batch of eigendecompositions for all of them (`spectra.eigvalsh_host`)."""
+    the row's n and dim); and the mechanism lenses (`mechanism.MECHANISM_KEYS`, `*_heads` and a layer
+    value each) with their nulls. One batch of eigendecompositions per shape for all of them."""
     rows = stats_to_rows(stats)
     if not rows:
         return rows
     keys = [(r["tap"], r["tensor"], r["layer"]) for r in rows]
-    sizes = [stats[k].sum.size(0) for k in keys]
-    flat = _batched(lambda cov, m2: spectra_of(cov, m2),
-                    [(stats[k].covariance(), stats[k].outer / stats[k].n) for k in keys])
-    flat = {m: [f[m] for f in flat] for m in SPECTRAL_KEYS}
-    for i, row in enumerate(rows):
+    flat = _batched(_tap_lenses, [(stats[k].covariance(), stats[k].outer / stats[k].n, stats[k].moments())
+                                  for k in keys])
+    for row, found in zip(rows, flat):
         for m in SPECTRAL_KEYS:
-            heads = flat[m][i].tolist()
+            heads = found[m].tolist()
             row[m], row[f"{m}_heads"] = sum(heads) / len(heads), heads
         for m in ("pr",) + SPECTRAL_KEYS:
             row[f"{m}_null"] = isotropic_null(m, row["n"], row["dim"])
+        for m in MECHANISM_KEYS:
+            heads = found[m].tolist()
+            row[m] = _layer_max(heads) if m in LAYER_MAX_KEYS else sum(heads) / len(heads)
+            row[f"{m}_heads"] = heads
+        n, d = row["n"], row["dim"]
+        row |= {"top_axis_null": haar_axis_null(d), "kurtosis_null": kurtosis_null(n),
+                "kurtosis_max_null": kurtosis_max_null(n, d), "sphere_r_null": sphere_null(n),
+                "pr_uncentered_null": isotropic_pr(n + 1, d)}
     return rows
+
+
+def _tap_lenses(cov: torch.Tensor, second_moment: torch.Tensor, moments: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Spectra (`spectra_from`) and mechanism lenses (`mechanism_of`) of a batch of heads, on the CPU:
+    one copy of each input to the host, the covariances decomposed with their eigenvectors."""
+    host = [to_host(t, wait=False) for t in (cov, second_moment, moments)]
+    if cov.is_cuda:
+        torch.cuda.current_stream(cov.device).synchronize()
+    cov, second_moment, moments = host
+    lam, vec = covariance_eigh(cov)
+    lam_m = covariance_spectrum(second_moment)
+    return spectra_from(cov, lam, lam_m) | mechanism_of(cov, second_moment, moments, lam, vec)
+
+
+def _layer_max(heads: list[float]) -> float:
+    """Max over heads, ignoring NaN (heads with nothing to measure); NaN if every head is."""
+    return max((h for h in heads if h == h), default=math.nan)
 
 
 def _batched(fn: Callable[..., dict[str, torch.Tensor]], args: list[tuple[torch.Tensor, ...]]) -> list[dict]:
@@ -299,9 +326,20 @@ def _per_head(w: torch.Tensor, heads: int, matrix: str) -> torch.Tensor:
     return w.view(heads, w.size(0) // heads, w.size(1))
 
 
+WEIGHT_KEYS = ("spectral_norm", "stable_rank", "erank", "orth_dev", "cond")
+
+
+def _head_shape(shape: list[int], heads: int, matrix: str) -> tuple[int, int]:
+    """The (out, in) shape of one head's block of a matrix of `shape` (as `_per_head` splits it)."""
+    out, width = shape
+    return (out, width // heads) if matrix == "o" else (out // heads, width)
+
+
 def weight_lenses(model, per_head: bool = True) -> list[dict]:
-    """One row per (layer, matrix) with spectral_norm, stable_rank, erank of the whole matrix and,
-    when `per_head`, `*_heads` lists for each head's block (rows of W_q/W_k/W_v, columns of W_o).
+    """One row per (layer, matrix) with spectral_norm, stable_rank, erank, orth_dev and cond of the whole
+    matrix and, when `per_head`, `*_heads` lists for each head's block (rows of W_q/W_k/W_v, columns of
+    W_o); `orth_dev_null` (and `orth_dev_heads_null`) is orth_dev's value for a Gaussian matrix of the
+    same shape (`mechanism.orthogonality`, `mechanism.gaussian_orth_null`).
     Singular values in float64, one batch of eigendecompositions per matrix shape (metrics kind `weights`)."""
     return weight_lenses_start(model, per_head)()
 
@@ -327,36 +365,76 @@ def weight_lenses_start(model, per_head: bool = True) -> Callable[[], list[dict]
     if any(w.is_cuda for _, _, w, _ in mats):
         copied = torch.cuda.Event()
         copied.record()
-    names = [(layer, matrix, list(w.shape)) for layer, matrix, w, _ in mats]
+    names = [(layer, matrix, list(w.shape), heads) for layer, matrix, w, heads in mats]
 
     def rows() -> list[dict]:
         if copied is not None:
             copied.synchronize()
         found: list[dict] = [{} for _ in names]
         for suffix, long_side, idx, sizes, g in parts:
-            for m, v in gram_metrics(g, long_side).items():
+            lam = gram_spectrum(g, long_side)
+            for m, v in (gram_spectrum_metrics(lam) | orthogonality(lam)).items():
                 for i, part in zip(idx, v.split(sizes)):
                     found[i][m + suffix] = part.tolist() if suffix else part.item()
-        order = [m + sfx for sfx in ("", "_heads") for m in ("spectral_norm", "stable_rank", "erank")]
-        return [{"layer": layer, "matrix": matrix, "shape": shape} | {k: f[k] for k in order if k in f}
-                for (layer, matrix, shape), f in zip(names, found)]
+        order = [m + sfx for sfx in ("", "_heads") for m in WEIGHT_KEYS]
+        out = []
+        for (layer, matrix, shape, heads), f in zip(names, found):
+            row = {"layer": layer, "matrix": matrix, "shape": shape} | {k: f[k] for k in order if k in f}
+            row["orth_dev_null"] = gaussian_orth_null(*shape)
+            if "orth_dev_heads" in f:
+                row["orth_dev_heads_null"] = gaussian_orth_null(*_head_shape(shape, heads, matrix))
+            out.append(row)
+        return out
 
     return rows
 
 
+class Snapshot(dict):
+    """`weight_snapshot`'s copies {(layer, matrix): W}, with `heads` {(layer, matrix): heads} beside."""
+
+    heads: dict[tuple[int, str], int]
+
+
 @torch.no_grad()
-def weight_snapshot(model) -> dict[tuple[int, str], torch.Tensor]:
+def weight_snapshot(model) -> Snapshot:
     """Copies of every attention matrix, keyed (layer, "q" | "k" | "v" | "o"), on their device."""
-    return {(layer, m): w.detach().clone() for layer, mats in enumerate(attention_weights(model))
-            for m, (w, _) in mats.items()}
+    snap = Snapshot()
+    snap.heads = {}
+    for layer, mats in enumerate(attention_weights(model)):
+        for m, (w, heads) in mats.items():
+            snap[(layer, m)], snap.heads[(layer, m)] = w.detach().clone(), heads
+    return snap
 
 
 @torch.no_grad()
 def update_rms(before: dict, after: dict) -> list[dict]:
-    """Rows {layer, matrix, update_rms, update_rel} for two `weight_snapshot`s around an optimizer
-    step: update_rms = RMS of ΔW = ‖ΔW‖_F / sqrt(numel), update_rel = ‖ΔW‖_F / ‖W_before‖_F."""
+    """Rows {layer, matrix, update_rms, update_rel, orth_dev, orth_dev_null} for two `weight_snapshot`s
+    around an optimizer step: update_rms = RMS of ΔW = ‖ΔW‖_F / sqrt(numel), update_rel =
+    ‖ΔW‖_F / ‖W_before‖_F, orth_dev of ΔW (`mechanism.gram_orth_dev`, no eigendecomposition) and its
+    Gaussian null; plus, when `before` knows the heads (a `Snapshot`), `orth_dev_heads`, `cond_heads`
+    of each head's block of ΔW and `orth_dev_heads_null`. One host transfer per Gram shape."""
     keys = sorted(before)
-    stats = torch.stack([torch.stack([(after[k].double() - before[k].double()).norm(),
-                                      before[k].double().norm()]) for k in keys]).cpu()
-    return [{"layer": layer, "matrix": m, "update_rms": (d / math.sqrt(before[(layer, m)].numel())).item(),
-             "update_rel": (d / w).item()} for (layer, m), (d, w) in zip(keys, stats)]
+    delta = {k: after[k].double() - before[k].double() for k in keys}
+    stats = torch.stack([torch.stack([delta[k].norm(), before[k].double().norm(), gram_orth_dev(gram(delta[k]))])
+                         for k in keys]).cpu()
+    rows = [{"layer": layer, "matrix": m, "update_rms": (d / math.sqrt(before[(layer, m)].numel())).item(),
+             "update_rel": (d / w).item(), "orth_dev": o.item(),
+             "orth_dev_null": gaussian_orth_null(*delta[(layer, m)].shape)}
+            for (layer, m), (d, w, o) in zip(keys, stats)]
+    heads = getattr(before, "heads", None)
+    if heads is None:
+        return rows
+    groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # (Gram shape, long side) -> [(row, grams)]
+    for i, (layer, m) in enumerate(keys):
+        blocks = _per_head(delta[(layer, m)], heads[(layer, m)], m)
+        g = gram(blocks)
+        groups.setdefault((*g.shape[1:], max(blocks.shape[-2:])), []).append((i, g))
+    for (*_, long_side), items in groups.items():
+        lam = gram_spectrum(to_host(torch.cat([g for _, g in items])), long_side)
+        sizes = [g.size(0) for _, g in items]
+        found = orthogonality(lam)
+        for (i, _), o, c in zip(items, found["orth_dev"].split(sizes), found["cond"].split(sizes)):
+            shape = _head_shape(list(delta[keys[i]].shape), heads[keys[i]], keys[i][1])
+            rows[i] |= {"orth_dev_heads": o.tolist(), "cond_heads": c.tolist(),
+                        "orth_dev_heads_null": gaussian_orth_null(*shape)}
+    return rows

@@ -22,16 +22,22 @@ import torch
 
 
 class CovStats:
-    """Sufficient statistics (count, sum, sum of outer products) of vectors in H groups of width D.
+    """Sufficient statistics of vectors in H groups of width D: the count, the sum, the sum of outer
+    products, and for the mechanism lenses (probes/mechanism.py) per-coordinate sums of cubes and
+    fourth powers and the sum of the unit vectors x/‖x‖ of each group.
 
     Accumulated in float64 so that summing many batches loses nothing; `add` takes (..., H, D).
-    Two CovStats of the same shape merge exactly by adding their fields (what a DDP all-reduce does).
+    Two CovStats of the same shape merge exactly by adding their fields (`sums()` lists them: what a
+    DDP all-reduce does).
     """
 
     def __init__(self, H: int, D: int, device=None):
         self.n = 0
         self.sum = torch.zeros(H, D, dtype=torch.float64, device=device)
         self.outer = torch.zeros(H, D, D, dtype=torch.float64, device=device)
+        self.pow3 = torch.zeros(H, D, dtype=torch.float64, device=device)
+        self.pow4 = torch.zeros(H, D, dtype=torch.float64, device=device)
+        self.unit_sum = torch.zeros(H, D, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -40,6 +46,18 @@ class CovStats:
         self.n += x.size(0)
         self.sum += x.sum(0)
         self.outer += torch.einsum("nhd,nhe->hde", x, x)
+        # The mechanism sums are elementwise passes over x, so as few as possible, each the fastest of
+        # the forms measured on the CPU: a product and a sum beat a batched matrix-vector einsum (4.7×)
+        # and a vector norm over the token dimension (3.5×) (docs/lenses.md, section 6, has the cost).
+        x2 = x * x  # (N, H, D)
+        self.pow3 += (x2 * x).sum(0)
+        self.pow4 += x2.square_().sum(0)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (N, H, 1)
+        self.unit_sum += (x / torch.where(norm > 0, norm, 1)).sum(0)  # a zero vector adds nothing
+
+    def sums(self) -> list[torch.Tensor]:
+        """Every summed field (all but `n`): merging two CovStats adds these and the counts."""
+        return [self.sum, self.outer, self.pow3, self.pow4, self.unit_sum]
 
     def covariance(self) -> torch.Tensor:
         """Centered covariance (H, D, D), normalised by N (the maximum-likelihood estimate)."""
@@ -47,6 +65,13 @@ class CovStats:
             raise ValueError("no samples accumulated")
         mu = self.sum / self.n
         return self.outer / self.n - torch.einsum("hd,he->hde", mu, mu)
+
+    def moments(self) -> torch.Tensor:
+        """(H, 5, D): per coordinate the raw moments E[x], E[x²], E[x³], E[x⁴], and E[x/‖x‖]."""
+        if self.n == 0:
+            raise ValueError("no samples accumulated")
+        return torch.stack([self.sum, self.outer.diagonal(dim1=-2, dim2=-1), self.pow3, self.pow4,
+                            self.unit_sum], 1) / self.n
 
     def mean_norm(self) -> torch.Tensor:
         return (self.sum / self.n).norm(dim=-1)
@@ -199,8 +224,18 @@ def gram(w: torch.Tensor) -> torch.Tensor:
 def gram_metrics(g: torch.Tensor, long_side: int) -> dict[str, torch.Tensor]:
     """`matrix_metrics` from Gram matrices (..., k, k) of matrices whose longer side is `long_side`;
     eigenvalues below long_side·eps·σ₁² are round-off and count as 0."""
-    lam = eigvalsh_host(g)  # σ², ascending, on the CPU
-    lam = torch.where(lam > lam[..., -1:] * long_side * torch.finfo(torch.float64).eps, lam, 0)
+    return gram_spectrum_metrics(gram_spectrum(g, long_side))
+
+
+def gram_spectrum(g: torch.Tensor, long_side: int) -> torch.Tensor:
+    """σ² (..., k), ascending, on the CPU: the eigenvalues of Gram matrices (..., k, k), those below
+    long_side·eps·σ₁² set to 0."""
+    lam = eigvalsh_host(g)
+    return torch.where(lam > lam[..., -1:] * long_side * torch.finfo(torch.float64).eps, lam, 0)
+
+
+def gram_spectrum_metrics(lam: torch.Tensor) -> dict[str, torch.Tensor]:
+    """spectral_norm, stable_rank and erank from σ² (..., k) as `gram_spectrum` returns them."""
     top = lam[..., -1]
     return {"spectral_norm": top.sqrt(), "stable_rank": lam.sum(-1) / top, "erank": entropy_rank(lam.sqrt())}
 
@@ -215,11 +250,17 @@ def spectra_of(cov: torch.Tensor, second_moment: torch.Tensor) -> dict[str, torc
     moments), each (...,) for (..., D, D) inputs, in float64 on the CPU; every eigendecomposition in
     one `eigvalsh_host` call."""
     lam = covariance_spectrum(torch.stack([cov, second_moment]))
+    return spectra_from(cov, lam[0], lam[1])
+
+
+def spectra_from(cov: torch.Tensor, lam: torch.Tensor, lam_m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`spectra_of` from the covariances (..., D, D) and the eigenvalues (..., D) of the covariances
+    (`lam`) and of the second moments (`lam_m`), as `covariance_spectrum` returns them."""
     return {
         "pr": participation_ratio(cov).cpu(),
-        "erank": entropy_rank(lam[0]),
-        "stable_rank": lam[0].sum(-1) / lam[0][..., -1],
-        "rankme": entropy_rank(lam[1].sqrt()),
+        "erank": entropy_rank(lam),
+        "stable_rank": lam.sum(-1) / lam[..., -1],
+        "rankme": entropy_rank(lam_m.sqrt()),
     }
 
 
