@@ -28,6 +28,7 @@ def test_throughput_smoke_measures_every_section_and_renders(tmp_path):
     P = R["probe"]
     assert all(P[k] > 0 for k in ("probe_pr_s", "probe_spectra_s", "probe_activations_s", "weights_whole_s",
                                   "weights_s", "lenses_s", "eval_s", "weights_start_s", "weights_host_s", "loop_s",
+                                  "checkpoint_s",
                                   "attn_fused_s", "attn_reference_s"))
     text = md.read_text()
     assert text.startswith("# kept\n")  # the hand-written part above the marker is kept
