@@ -278,13 +278,19 @@ def stale_temp_files(folder: Path, name: str) -> list[Path]:
     return sorted(Path(folder).glob(f".{name}.*.tmp"))
 
 
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and prove we can write there (OSError if not), through a uniquely named
+    file created exclusively: a link planted under any name is never written through."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".rankprobe-write-test.")
+    os.close(fd)
+    os.unlink(name)
+
+
 def ensure_writable(folder: Path) -> None:
-    """Create `folder` if needed and prove we can write there, before any expensive work starts."""
+    """`check_writable` for an output folder, before any expensive work starts; UserError if not."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".rankprobe-write-test.")
-        os.close(fd)
-        os.unlink(name)
+        check_writable(folder)
     except OSError as e:
         raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
 

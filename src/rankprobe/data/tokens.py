@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from rankprobe.config import DataConfig, DataError
 from rankprobe.data.corpus import Corpus, load_corpus
 from rankprobe.data.tokenizer import Tokenizer, get_tokenizer
-from rankprobe.runfolder import write_atomic
+from rankprobe.runfolder import check_writable, write_atomic
 
 BLOCK_SEQS = 8  # block length in sequences: small enough to spread val/probe, big enough to waste little
 TOKENS_FORMAT = 1  # part of the token-cache key: bump it when the stream layout (eot placement) changes
@@ -39,10 +38,7 @@ def resolve_cache_dir(setting: str | Path = "") -> Path:
     """`setting` if given, else $RANKPROBE_CACHE, else ~/.cache/rankprobe; created, and checked writable."""
     path = Path(setting or os.environ.get("RANKPROBE_CACHE") or "~/.cache/rankprobe").expanduser()
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        check_writable(path)
     except OSError as e:
         raise DataError(
             f"cache directory {path} is not writable ({e.strerror or e}); set data.cache_dir or $RANKPROBE_CACHE"

@@ -138,6 +138,15 @@ def adjusted_lr(lr: float, shape: Sequence[int]) -> float:
     return lr * math.sqrt(max(1, rows / cols))
 
 
+def require_matrices(opt: torch.optim.Optimizer) -> None:
+    """ValueError unless every parameter of `opt` is 2-D: a matrix update rule has nothing to say about
+    embeddings' rows or gains (those go to AdamW)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.ndim != 2:
+                raise ValueError(f"{type(opt).__name__} only takes 2-D parameters; got one of shape {tuple(p.shape)}")
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters (hidden matrices); use AdamW for embeddings, head and gains.
 
@@ -167,10 +176,7 @@ class Muon(torch.optim.Optimizer):
                         weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Muon only takes 2-D parameters; got one of shape {tuple(p.shape)}")
+        require_matrices(self)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from rankprobe.optim.muon import adjusted_lr, muon_update
+from rankprobe.optim.muon import adjusted_lr, muon_update, require_matrices
 
 EPS = 1e-7
 """floor on ||M||_F, as Muon's Newton-Schulz floors its normalisation (a zero update stays zero)"""
@@ -59,10 +59,7 @@ class NormSGD(torch.optim.Optimizer):
             raise ValueError(f"NormSGD needs lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got lr={lr}, "
                              f"weight_decay={weight_decay}, momentum={momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"NormSGD only takes 2-D parameters; got one of shape {tuple(p.shape)}")
+        require_matrices(self)
 
     @torch.no_grad()
     def step(self, closure=None):
