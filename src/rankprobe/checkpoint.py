@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # Settings that may differ between a killed run and its resume (or between sweeps sharing a folder)
 # without changing a single metric: names and places, display, the checkpoint cadence, the device
 # and compilation (a GPU run may be finished on another card), and the sweep grid around an arm.
-_FREE_KEYS = {"name", "out", "data.cache_dir", "train.progress", "train.tensorboard",
+_FREE_KEYS = {"name", "arm", "out", "data.cache_dir", "train.progress", "train.tensorboard",
               "train.checkpoint_minutes", "train.device", "train.compile"}
 
 

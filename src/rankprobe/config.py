@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -185,13 +186,17 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     """seeds per arm"""
     arms: list[str] = field(default_factory=list)
-    """explicit arms instead of the optimizers × qk_norm grid: an optimizer, then +qknorm and/or +qkclip"""
+    """explicit arms instead of the optimizers × qk_norm grid: an optimizer, then +qknorm and/or +qkclip, then @variant (a name)"""
+    settings: dict[str, dict] = field(default_factory=dict)
+    """per-arm settings: {optimizer or arm label = {dotted key = value}}, e.g. lion = {"optim.hidden_lr" = 1e-5}"""
 
 
 @dataclass
 class Config:
     name: str = "run"
     """run name (a sweep names each arm itself)"""
+    arm: str = ""
+    """the arm label the run reports under ('' = optimizer, +qknorm, +qkclip; a sweep sets it)"""
     out: str = "runs"
     """output directory (a run writes here; a sweep puts one folder per arm under it)"""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -219,12 +224,19 @@ _CHOICES = {
 }
 
 
+_VARIANT = re.compile(r"[A-Za-z0-9_-]+")
+_ARM_KEYS = ("name", "arm", "optim.name", "optim.qk_clip", "model.qk_norm", "train.seed")
+
+
 def parse_arm(label: str) -> tuple[str, bool, bool]:
-    """'muon+qknorm+qkclip' -> ('muon', True, True): optimizer, QK-Norm, QK-Clip."""
-    name, *flags = label.split("+")
-    if name not in OPTIMIZERS or any(f not in ("qknorm", "qkclip") for f in flags) or len(set(flags)) != len(flags):
-        raise ConfigError(f"sweep.arms: cannot read arm {label!r} (an optimizer, then +qknorm and/or +qkclip, "
-                          f"e.g. lion+qknorm; optimizers: {', '.join(OPTIMIZERS)})")
+    """'muon+qknorm+qkclip' -> ('muon', True, True): optimizer, QK-Norm, QK-Clip. A trailing '@variant'
+    ('lion@warmup1') names an arm that differs only by its sweep.settings; it is not part of the triple."""
+    base, at, variant = label.partition("@")
+    name, *flags = base.split("+")
+    if name not in OPTIMIZERS or any(f not in ("qknorm", "qkclip") for f in flags) or len(set(flags)) != len(flags) \
+            or (at and not _VARIANT.fullmatch(variant)):
+        raise ConfigError(f"sweep.arms: cannot read arm {label!r} (an optimizer, then +qknorm and/or +qkclip, then "
+                          f"optionally @name, e.g. lion+qknorm@warmup1; optimizers: {', '.join(OPTIMIZERS)})")
     return name, "qknorm" in flags, "qkclip" in flags
 
 
@@ -268,6 +280,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.checkpoint_minutes must be a number >= 0; got {t.checkpoint_minutes}")
     for label in cfg.sweep.arms:
         parse_arm(label)
+    for key, table in cfg.sweep.settings.items():
+        if key not in OPTIMIZERS:
+            parse_arm(key)
+        for dotted in table:
+            if dotted in _ARM_KEYS:
+                raise ConfigError(f"sweep.settings.{key}: {dotted} comes from the arm's label and sweep.seeds; "
+                                  "name another arm instead")
+            if dotted not in all_keys():
+                raise ConfigError(f"sweep.settings.{key}: {_unknown(dotted, all_keys())}")
     if o.qk_clip_tau <= 0 or o.qk_clip_sequences < 0:
         raise ConfigError("optim.qk_clip_tau must be positive and optim.qk_clip_sequences >= 0")
     if not 0 <= o.momentum < 1:
@@ -314,8 +335,8 @@ def _coerce(value, tp, key: str):
                 raise ConfigError(f"{key} must have {len(args)} entries; got {len(value)}")
             return tuple(_coerce(v, a, key) for v, a in zip(value, args))
         return [_coerce(v, args[0], key) for v in value]
-    if origin is dict:
-        return _table(value, key)
+    if origin is dict:  # dict[str, object]: keyword arguments; dict[str, dict]: tables keyed by arm
+        return _table(value, key, names=typing.get_args(tp)[1] is object)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -355,8 +376,9 @@ def _coerce(value, tp, key: str):
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
-def _table(value, key: str) -> dict:
-    """A TOML table (from a file) or its inline text (from a dotted override, '{betas = [0.9, 0.99]}')."""
+def _table(value, key: str, names: bool = True) -> dict:
+    """A TOML table (from a file) or its inline text (from a dotted override, '{betas = [0.9, 0.99]}');
+    `names`: its keys must be argument names, else each value must itself be a table."""
     if isinstance(value, str):
         try:
             value = tomllib.loads(f"v = {value}")["v"]
@@ -365,8 +387,10 @@ def _table(value, key: str) -> dict:
                 from None
     if not isinstance(value, dict):
         raise ConfigError(f"{key} must be a table of keyword arguments; got {value!r}")
-    if not all(isinstance(k, str) and k.isidentifier() for k in value):
+    if names and not all(isinstance(k, str) and k.isidentifier() for k in value):
         raise ConfigError(f"{key}: every key must be an argument name; got {list(value)}")
+    if not names and not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"{key}: every value must be a table of dotted keys; got {value!r}")
     return dict(value)
 
 

@@ -34,18 +34,23 @@ log = logging.getLogger(__name__)
 
 def arms(cfg: Config) -> list[Config]:
     """One resolved Config per (arm, seed), named '<arm>-s<seed>'. The arms are `sweep.arms` when
-    given (e.g. a fifth arm 'muon+qkclip'), else the optimizers × qk_norm grid."""
+    given (e.g. a fifth arm 'muon+qkclip'), else the optimizers × qk_norm grid. `sweep.settings` then
+    sets each arm's own keys: those of its optimizer, then of its label without the @variant, then of
+    its whole label (each overriding the one before), validated like any override."""
+    from .config import apply_overrides, from_dict
+
     labels = cfg.sweep.arms or [arm_label(o, q) for o in cfg.sweep.optimizers for q in cfg.sweep.qk_norm]
     out = []
     for label in labels:
         opt, qk_norm, qk_clip = parse_arm(label)
+        base = replace(cfg, optim=replace(cfg.optim, name=opt, qk_clip=qk_clip),
+                       model=replace(cfg.model, qk_norm=qk_norm))
+        data = to_dict(base)
+        for key in dict.fromkeys((opt, label.partition("@")[0], label)):
+            apply_overrides(data, cfg.sweep.settings.get(key, {}))
+        arm = from_dict(data)
         for seed in cfg.sweep.seeds:
-            out.append(replace(
-                cfg, name=f"{label}-s{seed}",
-                optim=replace(cfg.optim, name=opt, qk_clip=qk_clip),
-                model=replace(cfg.model, qk_norm=qk_norm),
-                train=replace(cfg.train, seed=seed),
-            ))
+            out.append(replace(arm, name=f"{label}-s{seed}", arm=label, train=replace(arm.train, seed=seed)))
     return out
 
 

@@ -201,7 +201,7 @@ def _header(cfg: Config, step_fn: TrainStep, data: TokenData, sched: Schedule, d
     """The `run` row of a training run (docs/metrics.md)."""
     muon = cfg.optim.name == "muon"
     return RunHeader(
-        run=cfg.name, arm=arm_label(cfg.optim.name, cfg.model.qk_norm, cfg.optim.qk_clip),
+        run=cfg.name, arm=cfg.arm or arm_label(cfg.optim.name, cfg.model.qk_norm, cfg.optim.qk_clip),
         optimizer=cfg.optim.name, qk_norm=cfg.model.qk_norm, seed=cfg.train.seed, config=to_dict(cfg),
         env=env_info(step_fn.device) | ({"world_size": dist.world_size} if dist.active else {}),
         n_params=step_fn.model.num_params(), param_groups=step_fn.group_sizes, head_dim=cfg.model.head_dim,

@@ -1,0 +1,52 @@
+"""sweep.settings and @variant arms: each arm of one sweep with its own settings (e.g. its own learning rate)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rankprobe.checkpoint import config_differences
+from rankprobe.config import ConfigError, load, parse_arm, to_dict
+from rankprobe.sweep import arms
+
+SETTINGS = ('{lion = {"optim.hidden_lr" = 1e-5, "optim.warmup_frac" = 0.02}, '
+            '"lion+qknorm" = {"optim.hidden_lr" = 2e-5}, '
+            '"lion@short" = {"optim.warmup_frac" = 0.01}, '
+            'muon = {"optim.muon_lr" = 0.03}}')
+
+
+def test_settings_apply_by_optimizer_then_label_then_variant():
+    cfg = load("demo", {"sweep.arms": "lion,lion+qknorm,lion@short,lion+qknorm@short,muon,adamw",
+                        "sweep.settings": SETTINGS, "sweep.seeds": "0,1"})
+    got = {a.name: (a.arm, a.optim.name, a.model.qk_norm, a.optim.hidden_lr, a.optim.warmup_frac, a.optim.muon_lr,
+                    a.train.seed) for a in arms(cfg)}
+    base = cfg.optim.muon_lr
+    assert got["lion-s0"] == ("lion", "lion", False, 1e-5, 0.02, base, 0)
+    assert got["lion+qknorm-s1"] == ("lion+qknorm", "lion", True, 2e-5, 0.02, base, 1)
+    assert got["lion@short-s0"] == ("lion@short", "lion", False, 1e-5, 0.01, base, 0)
+    assert got["lion+qknorm@short-s0"] == ("lion+qknorm@short", "lion", True, 2e-5, 0.02, base, 0)
+    assert got["muon-s0"][5] == 0.03 and got["adamw-s1"][3:6] == (0.0, cfg.optim.warmup_frac, base)
+    assert len(got) == 12
+
+
+def test_an_arm_label_is_a_name_only():
+    a, b = arms(load("demo", {"sweep.arms": "lion@x,lion@y"}))
+    assert config_differences(to_dict(a), to_dict(b)) == []  # same settings: the label changes no metric
+
+
+@pytest.mark.parametrize("settings,message", [
+    ('{lion = {"optim.hiden_lr" = 1e-5}}', "did you mean optim.hidden_lr"),
+    ('{lion = {"optim.name" = "sgd"}}', "comes from the arm's label"),
+    ('{lion = {"train.seed" = 3}}', "comes from the arm's label"),
+    ('{lamb = {"optim.lr" = 1e-3}}', "cannot read arm 'lamb'"),
+    ('{lion = 3}', "every value must be a table"),
+    ('{lion = {"optim.hidden_lr" = "fast"}}', "must be a number"),
+])
+def test_bad_settings_fail_with_one_line(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        arms(load("demo", {"sweep.arms": "lion", "sweep.settings": settings}))
+
+
+@pytest.mark.parametrize("label", ["lion@", "lion@a/b", "lion@..", "lion+qknorm@x@y"])
+def test_bad_variant_names_are_refused(label):
+    with pytest.raises(ConfigError, match="cannot read arm"):
+        parse_arm(label)
