@@ -96,11 +96,12 @@ def export(folder: str | Path, to: str, out: str | Path | None = None) -> Path:
     out/tensorboard/<run>. Returns what it wrote."""
     if to not in FORMATS:
         raise UserError(f"--to {to}: one of {', '.join(FORMATS)}")
+    files = metrics_files(folder)  # refuse a wrong folder before creating anything
     out = Path(out or folder)
     out.mkdir(parents=True, exist_ok=True)
     if to == "tensorboard":
         target = out / "tensorboard"
-        for path in metrics_files(folder):
+        for path in files:
             rows = read_rows(path)
             name = rows[0].get("run") if rows and rows[0].get("kind") == "run" else path.parent.name
             sink = TensorBoardSink(target / str(name))
