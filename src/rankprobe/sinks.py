@@ -120,12 +120,14 @@ class WandbSink(Sink):
 
     Rows may arrive out of order (the trainer's weight rows come one checkpoint late), so W&B's own
     step is not used: each log carries `tokens`, declared as every metric's step metric. Offline
-    (`mode="offline"`, or WANDB_MODE=offline) it needs no network; `wandb sync` uploads later."""
+    (`mode="offline"`, or WANDB_MODE=offline) it needs no network; `wandb sync` uploads later. It logs
+    into `run`, else the process's active run (`wandb.run`), else a run of its own."""
 
     def __init__(self, project: str = "rankprobe", name: str | None = None, folder: str | Path | None = None,
                  config: dict | None = None, mode: str | None = None, run=None):
         import wandb
 
+        run = run or wandb.run  # the run a trainer's own W&B integration opened, if any
         self.own = run is None
         self.run = run or wandb.init(project=project, name=name, dir=None if folder is None else str(folder),
                                      config=config, mode=mode, reinit="create_new")
