@@ -146,14 +146,14 @@ def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weigh
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, few steps")
-    p.add_argument("--steps", type=int, default=0, help="steps per arm (default 310; smoke 6)")
+    p.add_argument("--steps", type=int, default=0, help="steps per arm (default 310; smoke 5)")
     p.add_argument("--every", type=int, default=0, help="the monitor's cadence (default 100; smoke 2)")
     p.add_argument("--sections", default="hf,loop")
     p.add_argument("--no-weights", action="store_true", help="leave the weight spectra out of the measured steps")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     shape = SHAPES["tiny" if args.smoke else "seed-22l"]
-    steps = args.steps or (6 if args.smoke else 310)
+    steps = args.steps or (5 if args.smoke else 310)
     every = args.every or (2 if args.smoke else 100)
     warmup = 1 if args.smoke else 10
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")

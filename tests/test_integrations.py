@@ -27,15 +27,30 @@ def _same(rows, want, kinds=("probe", "attn")):
 
 
 class _Batches:
-    """Every input_ids tensor the model is called with, and a copy of the model before each call."""
+    """The input_ids of every training-mode forward of `model`, and its weights just before it."""
 
     def __init__(self, model):
-        self.inputs, self.models = [], []
-        model.register_forward_pre_hook(self, with_kwargs=True)
+        self.model, self.inputs, self.states = model, [], []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
-        self.inputs.append((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).detach().clone())
-        self.models.append(copy.deepcopy(module))
+        if module.training:  # not the monitor's own fixed-batch passes (eval mode)
+            self.inputs.append((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).detach().clone())
+            self.states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    def model_at(self, i):
+        """A hook-free copy of the model with the weights of forward i."""
+        self.handle.remove()
+        hooks = [(m, m._forward_hooks.copy(), m._forward_pre_hooks.copy()) for m in self.model.modules()]
+        for m, _, _ in hooks:  # the copy must not carry anyone's hooks
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        twin = copy.deepcopy(self.model)
+        for m, fwd, pre in hooks:
+            m._forward_hooks.update(fwd)
+            m._forward_pre_hooks.update(pre)
+        twin.load_state_dict(self.states[i])
+        return twin
 
 
 def test_transformers_trainer_callback(tmp_path):
@@ -58,7 +73,7 @@ def test_transformers_trainer_callback(tmp_path):
     assert sorted({r["step"] for r in callback.rows}) == [0, 2]
     assert (tmp_path / "rp" / "metrics.jsonl").read_text().count("\n") == 1 + len(callback.rows)
     for step in (0, 2):  # one forward per step (no accumulation): forward `step` is the step's batch
-        want = Monitor(seen.models[step], weights=False).probe(seen.inputs[step])
+        want = Monitor(seen.model_at(step), weights=False).probe(seen.inputs[step])
         _same([r for r in callback.rows if r["step"] == step], want)
 
     # the fixed-batch mode: after steps 0 and 4, equal to probing the final model directly
@@ -102,7 +117,7 @@ def test_lightning_callback(tmp_path):
     trainer.fit(module, loader)
     assert sorted({r["step"] for r in callback.rows}) == [0, 2, 4]
     for step in (0, 2, 4):
-        want = Monitor(seen.models[step], weights=False).probe(seen.inputs[step])
+        want = Monitor(seen.model_at(step), weights=False).probe(seen.inputs[step])
         _same([r for r in callback.rows if r["step"] == step], want)
     logged = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"rankprobe/k_pr/L01", "rankprobe/attn_entropy/L00", "rankprobe/proj/v_erank/L01"} <= set(logged)
