@@ -3,6 +3,7 @@ Trainer, Lightning, and the plain nanoGPT-style loop of examples/. Each measurem
 a fixed-batch probe of a copy of the model as it was, on the very batch the loop fed it."""
 
 import copy
+import json
 import runpy
 from pathlib import Path
 
@@ -133,3 +134,23 @@ def test_nanogpt_example_runs_its_loop_with_the_five_lines(tmp_path):
     _same([r for r in rows if r["step"] == 4], Monitor(model, **ns["TAPS"], weights=False).probe(batch))
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert '"kind": "train"' in lines[-1] or any('"kind": "train"' in x for x in lines)
+
+
+def test_monitor_rows_equal_rankprobe_probe_of_the_saved_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from rankprobe.probes.hf import probe_checkpoint_to_dir
+    from rankprobe.runfolder import read_rows
+
+    cfg = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    tokens = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(2))
+    path = probe_checkpoint_to_dir(tmp_path / "ckpt", tokens, tmp_path / "probe", batch_size=4)
+    probed = [r for r in read_rows(path) if r["kind"] in ("probe", "attn", "weights")]
+    ours = Monitor(transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "ckpt"), batch_size=4).probe(tokens, 0, 0)
+    ours = json.loads(json.dumps(ours))
+    assert len(ours) == len(probed)
+    for a, b in zip(ours, probed):
+        assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
