@@ -56,7 +56,8 @@ def test_training_forward_rows_equal_float64_by_hand_at_the_cadence():
             model(tokens, tokens).backward()  # the user's own training forward and backward
         if mon.due(step):
             seen[step] = mon.last
-    assert sorted(seen) == [0, 3, 6] and _no_hooks(model.blocks[0]) and len(model.blocks[1].attn.hook_k_rope._forward_hooks) == 1
+    assert sorted(seen) == [0, 3, 6] and _no_hooks(model.blocks[0])
+    assert len(model.blocks[1].attn.hook_k_rope._forward_hooks) == 1  # only the test's own hook is left
     row = next(r for r in seen[6] if (r["kind"], r["tap"], r["tensor"], r["layer"]) == ("probe", "rope", "k", 1))
     x = keys[-1].double().numpy().reshape(-1, 2, 16)  # (N, H, D)
     for h in range(2):

@@ -28,7 +28,8 @@ def test_scalar_names_and_long_records_of_hand_rows():
     by = {(r["metric"], r["head"]): r["value"] for r in recs}
     assert by == {("pr", None): 2.5, ("pr", 0): 2.0, ("pr", 1): 3.0, ("mean_norm", 0): 0.1, ("mean_norm", 1): 0.2,
                   ("n", None): 64, ("dim", None): 16, ("pr_null", None): 13.0, ("erank", None): None}
-    assert {(r["run"], r["arm"], r["seed"], r["tap"], r["tensor"], r["layer"]) for r in recs} == {("r", "a", 2, "rope", "k", 4)}
+    ids = {(r["run"], r["arm"], r["seed"], r["tap"], r["tensor"], r["layer"]) for r in recs}
+    assert ids == {("r", "a", 2, "rope", "k", 4)}
 
 
 def _wandb_history(folder):
@@ -120,7 +121,8 @@ def test_load_is_long_and_round_trips_with_the_jsonl(monitored):
     assert list(df.columns) == list(LONG_COLUMNS) and set(df["run"]) == {"run"} and set(df["seed"]) == {3}
     k = df[(df.kind == "probe") & (df.tap == "rope") & (df.tensor == "k") & (df.layer == 1) & (df.metric == "pr")
            & (df.step == 3)]
-    row = next(r for r in rows if r["kind"] == "probe" and (r["tap"], r["tensor"], r["layer"], r["step"]) == ("rope", "k", 1, 3))
+    row = next(r for r in rows
+               if r["kind"] == "probe" and (r["tap"], r["tensor"], r["layer"], r["step"]) == ("rope", "k", 1, 3))
     assert k[k["head"].isna()]["value"].item() == row["pr"]
     assert k.dropna(subset=["head"]).sort_values("head")["value"].tolist() == row["pr_heads"]
     back = to_rows(df)
