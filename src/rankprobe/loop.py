@@ -231,7 +231,7 @@ class Prober:
         self.shard = shard_rows(dist, probe_set, "probe.tokens")  # merged by reduce_probe_stats
         # the public monitor's fixed-batch mode: one probing path for the trainer and everyone else
         self.monitor = Monitor(model, dist=dist, batch_size=cfg.train.batch_size, attention=cfg.probe.attention,
-                               weights=False)
+                               weights=False, train_forward=False)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-weights")
         self.pending: list[tuple[int, Future]] = [(step, _finished(rows)) for step, rows in json.loads(pending_rows)]
 

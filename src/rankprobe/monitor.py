@@ -80,13 +80,15 @@ class Monitor:
     out        a folder: rows go to out/metrics.jsonl (rank 0) and to `sinks` there ("tensorboard",
                "wandb", "csv", or callables (kind, row)). `name`, `arm`, `seed` fill its run row.
     batch_size sequences per forward of the fixed-batch mode.
+    train_forward  False: the fixed-batch mode only, leaving Dynamo's hook guards as they are (the
+               trainer's probes run on the eager model).
     """
 
     def __init__(self, model, *, patterns: Patterns | None = None, heads: int | None = None,
                  kv_heads: int | None = None, head_dim: int | None = None, attention_spec: AttentionSpec | None = None,
                  every: int = 100, taps=None, attention: bool = True, weights: bool = True,
                  out: str | Path | None = None, sinks=(), name: str | None = None, arm: str = "monitor",
-                 seed: int = 0, batch_size: int = 8, dist: Dist | None = None):
+                 seed: int = 0, batch_size: int = 8, dist: Dist | None = None, train_forward: bool = True):
         if every < 1:
             raise UserError(f"Monitor(every={every}): the cadence must be at least 1 step")
         self.compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
@@ -100,7 +102,8 @@ class Monitor:
                                                      attention=attention_spec)
         else:
             self.adapter = adapter_for(model)
-        if torch._dynamo.config.skip_nnmodule_hook_guards:
+        self.train_forward = train_forward
+        if train_forward and torch._dynamo.config.skip_nnmodule_hook_guards:
             # A graph compiled without guards on module hooks keeps running without the monitor's hooks
             # (as optim/qkclip.py found): guard on them from now on (graphs compiled later, e.g. the
             # regions of a regional compile), and drop the graphs of a visibly compiled model.
@@ -164,6 +167,8 @@ class Monitor:
         fill the statistics; nothing otherwise (False)."""
         if self._handles:
             raise RuntimeError(f"Monitor.start({step}) while step {self._step} is still open; call finish first")
+        if not self.train_forward:
+            raise RuntimeError("this Monitor was made with train_forward=False: use probe(tokens)")
         if not self.due(step):
             return False
         self._step, self._cov, self._attn = step, {}, AttentionStats()
