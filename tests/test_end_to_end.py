@@ -211,7 +211,7 @@ def test_bf16_autocast_run_probes_in_float(corpus_file, cache, tmp_path):
     assert all(isinstance(r.get("qk_clipped"), int) for r in rows(path, "train"))
 
 
-def test_tensorboard_mirror_holds_losses_and_key_pr(corpus_file, cache, tmp_path):
+def test_tensorboard_mirror_holds_every_lens(corpus_file, cache, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -219,7 +219,8 @@ def test_tensorboard_mirror_holds_losses_and_key_pr(corpus_file, cache, tmp_path
     acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "eval/val_loss", "probe_pr_norm/k_layer00"} <= tags
+    assert {"train/loss", "eval/val_loss", "rankprobe/norm/k_pr/L00", "rankprobe/attn_entropy/L00",
+            "rankprobe/Wk_stable_rank/L00", "rankprobe/k_rankme/L01"} <= tags
     logged = [r["loss"] for r in rows(path, "train")]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(logged, rel=1e-6)
 

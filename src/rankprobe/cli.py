@@ -1,4 +1,4 @@
-"""The `rankprobe` command: demo, train, sweep, report. The only place that reads argv.
+"""The `rankprobe` command: demo, train, sweep, scan, probe, report, export. The only place that reads argv.
 
 Every subcommand that takes a config also takes dotted overrides (`--model.n_layer 22`). User
 mistakes (UserError) print one line and exit 2; nothing is written before the inputs are checked.
@@ -127,6 +127,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="spectral metric for the figures and headline (default: pr)")
     r.add_argument("--tap", choices=("proj", "norm", "rope"),
                    help="key tap for the headline (default: the runs' probe.tap)")
+
+    e = sub.add_parser("export", allow_abbrev=False, help="metrics files as CSV, Parquet or TensorBoard",
+                       description="Write every run under DIR in the long format of `rankprobe.load` (one line per "
+                                   "number: run, arm, seed, step, tokens, kind, tap, tensor, layer, head, metric, "
+                                   "value) as metrics.csv or metrics.parquet, or replay its rows into TensorBoard "
+                                   "event files (one folder per run under tensorboard/).")
+    e.add_argument("dir", metavar="DIR")
+    e.add_argument("--to", required=True, choices=("csv", "parquet", "tensorboard"), help="the format")
+    e.add_argument("--out", help="output folder (default: DIR)")
     return p
 
 
@@ -150,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 raise UserError(f"unexpected arguments: {' '.join(rest)}")
             return _report(args)
+        if args.command == "export":
+            if rest:
+                raise UserError(f"unexpected arguments: {' '.join(rest)}")
+            return _export(args)
         if args.command == "_arm":
             from .config import from_dict
 
@@ -257,6 +270,13 @@ def _probe(args) -> int:
                             allow_long_context=args.allow_long_context)
     what = args.checkpoint[0] if len(args.checkpoint) == 1 else f"{len(args.checkpoint)} checkpoint arguments"
     print(f"rankprobe: probed {what}; metrics in {path}")
+    return 0
+
+
+def _export(args) -> int:
+    from .frame import export
+
+    print(f"rankprobe: wrote {export(Path(args.dir), args.to, args.out)}")
     return 0
 
 

@@ -25,11 +25,12 @@ import torch
 from .checkpoint import capture, restore, save_checkpoint
 from .config import Config, to_dict
 from .data.tokens import TokenData
-from .dist import Dist, all_reduce_, mean_, reduce_probe_stats, shard_rows
+from .dist import Dist, all_reduce_, mean_, shard_rows
 from .model import Transformer
 from .optim.build import apply_lr, build_optimizers, lr_scale
 from .optim.qkclip import QKClip
-from .probes.lenses import probe_lenses, weight_lenses_start, weight_snapshot
+from .monitor import Monitor
+from .probes.lenses import weight_lenses_start, weight_snapshot
 from .runfolder import PHASE_FIELDS
 
 TIMING_FIELDS = (*PHASE_FIELDS, "probe_wait_s")
@@ -228,7 +229,9 @@ class Prober:
         self.out, self.timing, self.dist = out, timing, dist
         self.tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
         self.shard = shard_rows(dist, probe_set, "probe.tokens")  # merged by reduce_probe_stats
-        self.merge = (lambda cov, attn: reduce_probe_stats(dist, cov, attn)) if dist.active else None
+        # the public monitor's fixed-batch mode: one probing path for the trainer and everyone else
+        self.monitor = Monitor(model, dist=dist, batch_size=cfg.train.batch_size, attention=cfg.probe.attention,
+                               weights=False, train_forward=False)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-weights")
         self.pending: list[tuple[int, Future]] = [(step, _finished(rows)) for step, rows in json.loads(pending_rows)]
 
@@ -269,8 +272,7 @@ class Prober:
         go to the worker. Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast,
         so the keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way)."""
         with autocast(self.device, self.amp):
-            rows, attn = probe_lenses(self.model, self.shard, self.cfg.train.batch_size,
-                                      attention=self.cfg.probe.attention, merge=self.merge)
+            rows, attn = self.monitor.lenses(self.shard, sharded=True)
         if self.cfg.probe.weights and self.dist.is_main:  # replicated weights: rank 0's are everyone's
             self.pending.append((step, self.worker.submit(weight_lenses_start(self.model))))
         return [("probe", rows), ("attn", attn), ("update", updates)]

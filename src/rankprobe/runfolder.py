@@ -187,7 +187,7 @@ def finite(v):
 
 class MetricsWriter:
     """Append-only JSONL, one flushed line per row, NaN/inf written as null, each row also handed to
-    `mirrors` (callables of (kind, row), e.g. runlog.TensorBoardMirror).
+    `mirrors` (callables of (kind, row): rankprobe.sinks).
 
     Tracks the file's byte length and SHA-256 as it grows: a checkpoint records both, so a resume can
     prove the file is the one it saw and cut it back to that point.

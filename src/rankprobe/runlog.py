@@ -1,4 +1,4 @@
-"""What a run records about the machine it ran on (`env_info`), and the TensorBoard mirror of its rows.
+"""What a run records about the machine it ran on (`env_info`); the TensorBoard mirror of its rows (rankprobe.sinks).
 
 The rows themselves, their writer and the folder's files belong to rankprobe.runfolder.
 """
@@ -42,27 +42,6 @@ def _git(cwd: Path, *args: str) -> str | None:
         return None
     return r.stdout.strip() if r.returncode == 0 else None
 
-
-class TensorBoardMirror:
-    """A MetricsWriter mirror: losses, lr scale, gradient norm and key PR as TensorBoard scalars at the
-    run's token count. `purge_step` (tokens) makes TensorBoard drop the events a killed run logged
-    after its checkpoint."""
-
-    def __init__(self, folder: Path, purge_step: int | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(folder), purge_step=purge_step)
-
-    def __call__(self, kind: str, row: dict) -> None:
-        if kind in ("train", "eval"):
-            for key in ("loss", "val_loss", "lr_scale", "grad_norm", "step_time_s"):
-                if row.get(key) is not None:
-                    self.tb.add_scalar(f"{kind}/{key}", row[key], row["tokens"])
-        elif kind == "probe" and row["tensor"] == "k":
-            self.tb.add_scalar(f"probe_pr_{row['tap']}/k_layer{row['layer']:02d}", row["pr"], row["tokens"])
-
-    def close(self) -> None:
-        self.tb.close()
 
 
 def _version(package: str) -> str | None:

@@ -34,7 +34,8 @@ from .probes.lenses import update_rms, weight_snapshot
 from .runfolder import (CHECKPOINT, CONFIG, ENDED, ENV, LOCK, METRICS, OUTPUTS, WEIGHTS, MetricsWriter, NullWriter,
                         RunHeader, atomic_file, ensure_writable, folder_lock, run_status, stale_temp_files,
                         write_json)
-from .runlog import TensorBoardMirror, env_info
+from .runlog import env_info
+from .sinks import TensorBoardSink
 
 __all__ = ["compile_regions", "evaluate", "probe_schedule", "train"]  # the parts live in rankprobe.loop
 
@@ -218,7 +219,7 @@ def _open_metrics(cfg: Config, run_dir: Path, state: dict | None, run_row: RunHe
     cut metrics.jsonl back to the checkpoint and note this process in env.json."""
     metrics_path = run_dir / METRICS
     purge = state["tokens_seen"] + 1 if state else None
-    mirrors = (TensorBoardMirror(run_dir / "tensorboard", purge),) if cfg.train.tensorboard else ()
+    mirrors = (TensorBoardSink(run_dir / "tensorboard", purge),) if cfg.train.tensorboard else ()
     if state is None:
         for path in [*(run_dir / n for n in OUTPUTS), *stale_temp_files(run_dir, CHECKPOINT)]:
             path.unlink(missing_ok=True)  # a forced or restarted run: nothing of the old one may linger

@@ -270,6 +270,10 @@ def _attention_sink(adapter, stats: AttentionStats) -> Sink:
     return sink
 
 
+attention_sink = _attention_sink
+"""public name of the sink that feeds an AttentionStats from the rope taps (rankprobe.monitor)"""
+
+
 def attention_lenses(model, tokens: torch.Tensor, batch_size: int) -> list[dict]:
     """Attention entropy and max pre-softmax logit per layer and head on `tokens` (N, T): the rows
     of `AttentionStats.rows` (metrics kind `attn`). A pass of its own; see `probe_lenses` for one

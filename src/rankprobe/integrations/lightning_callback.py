@@ -1,0 +1,58 @@
+"""A Lightning `Callback` that runs RankProbe's Monitor inside `Trainer.fit()` (docs/api.md).
+
+    trainer = L.Trainer(callbacks=[RankProbeCallback(every=100, module="model")])
+
+`module` names the attribute of the LightningModule that holds the network (or is a function of the
+LightningModule returning it); by default the LightningModule itself. Every `every`-th optimizer step
+is measured from its own training forward passes: the hooks open at the batch's start when
+`trainer.global_step` is due and close at the end of the batch that steps the optimizer. The flat
+scalars (`rankprobe/k_pr/L03`, …) go to the Trainer's loggers; with `out` the rows also go to
+out/metrics.jsonl and the Monitor's sinks (main process only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+
+from ..monitor import Monitor
+
+
+class RankProbeCallback(L.Callback):
+    """every, taps, attention, weights, out, sinks, …: as `Monitor`. `rows`: every row measured so far."""
+
+    def __init__(self, every: int = 100, module: str | Callable | None = None, **monitor_kwargs):
+        self.every, self.module, self.kwargs = every, module, monitor_kwargs
+        self.monitor: Monitor | None = None
+        self.rows: list[dict] = []
+        self._open_step: int | None = None
+
+    def _network(self, pl_module):
+        if self.module is None:
+            return pl_module
+        return self.module(pl_module) if callable(self.module) else getattr(pl_module, self.module)
+
+    def on_train_start(self, trainer, pl_module):
+        if self.monitor is None:
+            self.monitor = Monitor(self._network(pl_module), every=self.every, **self.kwargs)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._open_step is None and self.monitor.start(trainer.global_step):
+            self._open_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # under gradient accumulation the step closes on the batch that moved global_step on
+        if self._open_step is None or trainer.global_step == self._open_step:
+            return
+        self._open_step = None
+        rows = self.monitor.finish()
+        self.rows += rows
+        if rows and trainer.loggers:
+            values = self.monitor.scalars()
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=rows[0]["step"])
+
+    def on_train_end(self, trainer, pl_module):
+        if self.monitor is not None:
+            self.monitor.close()

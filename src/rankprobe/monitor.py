@@ -1,0 +1,246 @@
+"""`Monitor`: RankProbe's lenses on any model, inside anyone's training loop (docs/api.md).
+
+It finds the attention layers once (`probes.capture.adapter_for`: RankProbe's Transformer, the
+Hugging Face families of probes/families.py, or any nn.Module from `Patterns`), through DDP and
+torch.compile wrappers, and measures in one of two ways:
+
+- **fixed probe batch** (`probe(tokens)`): a no-grad pass over the same tokens every time, exactly
+  what `rankprobe train`'s probe checkpoints do (the trainer calls this very method);
+- **from the training forward** (`watch(step)`, or `start` / `finish`): at every `every`-th step,
+  hooks fold the training forward's own q/k/v into the same float64 statistics; no extra forward.
+
+Rows come back in the metrics.jsonl schema (docs/metrics.md; `probe`, `attn`, `weights`), and as
+flat scalars (`sinks.scalars`); with `out` they are also written to out/metrics.jsonl and its sinks.
+Under torch.distributed every statistic is all-reduced (dist.reduce_probe_stats) so that each rank
+holds the rows a single process would compute on all ranks' tokens; rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import UserError
+from .dist import Dist, reduce_probe_stats, shard_rows
+from .probes.adapters import AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
+from .probes.capture import Key, adapter_for, covariance_sink
+from .probes.lenses import AttentionStats, attention_sink, probe_lenses, spectral_rows, weight_lenses
+from .probes.spectra import CovStats
+from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable
+from .sinks import open_sinks, scalars
+
+__all__ = ["Monitor", "Patterns", "AttentionSpec", "unwrap", "current_dist", "flat_scalars"]
+
+
+def unwrap(model):
+    """The module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, in any nesting.
+    FSDP2's `fully_shard` keeps the module itself, with its names."""
+    while hasattr(model, "_orig_mod") or type(model).__name__ == "DistributedDataParallel":
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def current_dist() -> Dist:
+    """This process's place in the torch.distributed group when one is initialised, else Dist()."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist()
+
+
+def flat_scalars(rows: list[dict]) -> dict[str, float]:
+    """Rows (each with its `kind`) -> one dict of flat scalar names (`rankprobe/k_pr/L03`) -> values."""
+    out: dict[str, float] = {}
+    for row in rows:
+        out.update(scalars(row["kind"], row))
+    return out
+
+
+def _head_dim(module, heads: int, kv_heads: int, patterns: Patterns) -> int:
+    """Head width from a projection's output features: q is H·D wide, a fused QKV (H + 2·Hkv)·D."""
+    out = module.weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
+    return out // (heads + 2 * kv_heads if patterns.qkv else heads)
+
+
+class Monitor:
+    """Key spectra, attention entropy / max logit and weight spectra of `model`'s attention layers.
+
+    model      RankProbe's Transformer, a supported Hugging Face causal LM, or any nn.Module with
+               `patterns` (and `heads`); wrapped in DDP or torch.compile or not.
+    patterns   `Patterns` for a model without a built-in adapter (module names; fused QKV allowed);
+               with `heads`, `kv_heads` (default heads), `head_dim` (default: from the projection)
+               and `attention` (an AttentionSpec; default causal, scale 1/sqrt(head_dim)).
+    every      the cadence of `watch` / `start`: steps 0, every, 2·every, …
+    taps       tap names to report ("proj", "norm", "rope"; default all). Attention uses rope.
+    attention  the attention lens (entropy, max logit); weights: the weight spectra (rank 0's).
+    out        a folder: rows go to out/metrics.jsonl (rank 0) and to `sinks` there ("tensorboard",
+               "wandb", "csv", or callables (kind, row)). `name`, `arm`, `seed` fill its run row.
+    batch_size sequences per forward of the fixed-batch mode.
+    train_forward  False: the fixed-batch mode only, leaving Dynamo's hook guards as they are (the
+               trainer's probes run on the eager model).
+    """
+
+    def __init__(self, model, *, patterns: Patterns | None = None, heads: int | None = None,
+                 kv_heads: int | None = None, head_dim: int | None = None, attention_spec: AttentionSpec | None = None,
+                 every: int = 100, taps=None, attention: bool = True, weights: bool = True,
+                 out: str | Path | None = None, sinks=(), name: str | None = None, arm: str = "monitor",
+                 seed: int = 0, batch_size: int = 8, dist: Dist | None = None, train_forward: bool = True):
+        if every < 1:
+            raise UserError(f"Monitor(every={every}): the cadence must be at least 1 step")
+        self.compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
+        if patterns is not None:
+            if heads is None:
+                raise UserError("Monitor(patterns=...) needs heads= (and kv_heads= under grouped-query attention)")
+            inner = unwrap(model)
+            proj = ModuleAdapter.sub(match_layers(inner, patterns.layers)[0], patterns.qkv or patterns.q)
+            head_dim = head_dim or _head_dim(proj, heads, kv_heads or heads, patterns)
+            self.adapter: TapAdapter = ModuleAdapter(inner, patterns, heads, head_dim, kv_heads,
+                                                     attention=attention_spec)
+        else:
+            self.adapter = adapter_for(model)
+        self.train_forward = train_forward
+        if train_forward and torch._dynamo.config.skip_nnmodule_hook_guards:
+            # A graph compiled without guards on module hooks keeps running without the monitor's hooks
+            # (as optim/qkclip.py found): guard on them from now on (graphs compiled later, e.g. the
+            # regions of a regional compile), and drop the graphs of a visibly compiled model.
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            if self.compiled:
+                torch._dynamo.reset()
+        self.every, self.attention, self.weights, self.batch_size = every, attention, weights, batch_size
+        self.taps = None if taps is None else set(taps)
+        self.dist = dist or current_dist()
+        self.writer = self._open(out, sinks, name, arm, seed)
+        self._handles: list = []
+        self._step: int | None = None
+        self.last: list[dict] = []
+
+    def _open(self, out, sinks, name, arm, seed):
+        if out is None:
+            return None
+        if not self.dist.is_main:
+            return NullWriter()
+        folder = Path(out)
+        ensure_writable(folder)
+        run = name or folder.name
+        a = self.adapter
+        writer = MetricsWriter(folder / METRICS, tuple(open_sinks(sinks, folder, run, {"arm": arm, "seed": seed})))
+        writer.write("run", schema=SCHEMA_VERSION, run=run, arm=arm, seed=seed, n_layer=a.n_layer,
+                     head_dim=a.head_dim, source={"kind": "monitor", "model": type(a.model).__name__})
+        return writer
+
+    # ------------------------------------------------------------------------------------------
+    # fixed probe batch
+
+    def probe(self, tokens: torch.Tensor, step: int = 0, tokens_seen: int | None = None) -> list[dict]:
+        """Every lens on `tokens` (N, T), the whole probe set (the same on every rank: each rank feeds
+        its share and the statistics are merged). Runs in eval mode under no_grad, the caller's
+        autocast included. Returns the rows (each with `kind`, `step`, `tokens`)."""
+        probe, attn = self.lenses(tokens)
+        return self._emit(step, tokens_seen, [("probe", probe), ("attn", attn), ("weights", self._weight_rows())])
+
+    def lenses(self, tokens: torch.Tensor, sharded: bool = False) -> tuple[list[dict], list[dict]]:
+        """The `probe` and `attn` rows of `tokens` (N, T) without step fields, writing nothing.
+        `sharded`: `tokens` is this rank's share already (the trainer's probe set)."""
+        shard = tokens if sharded else shard_rows(self.dist, tokens, "the probe tokens")
+        merge = (lambda cov, attn: reduce_probe_stats(self.dist, cov, attn)) if self.dist.active else None
+        probe, attn = probe_lenses(self.adapter, shard, self.batch_size, attention=self.attention, merge=merge)
+        return self._keep(probe), attn
+
+    def _keep(self, rows: list[dict]) -> list[dict]:
+        return rows if self.taps is None else [r for r in rows if r["tap"] in self.taps]
+
+    def _weight_rows(self) -> list[dict]:
+        return weight_lenses(self.adapter) if self.weights and self.dist.is_main else []
+
+    # ------------------------------------------------------------------------------------------
+    # from the training forward
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def start(self, step: int) -> bool:
+        """Attach the hooks when `step` is due (True), so the training forward passes until `finish`
+        fill the statistics; nothing otherwise (False)."""
+        if self._handles:
+            raise RuntimeError(f"Monitor.start({step}) while step {self._step} is still open; call finish first")
+        if not self.train_forward:
+            raise RuntimeError("this Monitor was made with train_forward=False: use probe(tokens)")
+        if not self.due(step):
+            return False
+        self._step, self._cov, self._attn = step, {}, AttentionStats()
+        cov = covariance_sink(self._cov)
+        att = attention_sink(self.adapter, self._attn) if self.attention else None
+        wanted = self.taps
+
+        def sink(key: Key, x: torch.Tensor) -> None:
+            if wanted is None or key[0] in wanted:
+                cov(key, x)
+            if att is not None:
+                att(key, x)
+
+        # the sink runs eagerly even inside a compiled forward (a graph break at the hook)
+        self._handles = self.adapter.attach(torch.compiler.disable(sink))
+        return True
+
+    def finish(self, tokens_seen: int | None = None) -> list[dict]:
+        """Remove the hooks, merge the statistics across ranks and return (and write) the rows of the
+        step `start` opened; [] when it opened none. Every rank must call it (a collective)."""
+        if not self._handles:
+            return []
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        cov: dict[Key, CovStats] = self._cov
+        if self.dist.active:
+            reduce_probe_stats(self.dist, cov, self._attn)
+        rows = [("probe", spectral_rows(cov)), ("attn", self._attn.rows()), ("weights", self._weight_rows())]
+        self._cov, self._attn = {}, None
+        return self._emit(self._step, tokens_seen, rows)
+
+    @contextmanager
+    def watch(self, step: int, tokens_seen: int | None = None):
+        """`with monitor.watch(step): loss = model(x, y)`: `start` before the block, `finish` after it
+        (the rows are then in `monitor.last`)."""
+        self.start(step)
+        try:
+            yield self
+        except BaseException:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+            raise
+        self.finish(tokens_seen)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _emit(self, step: int, tokens_seen: int | None, kinds: list[tuple[str, list[dict]]]) -> list[dict]:
+        out = []
+        for kind, rows in kinds:
+            for row in rows:
+                out.append({"kind": kind, "step": step, "tokens": tokens_seen, **row})
+                if self.writer is not None:
+                    self.writer.write(kind, step=step, tokens=tokens_seen, **row)
+        self.last = out
+        return out
+
+    def scalars(self) -> dict[str, float]:
+        """The last rows as flat scalars (`rankprobe/k_pr/L03`, `rankprobe/attn_entropy/L03`, …)."""
+        return flat_scalars(self.last)
+
+    def log(self, kind: str, step: int, tokens_seen: int | None = None, **row) -> None:
+        """Write a row of the caller's (e.g. kind "train" with loss=...) beside the monitor's."""
+        if self.writer is not None:
+            self.writer.write(kind, step=step, tokens=tokens_seen, **row)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+

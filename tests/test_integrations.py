@@ -1,0 +1,156 @@
+"""The Monitor inside real framework loops on the CPU, a few steps of tiny models: the transformers
+Trainer, Lightning, and the plain nanoGPT-style loop of examples/. Each measurement is checked against
+a fixed-batch probe of a copy of the model as it was, on the very batch the loop fed it."""
+
+import copy
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankprobe import Monitor
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nanogpt_loop.py"
+
+
+def _same(rows, want, kinds=("probe", "attn")):
+    got = [r for r in rows if r["kind"] in kinds]
+    want = [r for r in want if r["kind"] in kinds]
+    assert [(r["kind"], r.get("tap"), r.get("tensor"), r["layer"]) for r in got] == \
+           [(r["kind"], r.get("tap"), r.get("tensor"), r["layer"]) for r in want]
+    for a, b in zip(want, got):
+        for m in ("pr", "erank", "rankme", "entropy", "max_logit"):
+            if m in a:
+                assert b[m] == pytest.approx(a[m], rel=1e-5), (a["kind"], m, a["layer"])
+        assert b.get("n") == a.get("n")
+
+
+class _Batches:
+    """The input_ids of every training-mode forward of `model`, and its weights just before it."""
+
+    def __init__(self, model):
+        self.model, self.inputs, self.states = model, [], []
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        if module.training:  # not the monitor's own fixed-batch passes (eval mode)
+            self.inputs.append((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).detach().clone())
+            self.states.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    def model_at(self, i):
+        """A hook-free copy of the model with the weights of forward i."""
+        self.handle.remove()
+        hooks = [(m, m._forward_hooks.copy(), m._forward_pre_hooks.copy()) for m in self.model.modules()]
+        for m, _, _ in hooks:  # the copy must not carry anyone's hooks
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        twin = copy.deepcopy(self.model)
+        for m, fwd, pre in hooks:
+            m._forward_hooks.update(fwd)
+            m._forward_pre_hooks.update(pre)
+        twin.load_state_dict(self.states[i])
+        return twin
+
+
+def test_transformers_trainer_callback(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from rankprobe.integrations.hf_callback import RankProbeCallback
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    data = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": x, "labels": x} for x in data]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                          logging_steps=2, disable_tqdm=True, dataloader_num_workers=0)
+    seen = _Batches(model)
+    callback = RankProbeCallback(every=2, out=tmp_path / "rp", weights=False)
+    transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
+    assert sorted({r["step"] for r in callback.rows}) == [0, 2]
+    assert (tmp_path / "rp" / "metrics.jsonl").read_text().count("\n") == 1 + len(callback.rows)
+    for step in (0, 2):  # one forward per step (no accumulation): forward `step` is the step's batch
+        want = Monitor(seen.model_at(step), weights=False).probe(seen.inputs[step])
+        _same([r for r in callback.rows if r["step"] == step], want)
+
+    # the fixed-batch mode: after steps 0 and 4, equal to probing the final model directly
+    probe_set = data[:4]
+    fixed = RankProbeCallback(every=4, probe_tokens=probe_set, weights=False)
+    transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[fixed]).train()
+    assert sorted({r["step"] for r in fixed.rows}) == [0, 4]
+    _same([r for r in fixed.rows if r["step"] == 4], Monitor(model, weights=False).probe(probe_set))
+
+
+def test_lightning_callback(tmp_path):
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from rankprobe.config import load
+    from rankprobe.integrations.lightning_callback import RankProbeCallback
+    from rankprobe.model import Transformer
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            cfg = load("demo", {"model.n_layer": "2", "model.d_model": "32", "model.n_head": "2",
+                                "model.head_dim": "16", "model.seq_len": "16", "model.vocab_size": "64"})
+            self.model = Transformer(cfg.model)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0], batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    torch.manual_seed(0)
+    module = Module()
+    data = torch.randint(0, 64, (24, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+    seen = _Batches(module.model)
+    callback = RankProbeCallback(every=2, module="model", weights=False)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", callbacks=[callback], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, logger=CSVLogger(tmp_path),
+                        log_every_n_steps=1)
+    trainer.fit(module, loader)
+    assert sorted({r["step"] for r in callback.rows}) == [0, 2, 4]
+    for step in (0, 2, 4):
+        want = Monitor(seen.model_at(step), weights=False).probe(seen.inputs[step])
+        _same([r for r in callback.rows if r["step"] == step], want)
+    logged = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"rankprobe/k_pr/L01", "rankprobe/attn_entropy/L00", "rankprobe/proj/v_erank/L01"} <= set(logged)
+
+
+def test_nanogpt_example_runs_its_loop_with_the_five_lines(tmp_path):
+    out = tmp_path / "nanogpt"
+    ns = runpy.run_path(str(EXAMPLE), run_name="example")
+    ns["main"](["--steps", "5", "--every", "2", "--out", str(out)])
+    rows = [r for r in ns["LAST"]["rows"]]
+    assert sorted({r["step"] for r in rows if r["kind"] == "probe"}) == [0, 2, 4]
+    model, batch = ns["LAST"]["model_at_4"], ns["LAST"]["batch_at_4"]
+    _same([r for r in rows if r["step"] == 4], Monitor(model, **ns["TAPS"], weights=False).probe(batch))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert '"kind": "train"' in lines[-1] or any('"kind": "train"' in x for x in lines)
+
+
+def test_monitor_rows_equal_rankprobe_probe_of_the_saved_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from rankprobe.probes.hf import probe_checkpoint_to_dir
+    from rankprobe.runfolder import read_rows
+
+    cfg = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    tokens = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(2))
+    path = probe_checkpoint_to_dir(tmp_path / "ckpt", tokens, tmp_path / "probe", batch_size=4)
+    probed = [r for r in read_rows(path) if r["kind"] in ("probe", "attn", "weights")]
+    ours = Monitor(transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "ckpt"), batch_size=4).probe(tokens, 0, 0)
+    ours = json.loads(json.dumps(ours))
+    assert len(ours) == len(probed)
+    for a, b in zip(ours, probed):
+        assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}

@@ -1,0 +1,171 @@
+"""The public Monitor: fixed-batch rows equal the trainer's probe path, rows from the training forward
+equal a float64 computation by hand, through DDP and torch.compile wrappers, and across 2 gloo ranks."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from rankprobe import Monitor
+from rankprobe.config import UserError, load
+from rankprobe.dist import Dist
+from rankprobe.model import Transformer
+from rankprobe.probes.lenses import probe_lenses, weight_lenses
+
+MODEL = {"model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.head_dim": "16",
+         "model.seq_len": "32", "model.vocab_size": "97"}
+
+
+def _model(qk_norm=False):
+    cfg = load("demo", MODEL | {"model.qk_norm": str(qk_norm).lower()})
+    torch.manual_seed(0)
+    return Transformer(cfg.model)
+
+
+def _tokens(n=8, seed=1):
+    return torch.randint(0, 97, (n, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def _of(rows, kind):
+    return [{k: v for k, v in r.items() if k not in ("kind", "step", "tokens")} for r in rows if r["kind"] == kind]
+
+
+def _no_hooks(model):
+    return all(not m._forward_hooks for m in model.modules())
+
+
+def test_fixed_batch_rows_are_the_trainers_probe_rows():
+    model, tokens = _model(qk_norm=True), _tokens()
+    rows = Monitor(model, batch_size=3).probe(tokens, step=7, tokens_seen=700)
+    probe, attn = probe_lenses(model, tokens, 3)
+    assert _of(rows, "probe") == probe and _of(rows, "attn") == attn and _of(rows, "weights") == weight_lenses(model)
+    assert all(r["step"] == 7 and r["tokens"] == 700 for r in rows)
+    assert _no_hooks(model)
+
+
+def test_training_forward_rows_equal_float64_by_hand_at_the_cadence():
+    model, tokens = _model(), _tokens()
+    keys = []
+    model.blocks[1].attn.hook_k_rope.register_forward_hook(lambda _m, _i, out: keys.append(out.detach()))
+    mon = Monitor(model, every=3, weights=False)
+    seen = {}
+    for step in range(7):
+        with mon.watch(step, tokens_seen=step * tokens.numel()):
+            model(tokens, tokens).backward()  # the user's own training forward and backward
+        if mon.due(step):
+            seen[step] = mon.last
+    assert sorted(seen) == [0, 3, 6] and _no_hooks(model.blocks[0])
+    assert len(model.blocks[1].attn.hook_k_rope._forward_hooks) == 1  # only the test's own hook is left
+    row = next(r for r in seen[6] if (r["kind"], r["tap"], r["tensor"], r["layer"]) == ("probe", "rope", "k", 1))
+    x = keys[-1].double().numpy().reshape(-1, 2, 16)  # (N, H, D)
+    for h in range(2):
+        c = np.cov(x[:, h].T, bias=True)
+        assert row["pr_heads"][h] == pytest.approx(np.trace(c) ** 2 / (c * c).sum(), rel=1e-9)
+    assert row["n"] == tokens.numel() and row["tokens"] == 6 * tokens.numel()
+    # the same tokens probed as a fixed batch give the same statistics (another batching, float rounding)
+    fixed = Monitor(model, weights=False).probe(tokens)
+    for a, b in zip(_of(fixed, "probe") + _of(fixed, "attn"), _of(seen[6], "probe") + _of(seen[6], "attn")):
+        for m in ("pr", "erank", "rankme", "entropy", "max_logit"):
+            if m in a:
+                assert b[m] == pytest.approx(a[m], rel=1e-6)
+    assert set(mon.scalars()) >= {"rankprobe/k_pr/L01", "rankprobe/proj/k_pr/L01", "rankprobe/attn_entropy/L00",
+                                  "rankprobe/attn_max_logit/L01"}
+
+
+def test_taps_limit_the_rows_and_bad_cadence_is_one_line():
+    model = _model()
+    mon = Monitor(model, taps=("rope",), weights=False)
+    with mon.watch(0):
+        model(_tokens(2), _tokens(2))
+    assert {r["tap"] for r in mon.last if r["kind"] == "probe"} == {"rope"}
+    assert {r["tap"] for r in _of(mon.probe(_tokens(2)), "probe")} == {"rope"}
+    with pytest.raises(UserError, match="at least 1"):
+        Monitor(model, every=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_and_compiled_models_are_unwrapped_and_measured_in_their_training_forward():
+    import torch.distributed as td
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, tokens = _model(), _tokens(4)
+    want = Monitor(model, weights=False).probe(tokens)
+    compiled = torch.compile(model, backend="eager")
+    compiled(tokens, tokens)  # compiled once without hooks: the monitor must still see the next forward
+    got = {}
+    mon = Monitor(compiled, weights=False)
+    with mon.watch(0):
+        compiled(tokens, tokens)
+    got["compile"] = mon.last
+    td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        ddp = DDP(model)
+        mon = Monitor(ddp, weights=False)
+        with mon.watch(0):
+            ddp(tokens, tokens).backward()
+        got["ddp"] = mon.last
+    finally:
+        td.destroy_process_group()
+    for name, rows in got.items():
+        assert len(rows) == len(want), name
+        for a, b in zip(want, rows):
+            for m in ("pr", "entropy", "max_logit"):
+                if m in a:
+                    assert b[m] == pytest.approx(a[m], rel=1e-6), (name, m)
+
+
+def _two_rank_worker(rank: int, world: int, port: int, tokens: torch.Tensor, out: str) -> None:
+    import torch.distributed as td
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = _model()
+        mon = Monitor(model, batch_size=2)
+        assert mon.dist == Dist(rank, world, 0)
+        fixed = mon.probe(tokens)  # the same probe set on every rank: each feeds its half
+        half = tokens[rank * 6 : (rank + 1) * 6]  # the training batch: each rank its own half
+        with mon.watch(0):
+            model(half, half).backward()
+        torch.save({"fixed": fixed, "train": mon.last}, f"{out}.{rank}")
+    finally:
+        td.destroy_process_group()
+
+
+def _assert_rows_equal(one, two):
+    assert [(r["kind"], r.get("tap"), r.get("tensor"), r["layer"]) for r in one] == \
+           [(r["kind"], r.get("tap"), r.get("tensor"), r["layer"]) for r in two]
+    for a, b in zip(one, two):
+        for m in ("pr", "erank", "stable_rank", "rankme", "entropy", "max_logit", "spectral_norm"):
+            if m in a:
+                assert b[m] == pytest.approx(a[m], rel=1e-6, abs=1e-9), (a["kind"], m)
+        for m in ("n", "n_rows"):
+            assert b.get(m) == a.get(m)
+
+
+def test_two_gloo_ranks_give_every_rank_the_single_process_rows(tmp_path):
+    tokens = _tokens(12)
+    model = _model()
+    mon = Monitor(model, batch_size=2, dist=Dist())
+    fixed = mon.probe(tokens)
+    with mon.watch(0):
+        model(tokens, tokens)
+    train = mon.last
+    torch.multiprocessing.spawn(_two_rank_worker, args=(2, _free_port(), tokens, str(tmp_path / "rows")), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rows.{rank}", weights_only=False)
+        _assert_rows_equal(fixed, got["fixed"] if rank == 0 else got["fixed"] + _of_weights(fixed))
+        _assert_rows_equal(train, got["train"] if rank == 0 else got["train"] + _of_weights(train))
+
+
+def _of_weights(rows):
+    """The weight rows, which rank 0 alone computes (the weights are replicated)."""
+    return [r for r in rows if r["kind"] == "weights"]
