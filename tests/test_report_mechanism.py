@@ -192,3 +192,17 @@ def test_section_absent_without_mechanism_fields(tmp_path):
     text = build_report(tmp_path).read_text()
     assert "### 4. " in text and "### 5. " not in text and "alignment" not in text
     assert not (tmp_path / "axis_alignment.png").exists() and not (tmp_path / "orthogonality_pr.png").exists()
+
+
+def test_questions_the_arms_cannot_answer_say_why(tmp_path):
+    """An arm written before the lenses beside two that have them: named, never silently dropped."""
+    for seed in SEEDS:
+        write_run(tmp_path, "lion", seed)
+        write_run(tmp_path, "muon", seed)
+        write_run(tmp_path, "sgd", seed, mechanism=False)
+    text = build_report(tmp_path).read_text()
+    assert "`sgd`: not answered, its key rows have no `axis_ratio`." in question(text, 6)
+    assert "Not answered: no optimizer has both an arm without and one with QK-Norm." in question(text, 7)
+    eight = question(text, 8)
+    assert "`sgd`" not in eight and "cannot be assessed, 2 arm(s) with weight rows" in eight
+    assert "Not answered: no two arms differ only in `optim.warmup_frac`" in question(text, 9)

@@ -5,7 +5,9 @@ Spectral figures draw one metric (`Context.metric`: PR by default, or erank, sta
 `aggregate`'s series, with head_dim as a dotted line, the metric's isotropic null for the probe set as
 a long-dashed line, and (PR only) the dead threshold `probe.dead_pr` dashed. The lens figures draw the
 `attn` and `weights` rows (docs/lenses.md), so reports of runs written before the lenses look as they
-did. Trained arms are seed means with 95% bands; pretrained references are dash-dot lines.
+did; the mechanism figures (axis alignment, orthogonality against key PR) need the mechanism lenses
+(docs/lenses.md, section 6). Trained arms are seed means with 95% bands; pretrained references are
+dash-dot lines.
 """
 
 from __future__ import annotations
@@ -240,11 +242,13 @@ def axis_alignment(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
 def orthogonality_pr(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
     """orthogonality_pr.png: per trained arm, final key PR against the mean orth_dev of W_q and W_k
     (seed means, 95% bars both ways); None when fewer than two arms have `orth_dev` weight rows."""
-    points = []
+    points, nulls = [], []
     for arm, group in finished_by_arm(runs).items():
         q, k = (arm_series(group, "weights", "orth_dev", matrix=m) for m in "qk")
         if arm in ctx.references or q is None or k is None:
             continue
+        null = arm_series(group, "weights", "orth_dev_null", matrix="k")
+        nulls += [] if null is None else [round(float(null.at(-1).mean), 3)]
         dev = 0.5 * (q.per_seed()[:, -1] + k.per_seed()[:, -1])
         x, xh = mean_ci(dev)
         y, yh = arm_pr(group, ctx.tap, "k", "pr").trajectory()
@@ -256,6 +260,8 @@ def orthogonality_pr(ctx: Context, runs: list[Run], out_dir: Path) -> Path | Non
         ax.errorbar(x, y, xerr=np.nan_to_num(xh), yerr=np.nan_to_num(yh), color=ctx.colour(arm), marker=marker(arm),
                     markersize=7, markeredgecolor="black", markeredgewidth=0.6, capsize=3, linestyle="none",
                     label=seeds_label(arm, n))
+    for value in sorted(set(nulls)):
+        ax.axvline(value, **NULL_STYLE, label=f"Gaussian null ({value:.3f})")
     ax.set_xlabel("orth_dev of W_q and W_k, mean over layers (0 = orthogonal up to scale)")
     return finish(fig, ax, f"final key PR (tap={ctx.tap})",
                   "Key PR against the orthogonality of W_q, W_k at the final checkpoint (bars = 95% CI over seeds)",

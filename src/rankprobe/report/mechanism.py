@@ -140,6 +140,8 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
             continue
         pr, ratio = prs[arm], arm_series(group, "probe", "axis_ratio", tap=tap, tensor="k")
         for c, t in enumerate(idx.tokens):
+            if t not in pr.tokens:  # a checkpoint whose key rows lack PR
+                continue
             rows.append([_arm(arm), f"{int(t):,}", pm(_at(pr, int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)])
         ai, ci = _first_above(idx, ALIGN_MARGIN), _collapse_index(pr)
         collapse_at = None if ci is None else int(pr.tokens[ci])
