@@ -194,6 +194,17 @@ def test_section_absent_without_mechanism_fields(tmp_path):
     assert not (tmp_path / "axis_alignment.png").exists() and not (tmp_path / "orthogonality_pr.png").exists()
 
 
+def test_alignment_without_collapse_is_unexplained(tmp_path):
+    for seed in SEEDS:
+        write_run(tmp_path, "muon", seed, pr=[40, 38, 36, 35])
+        write_run(tmp_path, "lion", seed, pr=[40, 38, 36, 35])  # aligns from 1M (index 0.3) but keeps PR
+    text = build_report(tmp_path).read_text()
+    assert "`lion`: aligned first at 1,000,000 tokens, collapsed never: **no collapse, aligned anyway**." in text
+    ten = question(text, 10)
+    assert "`lion` aligned with coordinate axes without collapsing." in ten
+    assert "`lion` is coordinate-wise but ends with key PR above 0.5 of its init value" in ten
+
+
 def test_questions_the_arms_cannot_answer_say_why(tmp_path):
     """An arm written before the lenses beside two that have them: named, never silently dropped."""
     for seed in SEEDS:

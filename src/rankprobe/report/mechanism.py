@@ -296,6 +296,8 @@ def unexplained(prs: dict[str, ArmSeries], cls: dict[str, str], timing: dict[str
         if timing.get(arm) in ("after", "collapse without alignment"):
             items.append(f"{_arm(arm)} collapsed " + ("before its keys aligned with coordinate axes"
                                                       if timing[arm] == "after" else "without aligning"))
+        elif timing.get(arm) == "no collapse, aligned anyway":
+            items.append(f"{_arm(arm)} aligned with coordinate axes without collapsing")
     items += odd
     lines = ["### 10. What still goes unexplained", ""]
     if not items:
