@@ -7,6 +7,7 @@ next to them. Data flows one way through the modules:
     series    `ArmSeries`: one quantity of one arm stacked over seeds; every table and figure reads these
     stats     t intervals (`Estimate`) and Spearman, from scipy.stats
     findings  the study's four questions, answered from series
+    mechanism questions 5-10 (why keys collapse), when the rows carry the mechanism lenses
     fmt       the one Markdown table and ± formatter, and the fixed prose (prose.toml)
     plot      the public drawing kit; figures: one function per PNG
     markdown  report.md; scan: scan.md of a learning-rate scan

@@ -5,7 +5,9 @@ Spectral figures draw one metric (`Context.metric`: PR by default, or erank, sta
 `aggregate`'s series, with head_dim as a dotted line, the metric's isotropic null for the probe set as
 a long-dashed line, and (PR only) the dead threshold `probe.dead_pr` dashed. The lens figures draw the
 `attn` and `weights` rows (docs/lenses.md), so reports of runs written before the lenses look as they
-did. Trained arms are seed means with 95% bands; pretrained references are dash-dot lines.
+did; the mechanism figures (axis alignment, orthogonality against key PR) need the mechanism lenses
+(docs/lenses.md, section 6). Trained arms are seed means with 95% bands; pretrained references are
+dash-dot lines.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from rankprobe.report.fmt import fmt_tokens
+from rankprobe.report.mechanism import ALIGN_MARGIN, alignment_index
 from rankprobe.report.metrics import Run, finished_by_arm
 from rankprobe.report.plot import (
     NULL_STYLE, TENSOR_NAME, Context, context, finish, grid_figure, heads_name, heatmap_name, layer_lines,
     legend_right, marker, new_axes, save, seeds_label, series_label, token_axis, trajectory_lines,
 )
-from rankprobe.report.series import ArmSeries, aggregate, arm_series, lens_series
+from rankprobe.report.series import ArmSeries, aggregate, arm_pr, arm_series, lens_series
+from rankprobe.report.stats import mean_ci
 
 LOG_RANGE = 30.0
 """max logit is drawn on a log axis when its largest value is this many times its smallest (all > 0)"""
@@ -219,6 +223,51 @@ def weight_spectra(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
                   out_dir / "weight_spectra.png")
 
 
+def axis_alignment(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
+    """axis_alignment.png: the key alignment index (axis_ratio − null)/(1 − null) at the headline tap
+    vs tokens (0 = a random rotation of the spectrum, 1 = axis-aligned); None without mechanism rows."""
+    trained = {a: g for a, g in finished_by_arm(runs).items() if a not in ctx.references}
+    series = {a: s for a, s in ((a, alignment_index(g, ctx.tap)) for a, g in trained.items()) if s is not None}
+
+    def style(ax):
+        ax.axhline(0.0, **NULL_STYLE, label="random-rotation null")
+        ax.axhline(ALIGN_MARGIN, color="dimgray", linestyle="--", linewidth=1.0,
+                   label=f"aligned above {ALIGN_MARGIN:g}")
+
+    return _lens_trajectory(ctx, series, "key alignment index, mean over layers",
+                            f"Axis alignment of the key covariance (tap={ctx.tap}; band = 95% CI over seeds)",
+                            out_dir / "axis_alignment.png", style) if series else None
+
+
+def orthogonality_pr(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
+    """orthogonality_pr.png: per trained arm, final key PR against the mean orth_dev of W_q and W_k
+    (seed means, 95% bars both ways); None when fewer than two arms have `orth_dev` weight rows."""
+    points, nulls = [], []
+    for arm, group in finished_by_arm(runs).items():
+        q, k = (arm_series(group, "weights", "orth_dev", matrix=m) for m in "qk")
+        if arm in ctx.references or q is None or k is None:
+            continue
+        null = arm_series(group, "weights", "orth_dev_null", matrix="k")
+        nulls += [] if null is None else [round(float(null.at(-1).mean), 3)]
+        dev = 0.5 * (q.per_seed()[:, -1] + k.per_seed()[:, -1])
+        x, xh = mean_ci(dev)
+        y, yh = arm_pr(group, ctx.tap, "k", "pr").trajectory()
+        points.append((arm, float(x), float(xh), float(y[-1]), float(yh[-1]), dev.size))
+    if len(points) < 2:
+        return None
+    fig, ax = new_axes()
+    for arm, x, xh, y, yh, n in points:
+        ax.errorbar(x, y, xerr=np.nan_to_num(xh), yerr=np.nan_to_num(yh), color=ctx.colour(arm), marker=marker(arm),
+                    markersize=7, markeredgecolor="black", markeredgewidth=0.6, capsize=3, linestyle="none",
+                    label=seeds_label(arm, n))
+    for value in sorted(set(nulls)):
+        ax.axvline(value, **NULL_STYLE, label=f"Gaussian null ({value:.3f})")
+    ax.set_xlabel("orth_dev of W_q and W_k, mean over layers (0 = orthogonal up to scale)")
+    return finish(fig, ax, f"final key PR (tap={ctx.tap})",
+                  "Key PR against the orthogonality of W_q, W_k at the final checkpoint (bars = 95% CI over seeds)",
+                  out_dir / "orthogonality_pr.png")
+
+
 def build_figures(runs: list[Run], out_dir: str | Path, tap: str | None = None, tensor: str = "k",
                   metric: str | None = None) -> list[Path]:
     """Every figure of the report for `metric` (default 'pr'); returns the written paths. Figures whose
@@ -227,5 +276,6 @@ def build_figures(runs: list[Run], out_dir: str | Path, tap: str | None = None, 
     prs = aggregate(runs, ctx.tap, tensor, ctx.metric)
     paths = [pr_trajectory(ctx, prs, out), layer_comparison(ctx, prs, out), *heatmaps(ctx, prs, out),
              *head_heatmaps(ctx, prs, out), *(f(ctx, runs, out) for f in
-                                              (loss_curves, attention_entropy, max_logit, weight_spectra))]
+                                              (loss_curves, attention_entropy, max_logit, weight_spectra,
+                                               axis_alignment, orthogonality_pr))]
     return [p for p in paths if p is not None]

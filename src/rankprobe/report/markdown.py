@@ -17,6 +17,7 @@ from pathlib import Path
 from rankprobe.config import flatten
 from rankprobe.report.findings import findings_section
 from rankprobe.report.fmt import fmt_tokens, pm, prose, table
+from rankprobe.report.mechanism import mechanism_section
 from rankprobe.report.metrics import (
     METRIC_NAME, Run, arm_key, check_metric, default_tap, find_runs, split_arms,
 )
@@ -179,7 +180,10 @@ def _figure_section(out_dir: Path, arms: list[str], references: list[str], label
                ("loss_curves.png", "Training and validation loss"),
                ("attention_entropy.png", "Normalised attention entropy vs training tokens"),
                ("max_logit.png", "Largest pre-softmax attention logit vs training tokens"),
-               ("weight_spectra.png", "Stable rank of W_k per layer at the final checkpoint")]
+               ("weight_spectra.png", "Stable rank of W_k per layer at the final checkpoint"),
+               ("axis_alignment.png", "Key axis-alignment index vs training tokens (0 = random rotation, 1 = "
+                "axis-aligned)"),
+               ("orthogonality_pr.png", "Key PR against the orthogonality of W_q and W_k at the final checkpoint")]
     names = None if written is None else {Path(p).name for p in written}
     lines = ["## Figures", ""]
     for name, caption in figures:
@@ -308,7 +312,7 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
         lines += _headline_section(list(heads.values()), tap, tensor, metric, head_dim, dead_pr, diverged)
         if arms:
             val = {a: heads[a].val_loss.mean for a in arms}
-            lines += findings_section(arms, prs, runs, dead_pr, val, label)
+            lines += findings_section(arms, prs, runs, dead_pr, val, label) + mechanism_section(arms, tap)
         if has_rows(runs, "attn"):
             lines += _lens_section("## Attention at the final checkpoint", prose("lenses", "attention"), runs,
                                    ATTENTION_COLUMNS, heads, label)
