@@ -43,7 +43,7 @@ COLLAPSE_FRACTION = 0.5
 """an arm has collapsed once its mean key PR is below this fraction of its value at init"""
 ALIGN_MARGIN = 0.1
 """an arm is axis-aligned once its alignment index (axis_ratio − null)/(1 − null) exceeds this"""
-WARMUP_SKIP = {"name", "out", "train.seed", "train.progress", "train.tensorboard", "optim.warmup_frac"}
+WARMUP_SKIP = {"name", "arm", "out", "train.seed", "train.progress", "train.tensorboard", "optim.warmup_frac"}
 
 
 def optimizer_class(optimizer: str) -> str:
