@@ -96,6 +96,28 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--force", action="store_true", help="retrain every value from scratch")
     _parallel_options(sc, "runs")
 
+    _probe_parser(sub)
+    r = sub.add_parser("report", allow_abbrev=False, help="rebuild figures and report.md from metrics files",
+                       description="Rebuild every figure and report.md under DIR from its metrics.jsonl files alone.")
+    r.add_argument("dir", metavar="DIR")
+    r.add_argument("--metric", choices=("pr", "erank", "stable_rank", "rankme"), default="pr",
+                   help="spectral metric for the figures and headline (default: pr)")
+    r.add_argument("--tap", choices=("proj", "norm", "rope"),
+                   help="key tap for the headline (default: the runs' probe.tap)")
+
+    e = sub.add_parser("export", allow_abbrev=False, help="metrics files as CSV, Parquet or TensorBoard",
+                       description="Write every run under DIR in the long format of `rankprobe.load` (one line per "
+                                   "number: run, arm, seed, step, tokens, kind, tap, tensor, layer, head, metric, "
+                                   "value) as metrics.csv or metrics.parquet, or replay its rows into TensorBoard "
+                                   "event files (one folder per run under tensorboard/).")
+    e.add_argument("dir", metavar="DIR")
+    e.add_argument("--to", required=True, choices=("csv", "parquet", "tensorboard"), help="the format")
+    e.add_argument("--out", help="output folder (default: DIR)")
+    return p
+
+
+def _probe_parser(sub) -> None:
+    """`rankprobe probe`: checkpoints RankProbe did not train (probes/hf.py)."""
     pr = sub.add_parser("probe", allow_abbrev=False, help="probe checkpoints RankProbe did not train",
                         description="Probe CHECKPOINT — a Hugging Face causal LM folder (every family in "
                                     "docs/probes.md) or a RankProbe run folder — with every lens, into a metrics "
@@ -119,24 +141,6 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="fp32",
                     help="weights and activations (default: fp32); the statistics are float64 either way")
     pr.add_argument("--force", action="store_true", help="replace an earlier probe in the output folder")
-
-    r = sub.add_parser("report", allow_abbrev=False, help="rebuild figures and report.md from metrics files",
-                       description="Rebuild every figure and report.md under DIR from its metrics.jsonl files alone.")
-    r.add_argument("dir", metavar="DIR")
-    r.add_argument("--metric", choices=("pr", "erank", "stable_rank", "rankme"), default="pr",
-                   help="spectral metric for the figures and headline (default: pr)")
-    r.add_argument("--tap", choices=("proj", "norm", "rope"),
-                   help="key tap for the headline (default: the runs' probe.tap)")
-
-    e = sub.add_parser("export", allow_abbrev=False, help="metrics files as CSV, Parquet or TensorBoard",
-                       description="Write every run under DIR in the long format of `rankprobe.load` (one line per "
-                                   "number: run, arm, seed, step, tokens, kind, tap, tensor, layer, head, metric, "
-                                   "value) as metrics.csv or metrics.parquet, or replay its rows into TensorBoard "
-                                   "event files (one folder per run under tensorboard/).")
-    e.add_argument("dir", metavar="DIR")
-    e.add_argument("--to", required=True, choices=("csv", "parquet", "tensorboard"), help="the format")
-    e.add_argument("--out", help="output folder (default: DIR)")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
