@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .config import UserError
+from .errors import FolderError, MetricsError
 
 METRICS = "metrics.jsonl"
 METRICS_NAMES = (METRICS, f"{METRICS}.gz", f"{METRICS}.xz")
@@ -58,10 +58,6 @@ EXIT_DIVERGED = 1
 """exit code of `rankprobe train` for a run that diverged: recorded (an `end` row), but without a result"""
 
 ENDED = ("finished", "diverged")
-
-
-class MetricsError(UserError, ValueError):
-    """A metrics file that cannot be read: a corrupt line that is not a torn last line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,31 +182,45 @@ def finite(v):
 
 
 class MetricsWriter:
-    """Append-only JSONL, one flushed line per row, NaN/inf written as null, each row also handed to
+    """Append-only JSONL, one whole line per row, NaN/inf written as null, each row also handed to
     `mirrors` (callables of (kind, row), e.g. runlog.TensorBoardMirror).
 
     Tracks the file's byte length and SHA-256 as it grows: a checkpoint records both, so a resume can
-    prove the file is the one it saw and cut it back to that point.
+    prove the file is the one it saw and cut it back to that point. A write that fails (a full disk)
+    cuts the file back to its last whole row and raises FolderError: never a torn line. The file is
+    opened without following a link planted under its name.
     """
 
     def __init__(self, path: Path, mirrors: tuple = ()):
-        self.file = open(path, "ab")
-        self.hash = hashlib.sha256(Path(path).read_bytes())
-        self.bytes = self.file.tell()
+        self.path = Path(path)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise FolderError(f"cannot open {path}: {e.strerror or e} (a link or a folder in its place?)") from None
+        self.bytes = os.fstat(self.fd).st_size
+        self.hash = hashlib.sha256()
+        for offset in range(0, self.bytes, 1 << 20):
+            self.hash.update(os.pread(self.fd, 1 << 20, offset))
         self.mirrors = mirrors
 
     def write(self, kind: str, **row) -> None:
         row = {"kind": kind, **{k: finite(v) for k, v in row.items()}}
         line = (json.dumps(row) + "\n").encode()
-        self.file.write(line)
-        self.file.flush()
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            os.ftruncate(self.fd, self.bytes)  # the last whole row stays the last line
+            raise FolderError(f"cannot write to {self.path}: {e.strerror or e}; the run stopped after its last "
+                              "whole row (free some space, then --resume)") from None
         self.hash.update(line)
         self.bytes += len(line)
         for mirror in self.mirrors:
             mirror(kind, row)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
         for mirror in self.mirrors:
             getattr(mirror, "close", lambda: None)()
 
@@ -273,6 +283,55 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
+def is_run(folder: str | Path) -> bool:
+    """Whether `folder` holds a RankProbe run: a metrics file that starts with a `run` row, or (a run
+    killed before its first row was whole) an empty one beside nothing but RankProbe's own files."""
+    folder = Path(folder)
+    path = metrics_file(folder)
+    if path is None:
+        return False
+    with warnings.catch_warnings():  # a torn last line is the reader's to report, once
+        warnings.simplefilter("ignore")
+        rows = read_rows(path)
+    if header(rows) is not None:
+        return True
+    own = {*OUTPUTS, LOCK, "tensorboard"}
+    return not rows and all(p.name in own or _is_temp(p) for p in folder.iterdir())
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def first_missing(folder: str | Path) -> Path | None:
+    """The topmost folder on the way to `folder` that does not exist yet (what creating it creates)."""
+    folder, top = Path(folder).absolute(), None
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder, top = folder.parent, folder
+    return top
+
+
+def remove_unused(folder: str | Path, top: Path) -> None:
+    """Undo the creation of `folder` (and its parents up to `top`) by a run that failed before writing
+    anything of its own: only the lock, temporary files and empty folders are removed, so a folder
+    holding anything else stays as it is."""
+    folder = Path(folder).absolute()
+    try:
+        held = list(folder.iterdir())
+        empty_dir = lambda p: p.is_dir() and not p.is_symlink() and not any(p.iterdir())  # noqa: E731
+        if not all(p.name == LOCK or _is_temp(p) or empty_dir(p) for p in held):
+            return
+        for p in held:
+            p.rmdir() if empty_dir(p) else p.unlink()
+        while True:
+            folder.rmdir()
+            if folder == top or folder.parent == folder:
+                break
+            folder = folder.parent
+    except OSError:
+        pass  # something else lives there: keep it
+
+
 def stale_temp_files(folder: Path, name: str) -> list[Path]:
     """Temporary files `atomic_file` left for `name` in `folder` (a kill mid-write); safe to remove."""
     return sorted(Path(folder).glob(f".{name}.*.tmp"))
@@ -286,7 +345,7 @@ def ensure_writable(folder: Path) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+        raise FolderError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,18 +364,18 @@ def folder_lock(folder: Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise UserError(f"cannot open lock file {path}: {e.strerror or e} (a link or a folder in its place?)") from None
+        raise FolderError(f"cannot open lock file {path}: {e.strerror or e} (a link or a folder in its place?)") from None
     f = os.fdopen(fd, "r+", encoding="utf-8")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = f.read().strip() or "?"
         f.close()
-        raise UserError(f"{folder} is in use by another rankprobe process (pid {holder}); wait for it to end or "
+        raise FolderError(f"{folder} is in use by another rankprobe process (pid {holder}); wait for it to end or "
                         "use another --out") from None
     except OSError as e:  # e.g. a network file system without flock
         f.close()
-        raise UserError(f"cannot lock {path}: {e.strerror or e}") from None
+        raise FolderError(f"cannot lock {path}: {e.strerror or e}") from None
     try:
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
