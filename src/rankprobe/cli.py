@@ -150,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 raise UserError(f"unexpected arguments: {' '.join(rest)}")
             return _report(args)
-        if args.command == "_arm":
+        if args.command == "_arm":  # the worker of a parallel sweep: its resolved config on stdin
             from .config import from_dict
+            from .sweep import die_with_parent
 
-            return _train(from_dict(json.loads(Path(args.config).read_text())), args)
+            die_with_parent()
+            text = sys.stdin.read() if args.config == "-" else Path(args.config).read_text()
+            return _train(from_dict(json.loads(text)), args)
         overrides = parse_overrides(rest)
         if args.command == "scan":
             return _scan(load(args.config, overrides), args)
@@ -168,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rankprobe: error: {e}", file=sys.stderr)
         elif not isinstance(e, MirroredError):  # rank 0 printed the mirrored ones already
             print(f"rankprobe: error (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # the machine refused a file operation: a read-only folder, a full disk, a bad path
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"rankprobe: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rankprobe: interrupted", file=sys.stderr)

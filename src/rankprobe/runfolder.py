@@ -29,6 +29,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -113,9 +114,89 @@ def parse_rows(data: bytes | str, path: Path | str) -> list[dict]:
             if k == len(numbered) - 1:
                 warnings.warn(f"{path}: dropped torn last line {lineno} (a crash mid-write?)", stacklevel=3)
                 break
-            raise MetricsError(f"{path}, line {lineno}: corrupt metrics row ({e})") from None
+            raise MetricsError(f"{path}, line {lineno}: corrupt metrics row ({str(e)[:80]})") from None
+        problem = row_problem(row)
+        if problem:
+            raise MetricsError(f"{path}, line {lineno}: bad metrics row ({problem}); see docs/metrics.md")
         rows.append(row)
     return rows
+
+
+# The types of the fields docs/metrics.md gives, per kind: a row whose field has another type is refused
+# with its file and line (a reader further on would fail on it with a traceback, or silently misdraw).
+# Unknown kinds and keys pass (later versions add them). "num": a number, or null for NaN/inf.
+_AT = {"step": "int", "tokens": "int"}
+_KINDS = {
+    "run": {"schema": "int", "run": "str", "arm": "str", "optimizer": "str", "qk_norm": "bool", "seed": "int",
+            "config": "dict", "env": "dict", "n_params": "int", "param_groups": "dict", "ns_dtype": "str?",
+            "head_dim": "int", "n_layer": "int", "probe_checkpoints": "ints", "data": "dict", "source": "dict",
+            "series": "dict", "checkpoints": "list", "seq_len": "int", "max_positions": "int", "dtype": "str"},
+    "train": {**_AT, "loss": "num", "lr_scale": "num", "grad_norm": "num", "step_time_s": "num",
+              "qk_clipped": "int"},
+    "eval": {**_AT, "val_loss": "num", "val_tokens": "int"},
+    "probe": {**_AT, "tap": "str", "tensor": "str", "layer": "int", "n": "int", "dim": "int",
+              **{f"{m}{x}": t for m in ("pr", "erank", "stable_rank", "rankme")
+                 for x, t in (("", "num"), ("_heads", "nums"), ("_null", "num"))}, "mean_norm": "nums"},
+    "attn": {**_AT, "layer": "int", "n_rows": "int", "seq_len": "int", "entropy_max": "num",
+             **{f"{m}{x}": t for m in ("entropy", "entropy_norm", "max_logit") for x, t in (("", "num"), ("_heads", "nums"))}},
+    "weights": {**_AT, "layer": "int", "matrix": "str", "shape": "ints",
+                **{f"{m}{x}": t for m in ("spectral_norm", "stable_rank", "erank") for x, t in (("", "num"), ("_heads", "nums"))}},
+    "update": {**_AT, "layer": "int", "matrix": "str", "update_rms": "num", "update_rel": "num"},
+    "end": {**_AT, "wall_s": "num", "status": "str", "reason": "str", "loss": "num", "checkpoint_step": "int?",
+            **dict.fromkeys(PHASE_FIELDS + ("probe_wait_s",), "num")},
+}
+_REQUIRED = {"run": ("run", "arm", "seed", "config", "head_dim", "n_layer"), "train": ("step", "tokens", "loss"),
+             "eval": ("step", "tokens", "val_loss"), "probe": ("step", "tokens", "tap", "tensor", "layer", "pr"),
+             "attn": ("step", "tokens", "layer"), "weights": ("step", "tokens", "layer", "matrix"),
+             "update": ("step", "tokens", "layer", "matrix"), "end": ("step", "tokens")}
+
+
+def _is(value, kind: str) -> bool:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return {"int": integer, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+            "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
+            "num": lambda v: v is None or number(v), "str?": lambda v: v is None or isinstance(v, str),
+            "int?": lambda v: v is None or integer(v),
+            "ints": lambda v: isinstance(v, list) and all(integer(x) for x in v),
+            "nums": lambda v: isinstance(v, list) and all(x is None or number(x) for x in v)}[kind](value)
+
+
+def row_problem(row: dict) -> str | None:
+    """What is wrong with a parsed row's fields (docs/metrics.md), or None."""
+    kind = row.get("kind")
+    if not isinstance(kind, str):
+        return "no string `kind`"
+    types = _KINDS.get(kind, {})
+    for key in _REQUIRED.get(kind, ()):
+        if key not in row:
+            return f"a {kind} row without `{key}`"
+    for key, value in row.items():
+        if key in types and not _is(value, types[key]):
+            return f"`{key}` of a {kind} row is {json.dumps(value)[:40]}, not {types[key].rstrip('?')}"
+    return _config_problem(row["config"]) if kind == "run" else None
+
+
+def _config_problem(config: dict) -> str | None:
+    """A run row's `config` must have the config tree's shape where it has its keys (older runs lack some)."""
+    import typing
+
+    from .config import Config, all_keys
+
+    sections = {name: tp for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp)}
+    for name, value in config.items():
+        if name in sections and not isinstance(value, dict):
+            return f"`config.{name}` is {json.dumps(value)[:40]}, not a table"
+    for key in all_keys():
+        section, _, leaf = key.partition(".")
+        if section not in sections or leaf not in config.get(section, {}):
+            continue
+        tp = typing.get_type_hints(sections[section])[leaf]
+        origin = typing.get_origin(tp) or tp
+        want = {int: "int", float: "num", str: "str", bool: "bool", list: "list", tuple: "list", dict: "dict"}[origin]
+        if not _is(config[section][leaf], want):
+            return f"`config.{key}` is {json.dumps(config[section][leaf])[:40]}, not {want}"
+    return None
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -290,6 +290,9 @@ def _open_metrics(cfg: Config, run_dir: Path, state: dict | None, run_row: RunHe
     cut metrics.jsonl back to the checkpoint and note this process in env.json."""
     metrics_path = run_dir / METRICS
     purge = state["tokens_seen"] + 1 if state else None
+    if cfg.train.tensorboard and (run_dir / "tensorboard").is_symlink():
+        raise FolderError(f"{run_dir / 'tensorboard'} is a link; RankProbe writes TensorBoard events only into a "
+                          "folder of its own")
     mirrors = (TensorBoardMirror(run_dir / "tensorboard", purge),) if cfg.train.tensorboard else ()
     if state is None:
         for path in [*(run_dir / n for n in OUTPUTS), *stale_temp_files(run_dir, CHECKPOINT)]:

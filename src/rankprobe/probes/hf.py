@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
-from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable
+from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable, write_json
 from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
@@ -219,8 +219,8 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
         run["source"] = source
     else:
         run["series"] = source | {"path": str(Path(seen[0]["path"]).parent)}
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    write_json(out_dir / "config.json", cfg)  # atomic: never through a link planted under the name
+    write_json(out_dir / "env.json", env)
     end = {"step": seen[-1]["step"], "tokens": seen[-1]["tokens"], "wall_s": time.perf_counter() - t0,
            "status": "finished"}
     _write(out_dir / "metrics.jsonl", [("run", run)] + rows + [("end", end)])
