@@ -145,10 +145,11 @@ _KINDS = {
     "end": {**_AT, "wall_s": "num", "status": "str", "reason": "str", "loss": "num", "checkpoint_step": "int?",
             **dict.fromkeys(PHASE_FIELDS + ("probe_wait_s",), "num")},
 }
-_REQUIRED = {"run": ("run", "arm", "seed", "config", "head_dim", "n_layer"), "train": ("step", "tokens", "loss"),
-             "eval": ("step", "tokens", "val_loss"), "probe": ("step", "tokens", "tap", "tensor", "layer", "pr"),
+# The fields a reader indexes directly in rows of these kinds (the run, train and end rows are read
+# field by field with defaults, and rows of older versions lack some fields).
+_REQUIRED = {"eval": ("step", "tokens", "val_loss"), "probe": ("step", "tokens", "tap", "tensor", "layer", "pr"),
              "attn": ("step", "tokens", "layer"), "weights": ("step", "tokens", "layer", "matrix"),
-             "update": ("step", "tokens", "layer", "matrix"), "end": ("step", "tokens")}
+             "update": ("step", "tokens", "layer", "matrix")}
 
 
 def _is(value, kind: str) -> bool:
@@ -174,7 +175,7 @@ def row_problem(row: dict) -> str | None:
     for key, value in row.items():
         if key in types and not _is(value, types[key]):
             return f"`{key}` of a {kind} row is {json.dumps(value)[:40]}, not {types[key].rstrip('?')}"
-    return _config_problem(row["config"]) if kind == "run" else None
+    return _config_problem(row["config"]) if kind == "run" and "config" in row else None
 
 
 def _config_problem(config: dict) -> str | None:
