@@ -105,13 +105,13 @@ def _read_bytes(path: Path) -> bytes:
     device such as /dev/zero would block forever or never end. It is opened non-blocking so that even
     opening a FIFO with no writer returns at once."""
     try:
+        _regular(path, os.stat(path))  # a socket cannot even be opened
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise DataError(f"cannot read corpus file {path}: {e.strerror or e}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"corpus file {path} is not a regular file (a pipe, socket or device); give a file")
+        _regular(path, st)  # what was opened, in case the name changed hands in between
         if st.st_size > max_corpus_bytes():
             raise DataError(f"corpus file {path} is {st.st_size / 2**30:.1f} GiB, more than an eighth of this "
                             f"machine's memory ({max_corpus_bytes() / 2**30:.1f} GiB); use a smaller corpus")
@@ -119,6 +119,11 @@ def _read_bytes(path: Path) -> bytes:
             return f.read(st.st_size)  # a file growing while read is cut where it stood
         except OSError as e:
             raise DataError(f"cannot read corpus file {path}: {e.strerror or e}") from None
+
+
+def _regular(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"corpus file {path} is not a regular file (a pipe, socket or device); give a file")
 
 
 def _decode(path: Path, raw: bytes) -> str:

@@ -1,0 +1,504 @@
+"""Bad input and faults, family by family (issue 17): each ends in one `rankprobe: error:` line and exit 2,
+with no traceback, no write outside the folder asked for, nothing changed in a run it refuses, no hang."""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankprobe import checkpoint as ckpt_mod
+from rankprobe.checkpoint import load_checkpoint, save_checkpoint
+from rankprobe.cli import main
+from rankprobe.config import ConfigError, Config, ModelConfig, load, param_count, safe_name, state_bytes
+from rankprobe.data.corpus import load_corpus
+from rankprobe.errors import DataError, FolderError, UserError
+from rankprobe.loop import Checkpointer
+from rankprobe.runfolder import CHECKPOINT, LOCK, METRICS, MetricsWriter, stale_temp_files
+from rankprobe.sweep import scan_configs
+from rankprobe.train import train
+
+# 8 steps of 64 tokens, probed (and checkpointed) at steps 0 and 4: a run in about a second
+TINY = {
+    "model.n_layer": "1", "model.d_model": "32", "model.n_head": "2", "model.head_dim": "16", "model.seq_len": "16",
+    "data.vocab_size": "300", "train.tokens": "512", "train.batch_size": "4", "train.eval_tokens": "64",
+    "train.log_every": "2", "train.progress": "false", "probe.tokens": "64", "probe.checkpoints": "0,256",
+    "train.checkpoint_minutes": "0", "sweep.optimizers": "adamw", "sweep.qk_norm": "false", "sweep.seeds": "0",
+}
+
+
+def flags(overrides: dict) -> list[str]:
+    return [x for k, v in overrides.items() for x in (f"--{k}", v)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "austen.txt"
+    corpus.write_text(load_corpus("embedded").text[:30_000], encoding="utf-8")
+    return {**TINY, "data.corpus": str(corpus), "data.cache_dir": str(root / "cache")}
+
+
+class Crash(BaseException):
+    """What a kill right after a checkpoint leaves, raised in-process (fast, and deterministic)."""
+
+
+@pytest.fixture(scope="module")
+def cutoff(tiny, tmp_path_factory):
+    """A run folder cut off after its checkpoint at step 4: rows up to there, checkpoint.pt, no `end` row."""
+    run = tmp_path_factory.mktemp("cutoff") / "run"
+    save = Checkpointer.save
+
+    def save_then_crash(self, step, *args):
+        save(self, step, *args)
+        if step > 0:
+            raise Crash
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Checkpointer, "save", save_then_crash)
+        with pytest.raises(Crash):
+            train(load("demo", tiny), run)
+    assert load_checkpoint(run / CHECKPOINT)["step"] == 4
+    return run
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(load("demo", tiny), run)
+    return run
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    return lambda src: Path(shutil.copytree(src, tmp_path / "run"))
+
+
+def files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != LOCK}
+
+
+def refused(capsys, argv: list[str], needle: str) -> str:
+    """`rankprobe ARGV` in this process: exit 2 and exactly one `rankprobe: error:` line holding `needle`."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("rankprobe: error: ") and needle in err[0], err
+    return err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. config values, checked before any folder exists
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"optim.lr": "nan"}, "optim.lr must be a finite number"),
+    ({"optim.lr": "inf"}, "optim.lr must be a finite number"),
+    ({"optim.grad_clip": "nan"}, "optim.grad_clip must be a finite number"),
+    ({"optim.betas": "1.5,0.9"}, "optim.betas must each lie in [0, 1)"),
+    ({"optim.eps": "-1"}, "optim.eps must be positive"),
+    ({"model.mlp_hidden": "-5"}, "model.mlp_hidden must be >= 0"),
+    ({"model.init_std": "nan"}, "model.init_std must be a finite number"),
+    ({"train.seed": str(2**70)}, "train.seed is too large for a 64-bit integer"),
+    ({"train.device": "foo"}, "train.device must be auto, cpu, cuda or cuda:N"),
+    ({"model.n_layer": "100000"}, "more than the"),
+    ({"model.d_model": "1e9"}, "more than the"),
+    ({"name": "../../escape"}, "name must be a plain folder name"),
+    ({"name": "/abs"}, "name must be a plain folder name"),
+    ({"sweep.arms": "adamw,adamw"}, "sweep.arms lists adamw more than once"),
+])
+def test_bad_config_values_are_one_line_and_create_nothing(tiny, tmp_path, capsys, override, needle):
+    out = tmp_path / "new" / "run"
+    refused(capsys, ["train", "demo", "--out", str(out), *flags({**tiny, **override})], needle)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_toml_that_sets_a_table_to_a_number_cannot_take_an_override(tmp_path, capsys):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("model = 5\n")
+    refused(capsys, ["train", str(toml), "--model.n_layer", "2", "--out", str(tmp_path / "r")],
+            "model must be a table of settings")
+
+
+@pytest.mark.parametrize("model", [ModelConfig(), ModelConfig(n_kv_head=2, qk_norm=True, tie_embeddings=True),
+                                   ModelConfig(mlp_hidden=100, qk_norm=True, qk_norm_gain=False)])
+def test_the_memory_estimate_counts_the_parameters_the_model_has(model):
+    from rankprobe.model import Transformer
+
+    model.vocab_size = 300
+    with torch.device("meta"):
+        built = Transformer(model)
+    matrices = sum(p.numel() for n, p in built.named_parameters() if p.ndim == 2 and n.startswith("blocks"))
+    assert param_count(model, 300) == (built.num_params(), matrices)
+    cfg = Config(model=model)
+    assert state_bytes(cfg) == 16 * built.num_params()  # AdamW: fp32 weights, grads, two moments
+    muon = Config(model=model, optim=Config().optim.__class__(name="muon"), sweep=Config().sweep.__class__(
+        optimizers=["muon"]))
+    assert state_bytes(muon) == 16 * built.num_params() - 4 * matrices  # one momentum buffer for the matrices
+
+
+def test_allow_large_lets_an_oversized_model_past_the_check(tiny):
+    from rankprobe.train import preflight
+
+    big = load("demo", {**tiny, "model.n_layer": "100000"})
+    with pytest.raises(ConfigError, match="--train.allow_large true"):
+        preflight(big)
+    assert preflight(load("demo", {**tiny, "model.n_layer": "100000", "train.allow_large": "true"})).type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. checkpoints you can trust: every defect found before metrics.jsonl is cut back
+
+
+def _edit_state(run: Path, edit) -> None:
+    state = load_checkpoint(run / CHECKPOINT)
+    edit(state)
+    save_checkpoint(run / CHECKPOINT, {k: v for k, v in state.items() if k != "digest"})  # a fresh digest
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda s: s.update(step=-5), "step -5 lies outside this run's 0..8"),
+    (lambda s: s.update(step=10**12), "lies outside this run's 0..8"),
+    (lambda s: s.update(tokens_seen=5), "tokens_seen 5 is not step 4 x 64"),
+    (lambda s: s["model"].update({k: v.half() for k, v in s["model"].items()}), "is float16 [32, 32] there, float32 [32, 32] in this model"),
+    (lambda s: s["model"].update(extra=torch.ones(1)), "model tensor extra is float32 [1] there, absent"),
+    (lambda s: s.update(pending_rows="garbage"), "pending_rows is not a JSON list"),
+    (lambda s: s.update(timing="abc"), "timing is not a table of seconds"),
+    (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "random-number-generator state"),
+    (lambda s: s.update(config="{not json"), "its config is not a JSON table"),
+], ids=["step-negative", "step-huge", "tokens", "fp16", "extra-key", "pending", "timing", "rng", "config"])
+def test_a_malformed_checkpoint_is_refused_before_anything_is_cut_back(tiny, cutoff, copy_of, capsys, edit, needle):
+    run = copy_of(cutoff)
+    with open(run / METRICS, "a") as f:
+        f.write('{"kind": "train", "step": 5, "tokens": 320, "loss": 1.0}\n')  # a row the rewind would drop
+    _edit_state(run, edit)
+    before = files(run)
+    refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags(tiny)], needle)
+    assert files(run) == before
+
+
+def test_a_flipped_byte_fails_the_digest_and_is_never_resumed_from(tiny, cutoff, copy_of, capsys):
+    run = copy_of(cutoff)
+    data = bytearray((run / CHECKPOINT).read_bytes())
+    weights = load_checkpoint(run / CHECKPOINT)["model"]["tok_emb.weight"].numpy().tobytes()
+    at = data.find(weights[:64]) + 10  # inside the embedding's bytes: the file still loads
+    data[at] ^= 0x01
+    (run / CHECKPOINT).write_bytes(bytes(data))
+    before = files(run)
+    refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags(tiny)], "fails its SHA-256 check")
+    assert files(run) == before
+
+
+def test_a_checkpoint_without_a_digest_from_an_older_version_resumes_with_a_note(tiny, cutoff, copy_of, caplog):
+    run = copy_of(cutoff)
+    state = load_checkpoint(run / CHECKPOINT)
+    del state["digest"]
+    torch.save(state, run / CHECKPOINT)
+    assert main(["train", "demo", "--out", str(run), "--resume", *flags(tiny)]) == 0
+    assert "has no digest" in caplog.text
+
+
+class System:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_an_unsafe_pickle_is_named_as_such_not_as_corrupt(tiny, cutoff, copy_of, capsys):
+    run = copy_of(cutoff)
+    torch.save({"format": 1, "model": System()}, run / CHECKPOINT)
+    line = refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags(tiny)], "refusing to load")
+    assert "system" in line and "corrupt" not in line
+
+
+def test_resuming_a_finished_run_under_other_settings_names_them(tiny, finished, copy_of, capsys):
+    run = copy_of(finished)
+    before = files(run)
+    refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags({**tiny, "optim.lr": "0.01"})],
+            "already ended with other settings (optim.lr: 0.003 there, 0.01 now)")
+    assert files(run) == before
+    assert main(["train", "demo", "--out", str(run), "--resume", *flags(tiny)]) == 0  # same settings: left as is
+    assert files(run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. files: no link followed, no folder outside the one asked for, no user file overwritten
+
+
+def test_resume_refuses_a_folder_that_holds_no_rankprobe_run(tiny, tmp_path, capsys):
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "config.json").write_text('{"mine": true}')
+    (run / "env.json").write_text('{"mine": true}')
+    before = files(run)
+    refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags(tiny)], "but no RankProbe run")
+    assert files(run) == before
+
+
+def test_links_planted_in_a_run_folder_are_never_written_through(tiny, tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "env.json", "model.safetensors", METRICS, "report.md"):
+        (outside / name).write_text("precious")
+        (run / name).symlink_to(outside / name)
+    assert main(["train", "demo", "--out", str(run), "--force", *flags(tiny)]) == 0
+    assert main(["report", str(run)]) == 0
+    assert all((outside / n).read_text() == "precious" for n in os.listdir(outside))
+    assert not any((run / n).is_symlink() for n in os.listdir(run))
+    (run / LOCK).unlink()
+    (run / LOCK).symlink_to(outside / "config.json")
+    refused(capsys, ["train", "demo", "--out", str(run), "--force", *flags(tiny)], "cannot open lock file")
+    assert (outside / "config.json").read_text() == "precious"
+
+
+def test_run_names_built_from_values_stay_one_folder(tiny):
+    cfg = load("demo", tiny)
+    names = [c.name for c in scan_configs(cfg, "data.corpus", ["../../x", "/etc/passwd", "a\\b"])]
+    assert all("/" not in n and "\\" not in n and not n.startswith(".") for n in names), names
+    assert safe_name("optim.lr=3e-3") == "optim.lr=3e-3"  # ordinary names are kept as they are
+    assert safe_name("..") == "%2E."
+
+
+def test_a_run_that_fails_after_taking_the_lock_removes_the_folder_it_made(tiny, tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "run"
+    refused(capsys, ["train", "demo", "--out", str(out), *flags({**tiny, "data.corpus": str(tmp_path / "none")})],
+            "corpus not found")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.fixture
+def file_size_limit():
+    """Set RLIMIT_FSIZE (the kernel then fails writes past it with EFBIG, as a full disk fails them
+    with ENOSPC) for the block; restored after."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    yield lambda n: resource.setrlimit(resource.RLIMIT_FSIZE, (n, old[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, old)
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_never_leaves_a_torn_metrics_line(tmp_path, file_size_limit):
+    path = tmp_path / METRICS
+    out = MetricsWriter(path)
+    out.write("run", run="r")
+    whole = path.read_bytes()
+    file_size_limit(len(whole) + 10)  # room for part of the next row only
+    with pytest.raises(FolderError, match="stopped after its last whole row"):
+        out.write("train", step=1, tokens=64, loss=1.0, note="x" * 100)
+    file_size_limit(resource.RLIM_INFINITY)
+    assert path.read_bytes() == whole
+    out.write("train", step=1, tokens=64, loss=1.0)  # and the file goes on from there
+    out.close()
+    assert [json.loads(line)["kind"] for line in path.read_text().splitlines()] == ["run", "train"]
+
+
+def test_a_full_disk_mid_checkpoint_keeps_the_old_one_and_no_temp_file(cutoff, tmp_path, file_size_limit):
+    path = tmp_path / CHECKPOINT
+    shutil.copy(cutoff / CHECKPOINT, path)
+    state = load_checkpoint(path)
+    file_size_limit(4096)
+    with pytest.raises(FolderError, match="the previous checkpoint is kept"):
+        save_checkpoint(path, {k: v for k, v in state.items() if k != "digest"})
+    file_size_limit(resource.RLIM_INFINITY)
+    assert load_checkpoint(path)["step"] == 4 and not stale_temp_files(tmp_path, CHECKPOINT)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. inputs that never end
+
+
+def test_a_corpus_must_be_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        for path in (fifo, "/dev/zero", tmp_path / "sock"):
+            t0 = time.monotonic()
+            with pytest.raises(DataError, match="is not a regular file"):
+                load_corpus(str(path))
+            assert time.monotonic() - t0 < 5
+    finally:
+        sock.close()
+
+
+def test_an_hf_config_too_big_for_memory_is_refused_before_it_is_built(tmp_path):
+    pytest.importorskip("transformers")
+    from rankprobe.probes.hf import hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 100_000, "hidden_size": 8192, "intermediate_size": 22016,
+        "num_attention_heads": 64, "vocab_size": 32000}))
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="describes about"):
+        hf_config(tmp_path)
+    assert time.monotonic() - t0 < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. readers that never crash
+
+
+@pytest.mark.parametrize("field, change, needle", [
+    ("run", lambda r: r.update(config=None), "`config` of a run row is null, not dict"),
+    ("run", lambda r: r.update(seed="abc"), "`seed` of a run row is \"abc\", not int"),
+    ("run", lambda r: r.update(head_dim="16"), "`head_dim` of a run row"),
+    ("run", lambda r: r["config"].update(probe="x"), "`config.probe` is \"x\", not a table"),
+    ("probe", lambda r: r.update(tokens=None), "`tokens` of a probe row is null, not int"),
+    ("probe", lambda r: r.pop("tap"), "a probe row without `tap`"),
+])
+def test_the_report_names_the_first_bad_row(finished, copy_of, capsys, field, change, needle):
+    run = copy_of(finished)
+    lines = (run / METRICS).read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == field)
+    row = json.loads(lines[at])
+    change(row)
+    lines[at] = json.dumps(row)
+    (run / METRICS).write_text("\n".join(lines) + "\n")
+    refused(capsys, ["report", str(run)], f"{run / METRICS}, line {at + 1}: bad metrics row ({needle}")
+
+
+def test_a_json_line_nested_too_deep_is_a_bad_row_not_a_crash(finished, copy_of, capsys):
+    run = copy_of(finished)
+    lines = (run / METRICS).read_text().splitlines()
+    lines.insert(1, "[" * 100_000 + "]" * 100_000)
+    (run / METRICS).write_text("\n".join(lines) + "\n")
+    refused(capsys, ["report", str(run)], "line 2: corrupt metrics row")
+
+
+def test_a_report_that_cannot_be_written_is_one_line(finished, copy_of, capsys):
+    run = copy_of(finished)
+    (run / "report.md").mkdir()  # as root, a read-only folder is still writable: a folder in the way fails the same
+    refused(capsys, ["report", str(run)], "report.md")
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A one-layer Llama folder with a tokenizer of its own, as `rankprobe probe` takes it."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2,
+                                   num_hidden_layers=1, vocab_size=300, max_position_embeddings=32)
+    path = tmp_path_factory.mktemp("llama")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([load_corpus("embedded").text[:20_000]],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+def _unknown_with_auto_map(p):
+    (p / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.Config"}}))
+    (p / "evil.py").write_text(f"open({str(p / 'pwned')!r}, 'w')\n")
+
+
+def _truncated(p):
+    f = p / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def _pickle_only(p):
+    from safetensors.torch import load_file
+
+    torch.save(load_file(p / "model.safetensors"), p / "pytorch_model.bin")
+    (p / "model.safetensors").unlink()
+    torch.save({"x": System()}, p / "pytorch_model.bin")  # and an unsafe one at that
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (_unknown_with_auto_map, "model_type 'evil' is not supported"),
+    (lambda p: (p / "config.json").write_text("[1, 2]"), "config.json is not a Hugging Face model config (a list"),
+    (lambda p: (p / "model.safetensors").unlink(), "no weights"),
+    (_truncated, "cannot load the model in"),
+    (_pickle_only, "pytorch_model.bin"),
+], ids=["auto-map", "list", "no-weights", "truncated", "pickle"])
+def test_probe_maps_every_loading_failure_to_one_line(hf_llama, tmp_path, capsys, damage, needle):
+    model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
+    damage(model)
+    refused(capsys, ["probe", str(model), "--out", str(tmp_path / "out"), "--device", "cpu", "--seq-len", "16",
+                     "--tokens", "64"], needle)
+    assert not (model / "pwned").exists()
+
+
+def test_the_undamaged_model_probes(hf_llama, tmp_path):  # so the refusals above are the damage's doing
+    assert main(["probe", str(hf_llama), "--out", str(tmp_path / "out"), "--seq-len", "16", "--tokens", "64"]) == 0
+
+
+def test_probe_of_a_run_folder_with_a_bad_config_is_one_line(finished, copy_of, capsys, tmp_path):
+    run = copy_of(finished)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["extra"] = 1
+    (run / "config.json").write_text(json.dumps(cfg))
+    refused(capsys, ["probe", str(run), "--out", str(tmp_path / "out")], "config.json is not a usable RankProbe run")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. sweeps
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_sweep_leaves_no_worker_behind(tiny, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PYTHONWARNINGS": "ignore"}
+    slow = {**tiny, "train.tokens": "200000", "probe.checkpoints": "0"}  # a worker that would run for minutes
+    sweep = subprocess.Popen([sys.executable, "-m", "rankprobe.cli", "sweep", "demo", "--out", str(tmp_path / "s"),
+                              "--workers", "1", *flags(slow)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (workers := _children(sweep.pid)) or not (tmp_path / "s" / "adamw-s0" / METRICS).exists():
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep never started its worker"
+        time.sleep(0.05)
+    sweep.kill()
+    sweep.wait()
+    deadline = time.monotonic() + 20
+    try:
+        while alive := [w for w in workers if _running(w)]:
+            assert time.monotonic() < deadline, f"worker {alive} outlived its sweep"
+            time.sleep(0.05)
+    finally:  # a failing test must not leave the orphan it found
+        for w in workers:
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_grid_whose_runs_would_share_a_folder_is_refused(tiny, tmp_path):
+    from rankprobe.sweep import run_scan
+
+    with pytest.raises(UserError, match="would share the folder"):
+        run_scan(load("demo", tiny), tmp_path / "scan", "optim.lr", ["1e-3", "1e-3"])
+    assert not (tmp_path / "scan").exists()
+
+
+def test_the_digest_sees_values_dtypes_shapes_and_order_but_not_itself():
+    digest = ckpt_mod.state_digest
+    base = {"a": torch.ones(2), "n": 1}
+    assert digest(base) == digest({**base, "digest": "anything"})
+    for other in ({"a": torch.zeros(2), "n": 1}, {"a": torch.ones(2).half(), "n": 1}, {"a": torch.ones(1, 2), "n": 1},
+                  {"n": 1, "a": torch.ones(2)}, {"a": torch.ones(2), "n": 1.0}):
+        assert digest(other) != digest(base), other
