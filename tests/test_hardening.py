@@ -21,60 +21,11 @@ from rankprobe.cli import main
 from rankprobe.config import ConfigError, Config, ModelConfig, load, param_count, safe_name, state_bytes
 from rankprobe.data.corpus import load_corpus
 from rankprobe.errors import DataError, FolderError, UserError
-from rankprobe.loop import Checkpointer
 from rankprobe.runfolder import CHECKPOINT, LOCK, METRICS, MetricsWriter, stale_temp_files
 from rankprobe.sweep import scan_configs
-from rankprobe.train import train
-
-# 8 steps of 64 tokens, probed (and checkpointed) at steps 0 and 4: a run in about a second
-TINY = {
-    "model.n_layer": "1", "model.d_model": "32", "model.n_head": "2", "model.head_dim": "16", "model.seq_len": "16",
-    "data.vocab_size": "300", "train.tokens": "512", "train.batch_size": "4", "train.eval_tokens": "64",
-    "train.log_every": "2", "train.progress": "false", "probe.tokens": "64", "probe.checkpoints": "0,256",
-    "train.checkpoint_minutes": "0", "sweep.optimizers": "adamw", "sweep.qk_norm": "false", "sweep.seeds": "0",
-}
-
 
 def flags(overrides: dict) -> list[str]:
     return [x for k, v in overrides.items() for x in (f"--{k}", v)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    corpus = root / "austen.txt"
-    corpus.write_text(load_corpus("embedded").text[:30_000], encoding="utf-8")
-    return {**TINY, "data.corpus": str(corpus), "data.cache_dir": str(root / "cache")}
-
-
-class Crash(BaseException):
-    """What a kill right after a checkpoint leaves, raised in-process (fast, and deterministic)."""
-
-
-@pytest.fixture(scope="module")
-def cutoff(tiny, tmp_path_factory):
-    """A run folder cut off after its checkpoint at step 4: rows up to there, checkpoint.pt, no `end` row."""
-    run = tmp_path_factory.mktemp("cutoff") / "run"
-    save = Checkpointer.save
-
-    def save_then_crash(self, step, *args):
-        save(self, step, *args)
-        if step > 0:
-            raise Crash
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Checkpointer, "save", save_then_crash)
-        with pytest.raises(Crash):
-            train(load("demo", tiny), run)
-    assert load_checkpoint(run / CHECKPOINT)["step"] == 4
-    return run
-
-
-@pytest.fixture(scope="module")
-def finished(tiny, tmp_path_factory):
-    run = tmp_path_factory.mktemp("finished") / "run"
-    train(load("demo", tiny), run)
-    return run
 
 
 @pytest.fixture
