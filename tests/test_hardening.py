@@ -119,7 +119,8 @@ def _edit_state(run: Path, edit) -> None:
     (lambda s: s.update(step=-5), "step -5 lies outside this run's 0..8"),
     (lambda s: s.update(step=10**12), "lies outside this run's 0..8"),
     (lambda s: s.update(tokens_seen=5), "tokens_seen 5 is not step 4 x 64"),
-    (lambda s: s["model"].update({k: v.half() for k, v in s["model"].items()}), "is float16 [32, 32] there, float32 [32, 32] in this model"),
+    (lambda s: s["model"].update({k: v.half() for k, v in s["model"].items()}),
+     "is float16 [32, 32] there, float32 [32, 32] in this model"),
     (lambda s: s["model"].update(extra=torch.ones(1)), "model tensor extra is float32 [1] there, absent"),
     (lambda s: s.update(pending_rows="garbage"), "pending_rows is not a JSON list"),
     (lambda s: s.update(timing="abc"), "timing is not a table of seconds"),
@@ -380,7 +381,7 @@ def test_probe_maps_every_loading_failure_to_one_line(hf_llama, tmp_path, capsys
     damage(model)
     refused(capsys, ["probe", str(model), "--out", str(tmp_path / "out"), "--device", "cpu", "--seq-len", "16",
                      "--tokens", "64"], needle)
-    assert not (model / "pwned").exists()
+    assert not (model / "pwned").exists() and not (tmp_path / "out").exists()
 
 
 def test_the_undamaged_model_probes(hf_llama, tmp_path):  # so the refusals above are the damage's doing

@@ -126,6 +126,7 @@ def parse_rows(data: bytes | str, path: Path | str) -> list[dict]:
 # with its file and line (a reader further on would fail on it with a traceback, or silently misdraw).
 # Unknown kinds and keys pass (later versions add them). "num": a number, or null for NaN/inf.
 _AT = {"step": "int", "tokens": "int"}
+_LAYER_AND_HEADS = (("", "num"), ("_heads", "nums"))  # a layer's value, and one per head
 _KINDS = {
     "run": {"schema": "int", "run": "str", "arm": "str", "optimizer": "str", "qk_norm": "bool", "seed": "int",
             "config": "dict", "env": "dict", "n_params": "int", "param_groups": "dict", "ns_dtype": "str?",
@@ -138,9 +139,9 @@ _KINDS = {
               **{f"{m}{x}": t for m in ("pr", "erank", "stable_rank", "rankme")
                  for x, t in (("", "num"), ("_heads", "nums"), ("_null", "num"))}, "mean_norm": "nums"},
     "attn": {**_AT, "layer": "int", "n_rows": "int", "seq_len": "int", "entropy_max": "num",
-             **{f"{m}{x}": t for m in ("entropy", "entropy_norm", "max_logit") for x, t in (("", "num"), ("_heads", "nums"))}},
+             **{f"{m}{x}": t for m in ("entropy", "entropy_norm", "max_logit") for x, t in _LAYER_AND_HEADS}},
     "weights": {**_AT, "layer": "int", "matrix": "str", "shape": "ints",
-                **{f"{m}{x}": t for m in ("spectral_norm", "stable_rank", "erank") for x, t in (("", "num"), ("_heads", "nums"))}},
+                **{f"{m}{x}": t for m in ("spectral_norm", "stable_rank", "erank") for x, t in _LAYER_AND_HEADS}},
     "update": {**_AT, "layer": "int", "matrix": "str", "update_rms": "num", "update_rel": "num"},
     "end": {**_AT, "wall_s": "num", "status": "str", "reason": "str", "loss": "num", "checkpoint_step": "int?",
             **dict.fromkeys(PHASE_FIELDS + ("probe_wait_s",), "num")},
@@ -446,7 +447,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise FolderError(f"cannot open lock file {path}: {e.strerror or e} (a link or a folder in its place?)") from None
+        raise FolderError(f"cannot open lock file {path}: {e.strerror or e} (a link or a folder in its "
+                          "place?)") from None
     f = os.fdopen(fd, "r+", encoding="utf-8")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

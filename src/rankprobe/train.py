@@ -334,8 +334,12 @@ def _note_resume(env_path: Path, env: dict, step: int) -> None:
 def _save_weights(model, path: Path) -> None:
     from safetensors.torch import save_model
 
-    with atomic_file(path) as tmp:
-        save_model(model, str(tmp))
+    try:
+        with atomic_file(path) as tmp:
+            save_model(model, str(tmp))
+    except Exception as e:  # a full disk; safetensors raises its own error type for it
+        raise FolderError(f"cannot write {path}: {' '.join(str(e).split())[:160]}; the checkpoint is kept "
+                          "(free some space, then --resume)") from None
 
 
 def _progress(total: int, start: int, cfg: Config, enabled: bool = True):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
-from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable, write_json
+from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable, first_missing, remove_unused, write_json
 from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
@@ -394,5 +394,11 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
         tokens = _tokenize(tokenizer, text.text, seq_len, n_tokens)
         data = {"corpus": text.source, "corpus_sha256": text.sha256, "tokenizer": tok_record,
                 "long_context": bool(limit is not None and seq_len > limit)}
-    return probe_series_to_dir(series, tokens, out_dir, batch_size=batch_size, arm=arm, force=force, device=dev,
-                               dtype=dtype, data=data, progress=progress)
+    created = first_missing(out_dir)
+    try:
+        return probe_series_to_dir(series, tokens, out_dir, batch_size=batch_size, arm=arm, force=force, device=dev,
+                                   dtype=dtype, data=data, progress=progress)
+    except BaseException:
+        if created is not None:  # a probe that failed leaves no empty folder of its own making
+            remove_unused(out_dir, created)
+        raise
