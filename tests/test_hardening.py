@@ -62,6 +62,7 @@ def refused(capsys, argv: list[str], needle: str) -> str:
     ({"train.device": "foo"}, "train.device must be auto, cpu, cuda or cuda:N"),
     ({"model.n_layer": "100000"}, "more than the"),
     ({"model.d_model": "1e9"}, "more than the"),
+    ({"model.seq_len": "1e12"}, "more than the"),
     ({"name": "../../escape"}, "name must be a plain folder name"),
     ({"name": "/abs"}, "name must be a plain folder name"),
     ({"sweep.arms": "adamw,adamw"}, "sweep.arms lists adamw more than once"),
@@ -90,10 +91,11 @@ def test_the_memory_estimate_counts_the_parameters_the_model_has(model):
     matrices = sum(p.numel() for n, p in built.named_parameters() if p.ndim == 2 and n.startswith("blocks"))
     assert param_count(model, 300) == (built.num_params(), matrices)
     cfg = Config(model=model)
-    assert state_bytes(cfg) == 16 * built.num_params()  # AdamW: fp32 weights, grads, two moments
+    rope = 4 * (built.rope_cos.numel() + built.rope_sin.numel())
+    assert state_bytes(cfg) == 16 * built.num_params() + rope  # AdamW: fp32 weights, grads, two moments
     muon = Config(model=model, optim=Config().optim.__class__(name="muon"), sweep=Config().sweep.__class__(
         optimizers=["muon"]))
-    assert state_bytes(muon) == 16 * built.num_params() - 4 * matrices  # one momentum buffer for the matrices
+    assert state_bytes(muon) == 16 * built.num_params() - 4 * matrices + rope  # one momentum buffer: matrices
 
 
 def test_allow_large_lets_an_oversized_model_past_the_check(tiny):
@@ -388,12 +390,39 @@ def test_the_undamaged_model_probes(hf_llama, tmp_path):  # so the refusals abov
     assert main(["probe", str(hf_llama), "--out", str(tmp_path / "out"), "--seq-len", "16", "--tokens", "64"]) == 0
 
 
-def test_probe_of_a_run_folder_with_a_bad_config_is_one_line(finished, copy_of, capsys, tmp_path):
+def _tokenizer_of_unknown_type(p):
+    tok = json.loads((p / "tokenizer.json").read_text())
+    tok["model"]["type"] = "Evil"
+    (p / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def test_probe_refuses_a_tokenizer_it_cannot_build_in_one_line(hf_llama, tmp_path, capsys):
+    model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
+    _tokenizer_of_unknown_type(model)
+    refused(capsys, ["probe", str(model), "--out", str(tmp_path / "out"), "--seq-len", "16", "--tokens", "64"],
+            f"no usable tokenizer in {model}")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["model"].update(extra=1), "unknown config key model.extra"),
+    (lambda c: c["model"].update(n_layer=10**7, d_model=8192), "more than this machine's"),
+    (lambda c: c.update(data=[1]), "data must be a table of settings"),
+], ids=["extra-key", "too-big", "not-a-table"])
+def test_probe_of_a_run_folder_with_a_bad_config_is_one_line(finished, copy_of, capsys, tmp_path, edit, needle):
     run = copy_of(finished)
     cfg = json.loads((run / "config.json").read_text())
-    cfg["model"]["extra"] = 1
+    edit(cfg)
     (run / "config.json").write_text(json.dumps(cfg))
-    refused(capsys, ["probe", str(run), "--out", str(tmp_path / "out")], "config.json is not a usable RankProbe run")
+    line = refused(capsys, ["probe", str(run), "--out", str(tmp_path / "out")], needle)
+    assert f"{run / 'config.json'}" in line
+
+
+def test_probe_of_a_run_folder_missing_a_table_takes_its_defaults(finished, copy_of, tmp_path):
+    run = copy_of(finished)
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["sweep"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["probe", str(run), "--out", str(tmp_path / "out")]) == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         elif not isinstance(e, MirroredError):  # rank 0 printed the mirrored ones already
             print(f"rankprobe: error (rank {rank}): {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        text = " ".join(str(e).split())
+        if not isinstance(e, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(f"rankprobe: error: out of memory ({text[:160]}); make the model, batch or sequence smaller",
+              file=sys.stderr)
+        return EXIT_USAGE
     except OSError as e:  # the machine refused a file operation: a read-only folder, a full disk, a bad path
         where = f" ({e.filename})" if e.filename else ""
         print(f"rankprobe: error: {e.strerror or e}{where}", file=sys.stderr)

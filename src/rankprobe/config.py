@@ -352,12 +352,14 @@ def param_count(m: ModelConfig, vocab_size: int) -> tuple[int, int]:
 def state_bytes(cfg: Config) -> int:
     """Bytes of fp32 weights, gradients and optimizer state of `cfg`'s run: 4 + 4 + 8 per parameter under
     AdamW (two moments); Muon keeps one momentum buffer for the hidden matrices. Every other optimizer is
-    counted like AdamW. Activations are left out: they depend on batch, compile and kernels."""
+    counted like AdamW; so are RoPE's tables. Activations are left out: they depend on batch, compile and
+    kernels."""
     vocab = cfg.model.vocab_size or cfg.data.vocab_size  # a .tiktoken tokenizer's size is unknown here
     total, matrices = param_count(cfg.model, vocab)
     names = {cfg.optim.name, *cfg.sweep.optimizers, *(parse_arm(a)[0] for a in cfg.sweep.arms)}
     moments = 1 if names == {"muon"} else 2
-    return 16 * total - (2 - moments) * 4 * matrices
+    rope = 2 * 4 * cfg.model.seq_len * (cfg.model.head_dim // 2)  # the cos and sin tables, fp32
+    return 16 * total - (2 - moments) * 4 * matrices + rope
 
 
 def _validate_hidden(cfg: Config) -> None:

@@ -137,15 +137,22 @@ def load_run_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu")
 
 def run_config(run_dir: Path) -> dict:
     """A RankProbe run folder's config.json, checked like any config (DataError naming the file)."""
-    from ..config import from_dict
+    from ..config import from_dict, param_count, to_dict
 
     path = Path(run_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-        from_dict(cfg)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a {type(cfg).__name__}, not a table")
+        checked = from_dict(cfg)
     except (OSError, ValueError, RecursionError, UserError) as e:
         raise DataError(f"{path} is not a usable RankProbe run config: {_one_line(e)}") from None
-    return cfg
+    n_params, _ = param_count(checked.model, checked.model.vocab_size)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * n_params > ram:
+        raise DataError(f"{path} describes a model of {n_params / 1e9:,.1f}B parameters, more than this machine's "
+                        f"{ram / 2**30:.0f} GiB of memory can hold")
+    return to_dict(checked)  # every table, a run made before some keys existed at their defaults
 
 
 def is_run_folder(path: str | Path) -> bool:
