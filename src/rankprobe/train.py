@@ -89,7 +89,9 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool = False) -> None:
         if held and not resume:
             raise FolderError(f"{run_dir} is not empty ({listed}); pass --resume to continue the run in it or "
                               "--force to replace it")
-        if held and not is_run(run_dir):
+        # what a run killed before its first row leaves: nothing to resume, nothing of anyone else's
+        started = all(n == "tensorboard" or (n.startswith(".") and n.endswith(".tmp")) for n in held)
+        if held and not started and not is_run(run_dir):
             raise FolderError(f"{run_dir} holds files ({listed}) but no RankProbe run (no {METRICS} starting with "
                               "a run row), so there is nothing to resume; use another --out")
     ensure_writable(run_dir)
