@@ -214,6 +214,16 @@ def test_links_planted_in_a_run_folder_are_never_written_through(tiny, tmp_path,
     assert (outside / "config.json").read_text() == "precious"
 
 
+def test_resume_never_cuts_back_a_metrics_file_that_is_a_link(tiny, cutoff, copy_of, tmp_path, capsys):
+    run = copy_of(cutoff)
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    (run / METRICS).rename(elsewhere)
+    (run / METRICS).symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags(tiny)], "is a link")
+    assert elsewhere.read_bytes() == before
+
+
 def test_run_names_built_from_values_stay_one_folder(tiny):
     cfg = load("demo", tiny)
     names = [c.name for c in scan_configs(cfg, "data.corpus", ["../../x", "/etc/passwd", "a\\b"])]

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import UserError, all_keys, field_docs, load, parse_overrides, preset_names
+from .config import all_keys, field_docs, load, parse_overrides, preset_names
+from .errors import UserError
 from .runfolder import EXIT_DIVERGED
 
 EXIT_USAGE = 2

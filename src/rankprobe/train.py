@@ -94,6 +94,8 @@ def check_run_dir(run_dir: Path, force: bool, resume: bool = False) -> None:
         if held and not started and not is_run(run_dir):
             raise FolderError(f"{run_dir} holds files ({listed}) but no RankProbe run (no {METRICS} starting with "
                               "a run row), so there is nothing to resume; use another --out")
+        if (run_dir / METRICS).is_symlink():  # a resume cuts the file back: never a file elsewhere
+            raise FolderError(f"{run_dir / METRICS} is a link; RankProbe resumes only a metrics file of its own")
     ensure_writable(run_dir)
 
 
