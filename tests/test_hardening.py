@@ -478,6 +478,15 @@ def _running(pid: int) -> bool:
         return False
 
 
+def test_a_scan_over_the_corpus_reads_each_value_and_stays_in_its_folder(tiny, tmp_path, capsys):
+    """A scan's values reach the data too (each run tokenizes its own corpus), and a value that is a
+    path builds a run folder inside the scan folder, not where the path points."""
+    scan = tmp_path / "deep" / "scan"
+    refused(capsys, ["scan", "demo", "--param", "data.corpus", "--values", "../../x", "--out", str(scan),
+                     *flags(tiny)], "corpus not found: ../../x")
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists()
+
+
 def test_a_grid_whose_runs_would_share_a_folder_is_refused(tiny, tmp_path):
     from rankprobe.sweep import run_scan
 

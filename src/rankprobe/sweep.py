@@ -83,11 +83,15 @@ def _still_to_run(grid: list[Config], out_dir: Path, force: bool) -> list[Config
 
 
 def _train_in_turn(cfg: Config, todo: list[Config], out_dir: Path, force: bool) -> None:
-    """Train `todo` one after another in this process, tokenizing the corpus once for all of them."""
-    data = prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size) if todo else None
+    """Train `todo` one after another in this process, tokenizing each corpus once for all runs that use
+    it (a scan over a data.* key, a sequence length or a batch size has one per value)."""
+    prepared: dict[str, object] = {}
     for i, a in enumerate(todo):
+        key = repr((a.data, a.model.seq_len, a.train.batch_size))
+        if key not in prepared:
+            prepared[key] = prepare(a.data, a.model.seq_len, a.train.batch_size)
         log.info("[%d/%d] training %s", i + 1, len(todo), a.name)
-        train(a, out_dir / a.name, data=data, force=force, resume=not force)
+        train(a, out_dir / a.name, data=prepared[key], force=force, resume=not force)
 
 
 def _train_grid(cfg: Config, grid: list[Config], out_dir: Path, force: bool, workers: int,
