@@ -1,5 +1,8 @@
 """Fixtures shared by the end-to-end, resume and distributed tests."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from rankprobe.data.corpus import load_corpus
@@ -77,3 +80,30 @@ def finished(tiny, tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
     train(load("demo", tiny), run)
     return run
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """A copy of a run folder to damage: copy_of(finished) -> tmp_path/run."""
+    return lambda src: Path(shutil.copytree(src, tmp_path / "run"))
+
+
+def flags(overrides: dict) -> list[str]:
+    """{"model.n_layer": "2"} -> ["--model.n_layer", "2"]."""
+    return [x for k, v in overrides.items() for x in (f"--{k}", v)]
+
+
+def files(folder: Path) -> dict:
+    """A folder's files and their bytes (the lock aside): what a refused command must leave as it was."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".rankprobe.lock"}
+
+
+def refused(capsys, argv: list[str], needle: str) -> str:
+    """`rankprobe ARGV` in this process: exit 2 and exactly one `rankprobe: error:` line holding `needle`."""
+    capsys.readouterr()
+    from rankprobe.cli import main
+
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("rankprobe: error: ") and needle in err[0], err
+    return err[0]

@@ -10,17 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, flags
 from rankprobe.cli import main
 from rankprobe.config import Config, all_keys
 from rankprobe.runfolder import CHECKPOINT, LOCK, METRICS
 
 SEED = 17
 JUNK = [None, -1, 0, 10**30, -1e308, 1e308, "abc", "", [], [None], {}, {"a": [1]}, True, [[[[]]]]]
-
-
-def flags(overrides: dict) -> list[str]:
-    return [x for k, v in overrides.items() for x in (f"--{k}", v)]
 
 
 def snapshot(root: Path, skip: tuple[Path, ...]) -> dict:
