@@ -82,16 +82,22 @@ def _still_to_run(grid: list[Config], out_dir: Path, force: bool) -> list[Config
     return todo
 
 
-def _train_in_turn(cfg: Config, todo: list[Config], out_dir: Path, force: bool) -> None:
-    """Train `todo` one after another in this process, tokenizing each corpus once for all runs that use
-    it (a scan over a data.* key, a sequence length or a batch size has one per value)."""
-    prepared: dict[str, object] = {}
+def _data_key(a: Config) -> str:
+    """What a run's token data depends on: runs with one key share it (every arm of a sweep); a scan over
+    a data.* key, the sequence length or the batch size has one per value."""
+    return repr((a.data, a.model.seq_len, a.train.batch_size))
+
+
+def _train_in_turn(todo: list[Config], out_dir: Path, force: bool) -> None:
+    """Train `todo` one after another in this process, preparing each run's data once for the runs in a
+    row that share it (and holding one corpus at a time)."""
+    key, data = None, None
     for i, a in enumerate(todo):
-        key = repr((a.data, a.model.seq_len, a.train.batch_size))
-        if key not in prepared:
-            prepared[key] = prepare(a.data, a.model.seq_len, a.train.batch_size)
+        if _data_key(a) != key:
+            key, data = _data_key(a), None  # drop the previous corpus before reading the next
+            data = prepare(a.data, a.model.seq_len, a.train.batch_size)
         log.info("[%d/%d] training %s", i + 1, len(todo), a.name)
-        train(a, out_dir / a.name, data=prepared[key], force=force, resume=not force)
+        train(a, out_dir / a.name, data=data, force=force, resume=not force)
 
 
 def _train_grid(cfg: Config, grid: list[Config], out_dir: Path, force: bool, workers: int,
@@ -104,10 +110,10 @@ def _train_grid(cfg: Config, grid: list[Config], out_dir: Path, force: bool, wor
         check(c.optim)
     todo = _still_to_run(grid, out_dir, force)
     if not workers:
-        _train_in_turn(cfg, todo, out_dir, force)
+        _train_in_turn(todo, out_dir, force)
         return []
-    if todo:
-        prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size)  # the workers find the cache
+    for a in {_data_key(a): a for a in todo}.values():  # the workers find the caches
+        prepare(a.data, a.model.seq_len, a.train.batch_size)
     return _run_parallel(todo, out_dir, workers, gpus, force)
 
 
