@@ -1,5 +1,8 @@
 """Fixtures shared by the end-to-end, resume and distributed tests."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from rankprobe.data.corpus import load_corpus
@@ -16,3 +19,91 @@ def corpus_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny runs for the hardening and fuzz tests (tests/test_hardening.py, tests/test_fuzz.py)
+
+# 8 steps of 64 tokens, probed (and checkpointed) at steps 0 and 4: a run in about a second
+TINY = {
+    "model.n_layer": "1", "model.d_model": "32", "model.n_head": "2", "model.head_dim": "16", "model.seq_len": "16",
+    "data.vocab_size": "300", "train.tokens": "512", "train.batch_size": "4", "train.eval_tokens": "64",
+    "train.log_every": "2", "train.progress": "false", "probe.tokens": "64", "probe.checkpoints": "0,256",
+    "train.checkpoint_minutes": "0", "sweep.optimizers": "adamw", "sweep.qk_norm": "false", "sweep.seeds": "0",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Overrides for a tiny run on 30 KB of the embedded corpus, with a cache of its own."""
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "austen.txt"
+    corpus.write_text(load_corpus("embedded").text[:30_000], encoding="utf-8")
+    return {**TINY, "data.corpus": str(corpus), "data.cache_dir": str(root / "cache")}
+
+
+class Crash(BaseException):
+    """What a kill right after a checkpoint leaves, raised in-process (fast, and deterministic)."""
+
+
+@pytest.fixture(scope="session")
+def cutoff(tiny, tmp_path_factory):
+    """A tiny run folder cut off after its checkpoint at step 4: rows up to there, checkpoint.pt, no `end` row."""
+    from rankprobe.checkpoint import load_checkpoint
+    from rankprobe.config import load
+    from rankprobe.loop import Checkpointer
+    from rankprobe.runfolder import CHECKPOINT
+    from rankprobe.train import train
+
+    run = tmp_path_factory.mktemp("cutoff") / "run"
+    save = Checkpointer.save
+
+    def save_then_crash(self, step, *args):
+        save(self, step, *args)
+        if step > 0:
+            raise Crash
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Checkpointer, "save", save_then_crash)
+        with pytest.raises(Crash):
+            train(load("demo", tiny), run)
+    assert load_checkpoint(run / CHECKPOINT)["step"] == 4
+    return run
+
+
+@pytest.fixture(scope="session")
+def finished(tiny, tmp_path_factory):
+    """A finished tiny run folder."""
+    from rankprobe.config import load
+    from rankprobe.train import train
+
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(load("demo", tiny), run)
+    return run
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """A copy of a run folder to damage: copy_of(finished) -> tmp_path/run."""
+    return lambda src: Path(shutil.copytree(src, tmp_path / "run"))
+
+
+def flags(overrides: dict) -> list[str]:
+    """{"model.n_layer": "2"} -> ["--model.n_layer", "2"]."""
+    return [x for k, v in overrides.items() for x in (f"--{k}", v)]
+
+
+def files(folder: Path) -> dict:
+    """A folder's files and their bytes (the lock aside): what a refused command must leave as it was."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".rankprobe.lock"}
+
+
+def refused(capsys, argv: list[str], needle: str) -> str:
+    """`rankprobe ARGV` in this process: exit 2 and exactly one `rankprobe: error:` line holding `needle`."""
+    capsys.readouterr()
+    from rankprobe.cli import main
+
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("rankprobe: error: ") and needle in err[0], err
+    return err[0]

@@ -172,7 +172,7 @@ def test_sweep_workers_run_arms_in_parallel_and_survive_a_failing_arm(corpus_fil
     assert "rankprobe: run muon-s0 failed (exit 2)" in r.stderr
     for arm in ("adamw-s0", "adamw+qknorm-s0", "muon+qknorm-s0"):
         assert rows(tmp_path / arm / "metrics.jsonl", "end")[0]["status"] == "finished"
-    assert "corrupt or truncated" in (tmp_path / "logs" / "muon-s0.log").read_text()
+    assert "holds files (checkpoint.pt) but no RankProbe run" in (tmp_path / "logs" / "muon-s0.log").read_text()
     assert (tmp_path / "report.md").exists()
     # fixed, the sweep picks up only the failed arm
     (tmp_path / "muon-s0" / "checkpoint.pt").unlink()

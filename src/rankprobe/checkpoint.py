@@ -5,8 +5,10 @@ stood: model and optimizer state, the step and tokens seen (the lr schedule and 
 pure functions of them), the torch RNG states, the resolved config, and the byte length and SHA-256
 of `metrics.jsonl` at that moment, so that resuming cuts the file back to the checkpoint and no row
 is logged twice. It is written atomically (runfolder.atomic_file, fsynced), so a kill mid-write leaves
-the previous checkpoint intact. It is read with torch.load(weights_only=True), which accepts tensors
-and plain containers only: a checkpoint that asks to build any other object is refused, never run.
+the previous checkpoint intact, and carries a SHA-256 of its own contents, checked on load, so a
+flipped byte is refused rather than resumed from. It is read with torch.load(weights_only=True), which
+accepts tensors and plain containers only: a checkpoint that asks to build any other object is refused,
+never run. Every field is checked against the run (`check_state`) before metrics.jsonl is cut back.
 The run folder's other files, its rows and its lock belong to rankprobe.runfolder.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, DataError, flatten, to_dict
+from .config import Config, flatten, to_dict
+from .errors import DataError, FolderError
 from .runfolder import atomic_file
 
 FORMAT = 1
@@ -34,7 +38,7 @@ log = logging.getLogger(__name__)
 # without changing a single metric: names and places, display, the checkpoint cadence, the device
 # and compilation (a GPU run may be finished on another card), and the sweep grid around an arm.
 _FREE_KEYS = {"name", "arm", "out", "data.cache_dir", "train.progress", "train.tensorboard",
-              "train.checkpoint_minutes", "train.device", "train.compile"}
+              "train.checkpoint_minutes", "train.device", "train.compile", "train.allow_large"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,33 +63,65 @@ def capture(model, optimizers, *, config: dict, step: int, tokens: int, wall_s: 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` to `path` atomically and durably: a reader (or a resume after a kill) sees the old
-    file or the new one, and a power cut keeps one of them."""
+    file or the new one, and a power cut keeps one of them. The file carries the SHA-256 of its own
+    contents (`digest`), so a changed byte is found on load rather than resumed from."""
     with atomic_file(path, fsync=True) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save({**state, "digest": state_digest(state)}, tmp)
+        except OSError as e:  # a full disk: atomic_file removes the temporary file, the old checkpoint stays
+            raise FolderError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is "
+                              "kept (free some space, then --resume)") from None
+        except RuntimeError as e:  # torch wraps the zip writer's failures, ENOSPC among them
+            raise FolderError(f"cannot write checkpoint {path}: {' '.join(str(e).split())[:160]}; the previous "
+                              "checkpoint is kept (free some space, then --resume)") from None
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 of a checkpoint's contents as loaded: every tensor's dtype, shape and bytes and every
+    plain value, in order, without the `digest` field itself. Computed over what torch.load gives back
+    rather than over the file's bytes, so the digest can live inside the file it checks."""
+    h = hashlib.sha256()
+
+    def walk(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy())
+        elif isinstance(obj, dict):
+            h.update(b"{")
+            for k, v in obj.items():
+                if k != "digest" or obj is not state:
+                    h.update(repr(k).encode() + b":")
+                    walk(v)
+            h.update(b"}")
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"[")
+            for v in obj:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(f"{type(obj).__name__}:{obj!r},".encode())
+
+    walk(state)
+    return h.hexdigest()
 
 
 _TYPES = {"format": int, "step": int, "tokens_seen": int, "wall_s": float, "config": str, "metrics_bytes": int,
           "metrics_sha256": str, "model": dict, "optimizers": list, "rng": dict}
 
+# What torch's weights-only unpickler says when a file asks for more than tensors and plain data.
+_UNSAFE = re.compile(r"GLOBAL (\S+)|Can only (?:create new object|build)|unrecognized function|persistent_load")
+
 
 def load_checkpoint(path: Path) -> dict:
     """Read a checkpoint without ever unpickling arbitrary objects; DataError (one line) if it is unsafe,
-    corrupt, truncated or not a RankProbe checkpoint."""
+    corrupt, truncated, fails its digest or is not a RankProbe checkpoint."""
     try:
         with warnings.catch_warnings():  # torch warns about odd files; the one-line error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure to parse means the same thing here: the file cannot be used
-        text = " ".join(str(e).split())
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if unsafe:
-            raise DataError(f"refusing to load checkpoint {path}: it asks to build a {unsafe.group(1)} object, "
-                            "not just tensors (a tampered or foreign file); delete it or start over with "
-                            "--force") from None
-        reason = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
-        detail = reason.group(1) if reason else (text.split(". ")[0] or type(e).__name__)
-        raise DataError(f"checkpoint {path} is corrupt or truncated ({detail[:120]}); delete it or start over "
-                        "with --force") from None
+        raise _load_error(path, e) from None
     missing = [k for k, tp in _TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(k), tp)]
     if not missing and not isinstance(state["rng"].get("torch"), torch.Tensor):
         missing = ["rng.torch"]
@@ -93,7 +129,80 @@ def load_checkpoint(path: Path) -> dict:
         raise DataError(f"{path} is not a RankProbe checkpoint (missing or wrong: {', '.join(missing)})")
     if state["format"] != FORMAT:
         raise DataError(f"checkpoint {path} has format {state['format']}; this rankprobe reads format {FORMAT}")
+    if "digest" not in state:
+        log.warning("%s has no digest (written by an older rankprobe): its contents cannot be verified", path)
+    elif state["digest"] != state_digest(state):
+        raise DataError(f"checkpoint {path} fails its SHA-256 check (changed since it was written: a flipped bit "
+                        "or an edit); delete it or start over with --force")
+    try:
+        config = json.loads(state["config"])
+    except (ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise DataError(f"checkpoint {path} is not a RankProbe checkpoint (its config is not a JSON table)")
     return state
+
+
+def _load_error(path: Path, e: Exception) -> DataError:
+    """The one line for a checkpoint torch.load refused: unsafe (it asked for code), or unreadable."""
+    text = " ".join(str(e).split())
+    unsafe = _UNSAFE.search(text)
+    if unsafe:
+        what = f"a {unsafe.group(1)} object" if unsafe.group(1) else "objects"
+        return DataError(f"refusing to load checkpoint {path}: its pickle asks to build {what}, not just tensors "
+                         "(a tampered or foreign file; nothing in it was run); delete it or start over with --force")
+    reason = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    detail = reason.group(1) if reason else (text.split(". ")[0] or type(e).__name__)
+    return DataError(f"checkpoint {path} is corrupt or truncated ({detail[:120]}); delete it or start over "
+                     "with --force")
+
+
+def check_state(state: dict, sched, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], path: Path) -> None:
+    """Every field of a loaded checkpoint fits the run `sched` (a loop.Schedule) describes and the model
+    whose tensors `layout` gives (name -> shape, dtype), before anything in the folder is changed."""
+    def bad(what: str) -> DataError:
+        return DataError(f"checkpoint {path} is not usable: {what}; delete it or start over with --force")
+
+    step, tokens = state["step"], state["tokens_seen"]
+    if not 0 <= step <= sched.total_steps:
+        raise bad(f"step {step} lies outside this run's 0..{sched.total_steps}")
+    if tokens != step * sched.tokens_per_step:
+        raise bad(f"tokens_seen {tokens} is not step {step} x {sched.tokens_per_step} tokens a step")
+    if not (math.isfinite(state["wall_s"]) and state["wall_s"] >= 0) or state["metrics_bytes"] < 0 \
+            or not re.fullmatch(r"[0-9a-f]{64}", state["metrics_sha256"]):
+        raise bad("wall_s, metrics_bytes or metrics_sha256 is out of range")
+    timing = state.get("timing", {})
+    if not isinstance(timing, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in timing.items()):
+        raise bad("timing is not a table of seconds")
+    if not _pending_ok(state.get("pending_rows", "[]")):
+        raise bad("pending_rows is not a JSON list of [step, rows]")
+    saved = {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else None for k, v in state["model"].items()}
+    if saved != layout:
+        key = next(k for k in sorted(set(saved) | set(layout)) if saved.get(k) != layout.get(k))
+        raise bad(f"model tensor {key} is {_layout(saved.get(key))} there, {_layout(layout.get(key))} in this model")
+    rng, cuda = state["rng"]["torch"], state["rng"].get("cuda", [])
+    if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape or not isinstance(cuda, list) or \
+            not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.ndim == 1 for t in cuda):
+        raise bad("its random-number-generator state has the wrong shape or type")
+    if not all(isinstance(o, dict) and isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)
+               for o in state["optimizers"]):
+        raise bad("an optimizer state is not a torch optimizer state dict")
+
+
+def _pending_ok(text) -> bool:
+    try:
+        rows = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(rows, list) and all(
+        isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and isinstance(r[1], list)
+        and all(isinstance(x, dict) for x in r[1]) for r in rows)
+
+
+def _layout(entry) -> str:
+    return "absent" if entry is None else f"{entry[1]} {list(entry[0])}".replace("torch.", "")
 
 
 def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:

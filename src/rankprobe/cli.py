@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import UserError, all_keys, field_docs, load, parse_overrides, preset_names
+from .config import all_keys, field_docs, load, parse_overrides, preset_names
+from .errors import UserError
 from .runfolder import EXIT_DIVERGED
 
 EXIT_USAGE = 2
@@ -167,10 +168,13 @@ def main(argv: list[str] | None = None) -> int:
             if rest:
                 raise UserError(f"unexpected arguments: {' '.join(rest)}")
             return _export(args)
-        if args.command == "_arm":
+        if args.command == "_arm":  # the worker of a parallel sweep: its resolved config on stdin
             from .config import from_dict
+            from .sweep import die_with_parent
 
-            return _train(from_dict(json.loads(Path(args.config).read_text())), args)
+            die_with_parent()
+            text = sys.stdin.read() if args.config == "-" else Path(args.config).read_text()
+            return _train(from_dict(json.loads(text)), args)
         overrides = parse_overrides(rest)
         if args.command == "scan":
             return _scan(load(args.config, overrides), args)
@@ -185,6 +189,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rankprobe: error: {e}", file=sys.stderr)
         elif not isinstance(e, MirroredError):  # rank 0 printed the mirrored ones already
             print(f"rankprobe: error (rank {rank}): {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        text = " ".join(str(e).split())
+        if not isinstance(e, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(f"rankprobe: error: out of memory ({text[:160]}); make the model, batch or sequence smaller",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # the machine refused a file operation: a read-only folder, a full disk, a bad path
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"rankprobe: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("rankprobe: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import tomllib
 import typing
@@ -17,17 +18,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-
-class UserError(Exception):
-    """A problem with the user's input; the CLI prints it as one line and exits 2, no traceback."""
-
-
-class ConfigError(UserError, ValueError):
-    """An unknown key, a wrong type or an out-of-range value in a config or override."""
-
-
-class DataError(UserError):
-    """A corpus, tokenizer file or checkpoint that cannot be used."""
+# The errors live in rankprobe.errors; importing them from here keeps working.
+from .errors import ConfigError, DataError, UserError  # noqa: F401
 
 
 @dataclass
@@ -157,6 +149,9 @@ class TrainConfig:
     """also write TensorBoard scalars under the run directory"""
     checkpoint_minutes: float = 10.0
     """minutes between resumable checkpoints (0 = one at every probe checkpoint instead)"""
+    allow_large: bool = False
+    """train even when the model and optimizer state look too big for the device's memory (the estimate
+    counts fp32 weights, gradients and optimizer state only)"""
 
 
 @dataclass
@@ -245,8 +240,56 @@ def arm_label(optimizer: str, qk_norm: bool, qk_clip: bool = False) -> str:
     return optimizer + ("+qknorm" if qk_norm else "") + ("+qkclip" if qk_clip else "")
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _leaves(obj, prefix: str = ""):
+    """(dotted key, value) for every leaf of a config (lists and tables walked into), for the checks
+    that hold for every value: finite floats, integers that fit 64 bits."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _leaves(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _leaves(v, prefix)
+    else:
+        yield prefix.rstrip("."), obj
+
+
+def _check_numbers(cfg: Config) -> None:
+    """No NaN or infinity anywhere (torch would take them and fail, or worse, silently turn a feature
+    off: a NaN grad_clip clips nothing); no integer past 64 bits (torch cannot hold it)."""
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number; got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ConfigError(f"{key} is too large for a 64-bit integer; got {str(value)[:30]}...")
+
+
+def check_name(name: str, key: str = "name") -> None:
+    """`name` becomes a folder under `out`: it must be one plain path component, so that no run ever
+    writes outside the folder it was given."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or any(ord(c) < 32 for c in name)):
+        raise ConfigError(f"{key} must be a plain folder name (no '/', '\\', '..', or control characters); "
+                          f"got {name!r}")
+
+
+def safe_name(text: str) -> str:
+    """`text` as one plain path component: separators, '%' and control characters percent-escaped,
+    and a leading '.' too (so '..' cannot come out). For run names built from values, e.g. a scan's
+    'data.corpus=../x' -> 'data.corpus=..%2Fx'."""
+    out = "".join(f"%{ord(c):02X}" if c in "/\\%" or ord(c) < 32 else c for c in text)
+    return "%2E" + out[1:] if out.startswith(".") else out
+
+
 def validate(cfg: Config) -> None:
     """Check values that types alone cannot; messages name the CLI key."""
+    _check_numbers(cfg)
+    check_name(cfg.name)
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
@@ -264,6 +307,17 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive; got {value}")
+    at_least_zero = {"model.n_kv_head": m.n_kv_head, "model.mlp_hidden": m.mlp_hidden,
+                     "model.vocab_size": m.vocab_size, "model.init_std": m.init_std,
+                     "probe.n_checkpoints": p.n_checkpoints, "probe.dead_pr": p.dead_pr}
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0; got {value}")
+    for key, value in {"model.rope_theta": m.rope_theta, "model.norm_eps": m.norm_eps, "optim.eps": o.eps}.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive; got {value}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must each lie in [0, 1); got {list(o.betas)}")
     if m.head_dim % 2:
         raise ConfigError(f"model.head_dim must be even for RoPE; got {m.head_dim}")
     kv = m.n_kv_head or m.n_head
@@ -297,6 +351,36 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"probe.checkpoints must lie in [0, train.tokens={t.tokens}]")
     if not cfg.sweep.optimizers or not cfg.sweep.qk_norm or not cfg.sweep.seeds:
         raise ConfigError("sweep.optimizers, sweep.qk_norm and sweep.seeds must each be non-empty")
+    for key in ("optimizers", "qk_norm", "seeds", "arms"):
+        values = getattr(cfg.sweep, key)
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:  # two arms of one name would share a run folder
+            raise ConfigError(f"sweep.{key} lists {', '.join(twice)} more than once")
+
+
+def param_count(m: ModelConfig, vocab_size: int) -> tuple[int, int]:
+    """(all parameters, those in the blocks' 2-D matrices) of the decoder rankprobe.model builds from `m`
+    with `vocab_size` tokens: arithmetic only, so a size is judged before anything is allocated."""
+    hidden = m.mlp_hidden or 64 * math.ceil(8 * m.d_model / 3 / 64)
+    kv = m.n_kv_head or m.n_head
+    attn = m.d_model * m.head_dim * (2 * m.n_head + 2 * kv)
+    matrices = m.n_layer * (attn + 3 * m.d_model * hidden)
+    norms = m.n_layer * (2 * m.d_model + (2 * m.head_dim if m.qk_norm and m.qk_norm_gain else 0)) + m.d_model
+    embeddings = vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    return matrices + norms + embeddings, matrices
+
+
+def state_bytes(cfg: Config) -> int:
+    """Bytes of fp32 weights, gradients and optimizer state of `cfg`'s run: 4 + 4 + 8 per parameter under
+    AdamW (two moments); Muon keeps one momentum buffer for the hidden matrices. Every other optimizer is
+    counted like AdamW; so are RoPE's tables. Activations are left out: they depend on batch, compile and
+    kernels."""
+    vocab = cfg.model.vocab_size or cfg.data.vocab_size  # a .tiktoken tokenizer's size is unknown here
+    total, matrices = param_count(cfg.model, vocab)
+    names = {cfg.optim.name, *cfg.sweep.optimizers, *(parse_arm(a)[0] for a in cfg.sweep.arms)}
+    moments = 1 if names == {"muon"} else 2
+    rope = 2 * 4 * cfg.model.seq_len * (cfg.model.head_dim // 2)  # the cos and sin tables, fp32
+    return 16 * total - (2 - moments) * 4 * matrices + rope
 
 
 def _validate_hidden(cfg: Config) -> None:
@@ -351,6 +435,10 @@ def _coerce(value, tp, key: str):
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
             try:
                 f = float(value.replace("_", ""))
             except ValueError:
@@ -524,8 +612,11 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
             raise _unknown(key, valid)
         *path, leaf = key.split(".")
         node = data
-        for part in path:
+        for i, part in enumerate(path):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(path[:i + 1])} must be a table of settings (the config sets it to "
+                                  f"{node!r}), so --{key} cannot apply")
         node[leaf] = value
     return data
 

@@ -29,11 +29,12 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .config import UserError
+from .errors import FolderError, MetricsError
 
 METRICS = "metrics.jsonl"
 METRICS_NAMES = (METRICS, f"{METRICS}.gz", f"{METRICS}.xz")
@@ -58,10 +59,6 @@ EXIT_DIVERGED = 1
 """exit code of `rankprobe train` for a run that diverged: recorded (an `end` row), but without a result"""
 
 ENDED = ("finished", "diverged")
-
-
-class MetricsError(UserError, ValueError):
-    """A metrics file that cannot be read: a corrupt line that is not a torn last line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +114,91 @@ def parse_rows(data: bytes | str, path: Path | str) -> list[dict]:
             if k == len(numbered) - 1:
                 warnings.warn(f"{path}: dropped torn last line {lineno} (a crash mid-write?)", stacklevel=3)
                 break
-            raise MetricsError(f"{path}, line {lineno}: corrupt metrics row ({e})") from None
+            raise MetricsError(f"{path}, line {lineno}: corrupt metrics row ({str(e)[:80]})") from None
+        problem = row_problem(row)
+        if problem:
+            raise MetricsError(f"{path}, line {lineno}: bad metrics row ({problem}); see docs/metrics.md")
         rows.append(row)
     return rows
+
+
+# The types of the fields docs/metrics.md gives, per kind: a row whose field has another type is refused
+# with its file and line (a reader further on would fail on it with a traceback, or silently misdraw).
+# Unknown kinds and keys pass (later versions add them). "num": a number, or null for NaN/inf.
+_AT = {"step": "int", "tokens": "int"}
+_LAYER_AND_HEADS = (("", "num"), ("_heads", "nums"))  # a layer's value, and one per head
+_KINDS = {
+    "run": {"schema": "int", "run": "str", "arm": "str", "optimizer": "str", "qk_norm": "bool", "seed": "int",
+            "config": "dict", "env": "dict", "n_params": "int", "param_groups": "dict", "ns_dtype": "str?",
+            "head_dim": "int", "n_layer": "int", "probe_checkpoints": "ints", "data": "dict", "source": "dict",
+            "series": "dict", "checkpoints": "list", "seq_len": "int", "max_positions": "int", "dtype": "str"},
+    "train": {**_AT, "loss": "num", "lr_scale": "num", "grad_norm": "num", "step_time_s": "num",
+              "qk_clipped": "int"},
+    "eval": {**_AT, "val_loss": "num", "val_tokens": "int"},
+    "probe": {**_AT, "tap": "str", "tensor": "str", "layer": "int", "n": "int", "dim": "int",
+              **{f"{m}{x}": t for m in ("pr", "erank", "stable_rank", "rankme")
+                 for x, t in (("", "num"), ("_heads", "nums"), ("_null", "num"))}, "mean_norm": "nums"},
+    "attn": {**_AT, "layer": "int", "n_rows": "int", "seq_len": "int", "entropy_max": "num",
+             **{f"{m}{x}": t for m in ("entropy", "entropy_norm", "max_logit") for x, t in _LAYER_AND_HEADS}},
+    "weights": {**_AT, "layer": "int", "matrix": "str", "shape": "ints",
+                **{f"{m}{x}": t for m in ("spectral_norm", "stable_rank", "erank") for x, t in _LAYER_AND_HEADS}},
+    "update": {**_AT, "layer": "int", "matrix": "str", "update_rms": "num", "update_rel": "num"},
+    "end": {**_AT, "wall_s": "num", "status": "str", "reason": "str", "loss": "num", "checkpoint_step": "int?",
+            **dict.fromkeys(PHASE_FIELDS + ("probe_wait_s",), "num")},
+}
+# The fields a reader indexes directly in rows of these kinds (the run, train and end rows are read
+# field by field with defaults, and rows of older versions lack some fields).
+_REQUIRED = {"eval": ("step", "tokens", "val_loss"), "probe": ("step", "tokens", "tap", "tensor", "layer", "pr"),
+             "attn": ("step", "tokens", "layer"), "weights": ("step", "tokens", "layer", "matrix"),
+             "update": ("step", "tokens", "layer", "matrix")}
+
+
+def _is(value, kind: str) -> bool:
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return {"int": integer, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+            "dict": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list),
+            "num": lambda v: v is None or number(v), "str?": lambda v: v is None or isinstance(v, str),
+            "int?": lambda v: v is None or integer(v),
+            "ints": lambda v: isinstance(v, list) and all(integer(x) for x in v),
+            "nums": lambda v: isinstance(v, list) and all(x is None or number(x) for x in v)}[kind](value)
+
+
+def row_problem(row: dict) -> str | None:
+    """What is wrong with a parsed row's fields (docs/metrics.md), or None."""
+    kind = row.get("kind")
+    if not isinstance(kind, str):
+        return "no string `kind`"
+    types = _KINDS.get(kind, {})
+    for key in _REQUIRED.get(kind, ()):
+        if key not in row:
+            return f"a {kind} row without `{key}`"
+    for key, value in row.items():
+        if key in types and not _is(value, types[key]):
+            return f"`{key}` of a {kind} row is {json.dumps(value)[:40]}, not {types[key].rstrip('?')}"
+    return _config_problem(row["config"]) if kind == "run" and "config" in row else None
+
+
+def _config_problem(config: dict) -> str | None:
+    """A run row's `config` must have the config tree's shape where it has its keys (older runs lack some)."""
+    import typing
+
+    from .config import Config, all_keys
+
+    sections = {name: tp for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp)}
+    for name, value in config.items():
+        if name in sections and not isinstance(value, dict):
+            return f"`config.{name}` is {json.dumps(value)[:40]}, not a table"
+    for key in all_keys():
+        section, _, leaf = key.partition(".")
+        if section not in sections or leaf not in config.get(section, {}):
+            continue
+        tp = typing.get_type_hints(sections[section])[leaf]
+        origin = typing.get_origin(tp) or tp
+        want = {int: "int", float: "num", str: "str", bool: "bool", list: "list", tuple: "list", dict: "dict"}[origin]
+        if not _is(config[section][leaf], want):
+            return f"`config.{key}` is {json.dumps(config[section][leaf])[:40]}, not {want}"
+    return None
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -186,31 +265,45 @@ def finite(v):
 
 
 class MetricsWriter:
-    """Append-only JSONL, one flushed line per row, NaN/inf written as null, each row also handed to
+    """Append-only JSONL, one whole line per row, NaN/inf written as null, each row also handed to
     `mirrors` (callables of (kind, row): rankprobe.sinks).
 
     Tracks the file's byte length and SHA-256 as it grows: a checkpoint records both, so a resume can
-    prove the file is the one it saw and cut it back to that point.
+    prove the file is the one it saw and cut it back to that point. A write that fails (a full disk)
+    cuts the file back to its last whole row and raises FolderError: never a torn line. The file is
+    opened without following a link planted under its name.
     """
 
     def __init__(self, path: Path, mirrors: tuple = ()):
-        self.file = open(path, "ab")
-        self.hash = hashlib.sha256(Path(path).read_bytes())
-        self.bytes = self.file.tell()
+        self.path = Path(path)
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise FolderError(f"cannot open {path}: {e.strerror or e} (a link or a folder in its place?)") from None
+        self.bytes = os.fstat(self.fd).st_size
+        self.hash = hashlib.sha256()
+        for offset in range(0, self.bytes, 1 << 20):
+            self.hash.update(os.pread(self.fd, 1 << 20, offset))
         self.mirrors = mirrors
 
     def write(self, kind: str, **row) -> None:
         row = {"kind": kind, **{k: finite(v) for k, v in row.items()}}
         line = (json.dumps(row) + "\n").encode()
-        self.file.write(line)
-        self.file.flush()
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            os.ftruncate(self.fd, self.bytes)  # the last whole row stays the last line
+            raise FolderError(f"cannot write to {self.path}: {e.strerror or e}; the run stopped after its last "
+                              "whole row (free some space, then --resume)") from None
         self.hash.update(line)
         self.bytes += len(line)
         for mirror in self.mirrors:
             mirror(kind, row)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
         for mirror in self.mirrors:
             getattr(mirror, "close", lambda: None)()
 
@@ -273,6 +366,55 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
+def is_run(folder: str | Path) -> bool:
+    """Whether `folder` holds a RankProbe run: a metrics file that starts with a `run` row, or (a run
+    killed before its first row was whole) an empty one beside nothing but RankProbe's own files."""
+    folder = Path(folder)
+    path = metrics_file(folder)
+    if path is None:
+        return False
+    with warnings.catch_warnings():  # a torn last line is the reader's to report, once
+        warnings.simplefilter("ignore")
+        rows = read_rows(path)
+    if header(rows) is not None:
+        return True
+    own = {*OUTPUTS, LOCK, "tensorboard"}
+    return not rows and all(p.name in own or _is_temp(p) for p in folder.iterdir())
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def first_missing(folder: str | Path) -> Path | None:
+    """The topmost folder on the way to `folder` that does not exist yet (what creating it creates)."""
+    folder, top = Path(folder).absolute(), None
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder, top = folder.parent, folder
+    return top
+
+
+def remove_unused(folder: str | Path, top: Path) -> None:
+    """Undo the creation of `folder` (and its parents up to `top`) by a run that failed before writing
+    anything of its own: only the lock, temporary files and empty folders are removed, so a folder
+    holding anything else stays as it is."""
+    folder = Path(folder).absolute()
+    try:
+        held = list(folder.iterdir())
+        empty_dir = lambda p: p.is_dir() and not p.is_symlink() and not any(p.iterdir())  # noqa: E731
+        if not all(p.name == LOCK or _is_temp(p) or empty_dir(p) for p in held):
+            return
+        for p in held:
+            p.rmdir() if empty_dir(p) else p.unlink()
+        while True:
+            folder.rmdir()
+            if folder == top or folder.parent == folder:
+                break
+            folder = folder.parent
+    except OSError:
+        pass  # something else lives there: keep it
+
+
 def stale_temp_files(folder: Path, name: str) -> list[Path]:
     """Temporary files `atomic_file` left for `name` in `folder` (a kill mid-write); safe to remove."""
     return sorted(Path(folder).glob(f".{name}.*.tmp"))
@@ -292,7 +434,7 @@ def ensure_writable(folder: Path) -> None:
     try:
         check_writable(folder)
     except OSError as e:
-        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+        raise FolderError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,18 +453,19 @@ def folder_lock(folder: Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise UserError(f"cannot open lock file {path}: {e.strerror or e} (a link or a folder in its place?)") from None
+        raise FolderError(f"cannot open lock file {path}: {e.strerror or e} (a link or a folder in its "
+                          "place?)") from None
     f = os.fdopen(fd, "r+", encoding="utf-8")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = f.read().strip() or "?"
         f.close()
-        raise UserError(f"{folder} is in use by another rankprobe process (pid {holder}); wait for it to end or "
+        raise FolderError(f"{folder} is in use by another rankprobe process (pid {holder}); wait for it to end or "
                         "use another --out") from None
     except OSError as e:  # e.g. a network file system without flock
         f.close()
-        raise UserError(f"cannot lock {path}: {e.strerror or e}") from None
+        raise FolderError(f"cannot lock {path}: {e.strerror or e}") from None
     try:
         f.truncate(0)
         f.write(f"{os.getpid()}\n")

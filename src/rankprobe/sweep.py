@@ -18,16 +18,19 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import config_differences
-from .config import Config, UserError, arm_label, parse_arm, to_dict
+from .config import Config, arm_label, parse_arm, safe_name, to_dict
+from .errors import FolderError, UserError
 from .data.tokens import prepare
-from .runfolder import ENDED, EXIT_DIVERGED, METRICS, ensure_writable, folder_lock, header, run_rows, status_of
-from .train import train
+from .runfolder import (ENDED, EXIT_DIVERGED, METRICS, ensure_writable, first_missing, folder_lock, header,
+                        remove_unused, run_rows, status_of)
+from .train import preflight, train
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +87,20 @@ def _still_to_run(grid: list[Config], out_dir: Path, force: bool) -> list[Config
     return todo
 
 
-def _train_in_turn(cfg: Config, todo: list[Config], out_dir: Path, force: bool) -> None:
-    """Train `todo` one after another in this process, tokenizing the corpus once for all of them."""
-    data = prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size) if todo else None
+def _data_key(a: Config) -> str:
+    """What a run's token data depends on: runs with one key share it (every arm of a sweep); a scan over
+    a data.* key, the sequence length or the batch size has one per value."""
+    return repr((a.data, a.model.seq_len, a.train.batch_size))
+
+
+def _train_in_turn(todo: list[Config], out_dir: Path, force: bool) -> None:
+    """Train `todo` one after another in this process, preparing each run's data once for the runs in a
+    row that share it (and holding one corpus at a time)."""
+    key, data = None, None
     for i, a in enumerate(todo):
+        if _data_key(a) != key:
+            key, data = _data_key(a), None  # drop the previous corpus before reading the next
+            data = prepare(a.data, a.model.seq_len, a.train.batch_size)
         log.info("[%d/%d] training %s", i + 1, len(todo), a.name)
         train(a, out_dir / a.name, data=data, force=force, resume=not force)
 
@@ -102,11 +115,32 @@ def _train_grid(cfg: Config, grid: list[Config], out_dir: Path, force: bool, wor
         check(c.optim)
     todo = _still_to_run(grid, out_dir, force)
     if not workers:
-        _train_in_turn(cfg, todo, out_dir, force)
+        _train_in_turn(todo, out_dir, force)
         return []
-    if todo:
-        prepare(cfg.data, cfg.model.seq_len, cfg.train.batch_size)  # the workers find the cache
+    for a in {_data_key(a): a for a in todo}.values():  # the workers find the caches
+        prepare(a.data, a.model.seq_len, a.train.batch_size)
     return _run_parallel(todo, out_dir, workers, gpus, force)
+
+
+@contextmanager
+def _sweep_folder(grid: list[Config], out_dir: Path) -> Iterator[None]:
+    """Check every run of `grid` could start (device, memory), then create and lock `out_dir` for the
+    block; if the block fails before anything was written there, a folder this created is removed."""
+    names = [c.name for c in grid]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"two runs of this grid would share the folder {twice[0]}; list each arm and value once")
+    for c in grid:
+        preflight(c)
+    created = first_missing(out_dir)
+    try:
+        ensure_writable(out_dir)
+        with folder_lock(out_dir):
+            yield
+    except BaseException:
+        if created is not None:
+            remove_unused(out_dir, created)
+        raise
 
 
 class ArmsFailed(Exception):
@@ -124,9 +158,8 @@ def run_sweep(cfg: Config, out_dir: Path, report: bool = True, force: bool = Fal
     retrains every arm from scratch. `workers` > 0: that many arms at a time in subprocesses, one GPU
     each if `gpus`; ArmsFailed after the report if any of them failed."""
     out_dir = Path(out_dir)
-    ensure_writable(out_dir)
     grid = arms(cfg)
-    with folder_lock(out_dir):
+    with _sweep_folder(grid, out_dir):
         failures = _train_grid(cfg, grid, out_dir, force, workers, gpus)
         paths = [out_dir / a.name / METRICS for a in grid]
         if report and (not failures or any(p.exists() for p in paths)):
@@ -162,44 +195,75 @@ def _run_parallel(todo: list[Config], out_dir: Path, workers: int, gpus: bool,
     """Run `todo` as subprocesses, at most `workers` at once; returns the arms that failed (exit
     code other than 0 or diverged), after every arm has ended."""
     logs = out_dir / "logs"
+    if logs.is_symlink():
+        raise FolderError(f"{logs} is a link; RankProbe writes its workers' logs only into a folder of its own")
     logs.mkdir(exist_ok=True)
     pending, running, failures = list(todo), {}, []
     free = list(range(workers))
-    with tempfile.TemporaryDirectory(prefix="rankprobe-sweep-") as tmp:
-        try:
-            while pending or running:
-                while pending and free:
-                    slot, a = free.pop(0), pending.pop(0)
-                    spec = Path(tmp) / f"{a.name}.json"
-                    spec.write_text(json.dumps(to_dict(a)))
-                    cmd = [sys.executable, "-m", "rankprobe.cli", "_arm", str(spec), "--out", str(out_dir / a.name),
-                           "--force" if force else "--resume"]
-                    log_path = logs / f"{a.name}.log"
-                    with open(log_path, "wb") as f:  # the child holds its own descriptor
-                        proc = subprocess.Popen(cmd, env=_worker_env(slot, workers, gpus), stdout=f,
-                                                stderr=subprocess.STDOUT)
-                    running[slot] = (proc, a, log_path)
-                    where = f"GPU {slot}" if gpus else f"worker {slot}"
-                    log.info("[%d/%d] training %s on %s (log: %s)", len(todo) - len(pending), len(todo), a.name,
-                             where, log_path)
-                time.sleep(0.2)
-                for slot, (proc, a, log_path) in list(running.items()):
-                    rc = proc.poll()
-                    if rc is None:
-                        continue
-                    del running[slot]
-                    free.append(slot)
-                    if rc in (0, EXIT_DIVERGED):
-                        log.info("%s %s", a.name, "finished" if rc == 0 else "diverged (recorded)")
-                    else:
-                        failures.append((a.name, rc, log_path))
-                        log.warning("%s failed with exit code %d: %s", a.name, rc, _last_line(log_path))
-        finally:  # interrupted: stop the workers this sweep started, each by its own handle
-            for proc, _, _ in running.values():
-                proc.terminate()
-            for proc, _, _ in running.values():
-                proc.wait()
+    try:
+        while pending or running:
+            while pending and free:
+                slot, a = free.pop(0), pending.pop(0)
+                running[slot] = _launch(a, out_dir, logs / f"{a.name}.log", _worker_env(slot, workers, gpus), force)
+                where = f"GPU {slot}" if gpus else f"worker {slot}"
+                log.info("[%d/%d] training %s on %s (log: %s)", len(todo) - len(pending), len(todo), a.name,
+                         where, running[slot][2])
+            time.sleep(0.2)
+            for slot, (proc, a, log_path) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[slot]
+                free.append(slot)
+                if rc in (0, EXIT_DIVERGED):
+                    log.info("%s %s", a.name, "finished" if rc == 0 else "diverged (recorded)")
+                else:
+                    failures.append((a.name, rc, log_path))
+                    log.warning("%s failed with exit code %d: %s", a.name, rc, _last_line(log_path))
+    finally:  # interrupted: stop the workers this sweep started, each by its own handle
+        for proc, _, _ in running.values():
+            proc.terminate()
+        for proc, _, _ in running.values():
+            proc.wait()
     return failures
+
+
+def _launch(a: Config, out_dir: Path, log_path: Path, env: dict[str, str],
+            force: bool) -> tuple[subprocess.Popen, Config, Path]:
+    """Start one arm's worker (`rankprobe _arm`), its resolved config handed over on stdin (no temporary
+    file to leave behind), its output into `log_path` (opened without following a planted link). The
+    worker asks the kernel to stop it when this process dies (die_with_parent), so a killed sweep
+    leaves no orphans holding run folders' locks."""
+    cmd = [sys.executable, "-m", "rankprobe.cli", "_arm", "-", "--out", str(out_dir / a.name),
+           "--force" if force else "--resume"]
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise FolderError(f"cannot write log {log_path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "wb") as f:  # the child holds its own descriptor
+        proc = subprocess.Popen(cmd, env={**env, _PARENT: str(os.getpid())}, stdin=subprocess.PIPE, stdout=f,
+                                stderr=subprocess.STDOUT)
+    with proc.stdin:
+        proc.stdin.write(json.dumps(to_dict(a)).encode())
+    return proc, a, log_path
+
+
+_PARENT = "RANKPROBE_SWEEP_PID"
+
+
+def die_with_parent() -> None:
+    """In an arm worker: have Linux send SIGTERM when the sweep that started it dies (even by SIGKILL),
+    and stop at once if it is already gone. Elsewhere (no prctl) the sweep's own cleanup is all there is."""
+    parent = os.environ.get(_PARENT, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(parent):  # the sweep died before the request took effect
+        raise SystemExit(143)
 
 
 def _last_line(path: Path) -> str:
@@ -224,7 +288,7 @@ def scan_configs(cfg: Config, param: str, values: list[str]) -> list[Config]:
     out = []
     for value in values:
         data = apply_overrides(to_dict(cfg), {param: value})
-        data["name"] = f"{param}={value}"
+        data["name"] = safe_name(f"{param}={value}")  # a value such as ../x must not reach outside out_dir
         out.append(from_dict(data))
     return out
 
@@ -238,8 +302,7 @@ def run_scan(cfg: Config, out_dir: Path, param: str, values: list[str], force: b
 
     out_dir = Path(out_dir)
     grid = scan_configs(cfg, param, values)
-    ensure_writable(out_dir)
-    with folder_lock(out_dir):
+    with _sweep_folder(grid, out_dir):
         failures = _train_grid(cfg, grid, out_dir, force, workers, gpus)
         path = write_scan(out_dir, param, [out_dir / c.name / METRICS for c in grid])
     if failures:

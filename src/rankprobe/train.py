@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import replace
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_config, check_metrics, load_checkpoint, rewind_metrics
-from .config import Config, UserError, arm_label, to_dict
+from .checkpoint import (check_config, check_metrics, check_state, config_differences, load_checkpoint,
+                         rewind_metrics)
+from .config import Config, arm_label, state_bytes, to_dict
+from .errors import ConfigError, FolderError, UserError
 from .data.tokens import TokenData, prepare
 from .dist import Dist, device_for, on_main
 from .loop import (Checkpointer, DivergenceGuard, Prober, Schedule, TrainStep, compile_regions, evaluate,
@@ -32,8 +35,8 @@ from .loop import (Checkpointer, DivergenceGuard, Prober, Schedule, TrainStep, c
 from .optim.build import ns_dtype
 from .probes.lenses import update_rms, weight_snapshot
 from .runfolder import (CHECKPOINT, CONFIG, ENDED, ENV, LOCK, METRICS, OUTPUTS, WEIGHTS, MetricsWriter, NullWriter,
-                        RunHeader, atomic_file, ensure_writable, folder_lock, run_status, stale_temp_files,
-                        write_json)
+                        RunHeader, atomic_file, ensure_writable, first_missing, folder_lock, header, is_run,
+                        remove_unused, run_rows, stale_temp_files, status_of, write_json)
 from .runlog import env_info
 from .sinks import TensorBoardSink
 
@@ -43,22 +46,57 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
+    """train.device as a torch.device that exists on this machine; ConfigError (one line) otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device`: the GPU's own, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def preflight(cfg: Config) -> torch.device:
+    """What must hold before a run touches any folder: the device exists, and the model with its
+    gradients and optimizer state fits in its memory (unless train.allow_large insists)."""
+    device = resolve_device(cfg.train.device)
+    need, have = state_bytes(cfg), device_memory(device)
+    if need > have and not cfg.train.allow_large:
+        raise ConfigError(f"the model needs about {need / 2**30:,.1f} GiB for weights, gradients and optimizer "
+                          f"state, more than the {have / 2**30:,.1f} GiB of {device.type} memory here; make it "
+                          "smaller, or pass --train.allow_large true to try anyway")
     return device
 
 
 def check_run_dir(run_dir: Path, force: bool, resume: bool = False) -> None:
-    """Refuse a non-empty folder unless resuming or forced, and fail early on one we cannot write."""
-    if run_dir.is_dir() and not (force or resume):
+    """Refuse a non-empty folder unless resuming or forced, and a folder to resume that holds files but
+    no RankProbe run (they are someone else's: never overwritten); fail early on one we cannot write."""
+    if run_dir.is_dir() and not force:
         held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
-        if held:
-            listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-            raise UserError(f"{run_dir} is not empty ({listed}); pass --resume to continue the run in it or "
-                            "--force to replace it")
+        listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        if held and not resume:
+            raise FolderError(f"{run_dir} is not empty ({listed}); pass --resume to continue the run in it or "
+                              "--force to replace it")
+        # what a run killed before its first row leaves: nothing to resume, nothing of anyone else's
+        started = all(n == "tensorboard" or (n.startswith(".") and n.endswith(".tmp")) for n in held)
+        if held and not started and not is_run(run_dir):
+            raise FolderError(f"{run_dir} holds files ({listed}) but no RankProbe run (no {METRICS} starting with "
+                              "a run row), so there is nothing to resume; use another --out")
+        if (run_dir / METRICS).is_symlink():  # a resume cuts the file back: never a file elsewhere
+            raise FolderError(f"{run_dir / METRICS} is a link; RankProbe resumes only a metrics file of its own")
     ensure_writable(run_dir)
 
 
@@ -66,13 +104,25 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
           resume: bool = False, dist: Dist = Dist()) -> Path:
     """Train one arm into `run_dir`; returns the metrics path. Probes and evals at token milestones.
 
-    `resume`: continue from the folder's checkpoint; a run that already ended is left as it is, and
-    one without a checkpoint starts over. `force`: replace whatever run the folder holds. `dist`:
-    this process's rank under torchrun; rank 0 checks, locks and writes the folder, and its verdict
-    (or its UserError) reaches every rank. The other ranks read the checkpoint to resume, so a run
-    spread over several hosts needs the run folder on a file system they share.
+    `resume`: continue from the folder's checkpoint; a run that already ended is left as it is (if it
+    was made with these settings), and one without a checkpoint starts over. `force`: replace whatever
+    run the folder holds. `dist`: this process's rank under torchrun; rank 0 checks, locks and writes
+    the folder, and its verdict (or its UserError) reaches every rank. The other ranks read the
+    checkpoint to resume, so a run spread over several hosts needs the run folder on a file system
+    they share. A folder this call created is removed again if it fails before writing a row.
     """
     run_dir = Path(run_dir)
+    preflight(cfg)
+    created = first_missing(run_dir)
+    try:
+        return _train(cfg, run_dir, data, force, resume, dist)
+    except BaseException:
+        if created is not None and dist.is_main:
+            remove_unused(run_dir, created)
+        raise
+
+
+def _train(cfg: Config, run_dir: Path, data: TokenData | None, force: bool, resume: bool, dist: Dist) -> Path:
     metrics_path = run_dir / METRICS
     with ExitStack() as held:
         state = None
@@ -86,9 +136,10 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
             held.enter_context(folder_lock(run_dir))
             if not resume:
                 return "fresh"
-            status = run_status(run_dir)  # a finished run compressed for publishing stays as it is
-            if status in ENDED:
-                log.info("%s already ended (%s); nothing to resume", run_dir, status)
+            rows = run_rows(run_dir)  # a finished run compressed for publishing stays as it is
+            if status_of(rows) in ENDED:
+                _check_ended(cfg, run_dir, rows)
+                log.info("%s already ended (%s); nothing to resume", run_dir, status_of(rows))
                 return "ended"
             state = _open_checkpoint(cfg, run_dir)
             return "fresh" if state is None else "resume"
@@ -102,8 +153,20 @@ def train(cfg: Config, run_dir: Path, data: TokenData | None = None, force: bool
         return metrics_path
 
 
+def _check_ended(cfg: Config, run_dir: Path, rows: list[dict]) -> None:
+    """A run that ended is kept as it is, but only when asked for with the settings it was made with."""
+    saved = (header(rows) or {}).get("config")
+    diffs = config_differences(saved, to_dict(cfg)) if isinstance(saved, dict) else []
+    if diffs:
+        shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, old, new in diffs[:3])
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise FolderError(f"{run_dir} holds a run that already ended with other settings ({shown}{more}); "
+                          "use another --out, or --force to replace it")
+
+
 def _open_checkpoint(cfg: Config, run_dir: Path) -> dict | None:
-    """The folder's checkpoint, checked against `cfg` and the metrics file before anything is written."""
+    """The folder's checkpoint, checked against `cfg`, the model it must fit and the metrics file
+    before anything is written."""
     path = run_dir / CHECKPOINT
     if not path.exists():
         if (run_dir / METRICS).exists():
@@ -111,8 +174,21 @@ def _open_checkpoint(cfg: Config, run_dir: Path) -> dict | None:
         return None
     state = load_checkpoint(path)
     check_config(state, to_dict(cfg), path)
+    check_state(state, Schedule(cfg), _model_layout(cfg, state), path)
     check_metrics(state, run_dir / METRICS, path)
     return state
+
+
+def _model_layout(cfg: Config, state: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor in the state dict of the model `cfg` builds, at the
+    vocabulary size the checkpoint's run resolved; built on the meta device, so nothing is allocated."""
+    from .model import Transformer
+
+    vocab = json.loads(state["config"]).get("model", {}).get("vocab_size")
+    m = replace(cfg.model, vocab_size=vocab if isinstance(vocab, int) and vocab > 0 else cfg.data.vocab_size)
+    with torch.device("meta"):
+        model = Transformer(m)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
 def _prepare(cfg: Config, dist: Dist) -> TokenData:
@@ -219,14 +295,17 @@ def _open_metrics(cfg: Config, run_dir: Path, state: dict | None, run_row: RunHe
     cut metrics.jsonl back to the checkpoint and note this process in env.json."""
     metrics_path = run_dir / METRICS
     purge = state["tokens_seen"] + 1 if state else None
+    if cfg.train.tensorboard and (run_dir / "tensorboard").is_symlink():
+        raise FolderError(f"{run_dir / 'tensorboard'} is a link; RankProbe writes TensorBoard events only into a "
+                          "folder of its own")
     mirrors = (TensorBoardSink(run_dir / "tensorboard", purge),) if cfg.train.tensorboard else ()
     if state is None:
         for path in [*(run_dir / n for n in OUTPUTS), *stale_temp_files(run_dir, CHECKPOINT)]:
             path.unlink(missing_ok=True)  # a forced or restarted run: nothing of the old one may linger
+        out = MetricsWriter(metrics_path, mirrors)  # the run row first: it is what marks the folder a run
+        out.write("run", **run_row.row())
         write_json(run_dir / CONFIG, run_row.config)
         write_json(run_dir / ENV, run_row.env)
-        out = MetricsWriter(metrics_path, mirrors)
-        out.write("run", **run_row.row())
         return out
     dropped = rewind_metrics(state, metrics_path)
     _note_resume(run_dir / ENV, run_row.env, state["step"])
@@ -260,8 +339,12 @@ def _note_resume(env_path: Path, env: dict, step: int) -> None:
 def _save_weights(model, path: Path) -> None:
     from safetensors.torch import save_model
 
-    with atomic_file(path) as tmp:
-        save_model(model, str(tmp))
+    try:
+        with atomic_file(path) as tmp:
+            save_model(model, str(tmp))
+    except Exception as e:  # a full disk; safetensors raises its own error type for it
+        raise FolderError(f"cannot write {path}: {' '.join(str(e).split())[:160]}; the checkpoint is kept "
+                          "(free some space, then --resume)") from None
 
 
 def _progress(total: int, start: int, cfg: Config, enabled: bool = True):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import os
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from rankprobe.config import DataError
+from rankprobe.errors import DataError
 
 EMBEDDED = "embedded"
 EMBEDDED_FILE = "austen-moby.txt.xz"
@@ -92,11 +94,36 @@ def _folder_documents(root: Path, jsonl_field: str) -> list[str]:
     return docs
 
 
+def max_corpus_bytes() -> int:
+    """The largest corpus file read: an eighth of the machine's memory (the text is held several times
+    over while it is decoded, split and tokenized)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+
+
 def _read_bytes(path: Path) -> bytes:
+    """A corpus file's bytes. Only a regular file of a size that fits is read: a FIFO, a socket or a
+    device such as /dev/zero would block forever or never end. It is opened non-blocking so that even
+    opening a FIFO with no writer returns at once."""
     try:
-        return path.read_bytes()
+        _regular(path, os.stat(path))  # a socket cannot even be opened
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
         raise DataError(f"cannot read corpus file {path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        _regular(path, st)  # what was opened, in case the name changed hands in between
+        if st.st_size > max_corpus_bytes():
+            raise DataError(f"corpus file {path} is {st.st_size / 2**30:.1f} GiB, more than an eighth of this "
+                            f"machine's memory ({max_corpus_bytes() / 2**30:.1f} GiB); use a smaller corpus")
+        try:
+            return f.read(st.st_size)  # a file growing while read is cut where it stood
+        except OSError as e:
+            raise DataError(f"cannot read corpus file {path}: {e.strerror or e}") from None
+
+
+def _regular(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"corpus file {path} is not a regular file (a pipe, socket or device); give a file")
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -126,6 +153,8 @@ def _jsonl_documents(path: Path, jsonl_field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"corpus file {path} line {lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"corpus file {path} line {lineno}: JSON nested too deep") from None
         if not isinstance(record, dict):
             raise DataError(f"corpus file {path} line {lineno}: expected a JSON object, got {type(record).__name__}")
         if jsonl_field not in record:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
-from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable
+from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable, first_missing, remove_unused, write_json
 from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
@@ -38,7 +39,8 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
     Raises DataError for a missing folder or a model_type outside SUPPORTED."""
     path = Path(path)
     config = hf_config(path)
-    if not weight_files(path):
+    files = weight_files(path)
+    if not files:
         raise DataError(f"{path} holds a model config but no weights (*.safetensors or *.bin)")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -48,8 +50,11 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
         hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, config=config)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"cannot load the model in {path}: {_one_line(e)}") from None
+    except Exception as e:  # transformers, safetensors and the unpickler each raise their own types
+        names = ", ".join(f.name for f in files[:3])
+        pickled = " (pickle weights are read with weights_only: save them as safetensors)" \
+            if all(f.suffix == ".bin" for f in files) else ""
+        raise DataError(f"cannot load the model in {path} from {names}: {_one_line(e)}{pickled}") from None
     finally:
         if quiet:
             hf_logging.enable_progress_bar()
@@ -67,13 +72,42 @@ def hf_config(path: Path):
     if not (path / "config.json").is_file():
         raise DataError(f"{path} is not a Hugging Face model folder (no config.json) nor a RankProbe run folder")
     try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{path}/config.json cannot be read as JSON: {_one_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}/config.json is not a Hugging Face model config (a {type(raw).__name__}, not a table)")
+    if raw.get("model_type") not in SUPPORTED and "text_config" not in raw:  # before transformers looks for code
+        raise DataError(f"{path}: model_type {raw.get('model_type')!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED)}; auto_map code is never run)")
+    try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # a config transformers cannot build, whatever it raises
         raise DataError(f"{path}/config.json is not a Hugging Face model config: {_one_line(e)}") from None
     if text_config(config).model_type not in SUPPORTED:
         raise DataError(f"{path}: model_type {text_config(config).model_type!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED)})")
+    _check_size(path, text_config(config))
     return config
+
+
+def _check_size(path: Path, c) -> None:
+    """Refuse, before anything is allocated, a config whose parameters could not fit in this machine's
+    memory even at 2 bytes each (the weights are loaded on the CPU first): 100k layers would
+    otherwise be built for minutes, then fail."""
+    def number(*names):
+        value = next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    L, d = number("num_hidden_layers", "n_layer", "num_layers"), number("hidden_size", "n_embd", "d_model")
+    if L is None or d is None:
+        return
+    ff, vocab = number("intermediate_size", "n_inner", "ffn_hidden_size") or 4 * d, number("vocab_size") or 0
+    n_params = L * (4 * d * d + 3 * d * ff) + 2 * vocab * d
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 2 * n_params > ram:
+        raise DataError(f"{path}/config.json describes about {n_params / 1e9:,.1f}B parameters ({L} layers of width "
+                        f"{d}), more than this machine's {ram / 2**30:.0f} GiB of memory can hold")
 
 
 def _one_line(e: Exception) -> str:
@@ -89,7 +123,7 @@ def load_run_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu")
     from ..model import Transformer
 
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = run_config(run_dir)
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise DataError(f"{run_dir} has no model.safetensors (a run that did not finish?)")
@@ -101,13 +135,33 @@ def load_run_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu")
     return model.to(device).eval()
 
 
+def run_config(run_dir: Path) -> dict:
+    """A RankProbe run folder's config.json, checked like any config (DataError naming the file)."""
+    from ..config import from_dict, param_count, to_dict
+
+    path = Path(run_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a {type(cfg).__name__}, not a table")
+        checked = from_dict(cfg)
+    except (OSError, ValueError, RecursionError, UserError) as e:
+        raise DataError(f"{path} is not a usable RankProbe run config: {_one_line(e)}") from None
+    n_params, _ = param_count(checked.model, checked.model.vocab_size)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * n_params > ram:
+        raise DataError(f"{path} describes a model of {n_params / 1e9:,.1f}B parameters, more than this machine's "
+                        f"{ram / 2**30:.0f} GiB of memory can hold")
+    return to_dict(checked)  # every table, a run made before some keys existed at their defaults
+
+
 def is_run_folder(path: str | Path) -> bool:
     """True for a RankProbe run folder (its config.json has a `model` table), False for HF folders."""
     try:
         cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(cfg.get("model"), dict) and "n_layer" in cfg["model"]
+    return isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and "n_layer" in cfg["model"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +202,7 @@ def _load(ckpt: Checkpoint, run_folder: bool, device, dtype: torch.dtype):
 def _identity(path: Path, model, tokens: torch.Tensor, name: str | None, arm: str | None, series: bool) -> tuple:
     """(config, arm, optimizer, qk_norm, seed, source) of the run row, from the first checkpoint."""
     if is_run_folder(path):
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = run_config(path)
         qk_norm = bool(cfg["model"]["qk_norm"])
         arm = arm or f"rankprobe:{arm_label(cfg['optim']['name'], qk_norm, cfg['optim'].get('qk_clip', False))}"
         return cfg, arm, "pretrained", qk_norm, cfg["train"]["seed"], {"path": str(path), "kind": "rankprobe"}
@@ -219,8 +273,8 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
         run["source"] = source
     else:
         run["series"] = source | {"path": str(Path(seen[0]["path"]).parent)}
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    write_json(out_dir / "config.json", cfg)  # atomic: never through a link planted under the name
+    write_json(out_dir / "env.json", env)
     end = {"step": seen[-1]["step"], "tokens": seen[-1]["tokens"], "wall_s": time.perf_counter() - t0,
            "status": "finished"}
     _write(out_dir / "metrics.jsonl", [("run", run)] + rows + [("end", end)])
@@ -257,7 +311,7 @@ def load_tokenizer(path: Path):
                         "model's tokenizer beside it (tokenizer.save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers raises many types for a tokenizer it cannot build
         raise DataError(f"no usable tokenizer in {path}: {_one_line(e)}") from None
     record = {"class": type(tokenizer).__name__, "name": tokenizer.name_or_path, "sha256": sha256_files(files)}
     return tokenizer, record
@@ -323,7 +377,7 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
     out_dir = Path(out) if out else (first.parent / f"{first.name}-probe" if len(series) == 1
                                      else first.parent.parent / f"{first.parent.name}-probe")
     if is_run_folder(first):
-        cfg = json.loads((first / "config.json").read_text())
+        cfg = run_config(first)
         data_cfg, T = DataConfig(**cfg["data"]), cfg["model"]["seq_len"]
         tokens = prepare(data_cfg, T, cfg["train"]["batch_size"]).probe_tokens(cfg["probe"]["tokens"], T)
         data = {"corpus": data_cfg.corpus}
@@ -347,5 +401,11 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
         tokens = _tokenize(tokenizer, text.text, seq_len, n_tokens)
         data = {"corpus": text.source, "corpus_sha256": text.sha256, "tokenizer": tok_record,
                 "long_context": bool(limit is not None and seq_len > limit)}
-    return probe_series_to_dir(series, tokens, out_dir, batch_size=batch_size, arm=arm, force=force, device=dev,
-                               dtype=dtype, data=data, progress=progress)
+    created = first_missing(out_dir)
+    try:
+        return probe_series_to_dir(series, tokens, out_dir, batch_size=batch_size, arm=arm, force=force, device=dev,
+                                   dtype=dtype, data=data, progress=progress)
+    except BaseException:
+        if created is not None:  # a probe that failed leaves no empty folder of its own making
+            remove_unused(out_dir, created)
+        raise

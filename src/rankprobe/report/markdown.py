@@ -26,6 +26,7 @@ from rankprobe.report.series import (
     ATTENTION_COLUMNS, WEIGHT_COLUMNS, ArmSeries, Headline, arm_pr, has_rows, headline, lens_table,
 )
 from rankprobe.report.stats import Estimate, mean_ci
+from rankprobe.runfolder import write_atomic
 
 _SKIP_CONFIG = {"name", "out", "train.seed", "train.progress", "train.tensorboard"}
 
@@ -328,7 +329,6 @@ def write_report(root: str | Path, out_dir: str | Path | None = None, tap: str |
         lines += _config_section(arms)
     if arms or refs:
         lines += _env_section([r for g in {**arms, **refs}.values() for r in g])
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    write_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path

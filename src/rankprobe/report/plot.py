@@ -20,6 +20,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from rankprobe.report.fmt import fmt_tokens
 from rankprobe.report.metrics import METRIC_NAME, Run, arm_key, check_metric, default_tap, finished_by_arm
 from rankprobe.report.series import ArmSeries
+from rankprobe.runfolder import atomic_file
 
 ARM_COLOURS = {"adamw": "#1f77b4", "adamw+qknorm": "#17becf", "muon": "#d62728", "muon+qknorm": "#ff7f0e"}
 _EXTRA_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]
@@ -109,9 +110,9 @@ def legend_right(ax) -> None:
 
 
 def save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    with atomic_file(path) as tmp:  # never written through a link planted under the figure's name
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     return path
 
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from rankprobe.report.fmt import table
-from rankprobe.runfolder import end_of, header, run_rows, status_of
+from rankprobe.runfolder import end_of, header, run_rows, status_of, write_atomic
 
 
 def _last(rows: list[dict], kind: str) -> dict | None:
@@ -65,5 +65,5 @@ def write_scan(out_dir: Path, param: str, paths: list[Path]) -> Path:
                  _fmt(r["val_loss"], 4), _fmt(r["key_pr"], 2), _fmt(r["max_logit"], 2)] for r in rows]),
         "", f"Best: `{param} = {best['value']}`." if best else "No run finished: no best value.", ""]
     path = Path(out_dir) / "scan.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_atomic(path, "\n".join(lines))
     return path

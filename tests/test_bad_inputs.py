@@ -1,0 +1,248 @@
+"""Bad input that never ends, readers that never crash, models probe cannot load, and sweeps (issue 17):
+each ends in one `rankprobe: error:` line and exit 2, with no traceback, no hang and no orphan."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import flags, refused
+from rankprobe.cli import main
+from rankprobe.config import load
+from rankprobe.data.corpus import load_corpus
+from rankprobe.errors import DataError, UserError
+from rankprobe.runfolder import METRICS
+
+
+class System:
+    """A pickle that would run a shell command: what a booby-trapped weights file holds."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. inputs that never end
+
+
+def test_a_corpus_must_be_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        for path in (fifo, "/dev/zero", tmp_path / "sock"):
+            t0 = time.monotonic()
+            with pytest.raises(DataError, match="is not a regular file"):
+                load_corpus(str(path))
+            assert time.monotonic() - t0 < 5
+    finally:
+        sock.close()
+
+
+def test_an_hf_config_too_big_for_memory_is_refused_before_it_is_built(tmp_path):
+    pytest.importorskip("transformers")
+    from rankprobe.probes.hf import hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 100_000, "hidden_size": 8192, "intermediate_size": 22016,
+        "num_attention_heads": 64, "vocab_size": 32000}))
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match="describes about"):
+        hf_config(tmp_path)
+    assert time.monotonic() - t0 < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. readers that never crash
+
+
+@pytest.mark.parametrize("field, change, needle", [
+    ("run", lambda r: r.update(config=None), "`config` of a run row is null, not dict"),
+    ("run", lambda r: r.update(seed="abc"), "`seed` of a run row is \"abc\", not int"),
+    ("run", lambda r: r.update(head_dim="16"), "`head_dim` of a run row"),
+    ("run", lambda r: r["config"].update(probe="x"), "`config.probe` is \"x\", not a table"),
+    ("probe", lambda r: r.update(tokens=None), "`tokens` of a probe row is null, not int"),
+    ("probe", lambda r: r.pop("tap"), "a probe row without `tap`"),
+])
+def test_the_report_names_the_first_bad_row(finished, copy_of, capsys, field, change, needle):
+    run = copy_of(finished)
+    lines = (run / METRICS).read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == field)
+    row = json.loads(lines[at])
+    change(row)
+    lines[at] = json.dumps(row)
+    (run / METRICS).write_text("\n".join(lines) + "\n")
+    refused(capsys, ["report", str(run)], f"{run / METRICS}, line {at + 1}: bad metrics row ({needle}")
+
+
+def test_a_json_line_nested_too_deep_is_a_bad_row_not_a_crash(finished, copy_of, capsys):
+    run = copy_of(finished)
+    lines = (run / METRICS).read_text().splitlines()
+    lines.insert(1, "[" * 100_000 + "]" * 100_000)
+    (run / METRICS).write_text("\n".join(lines) + "\n")
+    refused(capsys, ["report", str(run)], "line 2: corrupt metrics row")
+
+
+def test_a_report_that_cannot_be_written_is_one_line(finished, copy_of, capsys):
+    run = copy_of(finished)
+    (run / "report.md").mkdir()  # as root, a read-only folder is still writable: a folder in the way fails the same
+    refused(capsys, ["report", str(run)], "report.md")
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    """A one-layer Llama folder with a tokenizer of its own, as `rankprobe probe` takes it."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=2,
+                                   num_hidden_layers=1, vocab_size=300, max_position_embeddings=32)
+    path = tmp_path_factory.mktemp("llama")
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([load_corpus("embedded").text[:20_000]],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return path
+
+
+def _unknown_with_auto_map(p):
+    (p / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.Config"}}))
+    (p / "evil.py").write_text(f"open({str(p / 'pwned')!r}, 'w')\n")
+
+
+def _truncated(p):
+    f = p / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+def _pickle_only(p):
+    from safetensors.torch import load_file
+
+    torch.save(load_file(p / "model.safetensors"), p / "pytorch_model.bin")
+    (p / "model.safetensors").unlink()
+    torch.save({"x": System()}, p / "pytorch_model.bin")  # and an unsafe one at that
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (_unknown_with_auto_map, "model_type 'evil' is not supported"),
+    (lambda p: (p / "config.json").write_text("[1, 2]"), "config.json is not a Hugging Face model config (a list"),
+    (lambda p: (p / "model.safetensors").unlink(), "no weights"),
+    (_truncated, "cannot load the model in"),
+    (_pickle_only, "pytorch_model.bin"),
+], ids=["auto-map", "list", "no-weights", "truncated", "pickle"])
+def test_probe_maps_every_loading_failure_to_one_line(hf_llama, tmp_path, capsys, damage, needle):
+    model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
+    damage(model)
+    refused(capsys, ["probe", str(model), "--out", str(tmp_path / "out"), "--device", "cpu", "--seq-len", "16",
+                     "--tokens", "64"], needle)
+    assert not (model / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_the_undamaged_model_probes(hf_llama, tmp_path):  # so the refusals above are the damage's doing
+    assert main(["probe", str(hf_llama), "--out", str(tmp_path / "out"), "--seq-len", "16", "--tokens", "64"]) == 0
+
+
+def _tokenizer_of_unknown_type(p):
+    tok = json.loads((p / "tokenizer.json").read_text())
+    tok["model"]["type"] = "Evil"
+    (p / "tokenizer.json").write_text(json.dumps(tok))
+
+
+def test_probe_refuses_a_tokenizer_it_cannot_build_in_one_line(hf_llama, tmp_path, capsys):
+    model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
+    _tokenizer_of_unknown_type(model)
+    refused(capsys, ["probe", str(model), "--out", str(tmp_path / "out"), "--seq-len", "16", "--tokens", "64"],
+            f"no usable tokenizer in {model}")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c["model"].update(extra=1), "unknown config key model.extra"),
+    (lambda c: c["model"].update(n_layer=10**7, d_model=8192), "more than this machine's"),
+    (lambda c: c.update(data=[1]), "data must be a table of settings"),
+], ids=["extra-key", "too-big", "not-a-table"])
+def test_probe_of_a_run_folder_with_a_bad_config_is_one_line(finished, copy_of, capsys, tmp_path, edit, needle):
+    run = copy_of(finished)
+    cfg = json.loads((run / "config.json").read_text())
+    edit(cfg)
+    (run / "config.json").write_text(json.dumps(cfg))
+    line = refused(capsys, ["probe", str(run), "--out", str(tmp_path / "out")], needle)
+    assert f"{run / 'config.json'}" in line
+
+
+def test_probe_of_a_run_folder_missing_a_table_takes_its_defaults(finished, copy_of, tmp_path):
+    run = copy_of(finished)
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["sweep"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    assert main(["probe", str(run), "--out", str(tmp_path / "out")]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. sweeps
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in os.listdir(f"/proc/{pid}/task")
+                for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_sweep_leaves_no_worker_behind(tiny, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PYTHONWARNINGS": "ignore"}
+    slow = {**tiny, "train.tokens": "200000", "probe.checkpoints": "0"}  # a worker that would run for minutes
+    sweep = subprocess.Popen([sys.executable, "-m", "rankprobe.cli", "sweep", "demo", "--out", str(tmp_path / "s"),
+                              "--workers", "1", *flags(slow)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (workers := _children(sweep.pid)) or not (tmp_path / "s" / "adamw-s0" / METRICS).exists():
+        assert sweep.poll() is None and time.monotonic() < deadline, "the sweep never started its worker"
+        time.sleep(0.05)
+    sweep.kill()
+    sweep.wait()
+    deadline = time.monotonic() + 20
+    try:
+        while alive := [w for w in workers if _running(w)]:
+            assert time.monotonic() < deadline, f"worker {alive} outlived its sweep"
+            time.sleep(0.05)
+    finally:  # a failing test must not leave the orphan it found
+        for w in workers:
+            if _running(w):
+                os.kill(w, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_scan_over_the_corpus_reads_each_value_and_stays_in_its_folder(tiny, tmp_path, capsys):
+    """A scan's values reach the data too (each run tokenizes its own corpus), and a value that is a
+    path builds a run folder inside the scan folder, not where the path points."""
+    scan = tmp_path / "deep" / "scan"
+    refused(capsys, ["scan", "demo", "--param", "data.corpus", "--values", "../../x", "--out", str(scan),
+                     *flags(tiny)], "corpus not found: ../../x")
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_grid_whose_runs_would_share_a_folder_is_refused(tiny, tmp_path):
+    from rankprobe.sweep import run_scan
+
+    with pytest.raises(UserError, match="would share the folder"):
+        run_scan(load("demo", tiny), tmp_path / "scan", "optim.lr", ["1e-3", "1e-3"])
+    assert not (tmp_path / "scan").exists()
