@@ -1,21 +1,28 @@
 # Two commands do all set-up: `make demo` runs the 4-arm study on the embedded corpus, `make test` the suite.
+# `make demo` installs only what the demo needs (requirements.txt); `make test` adds the test runner and
+# every optional integration the suite exercises (requirements-dev.txt).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.installed
+DEV := $(VENV)/.installed-dev
 
 .PHONY: demo test clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(CORE): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	touch $(CORE)
 
-demo: $(STAMP)
+$(DEV): $(CORE) requirements-dev.txt
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $(DEV)
+
+demo: $(CORE)
 	$(BIN)/rankprobe demo --out rankprobe-demo
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/python -m pytest -q
 
 clean:

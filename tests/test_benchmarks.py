@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py keeps working: its CPU smoke run measures every section and renders them."""
+"""benchmarks/throughput.py keeps working: its CPU smoke run measures the training, optimizer and probe sections and renders them."""
 
 import json
 import os
@@ -9,12 +9,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_throughput_smoke_measures_every_section_and_renders(tmp_path):
+def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
+    # `wide` and `recompile` rerun the same code at another shape, compiling again (~20 s of a cold CI
+    # run): left to the GPU runs, which take every section.
     out, md = tmp_path / "smoke.json", tmp_path / "bench.md"
     md.write_text("# kept\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--json", str(out),
-                          "--out", str(md), "--sections", "seed,opt,eager,wide,probes,recompile"],
+                          "--out", str(md), "--sections", "seed,opt,eager,probes"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     R = json.loads(out.read_text())

@@ -16,7 +16,9 @@ from conftest import files, flags, refused
 from rankprobe import checkpoint as ckpt_mod
 from rankprobe.checkpoint import load_checkpoint, save_checkpoint
 from rankprobe.cli import main
-from rankprobe.config import ConfigError, Config, ModelConfig, load, param_count, safe_name, state_bytes
+from rankprobe.config import ConfigError, Config, ModelConfig, load
+from rankprobe.model import param_count, state_bytes
+from rankprobe.runfolder import safe_name
 from rankprobe.errors import FolderError
 from rankprobe.runfolder import CHECKPOINT, LOCK, METRICS, MetricsWriter, stale_temp_files
 from rankprobe.sweep import scan_configs

@@ -9,7 +9,7 @@ import math
 import re
 
 import pytest
-import pytorch_optimizer  # pinned in requirements.txt: a missing install fails here rather than skipping
+import pytorch_optimizer  # pinned in requirements-dev.txt: a missing install fails here rather than skipping
 import torch
 
 from rankprobe import config as C

@@ -1,7 +1,7 @@
 """One typed config tree for a RankProbe run or sweep: dataclasses, TOML files, dotted overrides.
 
 A config file is TOML whose tables mirror the dataclasses below (`[model]`, `[optim]`, ...). Values
-are checked against the field types; unknown keys fail with the nearest valid name. Presets live in
+are checked against the field types (rankprobe.coerce); unknown keys fail with the nearest valid name. Presets live in
 `rankprobe/presets/*.toml` and are addressed by name (`demo`, `seed-22l`). No torch import here, so
 configs can be validated and reports rebuilt on a machine without it.
 """
@@ -9,7 +9,6 @@ configs can be validated and reports rebuilt on a machine without it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import tomllib
@@ -19,7 +18,9 @@ from importlib import resources
 from pathlib import Path
 
 # The errors live in rankprobe.errors; importing them from here keeps working.
+from .coerce import coerce, unknown_key
 from .errors import ConfigError, DataError, UserError  # noqa: F401
+from .runfolder import check_name
 
 
 @dataclass
@@ -269,23 +270,6 @@ def _check_numbers(cfg: Config) -> None:
             raise ConfigError(f"{key} is too large for a 64-bit integer; got {str(value)[:30]}...")
 
 
-def check_name(name: str, key: str = "name") -> None:
-    """`name` becomes a folder under `out`: it must be one plain path component, so that no run ever
-    writes outside the folder it was given."""
-    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
-            or any(ord(c) < 32 for c in name)):
-        raise ConfigError(f"{key} must be a plain folder name (no '/', '\\', '..', or control characters); "
-                          f"got {name!r}")
-
-
-def safe_name(text: str) -> str:
-    """`text` as one plain path component: separators, '%' and control characters percent-escaped,
-    and a leading '.' too (so '..' cannot come out). For run names built from values, e.g. a scan's
-    'data.corpus=../x' -> 'data.corpus=..%2Fx'."""
-    out = "".join(f"%{ord(c):02X}" if c in "/\\%" or ord(c) < 32 else c for c in text)
-    return "%2E" + out[1:] if out.startswith(".") else out
-
-
 def validate(cfg: Config) -> None:
     """Check values that types alone cannot; messages name the CLI key."""
     _check_numbers(cfg)
@@ -342,7 +326,7 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"sweep.settings.{key}: {dotted} comes from the arm's label and sweep.seeds; "
                                   "name another arm instead")
             if dotted not in all_keys():
-                raise ConfigError(f"sweep.settings.{key}: {_unknown(dotted, all_keys())}")
+                raise ConfigError(f"sweep.settings.{key}: {unknown_key(dotted, all_keys())}")
     if o.qk_clip_tau <= 0 or o.qk_clip_sequences < 0:
         raise ConfigError("optim.qk_clip_tau must be positive and optim.qk_clip_sequences >= 0")
     if not 0 <= o.momentum < 1:
@@ -356,31 +340,6 @@ def validate(cfg: Config) -> None:
         twice = sorted({str(v) for v in values if values.count(v) > 1})
         if twice:  # two arms of one name would share a run folder
             raise ConfigError(f"sweep.{key} lists {', '.join(twice)} more than once")
-
-
-def param_count(m: ModelConfig, vocab_size: int) -> tuple[int, int]:
-    """(all parameters, those in the blocks' 2-D matrices) of the decoder rankprobe.model builds from `m`
-    with `vocab_size` tokens: arithmetic only, so a size is judged before anything is allocated."""
-    hidden = m.mlp_hidden or 64 * math.ceil(8 * m.d_model / 3 / 64)
-    kv = m.n_kv_head or m.n_head
-    attn = m.d_model * m.head_dim * (2 * m.n_head + 2 * kv)
-    matrices = m.n_layer * (attn + 3 * m.d_model * hidden)
-    norms = m.n_layer * (2 * m.d_model + (2 * m.head_dim if m.qk_norm and m.qk_norm_gain else 0)) + m.d_model
-    embeddings = vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    return matrices + norms + embeddings, matrices
-
-
-def state_bytes(cfg: Config) -> int:
-    """Bytes of fp32 weights, gradients and optimizer state of `cfg`'s run: 4 + 4 + 8 per parameter under
-    AdamW (two moments); Muon keeps one momentum buffer for the hidden matrices. Every other optimizer is
-    counted like AdamW; so are RoPE's tables. Activations are left out: they depend on batch, compile and
-    kernels."""
-    vocab = cfg.model.vocab_size or cfg.data.vocab_size  # a .tiktoken tokenizer's size is unknown here
-    total, matrices = param_count(cfg.model, vocab)
-    names = {cfg.optim.name, *cfg.sweep.optimizers, *(parse_arm(a)[0] for a in cfg.sweep.arms)}
-    moments = 1 if names == {"muon"} else 2
-    rope = 2 * 4 * cfg.model.seq_len * (cfg.model.head_dim // 2)  # the cos and sin tables, fp32
-    return 16 * total - (2 - moments) * 4 * matrices + rope
 
 
 def _validate_hidden(cfg: Config) -> None:
@@ -403,95 +362,6 @@ def _validate_hidden(cfg: Config) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # building configs from dicts, files and dotted overrides
-
-
-def _coerce(value, tp, key: str):
-    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list; got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple:
-            if len(value) != len(args):
-                raise ConfigError(f"{key} must have {len(args)} entries; got {len(value)}")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        return [_coerce(v, args[0], key) for v in value]
-    if origin is dict:  # dict[str, object]: keyword arguments; dict[str, dict]: tables keyed by arm
-        return _table(value, key, names=typing.get_args(tp)[1] is object)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{key} must be true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer; got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-            try:
-                f = float(value.replace("_", ""))
-            except ValueError:
-                raise ConfigError(f"{key} must be an integer; got {value!r}") from None
-            if f.is_integer():
-                return int(f)
-        raise ConfigError(f"{key} must be an integer; got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number; got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # `compile = true` in TOML reads as the choice "true"
-            return str(value).lower()
-        raise ConfigError(f"{key} must be a string; got {value!r}")
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
-def _table(value, key: str, names: bool = True) -> dict:
-    """A TOML table (from a file) or its inline text (from a dotted override, '{betas = [0.9, 0.99]}');
-    `names`: its keys must be argument names, else each value must itself be a table."""
-    if isinstance(value, str):
-        try:
-            value = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(f"{key} must be a TOML table such as '{{betas = [0.9, 0.99]}}'; got {value!r}") \
-                from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{key} must be a table of keyword arguments; got {value!r}")
-    if names and not all(isinstance(k, str) and k.isidentifier() for k in value):
-        raise ConfigError(f"{key}: every key must be an argument name; got {list(value)}")
-    if not names and not all(isinstance(v, dict) for v in value.values()):
-        raise ConfigError(f"{key}: every value must be a table of dotted keys; got {value!r}")
-    return dict(value)
-
-
-def _unknown(key: str, valid: list[str]) -> ConfigError:
-    """'unknown config key X; did you mean Y?' with Y the nearest key or section by spelling."""
-    sections = sorted({v.split(".")[0] for v in valid if "." in v})
-    pool = valid if "." in key else valid + sections
-    near = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
-    if not near:  # right leaf in the wrong section, e.g. train.seeds -> sweep.seeds
-        leaf = key.rsplit(".", 1)[-1]
-        near = [v for v in valid if v.rsplit(".", 1)[-1] in difflib.get_close_matches(
-            leaf, [w.rsplit(".", 1)[-1] for w in valid], n=1)][:1]
-    return ConfigError(f"unknown config key {key}" + (f"; did you mean {near[0]}?" if near else ""))
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -519,14 +389,14 @@ def _build(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         dotted = prefix + key
         if key not in fields:
-            raise _unknown(dotted, all_keys())
+            raise unknown_key(dotted, all_keys())
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"{dotted} must be a table of settings; got {value!r}")
             kwargs[key] = _build(tp, value, dotted + ".")
         else:
-            kwargs[key] = _coerce(value, tp, dotted)
+            kwargs[key] = coerce(value, tp, dotted)
     if cls is Config:
         return Config(**kwargs)
     return cls(**kwargs)
@@ -609,7 +479,7 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
     valid = all_keys()
     for key, value in overrides.items():
         if key not in valid:
-            raise _unknown(key, valid)
+            raise unknown_key(key, valid)
         *path, leaf = key.split(".")
         node = data
         for i, part in enumerate(path):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import Config, ModelConfig, parse_arm
 
 TAPS = ("proj", "norm", "rope")
 
@@ -181,3 +181,32 @@ class Transformer(nn.Module):
         if self.lm_head is None:
             n += self.tok_emb.weight.numel()  # tied: the head matmul still costs 6·V·d
         return 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes before anything is built
+
+
+def param_count(m: ModelConfig, vocab_size: int) -> tuple[int, int]:
+    """(all parameters, those in the blocks' 2-D matrices) of the decoder rankprobe.model builds from `m`
+    with `vocab_size` tokens: arithmetic only, so a size is judged before anything is allocated."""
+    hidden = m.mlp_hidden or 64 * math.ceil(8 * m.d_model / 3 / 64)
+    kv = m.n_kv_head or m.n_head
+    attn = m.d_model * m.head_dim * (2 * m.n_head + 2 * kv)
+    matrices = m.n_layer * (attn + 3 * m.d_model * hidden)
+    norms = m.n_layer * (2 * m.d_model + (2 * m.head_dim if m.qk_norm and m.qk_norm_gain else 0)) + m.d_model
+    embeddings = vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+    return matrices + norms + embeddings, matrices
+
+
+def state_bytes(cfg: Config) -> int:
+    """Bytes of fp32 weights, gradients and optimizer state of `cfg`'s run: 4 + 4 + 8 per parameter under
+    AdamW (two moments); Muon keeps one momentum buffer for the hidden matrices. Every other optimizer is
+    counted like AdamW; so are RoPE's tables. Activations are left out: they depend on batch, compile and
+    kernels."""
+    vocab = cfg.model.vocab_size or cfg.data.vocab_size  # a .tiktoken tokenizer's size is unknown here
+    total, matrices = param_count(cfg.model, vocab)
+    names = {cfg.optim.name, *cfg.sweep.optimizers, *(parse_arm(a)[0] for a in cfg.sweep.arms)}
+    moments = 1 if names == {"muon"} else 2
+    rope = 2 * 4 * cfg.model.seq_len * (cfg.model.head_dim // 2)  # the cos and sin tables, fp32
+    return 16 * total - (2 - moments) * 4 * matrices + rope

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import FolderError, MetricsError
+from .errors import ConfigError, FolderError, MetricsError
 
 METRICS = "metrics.jsonl"
 METRICS_NAMES = (METRICS, f"{METRICS}.gz", f"{METRICS}.xz")
@@ -93,6 +93,27 @@ class RunHeader:
         if fields["source"] is None:
             del fields["source"]
         return {"schema": fields.pop("schema"), **fields}
+
+
+# ---------------------------------------------------------------------------------------------
+# folder names
+
+
+def check_name(name: str, key: str = "name") -> None:
+    """`name` becomes a folder under `out`: it must be one plain path component, so that no run ever
+    writes outside the folder it was given."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or any(ord(c) < 32 for c in name)):
+        raise ConfigError(f"{key} must be a plain folder name (no '/', '\\', '..', or control characters); "
+                          f"got {name!r}")
+
+
+def safe_name(text: str) -> str:
+    """`text` as one plain path component: separators, '%' and control characters percent-escaped,
+    and a leading '.' too (so '..' cannot come out). For run names built from values, e.g. a scan's
+    'data.corpus=../x' -> 'data.corpus=..%2Fx'."""
+    out = "".join(f"%{ord(c):02X}" if c in "/\\%" or ord(c) < 32 else c for c in text)
+    return "%2E" + out[1:] if out.startswith(".") else out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,11 +25,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import config_differences
-from .config import Config, arm_label, parse_arm, safe_name, to_dict
+from .config import Config, arm_label, parse_arm, to_dict
 from .errors import FolderError, UserError
 from .data.tokens import prepare
 from .runfolder import (ENDED, EXIT_DIVERGED, METRICS, ensure_writable, first_missing, folder_lock, header,
-                        remove_unused, run_rows, status_of)
+                        remove_unused, run_rows, safe_name, status_of)
 from .train import preflight, train
 
 log = logging.getLogger(__name__)

@@ -26,10 +26,11 @@ import torch
 
 from .checkpoint import (check_config, check_metrics, check_state, config_differences, load_checkpoint,
                          rewind_metrics)
-from .config import Config, arm_label, state_bytes, to_dict
+from .config import Config, arm_label, to_dict
 from .errors import ConfigError, FolderError, UserError
 from .data.tokens import TokenData, prepare
 from .dist import Dist, device_for, on_main
+from .model import state_bytes
 from .loop import (Checkpointer, DivergenceGuard, Prober, Schedule, TrainStep, compile_regions, evaluate,
                    finite_weights, new_timing, probe_schedule)
 from .optim.build import ns_dtype

@@ -54,7 +54,7 @@ NAMED: dict[str, Named] = {
     "soap": Named("pytorch_optimizer.SOAP", 3e-3, lambda c: {}),
 }
 
-_INSTALL = "pip install 'rankprobe[optimizers]' (or -r requirements.txt)"
+_INSTALL = "pip install 'rankprobe[optimizers]' (or -r requirements-dev.txt)"
 
 
 def import_optimizer(path: str, key: str = "optim.cls") -> type[torch.optim.Optimizer]:

@@ -137,7 +137,8 @@ def load_run_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu")
 
 def run_config(run_dir: Path) -> dict:
     """A RankProbe run folder's config.json, checked like any config (DataError naming the file)."""
-    from ..config import from_dict, param_count, to_dict
+    from ..config import from_dict, to_dict
+    from ..model import param_count
 
     path = Path(run_dir) / "config.json"
     try:
