@@ -150,3 +150,18 @@ def test_export_writes_csv_parquet_and_tensorboard_and_refuses_a_missing_folder(
     assert main(["export", str(tmp_path / "nothing"), "--to", "csv"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a folder" in err[0]
+
+
+def test_a_sink_whose_package_is_missing_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    from rankprobe.errors import UserError
+    from rankprobe.sinks import TensorBoardSink, WandbSink
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "wandb")
+                        else find(name, *a))
+    with pytest.raises(UserError, match=r"pip install 'rankprobe\[tensorboard\]'"):
+        TensorBoardSink(tmp_path / "tb")
+    with pytest.raises(UserError, match=r"pip install 'rankprobe\[wandb\]'"):
+        WandbSink(folder=tmp_path, mode="offline")

@@ -18,6 +18,8 @@ import csv
 import math
 from pathlib import Path
 
+from .errors import UserError
+
 LONG_COLUMNS = ("run", "arm", "seed", "step", "tokens", "kind", "tap", "tensor", "layer", "head", "metric", "value")
 DEFAULT_TAP = "rope"
 """the tap whose scalars carry no tap in their name: what the attention kernel consumes"""
@@ -102,6 +104,7 @@ class TensorBoardSink(Sink):
     (tokens) makes TensorBoard drop the events a killed run logged after its checkpoint."""
 
     def __init__(self, folder: str | Path, purge_step: int | None = None):
+        _require("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(folder), purge_step=purge_step)
@@ -125,6 +128,7 @@ class WandbSink(Sink):
 
     def __init__(self, project: str = "rankprobe", name: str | None = None, folder: str | Path | None = None,
                  config: dict | None = None, mode: str | None = None, run=None):
+        _require("wandb", "wandb")
         import wandb
 
         run = run or wandb.run  # the run a trainer's own W&B integration opened, if any
@@ -189,3 +193,12 @@ def open_sinks(names, folder: str | Path, run_name: str | None = None, config: d
         else:
             raise UserError(f"unknown sink {s!r} (one of {', '.join(SINKS)}, or a callable (kind, row))")
     return out
+
+
+def _require(module: str, extra: str) -> None:
+    """UserError (one line, exit 2) naming the extra to install when an optional sink's package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"this sink needs the {module} package: pip install 'rankprobe[{extra}]' "
+                        "(or make test, which installs requirements-dev.txt)")
