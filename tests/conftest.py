@@ -33,13 +33,18 @@ TINY = {
 }
 
 
+def with_corpus(tmp_path_factory, name: str, chars: int, overrides: dict) -> dict:
+    """`overrides` plus a corpus of the embedded corpus's first `chars` characters and a token cache of its own."""
+    root = tmp_path_factory.mktemp(name)
+    corpus = root / "austen.txt"
+    corpus.write_text(load_corpus("embedded").text[:chars], encoding="utf-8")
+    return {**overrides, "data.corpus": str(corpus), "data.cache_dir": str(root / "cache")}
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Overrides for a tiny run on 30 KB of the embedded corpus, with a cache of its own."""
-    root = tmp_path_factory.mktemp("tiny")
-    corpus = root / "austen.txt"
-    corpus.write_text(load_corpus("embedded").text[:30_000], encoding="utf-8")
-    return {**TINY, "data.corpus": str(corpus), "data.cache_dir": str(root / "cache")}
+    return with_corpus(tmp_path_factory, "tiny", 30_000, TINY)
 
 
 class Crash(BaseException):

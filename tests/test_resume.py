@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import with_corpus
 from rankprobe.checkpoint import load_checkpoint
-from rankprobe.runfolder import CHECKPOINT
 from rankprobe.cli import main
 from rankprobe.config import DataError, UserError, load
-from rankprobe.data.corpus import load_corpus
+from rankprobe.runfolder import CHECKPOINT, WALL_CLOCK_FIELDS
 from rankprobe.sweep import arms, is_finished, run_sweep
-from rankprobe.runfolder import WALL_CLOCK_FIELDS
 from rankprobe.train import train
 
 # 100 steps of 128 tokens, probed at 0, 25, 75 and 100 steps: long enough to kill in the middle
@@ -37,10 +36,7 @@ WALL_CLOCK = (*WALL_CLOCK_FIELDS, "env")
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Overrides for a small run on ~100 KB of the embedded corpus, with a warm token cache."""
-    root = tmp_path_factory.mktemp("data")
-    corpus = root / "austen.txt"
-    corpus.write_text(load_corpus("embedded").text[:100_000], encoding="utf-8")
-    return {**SMALL, "data.corpus": str(corpus), "data.cache_dir": str(root / "cache")}
+    return with_corpus(tmp_path_factory, "data", 100_000, SMALL)
 
 
 def flags(overrides: dict) -> list[str]:
