@@ -85,14 +85,17 @@ class RunHeader:
     ns_dtype: str | None = None
     source: dict | None = None
     """probed checkpoints only (`rankprobe probe`): where the model came from"""
+    extra: dict = field(default_factory=dict)
+    """fields only some runs have (a probed checkpoint's seq_len, dtype, checkpoints, series)"""
     schema: int = SCHEMA_VERSION
 
     def row(self) -> dict:
         """The row's fields; `source` only where there is one (its presence marks a probed checkpoint)."""
         fields = asdict(self)
+        extra = fields.pop("extra")
         if fields["source"] is None:
             del fields["source"]
-        return {"schema": fields.pop("schema"), **fields}
+        return {"schema": fields.pop("schema"), **fields, **extra}
 
 
 # ---------------------------------------------------------------------------------------------

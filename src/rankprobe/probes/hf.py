@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
-from ..runfolder import SCHEMA_VERSION, MetricsWriter, ensure_writable, first_missing, remove_unused, write_json
+from ..runfolder import MetricsWriter, RunHeader, ensure_writable, first_missing, remove_unused, write_json
 from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
@@ -265,15 +265,14 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
         cfg["probe"].update(checkpoints=[c["tokens"] for c in seen], n_checkpoints=len(seen))
     name = name or cfg.get("name") or out_dir.name
     m = cfg["model"]
-    run = {"schema": SCHEMA_VERSION, "run": name, "arm": arm, "optimizer": optimizer, "qk_norm": qk_norm,
-           "seed": seed, "config": cfg, "env": env, "n_params": n_params, "param_groups": {},
-           "head_dim": m["head_dim"], "n_layer": m["n_layer"], "probe_checkpoints": [c["tokens"] for c in seen],
-           "seq_len": int(tokens.size(1)), "max_positions": m["seq_len"], "dtype": dtype,
-           "data": {"probe_tokens": int(tokens.numel())} | (data or {}), "checkpoints": seen}
-    if len(checkpoints) == 1:
-        run["source"] = source
-    else:
-        run["series"] = source | {"path": str(Path(seen[0]["path"]).parent)}
+    extra = {"seq_len": int(tokens.size(1)), "max_positions": m["seq_len"], "dtype": dtype, "checkpoints": seen}
+    if len(checkpoints) > 1:
+        extra["series"] = source | {"path": str(Path(seen[0]["path"]).parent)}
+    run = RunHeader(run=name, arm=arm, optimizer=optimizer, qk_norm=qk_norm, seed=seed, config=cfg, env=env,
+                    n_params=n_params, head_dim=m["head_dim"], n_layer=m["n_layer"],
+                    probe_checkpoints=[c["tokens"] for c in seen],
+                    data={"probe_tokens": int(tokens.numel())} | (data or {}),
+                    source=source if len(checkpoints) == 1 else None, extra=extra).row()
     write_json(out_dir / "config.json", cfg)  # atomic: never through a link planted under the name
     write_json(out_dir / "env.json", env)
     end = {"step": seen[-1]["step"], "tokens": seen[-1]["tokens"], "wall_s": time.perf_counter() - t0,
