@@ -11,7 +11,8 @@ import pytest
 from rankprobe.config import load
 from rankprobe.sweep import arms, is_finished, run_sweep
 from rankprobe.runfolder import WALL_CLOCK_FIELDS
-from rankprobe.train import probe_schedule, train
+from rankprobe.loop import probe_schedule
+from rankprobe.train import train
 
 TINY = {
     "model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.head_dim": "16",

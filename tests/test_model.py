@@ -119,7 +119,7 @@ def test_regional_compile_matches_eager_and_leaves_the_module_eager():
     itself stays eager, so probe hooks never enter a compiled graph."""
     import torch._dynamo
 
-    from rankprobe.train import compile_regions
+    from rankprobe.loop import compile_regions
 
     torch.manual_seed(0)
     model = Transformer(tiny(n_layer=3, qk_norm=True))

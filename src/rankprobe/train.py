@@ -31,8 +31,7 @@ from .errors import ConfigError, FolderError, UserError
 from .data.tokens import TokenData, prepare
 from .dist import Dist, device_for, on_main
 from .model import state_bytes
-from .loop import (Checkpointer, DivergenceGuard, Prober, Schedule, TrainStep, compile_regions, evaluate,
-                   finite_weights, new_timing, probe_schedule)
+from .loop import Checkpointer, DivergenceGuard, Prober, Schedule, TrainStep, finite_weights, new_timing
 from .optim.build import ns_dtype
 from .probes.lenses import update_rms, weight_snapshot
 from .runfolder import (CHECKPOINT, CONFIG, ENDED, ENV, LOCK, METRICS, OUTPUTS, WEIGHTS, MetricsWriter, NullWriter,
@@ -40,8 +39,6 @@ from .runfolder import (CHECKPOINT, CONFIG, ENDED, ENV, LOCK, METRICS, OUTPUTS, 
                         remove_unused, run_rows, stale_temp_files, status_of, write_json)
 from .runlog import env_info
 from .sinks import TensorBoardSink
-
-__all__ = ["compile_regions", "evaluate", "probe_schedule", "train"]  # the parts live in rankprobe.loop
 
 log = logging.getLogger(__name__)
 
