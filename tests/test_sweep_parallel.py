@@ -1,0 +1,149 @@
+"""Several arms at a time (`--workers K`, `--gpus N --per-gpu K`): each arm's metrics as when it runs alone,
+the workers spread round-robin over the GPUs, the memory check for K arms on one GPU, and the wait of an arm
+for the worker that compiles its graph."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rankprobe.config import ConfigError, load
+from rankprobe.runfolder import METRICS, WALL_CLOCK_FIELDS, read_rows
+from rankprobe.sweep import (FirstStep, _worker_env, arm_bytes, arms, check_fit, graph_key, next_arm,
+                             run_sweep)
+from rankprobe.train import train
+
+GRID = {"sweep.arms": "adamw,muon,muon+qknorm"}
+
+
+def _deterministic(path) -> list[dict]:
+    """The rows of a metrics file without what depends on the clock or the host (docs/metrics.md)."""
+    out = []
+    for row in read_rows(path):
+        row = {k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS and k != "env"}
+        out.append(row)
+    return out
+
+
+@pytest.mark.slow
+def test_arms_run_two_at_a_time_compute_what_each_computes_alone(tiny, tmp_path, monkeypatch, caplog):
+    cfg = load("demo", {**tiny, **GRID})
+    grid = arms(cfg)
+    assert len(grid) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' thread count, which the arms alone use too
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a in grid:  # each arm alone, in this process
+            train(a, tmp_path / "alone" / a.name)
+    finally:
+        torch.set_num_threads(threads)
+    with caplog.at_level(logging.INFO, logger="rankprobe.sweep"):
+        run_sweep(cfg, tmp_path / "together", report=False, workers=2)
+    events = [m.split()[0] if "training" not in m else "start" for m in caplog.messages
+              if "training" in m or m.endswith("finished")]
+    assert events[:3] == ["start", "start", events[2]] and events[2] != "start"  # two at once, then the third
+    assert events.count("start") == 3
+    for a in grid:
+        alone = _deterministic(tmp_path / "alone" / a.name / METRICS)
+        together = _deterministic(tmp_path / "together" / a.name / METRICS)
+        kinds = {r["kind"] for r in alone}
+        assert {"run", "train", "eval", "probe", "end"} <= kinds, kinds
+        assert sum(r["kind"] == "probe" for r in alone) > 4
+        assert together == alone, a.name  # losses, probe values, evals: bit for bit
+    ends = [read_rows(tmp_path / "together" / a.name / METRICS)[-1] for a in grid]
+    assert all(e["status"] == "finished" for e in ends)
+
+
+def test_workers_go_round_robin_over_the_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    got = [_worker_env(slot, 4, 2)["CUDA_VISIBLE_DEVICES"] for slot in range(4)]
+    assert got == ["3", "5", "3", "5"]  # two arms on each GPU
+    assert "OMP_NUM_THREADS" in _worker_env(0, 4, 2)  # four processes share the host's cores
+    assert "OMP_NUM_THREADS" not in _worker_env(0, 2, 2)  # one per GPU: as before
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert [_worker_env(slot, 3, 1)["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["0", "0", "0"]
+
+
+def test_memory_check_refuses_arms_that_do_not_fit_on_one_gpu_together():
+    grid = arms(load("seed-22l", {}))
+    each = arm_bytes(grid[0])
+    # the estimate against the 21.5 GiB peak measured at seed-22l on an H200 (BENCHMARKS.md), before the
+    # allocator's slack and the CUDA context
+    assert 19 * 2**30 < (each - 2**30) / 1.2 < 23 * 2**30
+    h200 = int(139.8 * 2**30)
+    check_fit(grid, 4, h200)  # four seed-22l arms fit on an H200
+    with pytest.raises(ConfigError) as e:
+        check_fit(grid, 3, 3 * each - 1)
+    msg = str(e.value)
+    assert "\n" not in msg and "--per-gpu 3" in msg and "use --per-gpu 2" in msg
+    check_fit([replace(a, train=replace(a.train, allow_large=True)) for a in grid], 3, 3 * each - 1)  # insisted
+    fp32 = arms(load("seed-22l", {"train.dtype": "fp32"}))[0]
+    assert arm_bytes(fp32) > 1.8 * (each - 2**30)  # fp32 activations take twice the bytes
+
+
+def test_per_gpu_without_gpus_refuses_in_one_line(tmp_path, capsys):
+    from rankprobe.cli import main
+
+    for args, words in ((["--per-gpu", "2"], "--per-gpu needs --gpus"),
+                        (["--workers", "2", "--per-gpu", "2"], "--per-gpu needs --gpus"),
+                        (["--gpus", "1", "--per-gpu", "0"], "--per-gpu takes")):
+        assert main(["sweep", "demo", "--out", str(tmp_path / "s"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_arm_waits_only_for_a_worker_compiling_its_own_graph():
+    grid = arms(load("seed-22l", {}))  # adamw, adamw+qknorm, muon, muon+qknorm
+    keys = [graph_key(a, gpus=1) for a in grid]
+    assert keys[0] == keys[2] and keys[1] == keys[3] and keys[0] != keys[1]  # the optimizer is not compiled
+    assert next_arm(grid[2:], {keys[0]}, gpus=1) == 1  # muon waits for adamw; muon+qknorm may start
+    assert next_arm(grid[2:], {keys[0], keys[1]}, gpus=1) is None
+    assert next_arm(grid[2:], set(), gpus=1) == 0
+    assert graph_key(grid[0], gpus=0) is None  # "auto" compiles only on a GPU
+    eager = arms(load("seed-22l", {"train.compile": "false"}))
+    assert {graph_key(a, gpus=1) for a in eager} == {None}
+
+
+def test_first_step_is_read_from_the_metrics_a_worker_writes(tiny, tmp_path):
+    cfg = arms(load("demo", tiny))[0]
+    run = tmp_path / "run"
+    first = FirstStep(run, "k", fresh=True)
+    assert not first.done()  # no file yet
+    train(cfg, run)
+    assert first.done()
+    again = FirstStep(run, "k", fresh=True)  # a forced rerun finds the old file
+    assert not again.done()  # unchanged since the worker started: none of its rows are the new run's
+    with open(run / METRICS, "a") as f:  # the new run's file so far: a run row and step-0 probes
+        f.truncate(0)
+        for row in read_rows(tmp_path / "run" / METRICS):
+            if row["kind"] == "train":
+                break
+            f.write(json.dumps(row) + "\n")
+        f.write('{"kind": "train", "st')  # a row being written
+    assert not again.done()
+    with open(run / METRICS, "a") as f:
+        f.write('ep": 1, "tokens": 64, "loss": 5.0}\n')
+    assert again.done()
+
+
+def test_first_step_of_a_resumed_run_is_past_its_checkpoint(cutoff, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cutoff, run)
+    rows = read_rows(run / METRICS)
+    last = max(r["step"] for r in rows if r["kind"] == "train")
+    first = FirstStep(run, "k", fresh=False)
+    assert first.after == last
+    with open(run / METRICS, "a") as f:
+        f.write(json.dumps({"kind": "train", "step": last, "tokens": 1, "loss": 1.0}) + "\n")
+    assert not first.done()  # a step the checkpoint had seen, logged again
+    with open(run / METRICS, "a") as f:
+        f.write(json.dumps({"kind": "train", "step": last + 1, "tokens": 1, "loss": 1.0}) + "\n")
+    assert first.done()
