@@ -147,3 +147,31 @@ def test_first_step_of_a_resumed_run_is_past_its_checkpoint(cutoff, tmp_path):
     with open(run / METRICS, "a") as f:
         f.write(json.dumps({"kind": "train", "step": last + 1, "tokens": 1, "loss": 1.0}) + "\n")
     assert first.done()
+
+
+@pytest.mark.slow
+def test_study_benchmark_smoke_times_a_sweep_and_its_arms(tmp_path, corpus_file):
+    """benchmarks/study.py on the CPU (--workers K in place of --gpus 1 --per-gpu K): wall, per-arm phases,
+    what each arm computed, and the Markdown."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "study.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "study.py"), "--smoke", "--per-gpu", "2", "--json", str(out),
+           "--work", str(tmp_path / "work"), "--", "--data.corpus", str(corpus_file), "--sweep.arms", "adamw,muon"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(out.read_text())["2"]
+    assert got["exit"] == 0 and got["wall_s"] > 0 and "--workers 2" in got["command"]
+    assert set(got["arms"]) == {"adamw-s0", "muon-s0"}
+    for a in got["arms"].values():
+        assert a["status"] == "finished" and a["setup_s"] > 0 and a["train_tokens_per_s"] > 0
+        assert 0 <= a["start_s"] < a["end_s"] <= got["wall_s"] and a["outside_run_s"] >= 0
+        assert a["final_val_loss"] > 0 and set(a["final_key_pr"]) == {"proj", "norm", "rope"}
+    assert got["before_first_arm_s"] > 0 and got["after_last_arm_s"] > 0
+    assert "| adamw-s0 |" in run.stdout and "| 2 | **" in run.stdout
+    again = subprocess.run([sys.executable, str(root / "benchmarks" / "study.py"), "--render", str(out)],
+                           capture_output=True, text=True)
+    assert again.stdout == run.stdout
