@@ -60,6 +60,43 @@ def test_arms_run_two_at_a_time_compute_what_each_computes_alone(tiny, tmp_path,
     assert all(e["status"] == "finished" for e in ends)
 
 
+def _numbers(rows: list[dict]) -> list[float]:
+    """Every number of `rows` (lists flattened), in order, None as NaN."""
+    out = []
+    for row in rows:
+        for v in row.values():
+            for x in v if isinstance(v, list) else [v]:
+                if x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)):
+                    out.append(float("nan") if x is None else float(x))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_arms_two_at_a_time_on_one_gpu_compute_what_each_computes_alone(tiny, tmp_path):
+    """`--gpus 1 --per-gpu 2`, regionally compiled (the muon arm waits for the adamw arm's compile):
+    each arm's rows as alone, bit for bit where two runs alone agree bit for bit, else within ten
+    times their own spread (an atomic-add kernel can make a GPU run differ from itself)."""
+    cfg = load("demo", {**tiny, "sweep.arms": "adamw,adamw+qknorm,muon", "train.compile": "regional"})
+    grid = arms(cfg)
+    for rep in ("alone", "again"):
+        for a in grid:
+            train(a, tmp_path / rep / a.name)
+    run_sweep(cfg, tmp_path / "together", report=False, workers=2, gpus=1)
+    for a in grid:
+        alone, again, together = (_deterministic(tmp_path / rep / a.name / METRICS)
+                                  for rep in ("alone", "again", "together"))
+        assert [r["kind"] for r in together] == [r["kind"] for r in alone]
+        x, y, z = (torch.tensor(_numbers(rows), dtype=torch.float64) for rows in (alone, again, together))
+        assert torch.equal(x.isnan(), z.isnan()), a.name
+        spread = (x - y).abs().nan_to_num().max().item()
+        if spread == 0:
+            assert together == alone, a.name
+        else:
+            assert (z - x).abs().nan_to_num().max().item() <= 10 * spread, a.name
+
+
 def test_workers_go_round_robin_over_the_visible_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
