@@ -40,7 +40,7 @@ def _parallel_options(parser: argparse.ArgumentParser, what: str) -> None:
     par.add_argument("--workers", type=int, default=0, metavar="N",
                      help=f"train N {what} at a time in subprocesses (default: one after another in this process)")
     par.add_argument("--gpus", type=int, default=0, metavar="N",
-                     help=f"train {what} on N GPUs at a time, each worker pinned to one of them")
+                     help=f"train N {what} at a time (N × K with --per-gpu K), each worker pinned to one GPU")
     parser.add_argument("--per-gpu", type=int, default=1, metavar="K",
                         help=f"with --gpus: K {what} at a time on each GPU, if they fit in its memory together "
                              "(default: 1); their set-up, compiling and probes then overlap the others' training")
