@@ -5,9 +5,11 @@ for the worker that compiles its graph."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from rankprobe.sweep import (FirstStep, _worker_env, arm_bytes, arms, check_fit,
                              run_sweep)
 from rankprobe.train import train
 
-GRID = {"sweep.arms": "adamw,muon,muon+qknorm"}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _deterministic(path) -> list[dict]:
@@ -28,36 +30,6 @@ def _deterministic(path) -> list[dict]:
         row = {k: v for k, v in row.items() if k not in WALL_CLOCK_FIELDS and k != "env"}
         out.append(row)
     return out
-
-
-@pytest.mark.slow
-def test_arms_run_two_at_a_time_compute_what_each_computes_alone(tiny, tmp_path, monkeypatch, caplog):
-    cfg = load("demo", {**tiny, **GRID})
-    grid = arms(cfg)
-    assert len(grid) == 3
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' thread count, which the arms alone use too
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for a in grid:  # each arm alone, in this process
-            train(a, tmp_path / "alone" / a.name)
-    finally:
-        torch.set_num_threads(threads)
-    with caplog.at_level(logging.INFO, logger="rankprobe.sweep"):
-        run_sweep(cfg, tmp_path / "together", report=False, workers=2)
-    events = [m.split()[0] if "training" not in m else "start" for m in caplog.messages
-              if "training" in m or m.endswith("finished")]
-    assert events[:3] == ["start", "start", events[2]] and events[2] != "start"  # two at once, then the third
-    assert events.count("start") == 3
-    for a in grid:
-        alone = _deterministic(tmp_path / "alone" / a.name / METRICS)
-        together = _deterministic(tmp_path / "together" / a.name / METRICS)
-        kinds = {r["kind"] for r in alone}
-        assert {"run", "train", "eval", "probe", "end"} <= kinds, kinds
-        assert sum(r["kind"] == "probe" for r in alone) > 4
-        assert together == alone, a.name  # losses, probe values, evals: bit for bit
-    ends = [read_rows(tmp_path / "together" / a.name / METRICS)[-1] for a in grid]
-    assert all(e["status"] == "finished" for e in ends)
 
 
 def _numbers(rows: list[dict]) -> list[float]:
@@ -187,28 +159,44 @@ def test_first_step_of_a_resumed_run_is_past_its_checkpoint(cutoff, tmp_path):
 
 
 @pytest.mark.slow
-def test_study_benchmark_smoke_times_a_sweep_and_its_arms(tmp_path, corpus_file):
-    """benchmarks/study.py on the CPU (--workers K in place of --gpus 1 --per-gpu K): wall, per-arm phases,
-    what each arm computed, and the Markdown."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_arms_two_at_a_time_compute_what_each_computes_alone(tmp_path, corpus_file, monkeypatch):
+    """benchmarks/study.py --smoke: `rankprobe sweep demo --workers 2` (the CPU's stand-in for `--gpus 1
+    --per-gpu 2`) from empty caches, timed; then each arm alone in this process, and every row of each
+    arm's metrics compared bit for bit, timings and host aside."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import study
 
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "study.json"
-    cmd = [sys.executable, str(root / "benchmarks" / "study.py"), "--smoke", "--per-gpu", "2", "--json", str(out),
-           "--work", str(tmp_path / "work"), "--", "--data.corpus", str(corpus_file), "--sweep.arms", "adamw,muon"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' threads, which the arms alone use too
+    out, work = tmp_path / "study.json", tmp_path / "work"
+    extra = ["--data.corpus", str(corpus_file), "--sweep.arms", "adamw,muon+qknorm"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "study.py"), "--smoke", "--per-gpu", "2", "--json", str(out),
+           "--work", str(work), "--", *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     got = json.loads(out.read_text())["2"]
     assert got["exit"] == 0 and got["wall_s"] > 0 and "--workers 2" in got["command"]
-    assert set(got["arms"]) == {"adamw-s0", "muon-s0"}
+    assert set(got["arms"]) == {"adamw-s0", "muon+qknorm-s0"}
     for a in got["arms"].values():
         assert a["status"] == "finished" and a["setup_s"] > 0 and a["train_tokens_per_s"] > 0
         assert 0 <= a["start_s"] < a["end_s"] <= got["wall_s"] and a["outside_run_s"] >= 0
         assert a["final_val_loss"] > 0 and set(a["final_key_pr"]) == {"proj", "norm", "rope"}
+    assert max(a["start_s"] for a in got["arms"].values()) < min(a["end_s"] for a in got["arms"].values())
     assert got["before_first_arm_s"] > 0 and got["after_last_arm_s"] > 0
     assert "| adamw-s0 |" in run.stdout and "| 2 | **" in run.stdout
-    again = subprocess.run([sys.executable, str(root / "benchmarks" / "study.py"), "--render", str(out)],
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "study.py"), "--render", str(out)],
                            capture_output=True, text=True)
     assert again.stdout == run.stdout
+
+    overrides = {**study.SMOKE, "data.corpus": str(corpus_file), "data.cache_dir": str(work / "tokens"),
+                 "train.progress": "false", "sweep.arms": "adamw,muon+qknorm", "out": str(work / "sweep")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a in arms(load("demo", overrides)):
+            train(a, tmp_path / "alone" / a.name)
+            alone = _deterministic(tmp_path / "alone" / a.name / METRICS)
+            together = _deterministic(work / "sweep" / a.name / METRICS)
+            assert {"run", "train", "eval", "probe", "attn", "end"} <= {r["kind"] for r in alone}
+            assert together == alone, a.name  # losses, evals, every probe value: bit for bit
+    finally:
+        torch.set_num_threads(threads)
