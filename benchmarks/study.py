@@ -5,6 +5,8 @@ subprocess, every default) with empty Inductor, Triton and token caches of its o
   - the sweep's wall time from start to report, and the sweep's own time around its workers: before the
     first worker starts (reading the corpus, training the tokenizer, tokenising) and after the last one
     ends (the report);
+  - the GPU's utilisation and memory in use, sampled by nvidia-smi twice a second (mean, share of
+    samples under 50%, peak memory, and one value a second);
   - per arm: when its worker started and ended (seconds after the sweep started, from the sweep's log
     lines as they arrive), the worker's time outside its run's clock (Python, imports, the CUDA
     context), its `end` row's phases (set-up, first step, evals, probes, checkpoints, the
@@ -56,6 +58,33 @@ def sweep_command(config: str, k: int, out: Path, cache: Path, smoke: bool, extr
             "--data.cache_dir", str(cache), "--train.progress", "false", *overrides, *extra]
 
 
+class GpuSampler:
+    """`nvidia-smi` in the background, twice a second: the GPU's utilisation (the share of time a kernel
+    ran) and memory in use, to see the idle gaps K arms fill and how much memory they take together.
+    Does nothing where there is no nvidia-smi (the CPU smoke run)."""
+
+    def __init__(self, gpu: str):
+        exe = shutil.which("nvidia-smi")
+        self.proc = None if exe is None else subprocess.Popen(
+            [exe, "-i", gpu, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+             "-lms", "500"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def stop(self) -> dict:
+        if self.proc is None:
+            return {}
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        samples = [tuple(float(x) for x in line.split(",")) for line in out.splitlines()
+                   if re.fullmatch(r"\s*[\d.]+\s*,\s*[\d.]+\s*", line)]
+        if not samples:
+            return {}
+        util = [u for u, _ in samples]
+        return {"samples": len(samples), "util_mean_pct": round(sum(util) / len(util), 1),
+                "idle_share": round(sum(u < 50 for u in util) / len(util), 3),
+                "memory_peak_gib": round(max(m for _, m in samples) / 1024, 1),
+                "util_pct_each_s": [round(sum(util[i:i + 2]) / len(util[i:i + 2])) for i in range(0, len(util), 2)]}
+
+
 def run_one(config: str, k: int, work: Path, smoke: bool, extra: list[str]) -> dict:
     """One sweep from empty caches; its wall time, its log's events and every arm's end row."""
     for name in ("inductor", "triton", "tokens", "sweep"):
@@ -65,6 +94,7 @@ def run_one(config: str, k: int, work: Path, smoke: bool, extra: list[str]) -> d
     cmd = sweep_command(config, k, work / "sweep", work / "tokens", smoke, extra)
     events: dict[str, dict] = {}
     tail: list[str] = []
+    gpu = GpuSampler((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]) if not smoke else None
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # the sweep logs each worker's start and end as it happens
@@ -76,6 +106,7 @@ def run_one(config: str, k: int, work: Path, smoke: bool, extra: list[str]) -> d
             events.setdefault(m.group(1), {})["end_s"] = round(now, 1)
     rc = proc.wait()
     wall = time.perf_counter() - t0
+    device = gpu.stop() if gpu else {}
     if rc != 0:
         print("\n".join(tail), file=sys.stderr)
     arms = {}
@@ -91,8 +122,8 @@ def run_one(config: str, k: int, work: Path, smoke: bool, extra: list[str]) -> d
     return {"k": k, "exit": rc, "wall_s": round(wall, 1), "command": " ".join(cmd[1:]),
             "before_first_arm_s": min(starts, default=None),
             "after_last_arm_s": round(wall - max(ends), 1) if ends else None,
-            "env": (run_row or {}).get("env", {}), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "arms": arms}
+            "env": (run_row or {}).get("env", {}), "gpu": device,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "arms": arms}
 
 
 def arm_summary(rows: list[dict]) -> dict:
@@ -116,15 +147,18 @@ def arm_summary(rows: list[dict]) -> dict:
 
 def render(results: dict) -> str:
     """Markdown: one line per K, then each K's arms."""
-    fmt = lambda v, d=1: "–" if v is None else f"{v:,.{d}f}"  # noqa: E731
+    fmt = lambda v, d=1, unit="": "–" if v is None else f"{v:,.{d}f}{unit}"  # noqa: E731
     runs = [results[k] for k in sorted(results, key=int)]
-    lines = ["| K (arms at a time) | sweep wall | before the first arm | after the last arm | arms' walls, summed |",
-             "|---|---|---|---|---|"]
+    lines = ["| K (arms at a time) | sweep wall | before the first arm | after the last arm | arms' walls, summed | "
+             "GPU busy (mean) | samples under 50% | GPU memory peak |", "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         summed = sum(a.get("wall_s") or 0.0 for a in r["arms"].values())
         failed = "" if r["exit"] == 0 else f" (exit {r['exit']})"
+        g = r.get("gpu") or {}
         lines.append(f"| {r['k']} | **{fmt(r['wall_s'])} s**{failed} | "
-                     f"{fmt(r['before_first_arm_s'])} s | {fmt(r['after_last_arm_s'])} s | {fmt(summed)} s |")
+                     f"{fmt(r['before_first_arm_s'])} s | {fmt(r['after_last_arm_s'])} s | {fmt(summed)} s | "
+                     f"{fmt(g.get('util_mean_pct'), 0, '%')} | {fmt(100 * g['idle_share'] if g else None, 0, '%')} | "
+                     f"{fmt(g.get('memory_peak_gib'), 1, ' GiB')} |")
     for r in runs:
         lines += ["", f"K = {r['k']}: `{r['command']}` ({r['env'].get('device', '?')}, torch "
                       f"{r['env'].get('torch', '?')}, git {str(r['env'].get('git_sha'))[:7]}, {r['date']})", "",
@@ -133,7 +167,8 @@ def render(results: dict) -> str:
         for name, a in r["arms"].items():
             pr = " / ".join(f"{v:.2f}" for v in a["final_key_pr"].values()) or "–"
             lines.append(f"| {name} | {fmt(a.get('start_s'))} | {fmt(a.get('end_s'))} | {fmt(a['wall_s'])} | "
-                         f"{fmt(a.get('outside_run_s'))} | {fmt(a['setup_s'])} | {fmt(a['first_step_s'])} | {fmt(a['eval_s'])} | "
+                         f"{fmt(a.get('outside_run_s'))} | {fmt(a['setup_s'])} | {fmt(a['first_step_s'])} | "
+                         f"{fmt(a['eval_s'])} | "
                          f"{fmt(a['probe_s'])} ({fmt(a['probe_wait_s'])}) | {fmt(a.get('train_tokens_per_s'), 0)} | "
                          f"{fmt(a['final_val_loss'], 4)} | {pr} |")
     return "\n".join(lines) + "\n"
