@@ -40,7 +40,10 @@ def _parallel_options(parser: argparse.ArgumentParser, what: str) -> None:
     par.add_argument("--workers", type=int, default=0, metavar="N",
                      help=f"train N {what} at a time in subprocesses (default: one after another in this process)")
     par.add_argument("--gpus", type=int, default=0, metavar="N",
-                     help=f"train N {what} at a time, each worker pinned to a GPU of its own")
+                     help=f"train N {what} at a time (N × K with --per-gpu K), each worker pinned to one GPU")
+    parser.add_argument("--per-gpu", type=int, default=1, metavar="K",
+                        help=f"with --gpus: K {what} at a time on each GPU, if they fit in its memory together "
+                             "(default: 1); their set-up, compiling and probes then overlap the others' training")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load(args.config, overrides)
         if args.command == "train":
             return _train(cfg, args)
-        return _sweep(cfg, Path(args.out or cfg.out), force=args.force, workers=args.workers, gpus=args.gpus)
+        return _sweep(cfg, Path(args.out or cfg.out), force=args.force, workers=args.workers, gpus=args.gpus,
+                      per_gpu=args.per_gpu)
     except UserError as e:
         if rank == 0:
             print(f"rankprobe: error: {e}", file=sys.stderr)
@@ -231,9 +235,13 @@ def _train(cfg, args) -> int:
     return 0
 
 
-def _check_parallel(workers: int, gpus: int) -> None:
+def _check_parallel(workers: int, gpus: int, per_gpu: int = 1) -> None:
     if workers < 0 or gpus < 0:
         raise UserError("--workers and --gpus take a number of processes, 1 or more")
+    if per_gpu < 1:
+        raise UserError("--per-gpu takes a number of runs at a time on each GPU, 1 or more")
+    if per_gpu > 1 and not gpus:
+        raise UserError("--per-gpu needs --gpus N (without GPUs, --workers N runs N at a time)")
     if gpus:
         import torch
 
@@ -260,23 +268,23 @@ def _in_parallel(run, n: int, done: str) -> int:
     return 0
 
 
-def _sweep(cfg, out: Path, force: bool, workers: int = 0, gpus: int = 0) -> int:
+def _sweep(cfg, out: Path, force: bool, workers: int = 0, gpus: int = 0, per_gpu: int = 1) -> int:
     from .sweep import arms, run_sweep
 
-    _check_parallel(workers, gpus)
+    _check_parallel(workers, gpus, per_gpu)
     return _in_parallel(lambda: run_sweep(dataclasses.replace(cfg, out=str(out)), out, force=force,
-                                          workers=gpus or workers, gpus=gpus > 0),
+                                          workers=gpus * per_gpu or workers, gpus=gpus),
                         len(arms(cfg)), f"report: {out / 'report.md'}")
 
 
 def _scan(cfg, args) -> int:
     from .sweep import run_scan
 
-    _check_parallel(args.workers, args.gpus)
+    _check_parallel(args.workers, args.gpus, args.per_gpu)
     values = [v.strip() for v in args.values.split(",") if v.strip()]
     out = Path(args.out) if args.out else Path(cfg.out) / f"scan-{args.param}"
     return _in_parallel(lambda: run_scan(cfg, out, args.param, values, force=args.force,
-                                         workers=args.gpus or args.workers, gpus=args.gpus > 0),
+                                         workers=args.gpus * args.per_gpu or args.workers, gpus=args.gpus),
                         len(values), f"table: {out / 'scan.md'}")
 
 
