@@ -148,7 +148,7 @@ def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights
 def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weights: bool) -> dict:
     from rankprobe.config import load
     from rankprobe.dist import Dist
-    from rankprobe.loop import TrainStep
+    from rankprobe.loop import TrainStep, autocast
     from rankprobe.monitor import Monitor
 
     s = shape
@@ -192,7 +192,8 @@ def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weigh
             probe = torch.randint(0, s["vocab"], (s["probe"], s["seq_len"]), generator=g).to(device)
             for key in ("fixed_batch_probe_first_s", "fixed_batch_probe_s"):  # the first one warms up
                 t0 = now()
-                monitor.probe(probe)
+                with autocast(device, step_fn.amp):  # as the trainer's probes (and accelerate's wrapped forward)
+                    monitor.probe(probe)
                 out[key] = now() - t0
             out["fixed_batch_probe_split"] = dict(monitor.cost)
             monitor.close()
