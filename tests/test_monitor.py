@@ -231,3 +231,11 @@ def test_compiled_regions_never_see_the_hooks_and_unmeasured_steps_run_the_plain
     calls = backend.calls
     model(tokens, tokens, regions=regions)
     assert _no_hooks(model) and backend.calls == calls + graphs
+    # two monitors on one step (two callbacks), closed in the order they opened: eager for both, and
+    # the compiled regions come back after the last one closes
+    other = Monitor(model, every=1, weights=False)
+    assert mon.start(8) and other.start(8)
+    model(tokens, tokens, regions=regions)
+    assert backend.calls == calls + graphs and mon.finish() and other.finish()
+    model(tokens, tokens, regions=regions)
+    assert _no_hooks(model) and backend.calls == calls + 2 * graphs

@@ -65,6 +65,31 @@ def flat_scalars(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+class _EagerSteps:
+    """`torch.compiler.set_stance("force_eager")` while any monitor has a measured step open.
+
+    The stance is one global of the process: two monitors (two callbacks, say) may open the same step
+    and close it in either order, so the first to open sets it and the last to close restores what
+    was there before, instead of each restoring what it found."""
+
+    def __init__(self):
+        self.open, self.stance = 0, None
+
+    def enter(self) -> None:
+        if self.open == 0:
+            self.stance = torch.compiler.set_stance("force_eager")  # raises inside a compiled region
+        self.open += 1
+
+    def exit(self) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self.stance.__exit__(None, None, None)
+            self.stance = None
+
+
+_EAGER = _EagerSteps()
+
+
 def _head_dim(module, heads: int, kv_heads: int, patterns: Patterns) -> int:
     """Head width from a projection's output features: q is H·D wide, a fused QKV (H + 2·Hkv)·D."""
     out = module.weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
@@ -114,7 +139,7 @@ class Monitor:
         self.dist = dist or current_dist()
         self.writer = self._open(out, sinks, name, arm, seed)
         self._handles: list = []
-        self._eager = None  # the force_eager stance of an open step, restored when it closes
+        self._eager = False  # this monitor holds torch.compile aside (_EAGER) for its open step
         self._step: int | None = None
         self.last: list[dict] = []
         self.cost: dict[str, float] = {}
@@ -195,7 +220,8 @@ class Monitor:
             if att is not None:
                 att(key, x)
 
-        self._eager = torch.compiler.set_stance("force_eager")  # raises inside a compiled region
+        _EAGER.enter()
+        self._eager = True
         self._handles = self.adapter.attach(sink)
         return True
 
@@ -204,9 +230,9 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._eager is not None:
-            self._eager.__exit__(None, None, None)
-            self._eager = None
+        if self._eager:
+            _EAGER.exit()
+            self._eager = False
 
     def finish(self, tokens_seen: int | None = None) -> list[dict]:
         """Remove the hooks, merge the statistics across ranks and return (and write) the rows of the
