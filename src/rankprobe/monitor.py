@@ -198,12 +198,12 @@ class Monitor:
 
         Until `finish`, torch.compile is set aside (`torch.compiler.set_stance("force_eager")`, for
         the whole process): the measured step runs its compiled modules eagerly, hooks included.
-        A compiled graph that met the hooks would either ignore them (Dynamo skips hook guards by
-        default) or, compiled with them, keep the graph breaks of their eager sinks on every later
-        step (Dynamo has no reason to recompile a graph that stays correct without the hooks: 26%
-        on every step at seed-22l, BENCHMARKS.md). Eager, the measured step costs one uncompiled
-        forward and backward more than a compiled one, and no graph is ever compiled with hooks."""
-        if self._handles:
+        A compiled graph that met the hooks could ignore them (Dynamo skips hook guards by default)
+        or, compiled with them, keep the graph breaks of their eager sinks on every later step
+        (a graph that stays correct without the hooks is never recompiled; BENCHMARKS.md). Eager,
+        the measured step pays the difference between an eager and a compiled forward and
+        backward, and no graph is ever compiled with hooks."""
+        if self._eager:
             raise RuntimeError(f"Monitor.start({step}) while step {self._step} is still open; call finish first")
         if not self.train_forward:
             raise RuntimeError("this Monitor was made with train_forward=False: use probe(tokens)")
@@ -221,7 +221,7 @@ class Monitor:
                 att(key, x)
 
         _EAGER.enter()
-        self._eager = True
+        self._eager = True  # the step is open from here until _close
         self._handles = self.adapter.attach(sink)
         return True
 
@@ -239,7 +239,7 @@ class Monitor:
         step `start` opened; [] when it opened none. Every rank must call it (a collective).
         `cost` then holds the seconds of the statistics: `spectra_s` (the merge across ranks
         and the key spectra), `attention_s`, `weights_s`."""
-        if not self._handles:
+        if not self._eager:
             return []
         self._close()
         cov: dict[Key, CovStats] = self._cov
