@@ -5,13 +5,25 @@ Two loops, each timed step by step (a device sync after every step), without and
         callback, with `RankProbeCallback(every=K)` (from the training forward), and with the
         fixed-batch mode (`probe_tokens`, the probe set of seed-22l: 64 × 1024 tokens);
   loop  RankProbe's own TrainStep (compile mode auto: regional on one GPU), without the Monitor and
-        with `Monitor.watch` at every K-th step.
+        with `Monitor.start` / `finish` around every step (what `watch` does), due every K-th step.
 For each: the median unmonitored step, the extra time of a measured step (its time minus that median;
 the weight spectra included unless --no-weights), and the overhead at cadence K = extra / (K · median),
 the share of wall time the monitor adds. Data are fixed random tokens (loading is not measured).
 
+Measured steps are the steps that produced rows, as the monitor reports them (`measured_at`, 0-based
+step indices): the Trainer's `on_step_end` sees `global_step` already advanced, so the fixed-batch mode
+probes at the end of steps K-1, 2K-1, …, and its step-0 probe runs in `on_train_begin` (timed apart,
+`train_begin_s`). Each measured step is split (`split`) at a sync between the training work and the
+monitor's work after it:
+  capture_s     the step's training work minus the median step: the hooks copying q/k/v into the
+                float64 sums and the attention lens's scores; in the loop also the eager run of the
+                compiled regions (`eager_step_s` is a hook-free eager step, for comparison);
+  statistics_s  `finish` (or, fixed-batch, the whole probe: its forward passes and statistics), with
+                the Monitor's own parts (`Monitor.cost`: spectra_s, attention_s, weights_s; or
+                lenses_s, weights_s).
+
     PYTHONPATH=src python benchmarks/monitor_overhead.py --json monitor.json          # H200: a few minutes
-    PYTHONPATH=src python benchmarks/monitor_overhead.py --smoke --json smoke.json    # CPU, tiny shape
+    PYTHONPATH=src python benchmarks/monitor_overhead.py --smoke --json smoke.json    # CPU, tiny
 """
 
 from __future__ import annotations
@@ -35,15 +47,24 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def summarize(times: list[float], measured: set[int], every: int, warmup: int) -> dict:
-    """Median unmonitored step, mean extra of a measured step, overhead at the cadence (after warm-up)."""
+def summarize(times: list[float], measured: set[int], every: int, warmup: int, work: list[float] | None = None,
+              costs: dict[int, dict] | None = None) -> dict:
+    """Median unmonitored step, mean extra of a measured step, overhead at the cadence (after warm-up),
+    and the measured steps' split: `work` is each step's time up to the monitor's closing work,
+    `costs` the Monitor's own parts of each measured step."""
     plain = [t for i, t in enumerate(times) if i >= warmup and i not in measured]
-    extra = [times[i] - statistics.median(plain) for i in sorted(measured) if i >= warmup]
     med = statistics.median(plain)
-    out = {"median_step_s": med, "steps": len(times), "measured_steps": len(extra)}
-    if extra:
-        out |= {"extra_per_measured_step_s": statistics.mean(extra),
-                "overhead_at_cadence": statistics.mean(extra) / (every * med)}
+    at = [i for i in sorted(measured) if i >= warmup]
+    out = {"median_step_s": med, "steps": len(times), "measured_steps": len(at), "measured_at": sorted(measured)}
+    if at:
+        extra = statistics.mean(times[i] - med for i in at)
+        out |= {"extra_per_measured_step_s": extra, "overhead_at_cadence": extra / (every * med)}
+    if at and work is not None:
+        split = {"capture_s": statistics.mean(work[i] - med for i in at),
+                 "statistics_s": statistics.mean(times[i] - work[i] for i in at)}
+        for key in (costs or {}).get(at[0], {}):
+            split[key] = statistics.mean(costs[i][key] for i in at)
+        out["split"] = split
     return out
 
 
@@ -51,22 +72,47 @@ def summarize(times: list[float], measured: set[int], every: int, warmup: int) -
 # the transformers Trainer
 
 
+def _hf_clock(device, monitor_cb):
+    """Callbacks around the monitor's (callbacks run in list order): the first starts each step's
+    clock and marks the end of its training work, the last stops the clock after the monitor's
+    `on_step_end` and notes whether the monitor produced rows in that step."""
+    import transformers
+
+    rec = {"times": [], "work": [], "measured": set(), "costs": {}, "train_begin_s": 0.0}
+
+    def now() -> float:
+        _sync(device)
+        return time.perf_counter()
+
+    class Before(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            rec["t0"] = now()
+
+        def on_step_begin(self, args, state, control, **kw):
+            rec["t0"], rec["rows"] = now(), len(monitor_cb.rows) if monitor_cb else 0
+
+        def on_step_end(self, args, state, control, **kw):
+            rec["mid"] = now()
+
+    class After(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            rec["train_begin_s"] = now() - rec["t0"]  # the monitor's set-up and, fixed-batch, its step-0 probe
+
+        def on_step_end(self, args, state, control, **kw):
+            end, i = now(), len(rec["times"])
+            rec["times"].append(end - rec["t0"])
+            rec["work"].append(rec["mid"] - rec["t0"])
+            if monitor_cb is not None and len(monitor_cb.rows) > rec["rows"]:
+                rec["measured"].add(i)
+                rec["costs"][i] = dict(monitor_cb.monitor.cost)
+
+    return rec, [Before(), *([monitor_cb] if monitor_cb else []), After()]
+
+
 def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights: bool) -> dict:
     import transformers
 
     from rankprobe.integrations.hf_callback import RankProbeCallback
-
-    class Clock(transformers.TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], None
-
-        def on_step_begin(self, args, state, control, **kw):
-            _sync(device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync(device)  # after the monitor's on_step_end: callbacks run in list order
-            self.times.append(time.perf_counter() - self.t0)
 
     s = shape
     cfg = transformers.LlamaConfig(vocab_size=s["vocab"], hidden_size=s["d_model"], num_hidden_layers=s["n_layer"],
@@ -78,20 +124,19 @@ def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights
     dataset = [{"input_ids": x, "labels": x} for x in data]
     probe = torch.randint(0, s["vocab"], (s["probe"], s["seq_len"]), generator=g)
     out = {}
-    for name, cb in (("without", None), ("train_forward", dict(every=every)),
+    for name, kw in (("without", None), ("train_forward", dict(every=every)),
                      ("fixed_batch", dict(every=every, probe_tokens=probe))):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(cfg)
-        clock = Clock()
-        callbacks = ([RankProbeCallback(weights=weights, batch_size=8, **cb)] if cb else []) + [clock]
+        rec, callbacks = _hf_clock(device, RankProbeCallback(weights=weights, batch_size=8, **kw) if kw else None)
         with tempfile.TemporaryDirectory() as tmp:
             args = transformers.TrainingArguments(
                 output_dir=tmp, max_steps=steps, per_device_train_batch_size=s["batch"], learning_rate=3e-4,
                 bf16=device.type == "cuda", use_cpu=device.type != "cuda", report_to=[], save_strategy="no",
                 logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0)
             transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks).train()
-        measured = set() if cb is None else {i for i in range(steps) if i % every == 0}
-        out[name] = summarize(clock.times, measured, every, warmup)
+        out[name] = summarize(rec["times"], rec["measured"], every, warmup, rec["work"], rec["costs"])
+        out[name]["train_begin_s"] = rec["train_begin_s"]
         del model
     return out
 
@@ -103,7 +148,7 @@ def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights
 def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weights: bool) -> dict:
     from rankprobe.config import load
     from rankprobe.dist import Dist
-    from rankprobe.loop import TrainStep
+    from rankprobe.loop import TrainStep, autocast
     from rankprobe.monitor import Monitor
 
     s = shape
@@ -114,30 +159,43 @@ def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weigh
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, s["vocab"], (s["batch"], s["seq_len"] + 1), generator=g).to(device)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    def now() -> float:
+        _sync(device)
+        return time.perf_counter()
+
     out = {}
     for name in ("without", "train_forward"):
         step_fn = TrainStep(cfg, device, Dist())
-        # made before the first (compiling) step, so the compiled regions guard on the monitor's hooks
         monitor = Monitor(step_fn.model, every=every, weights=weights) if name != "without" else None
-        times = []
+        times, work, measured, costs = [], [], set(), {}
         for i in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            if monitor is None:
-                step_fn(x, y, 1.0)
-            else:
-                with monitor.watch(i):  # a measured step ends with host numbers: it has synced
-                    step_fn(x, y, 1.0)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        out[name] = summarize(times, set() if monitor is None else {i for i in range(steps) if i % every == 0},
-                              every, warmup)
+            t0 = now()
+            opened = monitor is not None and monitor.start(i)  # `watch(i)` is start, the block, finish
+            step_fn(x, y, 1.0)
+            t1 = now()
+            if monitor is not None and monitor.finish():  # [] on the steps start left alone
+                measured.add(i)
+                costs[i] = dict(monitor.cost)
+            assert opened == (i in measured)
+            times.append(now() - t0)
+            work.append(t1 - t0)
+        out[name] = summarize(times, measured, every, warmup, work, costs)
         if monitor is not None:
+            with torch.compiler.set_stance("force_eager"):  # what a measured step runs, without the hooks
+                eager = []
+                for _ in range(3):
+                    t0 = now()
+                    step_fn(x, y, 1.0)
+                    eager.append(now() - t0)
+            out["eager_step_s"] = statistics.median(eager)
             probe = torch.randint(0, s["vocab"], (s["probe"], s["seq_len"]), generator=g).to(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            monitor.probe(probe)
-            out["fixed_batch_probe_s"] = time.perf_counter() - t0
+            for key in ("fixed_batch_probe_first_s", "fixed_batch_probe_s"):  # the first one warms up
+                t0 = now()
+                with autocast(device, step_fn.amp):  # as the trainer's probes (and accelerate's wrapped forward)
+                    monitor.probe(probe)
+                out[key] = now() - t0
+            out["fixed_batch_probe_split"] = dict(monitor.cost)
             monitor.close()
         step_fn.close()
     return out

@@ -169,3 +169,73 @@ def test_two_gloo_ranks_give_every_rank_the_single_process_rows(tmp_path):
 def _of_weights(rows):
     """The weight rows, which rank 0 alone computes (the weights are replicated)."""
     return [r for r in rows if r["kind"] == "weights"]
+
+
+class _CountingBackend:
+    """A torch.compile backend that runs Dynamo's graph as traced and counts compiles and calls."""
+
+    def __init__(self):
+        self.compiled = self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.compiled += 1
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+        return run
+
+
+def test_compiled_regions_never_see_the_hooks_and_unmeasured_steps_run_the_plain_graphs():
+    """RankProbe's regional compile (loop.compile_regions; here with a counting backend): the measured
+    steps run eagerly with the hooks, the others run the graphs traced without them, traced once."""
+    import copy
+
+    torch._dynamo.reset()
+    guards = torch._dynamo.config.skip_nnmodule_hook_guards
+    tokens = _tokens(4)
+    seen = {}
+    for arm in ("with", "with, reusing the cache"):
+        if arm != "with, reusing the cache":  # each arm compiles from scratch, so their compiles compare
+            torch._dynamo.reset()
+            backend = _CountingBackend()
+        model, compiled = _model(), backend.compiled  # the last arm: a new model, its code compiled already
+        regions = ([torch.compile(b, backend=backend) for b in model.blocks], torch.compile(model.head, backend=backend))
+        mon = Monitor(model, every=2, weights=False)
+        per_step, rows = [], {}
+        for step in range(5):
+            before, calls = copy.deepcopy(model) if mon.due(step) else None, backend.calls
+            with mon.watch(step):
+                model(tokens, tokens, regions=regions).backward()
+            assert _no_hooks(model), step  # hooks exist only inside a measured step
+            if mon.due(step):
+                rows[step] = (mon.last, Monitor(before, weights=False).probe(tokens))
+            per_step.append(backend.calls - calls)
+        seen[arm] = (backend.compiled - compiled, per_step)
+        for step, (got, want) in rows.items():  # each measured step measured its own forward, exactly
+            assert len(got) == len(want) > 0, (arm, step)
+            for a, b in zip(want, got):
+                for m in ("pr", "entropy", "max_logit"):
+                    if m in a:
+                        assert b[m] == pytest.approx(a[m], rel=1e-6), (arm, step, m)
+    graphs = len(model.blocks) + 1  # without a monitor: 2 compiles (the blocks share code, and the head), 3 calls a step
+    # measured steps 0, 2, 4 run no compiled code; the steps between run those graphs, compiled once.
+    # (Hooks that met the compiler gave 9 compiles and 17 graph fragments on every step.)
+    assert seen["with"] == (2, [0, graphs, 0, graphs, 0])
+    assert seen["with, reusing the cache"] == (0, [0, graphs, 0, graphs, 0])
+    assert torch._dynamo.config.skip_nnmodule_hook_guards == guards  # Dynamo's settings are left alone
+    # a measured step that raises removes the hooks and gives the compiled regions back
+    with pytest.raises(ZeroDivisionError), mon.watch(6):
+        model(tokens, tokens, regions=regions)
+        1 / 0
+    calls = backend.calls
+    model(tokens, tokens, regions=regions)
+    assert _no_hooks(model) and backend.calls == calls + graphs
+    # two monitors on one step (two callbacks), closed in the order they opened: eager for both, and
+    # the compiled regions come back after the last one closes
+    other = Monitor(model, every=1, weights=False)
+    assert mon.start(8) and other.start(8)
+    model(tokens, tokens, regions=regions)
+    assert backend.calls == calls + graphs and mon.finish() and other.finish()
+    model(tokens, tokens, regions=regions)
+    assert _no_hooks(model) and backend.calls == calls + 2 * graphs

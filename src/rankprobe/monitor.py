@@ -8,6 +8,10 @@ torch.compile wrappers, and measures in one of two ways:
   what `rankprobe train`'s probe checkpoints do (the trainer calls this very method);
 - **from the training forward** (`watch(step)`, or `start` / `finish`): at every `every`-th step,
   hooks fold the training forward's own q/k/v into the same float64 statistics; no extra forward.
+  Hooks exist only while a measured step is open, and that step runs with torch.compile set aside
+  (`torch.compiler.set_stance("force_eager")`): compiled graphs never see the hooks, so they are
+  traced once without them, never fragmented by graph breaks at the taps nor recompiled, and the
+  steps in between run exactly the code they would run without the monitor.
 
 Rows come back in the metrics.jsonl schema (docs/metrics.md; `probe`, `attn`, `weights`), and as
 flat scalars (`sinks.scalars`); with `out` they are also written to out/metrics.jsonl and its sinks.
@@ -18,6 +22,7 @@ holds the rows a single process would compute on all ranks' tokens; rank 0 alone
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,6 +65,31 @@ def flat_scalars(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+class _EagerSteps:
+    """`torch.compiler.set_stance("force_eager")` while any monitor has a measured step open.
+
+    The stance is one global of the process: two monitors (two callbacks, say) may open the same step
+    and close it in either order, so the first to open sets it and the last to close restores what
+    was there before, instead of each restoring what it found."""
+
+    def __init__(self):
+        self.open, self.stance = 0, None
+
+    def enter(self) -> None:
+        if self.open == 0:
+            self.stance = torch.compiler.set_stance("force_eager")  # raises inside a compiled region
+        self.open += 1
+
+    def exit(self) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self.stance.__exit__(None, None, None)
+            self.stance = None
+
+
+_EAGER = _EagerSteps()
+
+
 def _head_dim(module, heads: int, kv_heads: int, patterns: Patterns) -> int:
     """Head width from a projection's output features: q is H·D wide, a fused QKV (H + 2·Hkv)·D."""
     out = module.weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
@@ -80,8 +110,10 @@ class Monitor:
     out        a folder: rows go to out/metrics.jsonl (rank 0) and to `sinks` there ("tensorboard",
                "wandb", "csv", or callables (kind, row)). `name`, `arm`, `seed` fill its run row.
     batch_size sequences per forward of the fixed-batch mode.
-    train_forward  False: the fixed-batch mode only, leaving Dynamo's hook guards as they are (the
-               trainer's probes run on the eager model).
+    train_forward  False: the fixed-batch mode only (`start` refuses; the trainer's probes).
+
+    `cost` holds the seconds of the last measurement's parts (the statistics after the forward; see
+    `finish` and `probe`), for benchmarks/monitor_overhead.py.
     """
 
     def __init__(self, model, *, patterns: Patterns | None = None, heads: int | None = None,
@@ -91,7 +123,6 @@ class Monitor:
                  seed: int = 0, batch_size: int = 8, dist: Dist | None = None, train_forward: bool = True):
         if every < 1:
             raise UserError(f"Monitor(every={every}): the cadence must be at least 1 step")
-        self.compiled = hasattr(model, "_orig_mod") or hasattr(getattr(model, "module", None), "_orig_mod")
         if patterns is not None:
             if heads is None:
                 raise UserError("Monitor(patterns=...) needs heads= (and kv_heads= under grouped-query attention)")
@@ -103,20 +134,15 @@ class Monitor:
         else:
             self.adapter = adapter_for(model)
         self.train_forward = train_forward
-        if train_forward and torch._dynamo.config.skip_nnmodule_hook_guards:
-            # A graph compiled without guards on module hooks keeps running without the monitor's hooks
-            # (as optim/qkclip.py found): guard on them from now on (graphs compiled later, e.g. the
-            # regions of a regional compile), and drop the graphs of a visibly compiled model.
-            torch._dynamo.config.skip_nnmodule_hook_guards = False
-            if self.compiled:
-                torch._dynamo.reset()
         self.every, self.attention, self.weights, self.batch_size = every, attention, weights, batch_size
         self.taps = None if taps is None else set(taps)
         self.dist = dist or current_dist()
         self.writer = self._open(out, sinks, name, arm, seed)
         self._handles: list = []
+        self._eager = False  # this monitor holds torch.compile aside (_EAGER) for its open step
         self._step: int | None = None
         self.last: list[dict] = []
+        self.cost: dict[str, float] = {}
 
     def _open(self, out, sinks, name, arm, seed):
         if out is None:
@@ -139,8 +165,12 @@ class Monitor:
         """Every lens on `tokens` (N, T), the whole probe set (the same on every rank: each rank feeds
         its share and the statistics are merged). Runs in eval mode under no_grad, the caller's
         autocast included. Returns the rows (each with `kind`, `step`, `tokens`)."""
+        t0 = time.perf_counter()
         probe, attn = self.lenses(tokens)
-        return self._emit(step, tokens_seen, [("probe", probe), ("attn", attn), ("weights", self._weight_rows())])
+        t1 = time.perf_counter()  # the rows are host numbers: the forward and its statistics are done
+        weights = self._weight_rows()
+        self.cost = {"lenses_s": t1 - t0, "weights_s": time.perf_counter() - t1}
+        return self._emit(step, tokens_seen, [("probe", probe), ("attn", attn), ("weights", weights)])
 
     def lenses(self, tokens: torch.Tensor, sharded: bool = False) -> tuple[list[dict], list[dict]]:
         """The `probe` and `attn` rows of `tokens` (N, T) without step fields, writing nothing.
@@ -164,8 +194,16 @@ class Monitor:
 
     def start(self, step: int) -> bool:
         """Attach the hooks when `step` is due (True), so the training forward passes until `finish`
-        fill the statistics; nothing otherwise (False)."""
-        if self._handles:
+        fill the statistics; nothing otherwise (False: no hooks, no device work, no host sync).
+
+        Until `finish`, torch.compile is set aside (`torch.compiler.set_stance("force_eager")`, for
+        the whole process): the measured step runs its compiled modules eagerly, hooks included.
+        A compiled graph that met the hooks could ignore them (Dynamo skips hook guards by default)
+        or, compiled with them, keep the graph breaks of their eager sinks on every later step
+        (a graph that stays correct without the hooks is never recompiled; BENCHMARKS.md). Eager,
+        the measured step pays the difference between an eager and a compiled forward and
+        backward, and no graph is ever compiled with hooks."""
+        if self._eager:
             raise RuntimeError(f"Monitor.start({step}) while step {self._step} is still open; call finish first")
         if not self.train_forward:
             raise RuntimeError("this Monitor was made with train_forward=False: use probe(tokens)")
@@ -182,24 +220,41 @@ class Monitor:
             if att is not None:
                 att(key, x)
 
-        # the sink runs eagerly even inside a compiled forward (a graph break at the hook)
-        self._handles = self.adapter.attach(torch.compiler.disable(sink))
+        _EAGER.enter()
+        self._eager = True  # the step is open from here until _close
+        self._handles = self.adapter.attach(sink)
         return True
 
-    def finish(self, tokens_seen: int | None = None) -> list[dict]:
-        """Remove the hooks, merge the statistics across ranks and return (and write) the rows of the
-        step `start` opened; [] when it opened none. Every rank must call it (a collective)."""
-        if not self._handles:
-            return []
+    def _close(self) -> None:
+        """Remove the hooks and give torch.compile its previous stance back."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._eager:
+            _EAGER.exit()
+            self._eager = False
+
+    def finish(self, tokens_seen: int | None = None) -> list[dict]:
+        """Remove the hooks, merge the statistics across ranks and return (and write) the rows of the
+        step `start` opened; [] when it opened none. Every rank must call it (a collective).
+        `cost` then holds the seconds of the statistics: `spectra_s` (the merge across ranks
+        and the key spectra), `attention_s`, `weights_s`."""
+        if not self._eager:
+            return []
+        self._close()
         cov: dict[Key, CovStats] = self._cov
+        t0 = time.perf_counter()
         if self.dist.active:
             reduce_probe_stats(self.dist, cov, self._attn)
-        rows = [("probe", spectral_rows(cov)), ("attn", self._attn.rows()), ("weights", self._weight_rows())]
+        spectra = spectral_rows(cov)  # host numbers: every part below ends synced, so each time is its own
+        t1 = time.perf_counter()
+        attn = self._attn.rows()
+        t2 = time.perf_counter()
+        weights = self._weight_rows()
+        t3 = time.perf_counter()
+        self.cost = {"spectra_s": t1 - t0, "attention_s": t2 - t1, "weights_s": t3 - t2}
         self._cov, self._attn = {}, None
-        return self._emit(self._step, tokens_seen, rows)
+        return self._emit(self._step, tokens_seen, [("probe", spectra), ("attn", attn), ("weights", weights)])
 
     @contextmanager
     def watch(self, step: int, tokens_seen: int | None = None):
@@ -209,9 +264,7 @@ class Monitor:
         try:
             yield self
         except BaseException:
-            for h in self._handles:
-                h.remove()
-            self._handles = []
+            self._close()
             raise
         self.finish(tokens_seen)
 
@@ -237,9 +290,7 @@ class Monitor:
             self.writer.write(kind, step=step, tokens=tokens_seen, **row)
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._close()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
