@@ -90,6 +90,21 @@ class _EagerSteps:
 _EAGER = _EagerSteps()
 
 
+def _fsdp_sharded(model) -> bool:
+    """True when FSDP2's `fully_shard` holds some of `model`'s parameters as DTensor shards."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _same_forward_count(d: Dist, n: int, batch_size: int) -> None:
+    """FSDP2 all-gathers the weights in every forward, so every rank must run as many forwards over its
+    share of the probe set (`shard_rows`) as the others; refuse in one line, the same on every rank."""
+    shares = [(r + 1) * n // d.world_size - r * n // d.world_size for r in range(d.world_size)]
+    if len({-(-s // batch_size) for s in shares}) > 1:
+        raise UserError(f"under FSDP every rank must run as many probe forwards as the others: {n} probe "
+                        f"sequences over {d.world_size} ranks in batches of {batch_size} do not; make the "
+                        f"sequences a multiple of {d.world_size * batch_size}")
+
+
 def _head_dim(module, heads: int, kv_heads: int, patterns: Patterns) -> int:
     """Head width from a projection's output features: q is H·D wide, a fused QKV (H + 2·Hkv)·D."""
     out = module.weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
@@ -176,6 +191,8 @@ class Monitor:
         """The `probe` and `attn` rows of `tokens` (N, T) without step fields, writing nothing.
         `sharded`: `tokens` is this rank's share already (the trainer's probe set)."""
         shard = tokens if sharded else shard_rows(self.dist, tokens, "the probe tokens")
+        if self.dist.active and not sharded and _fsdp_sharded(self.adapter.model):
+            _same_forward_count(self.dist, tokens.size(0), self.batch_size)
         merge = (lambda cov, attn: reduce_probe_stats(self.dist, cov, attn)) if self.dist.active else None
         probe, attn = probe_lenses(self.adapter, shard, self.batch_size, attention=self.attention, merge=merge)
         return self._keep(probe), attn
@@ -184,6 +201,9 @@ class Monitor:
         return rows if self.taps is None else [r for r in rows if r["tap"] in self.taps]
 
     def _weight_rows(self) -> list[dict]:
+        if self.weights and not self.dist.is_main and _fsdp_sharded(self.adapter.model):
+            with torch.no_grad():
+                self.adapter.weights()  # FSDP2: join rank 0's all-gathers of the whole matrices (adapters.whole)
         return weight_lenses(self.adapter) if self.weights and self.dist.is_main else []
 
     # ------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ class ModuleAdapter(TapAdapter):
         p, H, Hkv, D = self.p, self.heads, self.kv_heads, self.head_dim
         if p.o is None:
             raise DataError("the weight lenses need the output projection (Patterns.o)")
-        w = lambda m: m.weight.t() if p.conv1d else m.weight  # noqa: E731  (out, in)
+        w = lambda m: whole(m.weight).t() if p.conv1d else whole(m.weight)  # noqa: E731  (out, in)
         out = []
         for attn in self.layers:
             if p.qkv:
@@ -265,6 +265,13 @@ class ModuleAdapter(TapAdapter):
                 qs, ks, vs = (w(self.sub(attn, n)) for n in (p.w or (p.q, p.k, p.v)))
             out.append({"q": (qs, H), "k": (ks, Hkv), "v": (vs, Hkv), "o": (w(self.sub(attn, p.o)), H)})
         return out
+
+
+def whole(w: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of a parameter that FSDP2's `fully_shard` holds as a DTensor shard (all-gathered:
+    a collective, so every rank must read the same weights in the same order); any other tensor as it is.
+    Spectra of a shard would be those of another matrix."""
+    return w.full_tensor() if hasattr(w, "full_tensor") else w
 
 
 def rankprobe_adapter(model) -> ModuleAdapter:

@@ -1,0 +1,127 @@
+"""The Monitor through FSDP2's `fully_shard` (each block, then the root) on 2 gloo ranks: the fixed-batch and
+training-forward rows of every rank, the weight spectra of the whole matrices included, equal one process's
+on the same model and tokens — RankProbe's Transformer and a tiny Hugging Face Llama built from a config."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+
+from rankprobe import Monitor
+from rankprobe.config import UserError, load
+from rankprobe.model import Transformer
+
+MODEL = {"model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.head_dim": "16",
+         "model.seq_len": "32", "model.vocab_size": "97", "model.qk_norm": "true"}
+LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _rankprobe():
+    """(model, its blocks, the training loss of a batch), seeded: the same weights in every process."""
+    torch.manual_seed(0)
+    model = Transformer(load("demo", MODEL).model)
+    return model, list(model.blocks), lambda x: model(x, x)
+
+
+def _llama():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
+    return model, list(model.model.layers), lambda x: model(input_ids=x, labels=x).loss
+
+
+def _tokens(vocab: int, T: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (8, T), generator=torch.Generator().manual_seed(1))
+
+
+CASES = {"rankprobe": (_rankprobe, lambda: _tokens(97, 32)), "llama": (_llama, lambda: _tokens(64, 16))}
+
+
+def _measure(case: str, rank: int = 0, world: int = 1) -> dict:
+    """Fixed-batch rows of the whole probe set, then the rows of one training forward and backward over
+    this rank's half of the same tokens; under a process group the model is fully_shard-ed first."""
+    build, tokens = CASES[case]
+    model, blocks, loss = build()
+    tokens = tokens()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert all(hasattr(p, "full_tensor") for p in model.parameters())  # every weight is a shard now
+    mon = Monitor(model, batch_size=2)
+    fixed = mon.probe(tokens)
+    n = tokens.size(0) // world
+    with mon.watch(0):
+        loss(tokens[rank * n : (rank + 1) * n]).backward()
+    return {"fixed": fixed, "train": mon.last}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cases: list[str], out: str) -> None:
+    import torch.distributed as td
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        got = {case: _measure(case, rank, world) for case in cases}
+        model, blocks, _ = _rankprobe()
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+        # 5 sequences in batches of 2: 1 forward on rank 0, 2 on rank 1, whose weight all-gathers would wait
+        # forever; every rank refuses before its first forward
+        with pytest.raises(UserError, match="as many probe forwards"):
+            Monitor(model, batch_size=2).probe(_tokens(97, 32)[:5])
+        torch.save(got, f"{out}.{rank}")
+    finally:
+        td.destroy_process_group()
+
+
+def _same(want: list[dict], got: list[dict]) -> None:
+    """Row for row, every field equal: integers and names exactly, floats to float rounding."""
+    assert [(r["kind"], r["layer"], r.get("tap"), r.get("tensor"), r.get("matrix")) for r in got] == \
+           [(r["kind"], r["layer"], r.get("tap"), r.get("tensor"), r.get("matrix")) for r in want]
+    for a, b in zip(want, got):
+        assert set(a) == set(b)
+        for key, x in a.items():
+            xs, ys = (x, b[key]) if isinstance(x, list) else ([x], [b[key]])
+            for u, v in zip(xs, ys, strict=True):
+                if isinstance(u, float) and not math.isnan(u):
+                    assert v == pytest.approx(u, rel=1e-6, abs=1e-9), (a["kind"], a["layer"], key)
+                elif not isinstance(u, float):
+                    assert v == u, (a["kind"], a["layer"], key)
+
+
+def test_fully_sharded_models_give_every_rank_the_single_process_rows(tmp_path):
+    cases = ["rankprobe"]
+    try:
+        import transformers  # noqa: F401  (an optional extra: the Llama case runs where it is installed)
+
+        cases.append("llama")
+    except ImportError:
+        pass
+    want = {case: _measure(case) for case in cases}
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), cases, str(tmp_path / "rows")), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rows.{rank}", weights_only=False)
+        for case in cases:
+            for mode in ("fixed", "train"):
+                rows = want[case][mode]
+                assert any(r["kind"] == "weights" for r in rows) and any(r["kind"] == "attn" for r in rows)
+                if rank == 1:  # the weight spectra are rank 0's; rank 1 joined its all-gathers
+                    rows = [r for r in rows if r["kind"] != "weights"]
+                _same(rows, got[case][mode])
