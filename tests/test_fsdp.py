@@ -5,6 +5,7 @@ on the same model and tokens — RankProbe's Transformer and a tiny Hugging Face
 import math
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def _worker(rank: int, world: int, port: int, cases: list[str], out: str) -> Non
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    td.init_process_group("gloo", rank=rank, world_size=world)
+    td.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))  # no silent hang
     try:
         got = {case: _measure(case, rank, world) for case in cases}
         model, blocks, _ = _rankprobe()

@@ -115,7 +115,7 @@ class Monitor:
     """Key spectra, attention entropy / max logit and weight spectra of `model`'s attention layers.
 
     model      RankProbe's Transformer, a supported Hugging Face causal LM, or any nn.Module with
-               `patterns` (and `heads`); wrapped in DDP or torch.compile or not.
+               `patterns` (and `heads`); wrapped in DDP, FSDP2's fully_shard or torch.compile or not.
     patterns   `Patterns` for a model without a built-in adapter (module names; fused QKV allowed);
                with `heads`, `kv_heads` (default heads), `head_dim` (default: from the projection)
                and `attention` (an AttentionSpec; default causal, scale 1/sqrt(head_dim)).
