@@ -2,7 +2,6 @@
 training-forward rows of every rank, the weight spectra of the whole matrices included, equal one process's
 on the same model and tokens — RankProbe's Transformer and a tiny Hugging Face Llama built from a config."""
 
-import math
 import os
 import socket
 from datetime import timedelta
@@ -43,8 +42,9 @@ CASES = {"rankprobe": (_rankprobe, lambda: _tokens(97, 32)), "llama": (_llama, l
 
 
 def _measure(case: str, rank: int = 0, world: int = 1) -> dict:
-    """Fixed-batch rows of the whole probe set, then the rows of one training forward and backward over
-    this rank's half of the same tokens; under a process group the model is fully_shard-ed first."""
+    """Fixed-batch rows of the whole probe set, the rows of one training forward and backward over this
+    rank's half of the same tokens, and fixed-batch rows after an SGD step; under a process group the
+    model is fully_shard-ed first."""
     build, tokens = CASES[case]
     model, blocks, loss = build()
     tokens = tokens()
@@ -62,7 +62,14 @@ def _measure(case: str, rank: int = 0, world: int = 1) -> dict:
     n = tokens.size(0) // world
     with mon.watch(0):
         loss(tokens[rank * n : (rank + 1) * n]).backward()
-    return {"fixed": fixed, "train": mon.last}
+    train = mon.last
+    # an SGD step on each rank's shards, from the whole batch's gradient on every rank: FSDP2's average of
+    # equal gradients is exact, so the stepped weights are one process's and even cond (which magnifies
+    # rounding) compares at 1e-6; the probe after it must gather the updated shards
+    model.zero_grad()
+    loss(tokens).backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    return {"fixed": fixed, "train": train, "stepped": mon.probe(tokens, step=1)}
 
 
 def _free_port() -> int:
@@ -101,9 +108,9 @@ def _same(want: list[dict], got: list[dict]) -> None:
         for key, x in a.items():
             xs, ys = (x, b[key]) if isinstance(x, list) else ([x], [b[key]])
             for u, v in zip(xs, ys, strict=True):
-                if isinstance(u, float) and not math.isnan(u):
-                    assert v == pytest.approx(u, rel=1e-6, abs=1e-9), (a["kind"], a["layer"], key)
-                elif not isinstance(u, float):
+                if isinstance(u, float):
+                    assert v == pytest.approx(u, rel=1e-6, abs=1e-9, nan_ok=True), (a["kind"], a["layer"], key)
+                else:
                     assert v == u, (a["kind"], a["layer"], key)
 
 
@@ -116,11 +123,15 @@ def test_fully_sharded_models_give_every_rank_the_single_process_rows(tmp_path):
     except ImportError:
         pass
     want = {case: _measure(case) for case in cases}
+    for case in cases:  # the step moved the weights, so "stepped" checks the gathered shards after an update
+        before, after = ([r["spectral_norm"] for r in want[case][m] if r["kind"] == "weights"]
+                         for m in ("fixed", "stepped"))
+        assert max(abs(a - b) / b for a, b in zip(after, before)) > 1e-2
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), cases, str(tmp_path / "rows")), nprocs=2)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rows.{rank}", weights_only=False)
         for case in cases:
-            for mode in ("fixed", "train"):
+            for mode in ("fixed", "train", "stepped"):
                 rows = want[case][mode]
                 assert any(r["kind"] == "weights" for r in rows) and any(r["kind"] == "attn" for r in rows)
                 if rank == 1:  # the weight spectra are rank 0's; rank 1 joined its all-gathers
