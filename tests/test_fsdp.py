@@ -57,7 +57,7 @@ def _measure(case: str, rank: int = 0, world: int = 1) -> dict:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         assert all(hasattr(p, "full_tensor") for p in model.parameters())  # every weight is a shard now
-    mon = Monitor(model, batch_size=2)
+    mon = Monitor(model, batch_size=4)
     fixed = mon.probe(tokens)
     n = tokens.size(0) // world
     with mon.watch(0):
@@ -114,6 +114,7 @@ def _same(want: list[dict], got: list[dict]) -> None:
                     assert v == u, (a["kind"], a["layer"], key)
 
 
+@pytest.mark.slow
 def test_fully_sharded_models_give_every_rank_the_single_process_rows(tmp_path):
     cases = ["rankprobe"]
     try:
