@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from rankprobe.probes.capture import stats_to_rows
+from rankprobe.probes.lenses import spectral_rows
 from rankprobe.probes.spectra import CovStats, moment_sums, sum_squares
 
 
@@ -98,3 +100,33 @@ def test_sum_squares_both_forms(fused):
 def test_chunks_must_divide_the_batch():
     with pytest.raises(ValueError, match="chunks"):
         moment_sums(torch.zeros(10, 1, 4), 4)
+
+
+def test_rows_of_many_taps_batched_equal_each_tap_alone():
+    """`spectral_rows` stacks the heads of every tap (GQA head counts, two widths, different counts n)
+    into one batch per width; each row must be what its tap gives alone, and its PR numpy's."""
+    rng = np.random.default_rng(5)
+    shapes = {("norm", "q", 0): (300, 4, 8), ("norm", "k", 0): (300, 2, 8), ("proj", "v", 1): (200, 2, 16),
+              ("rope", "k", 1): (250, 2, 8)}
+    stats, data = {}, {}
+    for key, (n, h, d) in shapes.items():
+        data[key] = rng.standard_normal((n, h, d)) * rng.uniform(0.1, 3.0, d) + rng.standard_normal(d)
+        stats[key] = CovStats(h, d)
+        stats[key].add(torch.from_numpy(data[key]))
+    rows = spectral_rows(stats)
+    assert [(r["tap"], r["tensor"], r["layer"]) for r in rows] == sorted(shapes)
+    for row in rows:
+        key = (row["tap"], row["tensor"], row["layer"])
+        alone = spectral_rows({key: stats[key]})[0]
+        assert row.keys() == alone.keys()
+        for m, v in alone.items():
+            if isinstance(v, str):
+                assert row[m] == v
+            else:
+                np.testing.assert_allclose(row[m], v, rtol=1e-12, err_msg=m)
+        x = data[key]
+        for h in range(x.shape[1]):
+            lam = np.linalg.eigvalsh(np.cov(x[:, h], rowvar=False, bias=True))
+            assert row["pr_heads"][h] == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-10)
+            assert row["mean_norm"][h] == pytest.approx(np.linalg.norm(x[:, h].mean(0)), rel=1e-12)
+        assert stats_to_rows({key: stats[key]})[0] == {m: row[m] for m in stats_to_rows({key: stats[key]})[0]}

@@ -15,9 +15,10 @@ import torch
 
 from ..config import DataError
 from .adapters import Key, Sink, TapAdapter, rankprobe_adapter
-from .spectra import CovStats, participation_ratio
+from .spectra import CovStats, HeadBatch, participation_ratio
 
-__all__ = ["Key", "Sink", "adapter_for", "attach_taps", "feed", "covariance_sink", "probe_model", "stats_to_rows"]
+__all__ = ["Key", "Sink", "adapter_for", "attach_taps", "feed", "covariance_sink", "probe_model", "stats_to_rows",
+           "head_groups", "by_key", "base_rows"]
 _ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -92,21 +93,45 @@ def probe_model(model, tokens: torch.Tensor, batch_size: int, taps=None) -> list
     return stats_to_rows(stats)
 
 
+def head_groups(stats: dict, keys: list) -> list[tuple[list[int], HeadBatch]]:
+    """`keys` (in order) grouped by head width, each group's heads side by side in one HeadBatch:
+    [(indices into keys, batch)]. Under GQA q and k differ in heads, not in width, so one group."""
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(stats[k].sum.size(-1), []).append(i)
+    return [(idx, HeadBatch([stats[keys[i]] for i in idx])) for idx in groups.values()]
+
+
 def stats_to_rows(stats: dict) -> list[dict]:
     """{(tap, tensor, layer): CovStats} -> metric rows, computed in float64, one device sync."""
     keys = sorted(stats, key=lambda k: (k[0], k[1], k[2]))
     if not keys:
         return []
-    sizes = [stats[k].sum.size(0) for k in keys]  # heads differ between q and k under GQA
-    prs = torch.cat([participation_ratio(stats[k].covariance()) for k in keys]).cpu().split(sizes)
-    norms = torch.cat([stats[k].mean_norm() for k in keys]).cpu().split(sizes)
+    groups = head_groups(stats, keys)
+    found = torch.cat([torch.stack([participation_ratio(hb.cov), hb.moments[:, 0].norm(dim=-1)])
+                       for _, hb in groups], 1).cpu()  # (2, all heads): the one transfer
+    pr, norm = (by_key(stats, keys, groups, t) for t in found)
+    return base_rows(stats, keys, pr, norm)
+
+
+def by_key(stats: dict, keys: list, groups: list, t: torch.Tensor) -> list[torch.Tensor]:
+    """t (all heads, ...), the heads of `groups` one group after another, cut into one slice per key."""
+    order = [i for idx, _ in groups for i in idx]
+    out: list = [None] * len(keys)
+    for i, part in zip(order, t.split([stats[keys[i]].sum.size(0) for i in order])):
+        out[i] = part
+    return out
+
+
+def base_rows(stats: dict, keys: list, pr: list[torch.Tensor], norm: list[torch.Tensor]) -> list[dict]:
+    """The rows of `stats_to_rows` from each key's per-head PR and mean norm (host tensors)."""
     rows = []
-    for key, pr, norm in zip(keys, prs, norms):
+    for key, p, m in zip(keys, pr, norm):
         tap, tensor, layer = key
-        pr, norm = pr.tolist(), norm.tolist()
+        p, m = p.tolist(), m.tolist()
         rows.append({
             "tap": tap, "tensor": tensor, "layer": layer,
-            "pr": sum(pr) / len(pr), "pr_heads": pr, "mean_norm": norm,
+            "pr": sum(p) / len(p), "pr_heads": p, "mean_norm": m,
             "n": stats[key].n, "dim": stats[key].sum.size(-1),
         })
     return rows

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import AttentionSpec
-from .capture import Key, Sink, adapter_for, covariance_sink, feed, stats_to_rows
+from .capture import Key, Sink, adapter_for, base_rows, by_key, covariance_sink, feed, head_groups
 from .mechanism import (LAYER_MAX_KEYS, MECHANISM_KEYS, covariance_eigh, gaussian_orth_null, gram_orth_dev,
                         haar_axis_null, kurtosis_max_null, kurtosis_null, mechanism_of, orthogonality, sphere_null)
 from .spectra import (CovStats, covariance_spectrum, gram, gram_spectrum, gram_spectrum_metrics,
@@ -48,12 +48,14 @@ def spectral_rows(stats: dict[Key, CovStats]) -> list[dict]:
     their per-head lists `*_heads`, plus `<metric>_null` for pr and each new metric (isotropic data of
     the row's n and dim); and the mechanism lenses (`mechanism.MECHANISM_KEYS`, `*_heads` and a layer
     value each) with their nulls. One batch of eigendecompositions per shape for all of them."""
-    rows = stats_to_rows(stats)
-    if not rows:
-        return rows
-    keys = [(r["tap"], r["tensor"], r["layer"]) for r in rows]
-    flat = _batched(_tap_lenses, [(stats[k].covariance(), stats[k].outer / stats[k].n, stats[k].moments())
-                                  for k in keys])
+    keys = sorted(stats, key=lambda k: (k[0], k[1], k[2]))
+    if not keys:
+        return []
+    groups = head_groups(stats, keys)
+    per_group = [_tap_lenses(hb.cov, hb.second, hb.moments) for _, hb in groups]
+    cut = {m: by_key(stats, keys, groups, torch.cat([g[m] for g in per_group])) for m in per_group[0]}
+    flat = [{m: parts[i] for m, parts in cut.items()} for i in range(len(keys))]  # per key: {metric: (H,)}
+    rows = base_rows(stats, keys, [f["pr"] for f in flat], [f["mean_norm"] for f in flat])
     for row, found in zip(rows, flat):
         for m in SPECTRAL_KEYS:
             heads = found[m].tolist()
@@ -80,28 +82,13 @@ def _tap_lenses(cov: torch.Tensor, second_moment: torch.Tensor, moments: torch.T
     cov, second_moment, moments = host
     lam, vec = covariance_eigh(cov)
     lam_m = covariance_spectrum(second_moment)
-    return spectra_from(cov, lam, lam_m) | mechanism_of(cov, second_moment, moments, lam, vec)
+    return (spectra_from(cov, lam, lam_m) | mechanism_of(cov, second_moment, moments, lam, vec)
+            | {"mean_norm": moments[:, 0].norm(dim=-1)})
 
 
 def _layer_max(heads: list[float]) -> float:
     """Max over heads, ignoring NaN (heads with nothing to measure); NaN if every head is."""
     return max((h for h in heads if h == h), default=math.nan)
-
-
-def _batched(fn: Callable[..., dict[str, torch.Tensor]], args: list[tuple[torch.Tensor, ...]]) -> list[dict]:
-    """[fn(*a) for a in args], with the tensors of equal shape concatenated along their first dimension
-    into one call per shape (one host transfer and one batch of eigendecompositions each)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, a in enumerate(args):
-        groups.setdefault(tuple(tuple(t.shape[1:]) for t in a), []).append(i)
-    out: list[dict] = [{} for _ in args]
-    for idx in groups.values():
-        sizes = [args[i][0].size(0) for i in idx]
-        got = fn(*(torch.cat([args[i][j] for i in idx]) for j in range(len(args[idx[0]]))))
-        for m, v in got.items():
-            for i, part in zip(idx, v.split(sizes)):
-                out[i][m] = part
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,28 @@ class CovStats:
         return (self.sum / self.n).norm(dim=-1)
 
 
+class HeadBatch:
+    """The heads of several CovStats of one width D side by side, K = ΣH heads: per head the count
+    `n` (K,), the covariance `cov` and uncentered second moment `second` (K, D, D), and `moments`
+    (K, 5, D) as `CovStats.moments` gives them. A few batched ops for all the taps of a pass, where one
+    call per CovStats launched ~8 small kernels per tap (154 taps at seed-22l)."""
+
+    def __init__(self, stats: list[CovStats]):
+        if any(st.n == 0 for st in stats):
+            raise ValueError("no samples accumulated")
+        dev = stats[0].sum.device
+        heads = [st.sum.size(0) for st in stats]
+        counts = torch.tensor([float(st.n) for st, h in zip(stats, heads) for _ in range(h)], dtype=torch.float64)
+        self.n = counts.to(dev, non_blocking=True)
+        total, outer = torch.cat([st.sum for st in stats]), torch.cat([st.outer for st in stats])
+        self.second = outer / self.n[:, None, None]
+        mu = total / self.n[:, None]
+        self.cov = self.second - mu[:, :, None] * mu[:, None, :]
+        raw = [total, outer.diagonal(dim1=-2, dim2=-1)] + [torch.cat([getattr(st, f) for st in stats])
+                                                          for f in ("pow3", "pow4", "unit_sum")]
+        self.moments = torch.stack(raw, 1) / self.n[:, None, None]
+
+
 def moment_sums(x: torch.Tensor, chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every sum `CovStats` keeps, of vectors x (N, H, D) of any float dtype, in float64:
     (G (H, D+2, D+2), Σx³ (H, D), Σx⁴ (H, D)), sums over the N vectors of each head.
