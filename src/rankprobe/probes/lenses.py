@@ -109,7 +109,8 @@ class AttentionStats:
     forms the T×T scores (`torch.ops.aten`'s memory-efficient kernel, and the CPU flash kernel). The
     max comes from a second call at temperature 1/SHARPNESS: max_j s_tj ≤ lse_j(SHARPNESS·s_tj) /
     SHARPNESS ≤ max_j s_tj + log(t + 1) / SHARPNESS, an excess of at most 4.2e-4 at T = 1,024 and
-    ~0 unless two logits tie to within 1/SHARPNESS. Elsewhere, or with `fused=False`, the scores are
+    ~0 unless two logits tie to within 1/SHARPNESS; on CUDA that call takes bf16 taps as they are, to
+    the flash kernel (`_sharpened_lse`). Elsewhere, or with `fused=False`, the scores are
     formed in chunks of at most `budget` elements: the reference the tests hold the kernels to.
 
     A layer with a sliding `window` (query t sees keys t − window < j ≤ t) or a logit `softcap`
@@ -135,8 +136,8 @@ class AttentionStats:
         W = spec.window if spec.window is not None and spec.window < T else None  # a window ≥ T changes nothing
         if W is not None and W < 2:
             raise ValueError(f"layer {layer}: a sliding window of {W} key leaves no attention to measure")
-        q = q.float().transpose(1, 2)  # (B, H, T, D)
-        k = k.float().transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)
+        taps = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)  # (B, H, T, D)
+        q, k = (t.float() for t in taps)
         s = self.layers.setdefault(layer, {
             "entropy": torch.zeros(H, dtype=torch.float64, device=q.device),
             "entropy_norm": torch.zeros(H, dtype=torch.float64, device=q.device),
@@ -151,7 +152,8 @@ class AttentionStats:
         else:
             out, lse = kernel(q, k, spec.scale)
             expected = spec.scale * (q * out).sum(-1)
-            row_max = kernel(q, k, spec.scale * self.SHARPNESS)[1] / self.SHARPNESS
+            sharp = spec.scale * self.SHARPNESS
+            row_max = _sharpened_lse(*taps, sharp, lambda: kernel(q, k, sharp)[1]) / self.SHARPNESS
         ent = (lse - expected)[..., 1:].double()  # (B, H, T-1)
         keys = torch.arange(2, T + 1, device=q.device, dtype=torch.float64)  # t + 1 visible keys, t ≥ 1
         log_keys = (keys if W is None else keys.clamp_max(W)).log()
@@ -232,6 +234,23 @@ def _lse_cuda(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Ten
 
 def _lse_cpu(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, True, scale=scale)
+
+
+def _sharpened_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
+                   float32_lse: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The causal log-sum-exp (B, H, T) of scores q·k·scale for the max logit, from the taps (B, H, T, D).
+
+    Only the log-sum-exp is used, so on CUDA, taps in bf16 or fp16 (every tap under the training
+    autocast) go to the flash kernel in their own dtype, on tensor cores: the product of two bf16 (or
+    fp16) numbers is exact in float32 and the kernel sums them and forms the log-sum-exp in float32,
+    so the scores are the float32 path's up to the order of summation. The kernel's output, which
+    rounds the attention weights to bf16, is thrown away. Elsewhere `float32_lse()`: the float32 kernel.
+    """
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and q.size(-1) <= 256 \
+            and torch.cuda.get_device_capability(q.device) >= (8, 0):
+        lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, k, 0.0, True, scale=scale)[1]
+        return lse[..., : q.size(-2)]
+    return float32_lse()
 
 
 # causal attention of (B, H, T, D) float32 q against k with k as the values: (output, log-sum-exp (B, H, T))
