@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rankprobe.probes.capture import stats_to_rows
-from rankprobe.probes.lenses import spectral_rows
+from rankprobe.probes.lenses import spectral_rows, spectral_rows_start
 from rankprobe.probes.spectra import CovStats, moment_sums, sum_squares
 
 
@@ -130,3 +130,16 @@ def test_rows_of_many_taps_batched_equal_each_tap_alone():
             assert row["pr_heads"][h] == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-10)
             assert row["mean_norm"][h] == pytest.approx(np.linalg.norm(x[:, h].mean(0)), rel=1e-12)
         assert stats_to_rows({key: stats[key]})[0] == {m: row[m] for m in stats_to_rows({key: stats[key]})[0]}
+
+
+def test_spectral_rows_in_two_halves_read_the_statistics_at_the_start():
+    """The host half may run later (a worker thread): what the statistics hold after the start must
+    not reach the rows."""
+    rng = np.random.default_rng(6)
+    s = CovStats(2, 8)
+    s.add(torch.from_numpy(rng.standard_normal((400, 2, 8))))
+    want = spectral_rows({("proj", "k", 0): s})
+    finish = spectral_rows_start({("proj", "k", 0): s})
+    s.add(torch.from_numpy(rng.standard_normal((400, 2, 8)) * 5))
+    assert finish() == want
+    assert spectral_rows_start({})() == []

@@ -18,7 +18,7 @@ from .adapters import Key, Sink, TapAdapter, rankprobe_adapter
 from .spectra import CovStats, HeadBatch, participation_ratio
 
 __all__ = ["Key", "Sink", "adapter_for", "attach_taps", "feed", "covariance_sink", "probe_model", "stats_to_rows",
-           "head_groups", "by_key", "base_rows"]
+           "head_groups", "tap_shapes", "by_key", "base_rows"]
 _ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -107,31 +107,35 @@ def stats_to_rows(stats: dict) -> list[dict]:
     keys = sorted(stats, key=lambda k: (k[0], k[1], k[2]))
     if not keys:
         return []
-    groups = head_groups(stats, keys)
+    groups, shapes = head_groups(stats, keys), tap_shapes(stats, keys)
     found = torch.cat([torch.stack([participation_ratio(hb.cov), hb.moments[:, 0].norm(dim=-1)])
                        for _, hb in groups], 1).cpu()  # (2, all heads): the one transfer
-    pr, norm = (by_key(stats, keys, groups, t) for t in found)
-    return base_rows(stats, keys, pr, norm)
+    pr, norm = (by_key(shapes, groups, t) for t in found)
+    return base_rows(keys, shapes, pr, norm)
 
 
-def by_key(stats: dict, keys: list, groups: list, t: torch.Tensor) -> list[torch.Tensor]:
+def tap_shapes(stats: dict, keys: list) -> list[tuple[int, int, int]]:
+    """(n, heads, dim) of each key's CovStats: what the rows need besides the metrics."""
+    return [(stats[k].n, *stats[k].sum.shape) for k in keys]
+
+
+def by_key(shapes: list[tuple[int, int, int]], groups: list, t: torch.Tensor) -> list[torch.Tensor]:
     """t (all heads, ...), the heads of `groups` one group after another, cut into one slice per key."""
     order = [i for idx, _ in groups for i in idx]
-    out: list = [None] * len(keys)
-    for i, part in zip(order, t.split([stats[keys[i]].sum.size(0) for i in order])):
+    out: list = [None] * len(shapes)
+    for i, part in zip(order, t.split([shapes[i][1] for i in order])):
         out[i] = part
     return out
 
 
-def base_rows(stats: dict, keys: list, pr: list[torch.Tensor], norm: list[torch.Tensor]) -> list[dict]:
-    """The rows of `stats_to_rows` from each key's per-head PR and mean norm (host tensors)."""
+def base_rows(keys: list, shapes: list[tuple[int, int, int]], pr: list[torch.Tensor],
+              norm: list[torch.Tensor]) -> list[dict]:
+    """The rows of `stats_to_rows` from each key's (n, heads, dim) and per-head PR and mean norm (host tensors)."""
     rows = []
-    for key, p, m in zip(keys, pr, norm):
-        tap, tensor, layer = key
+    for (tap, tensor, layer), (n, _, dim), p, m in zip(keys, shapes, pr, norm):
         p, m = p.tolist(), m.tolist()
         rows.append({
             "tap": tap, "tensor": tensor, "layer": layer,
-            "pr": sum(p) / len(p), "pr_heads": p, "mean_norm": m,
-            "n": stats[key].n, "dim": stats[key].sum.size(-1),
+            "pr": sum(p) / len(p), "pr_heads": p, "mean_norm": m, "n": n, "dim": dim,
         })
     return rows

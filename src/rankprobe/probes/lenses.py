@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import AttentionSpec
-from .capture import Key, Sink, adapter_for, base_rows, by_key, covariance_sink, feed, head_groups
+from .capture import (Key, Sink, adapter_for, base_rows, by_key, covariance_sink, feed, head_groups,
+                      tap_shapes)
 from .mechanism import (LAYER_MAX_KEYS, MECHANISM_KEYS, covariance_eigh, gaussian_orth_null, gram_orth_dev,
                         haar_axis_null, kurtosis_max_null, kurtosis_null, mechanism_of, orthogonality, sphere_null)
 from .spectra import (CovStats, covariance_spectrum, gram, gram_spectrum, gram_spectrum_metrics,
@@ -47,39 +48,57 @@ def spectral_rows(stats: dict[Key, CovStats]) -> list[dict]:
     """`stats_to_rows(stats)` with, per row, erank / stable_rank / rankme (layer mean over heads) and
     their per-head lists `*_heads`, plus `<metric>_null` for pr and each new metric (isotropic data of
     the row's n and dim); and the mechanism lenses (`mechanism.MECHANISM_KEYS`, `*_heads` and a layer
-    value each) with their nulls. One batch of eigendecompositions per shape for all of them."""
+    value each) with their nulls. One batch of eigendecompositions per head width for all of them."""
+    return spectral_rows_start(stats)()
+
+
+@torch.no_grad()
+def spectral_rows_start(stats: dict[Key, CovStats]) -> Callable[[], list[dict]]:
+    """`spectral_rows` in two halves, like `weight_lenses_start`. This call does the device half: the
+    covariances, second moments and moments of every tap's heads (`HeadBatch`, one per head width) and
+    their copy to host memory without blocking. It returns the host half, a function that waits for
+    the copies, decomposes the covariances and returns the rows; `stats` may be reused meanwhile."""
     keys = sorted(stats, key=lambda k: (k[0], k[1], k[2]))
-    if not keys:
-        return []
-    groups = head_groups(stats, keys)
-    per_group = [_tap_lenses(hb.cov, hb.second, hb.moments) for _, hb in groups]
-    cut = {m: by_key(stats, keys, groups, torch.cat([g[m] for g in per_group])) for m in per_group[0]}
-    flat = [{m: parts[i] for m, parts in cut.items()} for i in range(len(keys))]  # per key: {metric: (H,)}
-    rows = base_rows(stats, keys, [f["pr"] for f in flat], [f["mean_norm"] for f in flat])
-    for row, found in zip(rows, flat):
-        for m in SPECTRAL_KEYS:
-            heads = found[m].tolist()
-            row[m], row[f"{m}_heads"] = sum(heads) / len(heads), heads
-        for m in ("pr",) + SPECTRAL_KEYS:
-            row[f"{m}_null"] = isotropic_null(m, row["n"], row["dim"])
-        for m in MECHANISM_KEYS:
-            heads = found[m].tolist()
-            row[m] = _layer_max(heads) if m in LAYER_MAX_KEYS else sum(heads) / len(heads)
-            row[f"{m}_heads"] = heads
-        n, d = row["n"], row["dim"]
-        row |= {"top_axis_null": haar_axis_null(d), "kurtosis_null": kurtosis_null(n),
-                "kurtosis_max_null": kurtosis_max_null(n, d), "sphere_r_null": sphere_null(n),
-                "pr_uncentered_null": isotropic_pr(n + 1, d)}
+    groups, shapes = head_groups(stats, keys), tap_shapes(stats, keys)
+    copies = [[to_host(t, wait=False) for t in (hb.cov, hb.second, hb.moments)] for _, hb in groups]
+    copied = None
+    if any(hb.cov.is_cuda for _, hb in groups):
+        copied = torch.cuda.Event()
+        copied.record()
+
+    def rows() -> list[dict]:
+        if not keys:
+            return []
+        if copied is not None:
+            copied.synchronize()
+        per_group = [_tap_lenses(*host) for host in copies]
+        cut = {m: by_key(shapes, groups, torch.cat([g[m] for g in per_group])) for m in per_group[0]}
+        return [_spectral_row(row, {m: parts[i] for m, parts in cut.items()})
+                for i, row in enumerate(base_rows(keys, shapes, cut["pr"], cut["mean_norm"]))]
+
     return rows
+
+
+def _spectral_row(row: dict, found: dict[str, torch.Tensor]) -> dict:
+    """`row` (of `stats_to_rows`) with the spectra, mechanism lenses and nulls of `found` {metric: (H,)}."""
+    for m in SPECTRAL_KEYS:
+        heads = found[m].tolist()
+        row[m], row[f"{m}_heads"] = sum(heads) / len(heads), heads
+    for m in ("pr",) + SPECTRAL_KEYS:
+        row[f"{m}_null"] = isotropic_null(m, row["n"], row["dim"])
+    for m in MECHANISM_KEYS:
+        heads = found[m].tolist()
+        row[m] = _layer_max(heads) if m in LAYER_MAX_KEYS else sum(heads) / len(heads)
+        row[f"{m}_heads"] = heads
+    n, d = row["n"], row["dim"]
+    return row | {"top_axis_null": haar_axis_null(d), "kurtosis_null": kurtosis_null(n),
+                  "kurtosis_max_null": kurtosis_max_null(n, d), "sphere_r_null": sphere_null(n),
+                  "pr_uncentered_null": isotropic_pr(n + 1, d)}
 
 
 def _tap_lenses(cov: torch.Tensor, second_moment: torch.Tensor, moments: torch.Tensor) -> dict[str, torch.Tensor]:
     """Spectra (`spectra_from`) and mechanism lenses (`mechanism_of`) of a batch of heads, on the CPU:
-    one copy of each input to the host, the covariances decomposed with their eigenvectors."""
-    host = [to_host(t, wait=False) for t in (cov, second_moment, moments)]
-    if cov.is_cuda:
-        torch.cuda.current_stream(cov.device).synchronize()
-    cov, second_moment, moments = host
+    the inputs already there, the covariances decomposed with their eigenvectors."""
     lam, vec = covariance_eigh(cov)
     lam_m = covariance_spectrum(second_moment)
     return (spectra_from(cov, lam, lam_m) | mechanism_of(cov, second_moment, moments, lam, vec)
