@@ -59,10 +59,12 @@ def feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None,
     handles = adapter.attach(sink, taps)
     was_training = module.training
     module.eval()
-    device = next(module.parameters()).device
+    # The whole set to the device at once: a copy per batch from pageable memory would wait for the
+    # previous batch's work, so the host could not queue the next batch while the GPU runs.
+    tokens = tokens.to(next(module.parameters()).device)
     try:
         for i in range(0, tokens.size(0), batch_size):
-            idx = tokens[i : i + batch_size].to(device)
+            idx = tokens[i : i + batch_size]
             adapter.forward(idx)
             if progress is not None:
                 progress(idx.size(0))
