@@ -143,3 +143,12 @@ def test_spectral_rows_in_two_halves_read_the_statistics_at_the_start():
     s.add(torch.from_numpy(rng.standard_normal((400, 2, 8)) * 5))
     assert finish() == want
     assert spectral_rows_start({})() == []
+
+
+def test_sums_under_a_bf16_autocast_stay_float64():
+    """The hooks run inside the training autocast, which must not recast the float64 GEMM."""
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((256, 2, 16))).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = moment_sums(x)
+    for a, b in zip(inside, moment_sums(x)):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
