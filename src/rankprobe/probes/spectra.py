@@ -104,8 +104,9 @@ def moment_sums(x: torch.Tensor, chunks: int | None = None) -> tuple[torch.Tenso
     and column D+1 is Σx/‖x‖ (a zero vector gets weight 0 and adds nothing), so one GEMM over one
     float64 copy of the activations gives the covariance sums and the unit-vector sum (D+2 columns cost
     ~6% more than D at D = 64). The powers reuse the squares the norms need: Σx⁴ as a column norm of
-    x², Σx³ from x² multiplied in place. On a GPU that is ~6 passes over float64 data of the size of x
-    instead of ~16 (a copy, a sum, a GEMM, then squares, products, norms, divisions and their sums).
+    x², Σx³ from x² multiplied in place. On a GPU, where these are bandwidth-bound, that is about 10
+    reads and writes of float64 data of the size of x instead of 16–18 (separate passes for the sum,
+    the squares, cubes, fourth powers, norms, unit vectors and each of their sums).
 
     `chunks` C splits the N vectors into C blocks that the GEMM takes as C·H batches, summed after:
     for a long N (32,768 at seed-22l) and few heads the GEMM otherwise runs on too few thread blocks
