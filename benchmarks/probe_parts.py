@@ -5,7 +5,8 @@ benchmarks/throughput.py (section `probes`) calls `probe_parts` and writes its r
 
 - forward: the eager forward over the probe set with a hook on every tap that does nothing;
 - moment_sums: `CovStats.add` on every tap's batches (random activations of each tap's shape and
-  dtype), the float64 statistics of the spectra and the mechanism lenses;
+  dtype), the float64 statistics of the spectra and the mechanism lenses; an upper bound, since the
+  probe pass's sink computes the sums of a tensor that two taps share once (QK-Norm off);
 - attention: `AttentionStats.add` on every layer's rope q and k (entropy and max logit);
 - head_batch: the taps' sums to covariances, second moments and moments (`HeadBatch`), on the device;
 - transfer: those to host memory;

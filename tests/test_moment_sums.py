@@ -152,3 +152,34 @@ def test_sums_under_a_bf16_autocast_stay_float64():
         inside = moment_sums(x)
     for a, b in zip(inside, moment_sums(x)):
         assert a.dtype == torch.float64 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_taps_that_see_the_same_tensor_share_its_sums(monkeypatch, qk_norm):
+    """With QK-Norm off the norm taps see the proj taps' very tensors: their sums are computed once
+    per batch and reused, and every tap's statistics equal a sample-by-sample reference of what it saw."""
+    from rankprobe.config import ModelConfig
+    from rankprobe.model import Transformer
+    from rankprobe.probes import capture
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=2, d_model=32, n_head=2, head_dim=16, seq_len=8, vocab_size=50,
+                                    qk_norm=qk_norm))
+    tokens = torch.randint(0, 50, (6, 8))
+    calls = []
+    monkeypatch.setattr(capture, "moment_sums", lambda x: calls.append(1) or moment_sums(x))
+    seen: dict = {}
+
+    def keep(key, x):
+        seen.setdefault(key, []).append(x.detach().double().reshape(-1, *x.shape[-2:]).clone())
+
+    stats: dict = {}
+    sink = capture.covariance_sink(stats)
+    capture.feed(model, tokens, 3, lambda key, x: (keep(key, x), sink(key, x)))
+    batches, layers = 2, 2
+    assert len(calls) == batches * layers * (7 if qk_norm else 5)
+    for key, parts in seen.items():
+        check(fields(stats[key]), reference(torch.cat(parts).numpy()))
+        assert stats[key].n == 6 * 8
+    if not qk_norm:
+        assert torch.equal(stats[("norm", "q", 1)].pow3, stats[("proj", "q", 1)].pow3)

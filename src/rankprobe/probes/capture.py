@@ -15,7 +15,7 @@ import torch
 
 from ..config import DataError
 from .adapters import Key, Sink, TapAdapter, rankprobe_adapter
-from .spectra import CovStats, HeadBatch, participation_ratio
+from .spectra import CovStats, HeadBatch, moment_sums, participation_ratio
 
 __all__ = ["Key", "Sink", "adapter_for", "attach_taps", "feed", "covariance_sink", "probe_model", "stats_to_rows",
            "head_groups", "tap_shapes", "by_key", "base_rows"]
@@ -75,11 +75,22 @@ def feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None,
 
 
 def covariance_sink(stats: dict[Key, CovStats]) -> Sink:
-    """A sink that accumulates each tap's activations into `stats[key]`, created on first sight."""
+    """A sink that accumulates each tap's activations into `stats[key]`, created on first sight.
+
+    A tap that hands over the very tensor an earlier tap of the same forward did (unmodified) reuses
+    its sums: with QK-Norm off, RankProbe's norm taps see the proj taps' tensors (an identity between
+    them), 2 of the 7 taps of a layer."""
+    recent: list[tuple[torch.Tensor, int, tuple]] = []  # (tensor, its version, its sums), the last few
+
     def sink(key: Key, x: torch.Tensor) -> None:
         if key not in stats:
             stats[key] = CovStats(x.size(-2), x.size(-1), device=x.device)
-        stats[key].add(x)
+        s = stats[key]
+        sums = next((found for t, version, found in recent if t is x and version == x._version), None)
+        if sums is None:
+            sums = moment_sums(x.detach().reshape(-1, *s.sum.shape))
+            recent[:] = recent[-3:] + [(x, x._version, sums)]  # q, k, v and one more: a layer's reuse distance
+        s.add_sums(x.numel() // s.sum.numel(), *sums)
     return sink
 
 

@@ -44,8 +44,12 @@ class CovStats:
     def add(self, x: torch.Tensor) -> None:
         H, D = self.sum.shape
         x = x.detach().reshape(-1, H, D)
-        self.n += x.size(0)
-        g, pow3, pow4 = moment_sums(x)
+        self.add_sums(x.size(0), *moment_sums(x))
+
+    def add_sums(self, n: int, g: torch.Tensor, pow3: torch.Tensor, pow4: torch.Tensor) -> None:
+        """Add the sums `moment_sums` returned for a batch of n vectors."""
+        D = self.sum.size(-1)
+        self.n += n
         self.outer += g[:, :D, :D]
         self.sum += g[:, :D, D]
         self.unit_sum += g[:, :D, D + 1]
