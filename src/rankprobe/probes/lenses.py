@@ -155,7 +155,8 @@ class AttentionStats:
         W = spec.window if spec.window is not None and spec.window < T else None  # a window ≥ T changes nothing
         if W is not None and W < 2:
             raise ValueError(f"layer {layer}: a sliding window of {W} key leaves no attention to measure")
-        taps = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)  # (B, H, T, D)
+        k = k.transpose(1, 2) if k.size(2) == H else k.transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)
+        taps = q.transpose(1, 2), k  # (B, H, T, D)
         q, k = (t.float() for t in taps)
         s = self.layers.setdefault(layer, {
             "entropy": torch.zeros(H, dtype=torch.float64, device=q.device),
