@@ -25,7 +25,7 @@ import torch
 from rankprobe.probes.capture import adapter_for, covariance_sink, feed, head_groups
 from rankprobe.probes.lenses import AttentionStats, spectral_rows
 from rankprobe.probes.mechanism import covariance_eigh, mechanism_of
-from rankprobe.probes.spectra import CovStats, covariance_spectrum, spectra_from, to_host
+from rankprobe.probes.spectra import CovStats, covariance_spectrum, moment_sums, spectra_from, to_host
 
 PARTS = {
     "forward": "eager forward over the probe set, a no-op hook on every tap",
@@ -104,3 +104,21 @@ def probe_parts(model, probe_set: torch.Tensor, batch_size: int, amp, measure: C
     if not any(t == "rope" for t, _, _ in shapes):
         del work["attention"]  # a model without rope taps has no attention lenses
     return {name: measure(fn) for name, fn in work.items()}
+
+
+def token_blocks(model, probe_set: torch.Tensor, batch_size: int, measure: Callable[[Callable], float],
+                 blocks=(1, 2, 4, 8, 16, 32)) -> dict[int, float]:
+    """{C: seconds} of `moment_sums(x, C)` on one batch of the key tap (rope k of layer 0) repeated
+    once per tap of the pass: how the GEMM's split of the tokens into C batches pays (spectra.CUDA_TOKEN_BLOCKS)."""
+    adapter = adapter_for(model)
+    first: dict = {}
+    feed(adapter, probe_set[:batch_size], batch_size, lambda key, x: first.setdefault(key, x.detach().clone()))
+    x = first[("rope", "k", 0)]
+    x = x.reshape(-1, *x.shape[-2:])
+    n_taps = len(first) * -(-probe_set.size(0) // batch_size)
+
+    def run(c: int):
+        for _ in range(n_taps):
+            moment_sums(x, c)
+
+    return {c: measure(lambda c=c: run(c)) for c in blocks if x.size(0) % c == 0}

@@ -100,6 +100,9 @@ class HeadBatch:
         self.moments = torch.stack(raw, 1) / self.n[:, None, None]
 
 
+CUDA_TOKEN_BLOCKS = 8  # moment_sums' default split of the tokens on CUDA (96 GEMM batches at seed-22l)
+
+
 def moment_sums(x: torch.Tensor, chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every sum `CovStats` keeps, of vectors x (N, H, D) of any float dtype, in float64:
     (G (H, D+2, D+2), Σx³ (H, D), Σx⁴ (H, D)), sums over the N vectors of each head.
@@ -114,11 +117,12 @@ def moment_sums(x: torch.Tensor, chunks: int | None = None) -> tuple[torch.Tenso
 
     `chunks` C splits the N vectors into C blocks that the GEMM takes as C·H batches, summed after:
     for a long N (32,768 at seed-22l) and few heads the GEMM otherwise runs on too few thread blocks
-    (H of them per output tile) to fill a GPU. Default: 8 on CUDA when it divides N, else 1.
+    (H of them per output tile) to fill a GPU. Default: `CUDA_TOKEN_BLOCKS` on CUDA when it divides N,
+    else 1 (on the CPU the split gains nothing).
     """
     N, H, D = x.shape
     if chunks is None:
-        chunks = 8 if x.is_cuda and N % 8 == 0 else 1
+        chunks = CUDA_TOKEN_BLOCKS if x.is_cuda and N % CUDA_TOKEN_BLOCKS == 0 else 1
     C, M, W = chunks, N // chunks, D + 2
     if C * M != N:
         raise ValueError(f"chunks={C} does not divide N={N}")
