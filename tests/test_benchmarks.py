@@ -32,9 +32,13 @@ def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
                                   "weights_s", "lenses_s", "eval_s", "weights_start_s", "weights_host_s", "loop_s",
                                   "checkpoint_s",
                                   "attn_fused_s", "attn_reference_s"))
+    parts = {"forward", "moment_sums", "attention", "head_batch", "transfer", "host_spectra", "mechanism", "rows"}
+    assert set(P["parts"]) == parts and all(v >= 0 for v in P["parts"].values())
+    assert "1" in P["token_blocks"] and all(v > 0 for v in P["token_blocks"].values())
     text = md.read_text()
     assert text.startswith("# kept\n")  # the hand-written part above the marker is kept
-    assert "### Probes and eval at one checkpoint" in text and "its parts:" in text
+    assert "### Probes and eval at one checkpoint" in text and "its parts:" in text and "by component" in text
+    assert "blocks C" in text
     rendered = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--render", str(out),
                                "--out", str(tmp_path / "again.md")], capture_output=True, text=True, env=env)
     assert rendered.returncode == 0, rendered.stderr[-2000:]

@@ -15,9 +15,10 @@ import torch
 
 from ..config import DataError
 from .adapters import Key, Sink, TapAdapter, rankprobe_adapter
-from .spectra import CovStats, participation_ratio
+from .spectra import CovStats, HeadBatch, moment_sums, participation_ratio
 
-__all__ = ["Key", "Sink", "adapter_for", "attach_taps", "feed", "covariance_sink", "probe_model", "stats_to_rows"]
+__all__ = ["Key", "Sink", "adapter_for", "attach_taps", "feed", "covariance_sink", "probe_model", "stats_to_rows",
+           "head_groups", "tap_shapes", "by_key", "base_rows"]
 _ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -58,10 +59,12 @@ def feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None,
     handles = adapter.attach(sink, taps)
     was_training = module.training
     module.eval()
-    device = next(module.parameters()).device
+    # The whole set to the device at once: a copy per batch from pageable memory would wait for the
+    # previous batch's work, so the host could not queue the next batch while the GPU runs.
+    tokens = tokens.to(next(module.parameters()).device)
     try:
         for i in range(0, tokens.size(0), batch_size):
-            idx = tokens[i : i + batch_size].to(device)
+            idx = tokens[i : i + batch_size]
             adapter.forward(idx)
             if progress is not None:
                 progress(idx.size(0))
@@ -72,11 +75,22 @@ def feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None,
 
 
 def covariance_sink(stats: dict[Key, CovStats]) -> Sink:
-    """A sink that accumulates each tap's activations into `stats[key]`, created on first sight."""
+    """A sink that accumulates each tap's activations into `stats[key]`, created on first sight.
+
+    A tap that hands over the very tensor an earlier tap of the same forward did (unmodified) reuses
+    its sums: with QK-Norm off, RankProbe's norm taps see the proj taps' tensors (an identity between
+    them), 2 of the 7 taps of a layer."""
+    recent: list[tuple[torch.Tensor, int, tuple]] = []  # (tensor, its version, its sums), the last few
+
     def sink(key: Key, x: torch.Tensor) -> None:
         if key not in stats:
             stats[key] = CovStats(x.size(-2), x.size(-1), device=x.device)
-        stats[key].add(x)
+        s = stats[key]
+        sums = next((found for t, version, found in recent if t is x and version == x._version), None)
+        if sums is None:
+            sums = moment_sums(x.detach().reshape(-1, *s.sum.shape))
+            recent[:] = recent[-3:] + [(x, x._version, sums)]  # q, k, v and one more: a layer's reuse distance
+        s.add_sums(x.numel() // s.sum.numel(), *sums)
     return sink
 
 
@@ -92,21 +106,49 @@ def probe_model(model, tokens: torch.Tensor, batch_size: int, taps=None) -> list
     return stats_to_rows(stats)
 
 
+def head_groups(stats: dict, keys: list) -> list[tuple[list[int], HeadBatch]]:
+    """`keys` (in order) grouped by head width, each group's heads side by side in one HeadBatch:
+    [(indices into keys, batch)]. Under GQA q and k differ in heads, not in width, so one group."""
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(stats[k].sum.size(-1), []).append(i)
+    return [(idx, HeadBatch([stats[keys[i]] for i in idx])) for idx in groups.values()]
+
+
 def stats_to_rows(stats: dict) -> list[dict]:
     """{(tap, tensor, layer): CovStats} -> metric rows, computed in float64, one device sync."""
     keys = sorted(stats, key=lambda k: (k[0], k[1], k[2]))
     if not keys:
         return []
-    sizes = [stats[k].sum.size(0) for k in keys]  # heads differ between q and k under GQA
-    prs = torch.cat([participation_ratio(stats[k].covariance()) for k in keys]).cpu().split(sizes)
-    norms = torch.cat([stats[k].mean_norm() for k in keys]).cpu().split(sizes)
+    groups, shapes = head_groups(stats, keys), tap_shapes(stats, keys)
+    found = torch.cat([torch.stack([participation_ratio(hb.cov), hb.moments[:, 0].norm(dim=-1)])
+                       for _, hb in groups], 1).cpu()  # (2, all heads): the one transfer
+    pr, norm = (by_key(shapes, groups, t) for t in found)
+    return base_rows(keys, shapes, pr, norm)
+
+
+def tap_shapes(stats: dict, keys: list) -> list[tuple[int, int, int]]:
+    """(n, heads, dim) of each key's CovStats: what the rows need besides the metrics."""
+    return [(stats[k].n, *stats[k].sum.shape) for k in keys]
+
+
+def by_key(shapes: list[tuple[int, int, int]], groups: list, t: torch.Tensor) -> list[torch.Tensor]:
+    """t (all heads, ...), the heads of `groups` one group after another, cut into one slice per key."""
+    order = [i for idx, _ in groups for i in idx]
+    out: list = [None] * len(shapes)
+    for i, part in zip(order, t.split([shapes[i][1] for i in order])):
+        out[i] = part
+    return out
+
+
+def base_rows(keys: list, shapes: list[tuple[int, int, int]], pr: list[torch.Tensor],
+              norm: list[torch.Tensor]) -> list[dict]:
+    """The rows of `stats_to_rows` from each key's (n, heads, dim) and per-head PR and mean norm (host tensors)."""
     rows = []
-    for key, pr, norm in zip(keys, prs, norms):
-        tap, tensor, layer = key
-        pr, norm = pr.tolist(), norm.tolist()
+    for (tap, tensor, layer), (n, _, dim), p, m in zip(keys, shapes, pr, norm):
+        p, m = p.tolist(), m.tolist()
         rows.append({
             "tap": tap, "tensor": tensor, "layer": layer,
-            "pr": sum(pr) / len(pr), "pr_heads": pr, "mean_norm": norm,
-            "n": stats[key].n, "dim": stats[key].sum.size(-1),
+            "pr": sum(p) / len(p), "pr_heads": p, "mean_norm": m, "n": n, "dim": dim,
         })
     return rows

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import AttentionSpec
-from .capture import Key, Sink, adapter_for, covariance_sink, feed, stats_to_rows
+from .capture import (Key, Sink, adapter_for, base_rows, by_key, covariance_sink, feed, head_groups,
+                      tap_shapes)
 from .mechanism import (LAYER_MAX_KEYS, MECHANISM_KEYS, covariance_eigh, gaussian_orth_null, gram_orth_dev,
                         haar_axis_null, kurtosis_max_null, kurtosis_null, mechanism_of, orthogonality, sphere_null)
 from .spectra import (CovStats, covariance_spectrum, gram, gram_spectrum, gram_spectrum_metrics,
@@ -47,61 +48,66 @@ def spectral_rows(stats: dict[Key, CovStats]) -> list[dict]:
     """`stats_to_rows(stats)` with, per row, erank / stable_rank / rankme (layer mean over heads) and
     their per-head lists `*_heads`, plus `<metric>_null` for pr and each new metric (isotropic data of
     the row's n and dim); and the mechanism lenses (`mechanism.MECHANISM_KEYS`, `*_heads` and a layer
-    value each) with their nulls. One batch of eigendecompositions per shape for all of them."""
-    rows = stats_to_rows(stats)
-    if not rows:
-        return rows
-    keys = [(r["tap"], r["tensor"], r["layer"]) for r in rows]
-    flat = _batched(_tap_lenses, [(stats[k].covariance(), stats[k].outer / stats[k].n, stats[k].moments())
-                                  for k in keys])
-    for row, found in zip(rows, flat):
-        for m in SPECTRAL_KEYS:
-            heads = found[m].tolist()
-            row[m], row[f"{m}_heads"] = sum(heads) / len(heads), heads
-        for m in ("pr",) + SPECTRAL_KEYS:
-            row[f"{m}_null"] = isotropic_null(m, row["n"], row["dim"])
-        for m in MECHANISM_KEYS:
-            heads = found[m].tolist()
-            row[m] = _layer_max(heads) if m in LAYER_MAX_KEYS else sum(heads) / len(heads)
-            row[f"{m}_heads"] = heads
-        n, d = row["n"], row["dim"]
-        row |= {"top_axis_null": haar_axis_null(d), "kurtosis_null": kurtosis_null(n),
-                "kurtosis_max_null": kurtosis_max_null(n, d), "sphere_r_null": sphere_null(n),
-                "pr_uncentered_null": isotropic_pr(n + 1, d)}
+    value each) with their nulls. One batch of eigendecompositions per head width for all of them."""
+    return spectral_rows_start(stats)()
+
+
+@torch.no_grad()
+def spectral_rows_start(stats: dict[Key, CovStats]) -> Callable[[], list[dict]]:
+    """`spectral_rows` in two halves, like `weight_lenses_start`. This call does the device half: the
+    covariances, second moments and moments of every tap's heads (`HeadBatch`, one per head width) and
+    their copy to host memory without blocking. It returns the host half, a function that waits for
+    the copies, decomposes the covariances and returns the rows; `stats` may be reused meanwhile."""
+    keys = sorted(stats, key=lambda k: (k[0], k[1], k[2]))
+    groups, shapes = head_groups(stats, keys), tap_shapes(stats, keys)
+    copies = [[to_host(t, wait=False) for t in (hb.cov, hb.second, hb.moments)] for _, hb in groups]
+    copied = None
+    if any(hb.cov.is_cuda for _, hb in groups):
+        copied = torch.cuda.Event()
+        copied.record()
+
+    def rows() -> list[dict]:
+        if not keys:
+            return []
+        if copied is not None:
+            copied.synchronize()
+        per_group = [_tap_lenses(*host) for host in copies]
+        cut = {m: by_key(shapes, groups, torch.cat([g[m] for g in per_group])) for m in per_group[0]}
+        return [_spectral_row(row, {m: parts[i] for m, parts in cut.items()})
+                for i, row in enumerate(base_rows(keys, shapes, cut["pr"], cut["mean_norm"]))]
+
     return rows
+
+
+def _spectral_row(row: dict, found: dict[str, torch.Tensor]) -> dict:
+    """`row` (of `stats_to_rows`) with the spectra, mechanism lenses and nulls of `found` {metric: (H,)}."""
+    for m in SPECTRAL_KEYS:
+        heads = found[m].tolist()
+        row[m], row[f"{m}_heads"] = sum(heads) / len(heads), heads
+    for m in ("pr",) + SPECTRAL_KEYS:
+        row[f"{m}_null"] = isotropic_null(m, row["n"], row["dim"])
+    for m in MECHANISM_KEYS:
+        heads = found[m].tolist()
+        row[m] = _layer_max(heads) if m in LAYER_MAX_KEYS else sum(heads) / len(heads)
+        row[f"{m}_heads"] = heads
+    n, d = row["n"], row["dim"]
+    return row | {"top_axis_null": haar_axis_null(d), "kurtosis_null": kurtosis_null(n),
+                  "kurtosis_max_null": kurtosis_max_null(n, d), "sphere_r_null": sphere_null(n),
+                  "pr_uncentered_null": isotropic_pr(n + 1, d)}
 
 
 def _tap_lenses(cov: torch.Tensor, second_moment: torch.Tensor, moments: torch.Tensor) -> dict[str, torch.Tensor]:
     """Spectra (`spectra_from`) and mechanism lenses (`mechanism_of`) of a batch of heads, on the CPU:
-    one copy of each input to the host, the covariances decomposed with their eigenvectors."""
-    host = [to_host(t, wait=False) for t in (cov, second_moment, moments)]
-    if cov.is_cuda:
-        torch.cuda.current_stream(cov.device).synchronize()
-    cov, second_moment, moments = host
+    the inputs already there, the covariances decomposed with their eigenvectors."""
     lam, vec = covariance_eigh(cov)
     lam_m = covariance_spectrum(second_moment)
-    return spectra_from(cov, lam, lam_m) | mechanism_of(cov, second_moment, moments, lam, vec)
+    return (spectra_from(cov, lam, lam_m) | mechanism_of(cov, second_moment, moments, lam, vec)
+            | {"mean_norm": moments[:, 0].norm(dim=-1)})
 
 
 def _layer_max(heads: list[float]) -> float:
     """Max over heads, ignoring NaN (heads with nothing to measure); NaN if every head is."""
     return max((h for h in heads if h == h), default=math.nan)
-
-
-def _batched(fn: Callable[..., dict[str, torch.Tensor]], args: list[tuple[torch.Tensor, ...]]) -> list[dict]:
-    """[fn(*a) for a in args], with the tensors of equal shape concatenated along their first dimension
-    into one call per shape (one host transfer and one batch of eigendecompositions each)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, a in enumerate(args):
-        groups.setdefault(tuple(tuple(t.shape[1:]) for t in a), []).append(i)
-    out: list[dict] = [{} for _ in args]
-    for idx in groups.values():
-        sizes = [args[i][0].size(0) for i in idx]
-        got = fn(*(torch.cat([args[i][j] for i in idx]) for j in range(len(args[idx[0]]))))
-        for m, v in got.items():
-            for i, part in zip(idx, v.split(sizes)):
-                out[i][m] = part
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +128,8 @@ class AttentionStats:
     forms the T×T scores (`torch.ops.aten`'s memory-efficient kernel, and the CPU flash kernel). The
     max comes from a second call at temperature 1/SHARPNESS: max_j s_tj ≤ lse_j(SHARPNESS·s_tj) /
     SHARPNESS ≤ max_j s_tj + log(t + 1) / SHARPNESS, an excess of at most 4.2e-4 at T = 1,024 and
-    ~0 unless two logits tie to within 1/SHARPNESS. Elsewhere, or with `fused=False`, the scores are
+    ~0 unless two logits tie to within 1/SHARPNESS; on CUDA that call takes bf16 taps as they are, to
+    the flash kernel (`_sharpened_lse`). Elsewhere, or with `fused=False`, the scores are
     formed in chunks of at most `budget` elements: the reference the tests hold the kernels to.
 
     A layer with a sliding `window` (query t sees keys t − window < j ≤ t) or a logit `softcap`
@@ -148,8 +155,9 @@ class AttentionStats:
         W = spec.window if spec.window is not None and spec.window < T else None  # a window ≥ T changes nothing
         if W is not None and W < 2:
             raise ValueError(f"layer {layer}: a sliding window of {W} key leaves no attention to measure")
-        q = q.float().transpose(1, 2)  # (B, H, T, D)
-        k = k.float().transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)
+        k = k.transpose(1, 2) if k.size(2) == H else k.transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)
+        taps = q.transpose(1, 2), k  # (B, H, T, D)
+        q, k = (t.float() for t in taps)
         s = self.layers.setdefault(layer, {
             "entropy": torch.zeros(H, dtype=torch.float64, device=q.device),
             "entropy_norm": torch.zeros(H, dtype=torch.float64, device=q.device),
@@ -164,7 +172,8 @@ class AttentionStats:
         else:
             out, lse = kernel(q, k, spec.scale)
             expected = spec.scale * (q * out).sum(-1)
-            row_max = kernel(q, k, spec.scale * self.SHARPNESS)[1] / self.SHARPNESS
+            sharp = spec.scale * self.SHARPNESS
+            row_max = _sharpened_lse(*taps, sharp, lambda: kernel(q, k, sharp)[1]) / self.SHARPNESS
         ent = (lse - expected)[..., 1:].double()  # (B, H, T-1)
         keys = torch.arange(2, T + 1, device=q.device, dtype=torch.float64)  # t + 1 visible keys, t ≥ 1
         log_keys = (keys if W is None else keys.clamp_max(W)).log()
@@ -245,6 +254,23 @@ def _lse_cuda(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Ten
 
 def _lse_cpu(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, True, scale=scale)
+
+
+def _sharpened_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
+                   float32_lse: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The causal log-sum-exp (B, H, T) of scores q·k·scale for the max logit, from the taps (B, H, T, D).
+
+    Only the log-sum-exp is used, so on CUDA, taps in bf16 or fp16 (every tap under the training
+    autocast) go to the flash kernel in their own dtype, on tensor cores: the product of two bf16 (or
+    fp16) numbers is exact in float32 and the kernel sums them and forms the log-sum-exp in float32,
+    so the scores are the float32 path's up to the order of summation. The kernel's output, which
+    rounds the attention weights to bf16, is thrown away. Elsewhere `float32_lse()`: the float32 kernel.
+    """
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and q.size(-1) <= 256 \
+            and torch.cuda.get_device_capability(q.device) >= (8, 0):
+        lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, k, 0.0, True, scale=scale)[1]
+        return lse[..., : q.size(-2)]
+    return float32_lse()
 
 
 # causal attention of (B, H, T, D) float32 q against k with k as the values: (output, log-sum-exp (B, H, T))

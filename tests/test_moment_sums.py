@@ -1,0 +1,185 @@
+"""The fast path of the probe statistics (`spectra.moment_sums`, what `CovStats.add` runs) against a
+straightforward float64 computation in numpy, sample by sample, on random and structured data."""
+
+import numpy as np
+import pytest
+import torch
+
+from rankprobe.probes.capture import stats_to_rows
+from rankprobe.probes.lenses import spectral_rows, spectral_rows_start
+from rankprobe.probes.spectra import CovStats, moment_sums, sum_squares
+
+
+def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every CovStats sum of (N, H, D) float64 samples, the plain way: per head, per sample."""
+    n, h, d = x.shape
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    return {"sum": x.sum(0), "outer": np.einsum("nhd,nhe->hde", x, x), "pow3": (x**3).sum(0),
+            "pow4": (x**4).sum(0), "unit_sum": unit.sum(0)}
+
+
+def structured(rng) -> list[np.ndarray]:
+    """(N, H, D) data where a shortcut would show: a far offset (collapsed keys: mean ≫ sd), zero
+    vectors, a heavy-tailed coordinate, rank one, one-hot vectors, mixed scales across heads."""
+    n, d = 2048, 16
+    offset = rng.standard_normal((n, 2, d)) * 1e-3 + 50.0
+    zeros = rng.standard_normal((n, 2, d))
+    zeros[::7] = 0.0
+    heavy = rng.standard_normal((n, 2, d))
+    heavy[:, :, 0] += 40.0 * rng.choice([-1.0, 0.0, 1.0], size=(n, 2), p=[0.01, 0.98, 0.01])
+    rank1 = rng.standard_normal((n, 2, 1)) * rng.standard_normal((1, 2, d))
+    onehot = np.zeros((n, 2, d))
+    onehot[np.arange(n), :, rng.integers(0, d, n)] = rng.choice([-2.0, 3.0], size=(n, 1))
+    scales = rng.standard_normal((n, 2, d)) * np.array([1e-4, 1e4])[None, :, None]
+    return [offset, zeros, heavy, rank1, onehot, scales]
+
+
+def check(got: dict[str, torch.Tensor], ref: dict[str, np.ndarray], rtol: float = 1e-12) -> None:
+    for key, want in ref.items():
+        # relative to each head's largest entry: sums of signed terms may cancel to near 0
+        scale = np.abs(want).reshape(want.shape[0], -1).max(1).reshape(-1, *[1] * (want.ndim - 1))
+        np.testing.assert_allclose(got[key].numpy() / scale, want / scale, rtol=0, atol=rtol, err_msg=key)
+
+
+def fields(s: CovStats) -> dict[str, torch.Tensor]:
+    return {"sum": s.sum, "outer": s.outer, "pow3": s.pow3, "pow4": s.pow4, "unit_sum": s.unit_sum}
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_fast_sums_equal_float64_reference_on_random_data(chunks):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1024, 3, 32)) @ rng.standard_normal((32, 32)) + rng.standard_normal(32)
+    g, pow3, pow4 = moment_sums(torch.from_numpy(x), chunks)
+    ref = reference(x)
+    d = 32
+    check({"sum": g[:, :d, d], "outer": g[:, :d, :d], "pow3": pow3, "pow4": pow4, "unit_sum": g[:, :d, d + 1]}, ref)
+    np.testing.assert_array_equal(g[:, d, d].numpy(), 1024)  # Σ1·1: the count, a check on the layout
+
+
+def test_covstats_equals_float64_reference_on_structured_data():
+    rng = np.random.default_rng(1)
+    for x in structured(rng):
+        s = CovStats(x.shape[1], x.shape[2])
+        for part in np.array_split(x, 3):  # batches of unequal size, one of them not a multiple of 8
+            s.add(torch.from_numpy(part))
+        assert s.n == len(x)
+        check(fields(s), reference(x))
+
+
+def test_bf16_input_equals_float64_reference_of_its_values():
+    """The taps are bf16 under autocast: the sums are those of the bf16 values, exactly up to float64
+    round-off (the one copy converts; nothing is computed in low precision)."""
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((4096, 2, 64)) * 3 + 1).to(torch.bfloat16)
+    s = CovStats(2, 64)
+    s.add(x.view(2, 2048, 2, 64))  # (B, T, H, D) as a tap hands it over
+    check(fields(s), reference(x.double().numpy()))
+
+
+def test_non_finite_values_stay_in_their_head():
+    """A head whose activations overflowed gets non-finite sums; the other heads are untouched."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((512, 2, 8))
+    bad = x.copy()
+    bad[10, 1, 3] = np.inf
+    g, pow3, pow4 = moment_sums(torch.from_numpy(bad))
+    want_g, want3, want4 = moment_sums(torch.from_numpy(x))
+    torch.testing.assert_close(g[0], want_g[0], rtol=1e-14, atol=0)
+    torch.testing.assert_close(pow3[0], want3[0], rtol=1e-14, atol=0)
+    assert not torch.isfinite(g[1]).all() and not torch.isfinite(pow4[1]).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_sum_squares_both_forms(fused):
+    t = torch.from_numpy(np.random.default_rng(4).standard_normal((300, 5, 7)))
+    want = (t.numpy() ** 2).sum((0, 2))
+    np.testing.assert_allclose(sum_squares(t, (0, 2), fused).numpy(), want, rtol=1e-14)
+
+
+def test_chunks_must_divide_the_batch():
+    with pytest.raises(ValueError, match="chunks"):
+        moment_sums(torch.zeros(10, 1, 4), 4)
+
+
+def test_rows_of_many_taps_batched_equal_each_tap_alone():
+    """`spectral_rows` stacks the heads of every tap (GQA head counts, two widths, different counts n)
+    into one batch per width; each row must be what its tap gives alone, and its PR numpy's."""
+    rng = np.random.default_rng(5)
+    shapes = {("norm", "q", 0): (300, 4, 8), ("norm", "k", 0): (300, 2, 8), ("proj", "v", 1): (200, 2, 16),
+              ("rope", "k", 1): (250, 2, 8)}
+    stats, data = {}, {}
+    for key, (n, h, d) in shapes.items():
+        data[key] = rng.standard_normal((n, h, d)) * rng.uniform(0.1, 3.0, d) + rng.standard_normal(d)
+        stats[key] = CovStats(h, d)
+        stats[key].add(torch.from_numpy(data[key]))
+    rows = spectral_rows(stats)
+    assert [(r["tap"], r["tensor"], r["layer"]) for r in rows] == sorted(shapes)
+    for row in rows:
+        key = (row["tap"], row["tensor"], row["layer"])
+        alone = spectral_rows({key: stats[key]})[0]
+        assert row.keys() == alone.keys()
+        for m, v in alone.items():
+            if isinstance(v, str):
+                assert row[m] == v
+            else:
+                np.testing.assert_allclose(row[m], v, rtol=1e-12, err_msg=m)
+        x = data[key]
+        for h in range(x.shape[1]):
+            lam = np.linalg.eigvalsh(np.cov(x[:, h], rowvar=False, bias=True))
+            assert row["pr_heads"][h] == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-10)
+            assert row["mean_norm"][h] == pytest.approx(np.linalg.norm(x[:, h].mean(0)), rel=1e-12)
+        assert stats_to_rows({key: stats[key]})[0] == {m: row[m] for m in stats_to_rows({key: stats[key]})[0]}
+
+
+def test_spectral_rows_in_two_halves_read_the_statistics_at_the_start():
+    """The host half may run later (a worker thread): what the statistics hold after the start must
+    not reach the rows."""
+    rng = np.random.default_rng(6)
+    s = CovStats(2, 8)
+    s.add(torch.from_numpy(rng.standard_normal((400, 2, 8))))
+    want = spectral_rows({("proj", "k", 0): s})
+    finish = spectral_rows_start({("proj", "k", 0): s})
+    s.add(torch.from_numpy(rng.standard_normal((400, 2, 8)) * 5))
+    assert finish() == want
+    assert spectral_rows_start({})() == []
+
+
+def test_sums_under_a_bf16_autocast_stay_float64():
+    """The hooks run inside the training autocast, which must not recast the float64 GEMM."""
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((256, 2, 16))).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = moment_sums(x)
+    for a, b in zip(inside, moment_sums(x)):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_taps_that_see_the_same_tensor_share_its_sums(monkeypatch, qk_norm):
+    """With QK-Norm off the norm taps see the proj taps' very tensors: their sums are computed once
+    per batch and reused, and every tap's statistics equal a sample-by-sample reference of what it saw."""
+    from rankprobe.config import ModelConfig
+    from rankprobe.model import Transformer
+    from rankprobe.probes import capture
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=2, d_model=32, n_head=2, head_dim=16, seq_len=8, vocab_size=50,
+                                    qk_norm=qk_norm))
+    tokens = torch.randint(0, 50, (6, 8))
+    calls = []
+    monkeypatch.setattr(capture, "moment_sums", lambda x: calls.append(1) or moment_sums(x))
+    seen: dict = {}
+
+    def keep(key, x):
+        seen.setdefault(key, []).append(x.detach().double().reshape(-1, *x.shape[-2:]).clone())
+
+    stats: dict = {}
+    sink = capture.covariance_sink(stats)
+    capture.feed(model, tokens, 3, lambda key, x: (keep(key, x), sink(key, x)))
+    batches, layers = 2, 2
+    assert len(calls) == batches * layers * (7 if qk_norm else 5)
+    for key, parts in seen.items():
+        check(fields(stats[key]), reference(torch.cat(parts).numpy()))
+        assert stats[key].n == 6 * 8
+    if not qk_norm:
+        assert torch.equal(stats[("norm", "q", 1)].pow3, stats[("proj", "q", 1)].pow3)
