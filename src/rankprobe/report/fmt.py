@@ -17,6 +17,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def arm_cell(arm: str, reference: bool = False) -> str:
+    """An arm as a table cell or in prose: '`muon`', or '`hf:qwen3` (pretrained)' for a reference."""
+    return f"`{arm}`" + (" (pretrained)" if reference else "")
+
+
 def pm(e: Estimate, digits: int = 2, sep: str = "") -> str:
     """'mean ± half' to `digits` decimals (sep="," groups thousands); no ± where the half-width is NaN
     (one seed), 'n/a' where the mean is."""

@@ -216,9 +216,3 @@ def finished_by_arm(runs: list[Run]) -> dict[str, list[Run]]:
         group.append(run)
     return arms
 
-
-def split_arms(runs: list[Run]) -> tuple[dict[str, list[Run]], dict[str, list[Run]]]:
-    """(trained arms, pretrained reference arms), each as `finished_by_arm` gives them."""
-    arms = finished_by_arm(runs)
-    trained = {a: g for a, g in arms.items() if not g[0].reference}
-    return trained, {a: g for a, g in arms.items() if g[0].reference}
