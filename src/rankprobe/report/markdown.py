@@ -20,10 +20,9 @@ from rankprobe.report.metrics import METRIC_NAME, Run, arm_key
 from rankprobe.report.plot import arm_figure
 from rankprobe.report.series import TENSOR_NAME, Headline, Study, arm_series, headline
 from rankprobe.report.stats import Estimate, mean_ci
-from rankprobe.runfolder import write_atomic
+from rankprobe.runfolder import PHASE_FIELDS, write_atomic
 
 _SKIP_CONFIG = {"name", "out", "train.seed", "train.progress", "train.tensorboard"}
-_PHASES = ("setup_s", "first_step_s", "eval_s", "probe_s", "checkpoint_s")
 # the columns of the lens tables: (title, kind, key, reduce over layers, row filter, digits)
 ATTENTION_COLUMNS = [
     ("attention entropy (normalised, mean)", "attn", "entropy_norm", "mean", {}, 3),
@@ -178,10 +177,10 @@ def _figure_section(study: Study, figures: list[Path]) -> list[str]:
 
 
 def _run_cost(run: Run) -> list[float] | None:
-    """[wall s, training tokens/s, % of wall time in each of _PHASES] from a finished run's `end` row
+    """[wall s, training tokens/s, % of wall time in each of PHASE_FIELDS] from a finished run's `end` row
     (docs/metrics.md, section `end`); None for files written before the phase fields."""
     end = run.rows["end"][-1]
-    phases = [end.get(k) for k in _PHASES]
+    phases = [end.get(k) for k in PHASE_FIELDS]
     if any(p is None for p in phases) or not end.get("wall_s"):
         return None
     cfg = flatten(run.config)
@@ -200,7 +199,7 @@ def _cost_section(arms: dict[str, list[Run]]) -> list[str]:
             mean, half = mean_ci(costs)  # (7,) each: over seeds
             seeds = str(len(costs)) + (f" of {len(group)}" if len(costs) < len(group) else "")
             rows.append([f"`{arm}`", seeds, *(pm(Estimate(m, h, len(costs)), d, ",")
-                                              for m, h, d in zip(mean, half, [1, 0] + [1] * len(_PHASES)))])
+                                              for m, h, d in zip(mean, half, [1, 0] + [1] * len(PHASE_FIELDS)))])
     header = ["arm", "seeds", "wall time (s)", "training rate (tokens/s)", "set-up (%)", "first step (%)",
               "evals (%)", "probes (%)", "checkpoints (%)"]
     return ["## Where the time went", "", prose("sections", "cost"), "", *table(header, rows), ""] if rows else []

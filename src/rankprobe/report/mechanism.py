@@ -53,13 +53,10 @@ def _when(tokens: int | None) -> str:
     return "never" if tokens is None else f"first at {tokens:,} tokens"
 
 
-def _collapse_index(pr: ArmSeries) -> int | None:
-    """First checkpoint whose seed-mean key PR is below COLLAPSE_FRACTION of the one at init."""
-    mean = pr.trajectory()[0]
-    if pr.tokens[0] != 0:
-        return None
-    below = np.flatnonzero(mean < COLLAPSE_FRACTION * mean[0])
-    return int(below[0]) if below.size else None
+def _first(s: ArmSeries, mask: np.ndarray) -> int | None:
+    """Tokens of the first checkpoint of `s` where `mask` (over its checkpoints) holds; None if none."""
+    hits = np.flatnonzero(mask)
+    return int(s.tokens[hits[0]]) if hits.size else None
 
 
 def alignment_index(runs: list[Run], tap: str) -> ArmSeries | None:
@@ -71,11 +68,6 @@ def alignment_index(runs: list[Run], tap: str) -> ArmSeries | None:
         return None
     with np.errstate(invalid="ignore", divide="ignore"):
         return replace(ratio, values=(ratio.values - null.values) / (1.0 - null.values))
-
-
-def _first_above(s: ArmSeries, margin: float) -> int | None:
-    above = np.flatnonzero(s.trajectory()[0] > margin)
-    return int(above[0]) if above.size else None
 
 
 def orth_devs(runs: list[Run]) -> tuple[ArmSeries, ArmSeries, ArmSeries | None] | None:
@@ -143,9 +135,9 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
             if t not in pr.tokens:  # a checkpoint whose key rows lack PR
                 continue
             rows.append([arm_cell(arm), f"{int(t):,}", pm(pr.at_tokens(int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)])
-        ai, ci = _first_above(idx, ALIGN_MARGIN), _collapse_index(pr)
-        collapse_at = None if ci is None else int(pr.tokens[ci])
-        align_at = None if ai is None else int(idx.tokens[ai])
+        align_at, mean = _first(idx, idx.trajectory()[0] > ALIGN_MARGIN), pr.trajectory()[0]
+        # collapsed: the seed-mean key PR below COLLAPSE_FRACTION of its value at init
+        collapse_at = _first(pr, mean < COLLAPSE_FRACTION * mean[0]) if pr.tokens[0] == 0 else None
         if collapse_at is None:
             word = "no collapse" + ("" if align_at is None else ", aligned anyway")
         elif align_at is None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from rankprobe.config import UserError
 from rankprobe.report.metrics import (
-    METRIC_NAME, METRICS, Run, _num, check_metric, default_tap, finished_by_arm, layer_rows, null_value, probe_taps,
+    METRIC_NAME, METRICS, Run, _num, check_metric, default_tap, finished_by_arm, layer_rows, null_value,
 )
 from rankprobe.report.stats import Estimate, estimate, mean_ci
 
@@ -123,7 +123,7 @@ def arm_pr(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> 
     arm = runs[0].arm if runs else "?"
     rows, tokens = _stack(runs, "probe", {"tap": tap, "tensor": tensor})
     if not tokens.size:
-        have = probe_taps(runs, tensor)
+        have = sorted({r.get("tap") for run in runs for r in run.rows.get("probe", []) if r.get("tensor") == tensor})
         raise UserError(f"arm {arm}: no {tensor} probe at tap {tap!r} common to all "
                         f"seeds (taps with {tensor} probes: {', '.join(have) or 'none'})")
     if not _has(rows, metric):
