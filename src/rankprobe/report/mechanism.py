@@ -270,17 +270,11 @@ def unexplained(prs: dict[str, ArmSeries], cls: dict[str, str], timing: dict[str
         collapsed = pr.tokens[0] == 0 and pr.at(-1).mean < COLLAPSE_FRACTION * pr.at(0).mean
         if cls[arm] == UNCLASSIFIED:
             items.append(f"{arm_cell(arm)} is unclassified (its optimizer is in no class), so no prediction is made")
-        elif cls[arm] == COORDINATE and not collapsed:
-            items.append(f"{arm_cell(arm)} is coordinate-wise but ends with key PR above {COLLAPSE_FRACTION:g} of its "
-                         f"init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
-        elif cls[arm] == ROTATION and collapsed:
-            items.append(f"{arm_cell(arm)} is rotation-equivariant but ends with key PR below {COLLAPSE_FRACTION:g} of its "
-                         f"init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
-        if timing.get(arm) in ("after", "collapse without alignment"):
-            items.append(f"{arm_cell(arm)} collapsed " + ("before its keys aligned with coordinate axes"
-                                                      if timing[arm] == "after" else "without aligning"))
-        elif timing.get(arm) == "no collapse, aligned anyway":
-            items.append(f"{arm_cell(arm)} aligned with coordinate axes without collapsing")
+        elif collapsed == (cls[arm] == ROTATION):  # the class predicted the other outcome
+            items.append(f"{arm_cell(arm)} is {cls[arm]} but ends with key PR {'below' if collapsed else 'above'} "
+                         f"{COLLAPSE_FRACTION:g} of its init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
+        if timing.get(arm) in prose("unexplained"):
+            items.append(f"{arm_cell(arm)} {prose('unexplained', timing[arm])}")
     items += odd
     lines = ["### 10. What still goes unexplained", ""]
     if not items:

@@ -116,20 +116,20 @@ def trajectory_lines(ax, study: Study, series: dict[str, ArmSeries]) -> np.ndarr
     tokens = []
     for arm, s in series.items():
         mean, half = s.trajectory()
-        if s.reference:
-            ax.axhline(float(mean[-1]), color=colour(study, arm), **REFERENCE_STYLE, label=series_label(s))
-            continue
         c = colour(study, arm)
+        if s.reference:
+            ax.axhline(float(mean[-1]), color=c, **REFERENCE_STYLE, label=series_label(s))
+            continue
         ax.plot(s.tokens, mean, color=c, marker=marker(arm), markersize=4, label=series_label(s))
         band(ax, s.tokens, mean, half, c)
         tokens.append(s.tokens)
     return np.concatenate(tokens).astype(float) if tokens else None
 
 
-def layer_lines(ax, study: Study, series: dict[str, ArmSeries], with_tokens: bool = True) -> int:
+def layer_lines(ax, study: Study, series: dict[str, ArmSeries]) -> None:
     """Each arm's values per layer at its final checkpoint, band across seeds; a reference with another
     layer count at relative depth, its layer i at i·(L−1)/(L_ref−1) (L: the trained arms' layer count),
-    so first and last layers line up. Returns L."""
+    so first and last layers line up."""
     sizes = {arm: s.values.shape[2] for arm, s in series.items()}
     n_layer = max([n for a, n in sizes.items() if not series[a].reference] or sizes.values())
     for arm, s in series.items():
@@ -141,13 +141,12 @@ def layer_lines(ax, study: Study, series: dict[str, ArmSeries], with_tokens: boo
             ax.plot(x, mean, color=c, **REFERENCE_STYLE, label=f"{arm} (pretrained{note})")
             continue
         x = np.arange(mean.size)
-        label = series_label(s) + (f" at {fmt_tokens(s.tokens[-1])} tokens" if with_tokens else "")
-        ax.plot(x, mean, color=c, marker=marker(arm), markersize=4, label=label)
+        ax.plot(x, mean, color=c, marker=marker(arm), markersize=4,
+                label=f"{series_label(s)} at {fmt_tokens(s.tokens[-1])} tokens")
         band(ax, x, mean, half, c)
     ax.set_xticks(range(0, n_layer, max(1, n_layer // 16)))
     ax.set_xlim(-0.3, n_layer - 0.7)
     ax.set_xlabel("layer (0 = nearest the embedding)")
-    return n_layer
 
 
 def grid_figure(grid: np.ndarray, vmax: float, xticks: list[str], xlabel: str, title: str, cbar: str):
