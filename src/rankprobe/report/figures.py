@@ -103,10 +103,12 @@ def heatmaps(study: Study, out_dir: Path) -> list[Path]:
         if pr.heads is not None:
             grid = pr.heads.mean(axis=0)  # (L, H)
             head_dim = max(r.head_dim for r in study.groups[arm]) or study.head_dim
-            when = "pretrained, as loaded" if pr.reference else f"at {fmt_tokens(pr.tokens[-1])} tokens, mean of {seeds}"
+            when = ("pretrained, as loaded" if pr.reference
+                    else f"at {fmt_tokens(pr.tokens[-1])} tokens, mean of {seeds}")
             fig = grid_figure(grid, head_dim, [str(h) for h in range(grid.shape[1])],
                               f"{TENSOR_NAME.get(study.tensor, study.tensor)} head",
-                              f"{arm}: {label} per head (tap={study.tap})\n{when}", f"{label} (0 to head_dim = {head_dim})")
+                              f"{arm}: {label} per head (tap={study.tap})\n{when}",
+                              f"{label} (0 to head_dim = {head_dim})")
             paths.append(save(fig, out_dir / arm_figure("heads", arm)))
     return paths
 

@@ -160,10 +160,12 @@ def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str
     pairs = [(o, o + "+qknorm") for o in optimizers(arms) if o in arms and o + "+qknorm" in arms]
     if not pairs:
         return lines + ["Not answered: no optimizer has both an arm without and one with QK-Norm.", ""], odd
-    final = {a: {k: arm_series(arms[a], "probe", k, tap=tap, tensor="k") for k in ("sphere_r", "sphere_r_null",
-                                                                                  "pr_uncentered")} for p in pairs for a in p}
-    final = {a: {k: Estimate(math.nan, math.nan, 0) if s is None else s.at(-1) for k, s in got.items()}
-             for a, got in final.items() if got["sphere_r"] is not None}
+    final = {}  # arm -> the final Estimate of each key (NaN where its rows lack it), for arms with sphere_r
+    for arm in (a for p in pairs for a in p):
+        got = {k: arm_series(arms[arm], "probe", k, tap=tap, tensor="k") for k in ("sphere_r", "sphere_r_null",
+                                                                                   "pr_uncentered")}
+        if got["sphere_r"] is not None:
+            final[arm] = {k: Estimate(math.nan, math.nan, 0) if s is None else s.at(-1) for k, s in got.items()}
     for arm, f in final.items():
         rows.append([arm_cell(arm), pm(f["sphere_r"], 3), f"{f['sphere_r_null'].mean:.4f}", pm(prs[arm].at(-1)),
                      pm(f["pr_uncentered"])])

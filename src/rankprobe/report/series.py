@@ -176,9 +176,11 @@ class Study:
         """'key PR', 'key erank', 'query stable rank', ..."""
         return metric_label(self.tensor, self.metric)
 
-    def series(self, kind: str, key: str, reduce: str = "mean", trained: bool = False, **match) -> dict[str, ArmSeries]:
+    def series(self, kind: str, key: str, reduce: str = "mean", trained: bool = False,
+               **match) -> dict[str, ArmSeries]:
         """`arm_series` for every finished arm (only the trained ones if `trained`) that has the rows."""
-        found = {a: arm_series(g, kind, key, reduce, **match) for a, g in (self.arms if trained else self.groups).items()}
+        groups = self.arms if trained else self.groups
+        found = {a: arm_series(g, kind, key, reduce, **match) for a, g in groups.items()}
         return {a: s for a, s in found.items() if s is not None}
 
 
@@ -225,7 +227,8 @@ def headline(pr: ArmSeries, runs: list[Run], dead_pr: float) -> Headline:
     seed-mean profile, layers below `dead_pr` (PR only), and the last val loss."""
     layer_mean, layer_half = pr.layers_at(-1)
     weakest = int(np.nanargmin(layer_mean)) if np.isfinite(layer_mean).any() else 0
-    return Headline(pr, pr.at(-1), weakest, Estimate(float(layer_mean[weakest]), float(layer_half[weakest]), pr.n_seeds),
+    return Headline(pr, pr.at(-1), weakest,
+                    Estimate(float(layer_mean[weakest]), float(layer_half[weakest]), pr.n_seeds),
                     [int(i) for i in np.flatnonzero(layer_mean < dead_pr)] if pr.metric == "pr" else None,
                     estimate([r.final_val_loss() for r in runs]))
 
