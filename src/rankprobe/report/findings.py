@@ -64,9 +64,8 @@ def early_effect(study: Study, prs: dict[str, ArmSeries]) -> list[str]:
             skipped.append(f"`{opt}`: {rule}; no checkpoint common to both arms qualifies")
             continue
         a, b = prs[on].at_tokens(tokens), prs[off].at_tokens(tokens)
-        lines += [f"`{opt}` at {tokens:,} tokens, {rule}: mean {study.label} {pm(a)} with QK-Norm vs {pm(b)} "
-                  f"without, difference {a.mean - b.mean:+.2f}: "
-                  f"{verdict(a, b, 'higher with QK-Norm', 'lower with QK-Norm')}.", ""]
+        lines += [prose("findings", "early", opt=opt, tokens=tokens, rule=rule, label=study.label, on=pm(a), off=pm(b),
+                        diff=a.mean - b.mean, verdict=verdict(a, b, "higher with QK-Norm", "lower with QK-Norm")), ""]
     skipped += [] if study.arms else ["no finished trained arm"]
     return lines + [f"Not answered for {s}." for s in skipped] + ([""] if skipped else [])
 
@@ -84,8 +83,8 @@ def final_ranking(study: Study, prs: dict[str, ArmSeries]) -> tuple[list[str], l
         lines.append(f"Only one arm, `{ranked[0]}`: mean {label} {pm(best)}; there is no ranking to report.")
     else:
         second = prs[ranked[1]].at(-1)
-        lines.append(f"`{ranked[0]}` has the highest mean {label} ({pm(best)}); against the runner-up "
-                     f"`{ranked[1]}` ({pm(second)}) it is {verdict(best, second)}.")
+        lines.append(prose("findings", "ranking", best=ranked[0], label=label, best_value=pm(best), second=ranked[1],
+                           second_value=pm(second), verdict=verdict(best, second)))
     if not dead:
         lines.append("Dead layers are counted for PR only (`probe.dead_pr` is a PR value).")
     rows = [[arm_cell(a), str(prs[a].n_seeds), f"{int(prs[a].tokens[-1]):,}", pm(prs[a].at(-1))]
@@ -109,9 +108,7 @@ def loss_agreement(study: Study, prs: dict[str, ArmSeries], ranked: list[str]) -
     rho = spearman([prs[a].at(-1).mean for a in by_metric], [-val_loss[a] for a in by_metric])
     if not math.isfinite(rho):
         return lines + [f"Cannot be assessed: every arm ties on one of the two. {order}", ""]
-    return lines + [f"Spearman rank correlation between the arms' seed-mean key metric and their negative final "
-                    f"val loss: ρ = {rho:+.2f} over {len(by_metric)} arms (+1: the same order, −1: reversed; "
-                    f"seed means only, so no interval). {order}", ""]
+    return lines + [prose("findings", "loss_spearman", rho=rho, n=len(by_metric), order=order), ""]
 
 
 def logit_growth(study: Study) -> list[str]:

@@ -23,6 +23,9 @@ from rankprobe.report.stats import Estimate, mean_ci
 from rankprobe.runfolder import PHASE_FIELDS, write_atomic
 
 _SKIP_CONFIG = {"name", "out", "train.seed", "train.progress", "train.tensorboard"}
+# the config values the summary names, as {train_batch_size}, {model_seq_len}, ... in prose.toml
+_SUMMARY_KEYS = ("train.batch_size", "model.seq_len", "data.corpus", "model.n_layer", "model.d_model", "model.n_head",
+                 "model.head_dim")
 # the columns of the lens tables: (title, kind, key, reduce over layers, row filter, digits)
 ATTENTION_COLUMNS = [
     ("attention entropy (normalised, mean)", "attn", "entropy_norm", "mean", {}, 3),
@@ -70,18 +73,15 @@ def _summary(study: Study, incomplete: list[Run], diverged: list[Run]) -> str:
     ran = [r for g in arms.values() for r in g]
     params = sorted({r.info.get("n_params") for r in ran if r.info.get("n_params")})
     ckpts = sorted({int(t) for r in ran for t in r.info.get("probe_checkpoints", [])})
-    text = prose(
-        "summary", "ran", n_runs=len(ran), n_arms=len(arms), tokens=_distinct(ran, "train.tokens", fmt_tokens),
-        per_arm=", ".join(f"`{a}` × {len(g)} seed{'s' if len(g) != 1 else ''} ({', '.join(str(r.seed) for r in g)})"
-                          for a, g in arms.items()),
-        **{k.replace(".", "_"): _distinct(ran, k) for k in ("train.batch_size", "model.seq_len", "data.corpus",
-                                                           "model.n_layer", "model.d_model", "model.n_head",
-                                                           "model.head_dim")},
-        kv_heads="/".join(sorted({str(flatten(r.config).get("model.n_kv_head") or flatten(r.config).get("model.n_head"))
-                                  for r in ran})),
-        params="/".join(dict.fromkeys(f"{p / 1e6:.2f}M" for p in params)) or "?", n_ckpts=len(ckpts),
-        ckpts=", ".join(fmt_tokens(t) if t else "init" for t in ckpts),
-        probe_tokens=_distinct(ran, "probe.tokens", fmt_tokens))
+    seeds = ", ".join(f"`{a}` × {len(g)} seed{'s' if len(g) != 1 else ''} ({', '.join(str(r.seed) for r in g)})"
+                      for a, g in arms.items())
+    kv_heads = {str(flatten(r.config).get("model.n_kv_head") or flatten(r.config).get("model.n_head")) for r in ran}
+    settings = {k.replace(".", "_"): _distinct(ran, k) for k in _SUMMARY_KEYS}
+    text = prose("summary", "ran", n_runs=len(ran), n_arms=len(arms), per_arm=seeds,
+                 kv_heads="/".join(sorted(kv_heads)), tokens=_distinct(ran, "train.tokens", fmt_tokens),
+                 probe_tokens=_distinct(ran, "probe.tokens", fmt_tokens), n_ckpts=len(ckpts),
+                 params="/".join(dict.fromkeys(f"{p / 1e6:.2f}M" for p in params)) or "?",
+                 ckpts=", ".join(fmt_tokens(t) if t else "init" for t in ckpts), **settings)
     text += " " + references if refs else ""
     text += f" {len(diverged)} run(s) diverged (NaN/inf) and are excluded (see below)." if diverged else ""
     text += f" {len(incomplete)} further run(s) did not finish and are excluded (see below)." if incomplete else ""

@@ -109,13 +109,11 @@ def class_split(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tuple[
         lo = min(rot, key=lambda a: prs[a].at(-1).mean)
         a, b = prs[hi].at(-1), prs[lo].at(-1)
         if resolution(a, b) == "resolved":
-            reading = ("the predicted split holds: every coordinate-wise arm's seed mean ends below every "
-                       "rotation-equivariant arm's" if a.mean < b.mean else "the prediction is contradicted")
+            reading = "split_holds" if a.mean < b.mean else "split_contradicted"
         else:
-            reading = (f"the point values go {'with' if a.mean < b.mean else 'against'} the prediction, which "
-                       "these seeds cannot settle")
-        lines += [f"{setting}: the highest coordinate-wise arm {arm_cell(hi)} ({pm(a)}) against the lowest "
-                  f"rotation-equivariant arm {arm_cell(lo)} ({pm(b)}) is {verdict(a, b)}; {reading}.", ""]
+            reading = "split_with" if a.mean < b.mean else "split_against"
+        lines += [prose("mechanism", "split", setting=setting, hi=hi, lo=lo, a=pm(a), b=pm(b), verdict=verdict(a, b),
+                        reading=prose("mechanism", reading)), ""]
     return lines, cls
 
 
@@ -184,8 +182,7 @@ def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str
     lines += [prose("mechanism", "sphere"), "", *table(["arm", "final sphere_r", "null 1/√n", "key PR (centred)",
                                                         "key PR (uncentred)"], rows), ""]
     lines += [f"- {v}" for v in verdicts] + [""]
-    lines += [f"In {n_track} of {len(pairs)} pair(s) the arm with the higher sphere_r has the lower key PR "
-              "(seed means; \"tracks\" would be all of them).", ""]
+    lines += [prose("mechanism", "sphere_track", n=n_track, pairs=len(pairs)), ""]
     return lines, odd
 
 
@@ -259,8 +256,8 @@ def warmup_effect(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> list
             continue
         parts = [f"{arm_cell(a)} (warmup_frac {_warmup(arms[a]):g}) {pm(prs[a].at_tokens(tokens))}" for a in g]
         short, long_ = prs[g[0]].at_tokens(tokens), prs[g[-1]].at_tokens(tokens)
-        lines += [f"At {tokens:,} tokens, {rule}: {'; '.join(parts)}. The shortest warmup against the longest is "
-                  f"{verdict(short, long_)}.", ""]
+        lines += [prose("mechanism", "warmup", tokens=tokens, rule=rule, parts="; ".join(parts),
+                        verdict=verdict(short, long_)), ""]
     return lines
 
 
