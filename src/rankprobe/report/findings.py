@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from rankprobe.report.fmt import arm_cell, pm, prose, table
+from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import ArmSeries, Study
 from rankprobe.report.stats import estimate, spearman, verdict
@@ -87,7 +87,7 @@ def final_ranking(study: Study, prs: dict[str, ArmSeries]) -> tuple[list[str], l
                            second_value=pm(second), verdict=verdict(best, second)))
     if not dead:
         lines.append("Dead layers are counted for PR only (`probe.dead_pr` is a PR value).")
-    rows = [[arm_cell(a), str(prs[a].n_seeds), f"{int(prs[a].tokens[-1]):,}", pm(prs[a].at(-1))]
+    rows = [[*arm_cells(prs[a]), pm(prs[a].at(-1))]
             + ([pm(dead[a], 1)] if dead else []) for a in ranked]
     header = ["arm", "seeds", "tokens", f"mean {label}"] + (
         [f"layers with PR < {dead_pr:g} (per-seed count)"] if dead else [])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rankprobe.config import flatten
 from rankprobe.report.findings import findings_section
-from rankprobe.report.fmt import arm_cell, fmt_tokens, pm, prose, table
+from rankprobe.report.fmt import arm_cells, fmt_tokens, pm, prose, table
 from rankprobe.report.mechanism import mechanism_section
 from rankprobe.report.metrics import METRIC_NAME, Run, arm_key
 from rankprobe.report.plot import arm_figure
@@ -56,11 +56,6 @@ def _distinct(runs: list[Run], key: str, fmt=_fmt) -> str:
     return "/".join(fmt(v) if v != "?" else v for v in values)
 
 
-def _arm_cells(arm: str, reference: bool, n_seeds: str, tokens: int) -> list[str]:
-    """The first three cells of an arm's row: a reference has no seeds and no training tokens."""
-    return [arm_cell(arm, reference), "—" if reference else n_seeds, "—" if reference else f"{tokens:,}"]
-
-
 def _summary(study: Study, incomplete: list[Run], diverged: list[Run]) -> str:
     arms, refs = study.arms, study.refs
     items = ", ".join(f"`{a}` ({g[0].n_layer} layers, head_dim {g[0].head_dim})" for a, g in refs.items())
@@ -98,7 +93,7 @@ def _headline_rows(heads: list[Headline], dead: bool, diverged: list[Run]) -> li
         pr = h.pr
         null = f"{h.null:.2f}" + (f" (N = {h.n_probe:,})" if h.n_probe else "") if math.isfinite(h.null) else "n/a"
         seeds = str(pr.n_seeds) + (f" (+{len(lost[h.arm])} diverged)" if h.arm in lost else "")
-        row = [*_arm_cells(h.arm, pr.reference, seeds, int(pr.tokens[-1])), pm(h.mean), null,
+        row = [*arm_cells(pr, seeds), pm(h.mean), null,
                f"L{h.weakest_layer}: {pm(h.weakest)}"]
         if dead:
             row.append(f"{len(h.dead_layers)}" + (f" ({', '.join(f'L{i}' for i in h.dead_layers)})"
@@ -144,7 +139,7 @@ def _lens_section(study: Study, title: str, text: str, columns: list[tuple], hea
         present = [s for s in series if s is not None]
         if present:
             cells = [s.at(-1) if s is not None else Estimate(math.nan, math.nan, 0) for s in series]
-            rows.append([*_arm_cells(arm, group[0].reference, str(len(group)), int(present[0].tokens[-1])),
+            rows.append([*arm_cells(present[0]),
                          pm(heads[arm].mean) if arm in heads else "n/a",
                          *(pm(e, c[-1]) for e, c in zip(cells, columns))])
     header = ["arm", "seeds", "tokens", f"mean {study.label}", *(c[0] for c in columns)]
@@ -162,14 +157,13 @@ def _checkpoint_section(study: Study) -> list[str]:
 
 
 def _figure_section(study: Study, figures: list[Path]) -> list[str]:
-    label, arms = study.label, list(study.arms)
-    captions = [("pr_trajectory.png", f"Mean {label} over layers vs training tokens"),
-                ("layer_comparison.png", f"{label[0].upper() + label[1:]} per layer at the final checkpoint"),
-                *((arm_figure("heatmap", a), f"`{a}`: {label} by layer and checkpoint") for a in arms),
-                *((arm_figure("heads", a), f"`{a}`: {label} per head at the final checkpoint") for a in study.groups),
-                *((name, prose("figures", name.removesuffix(".png"))) for name in
-                  ("loss_curves.png", "attention_entropy.png", "max_logit.png", "weight_spectra.png",
-                   "axis_alignment.png", "orthogonality_pr.png"))]
+    lens = ("loss_curves", "attention_entropy", "max_logit", "weight_spectra", "axis_alignment", "orthogonality_pr")
+    kinds = [("pr_trajectory", ""), ("layer_comparison", ""), *(("heatmap", a) for a in study.arms),
+             *(("heads", a) for a in study.groups), *((k, "") for k in lens)]  # (figure, its arm), in report order
+    label = study.label
+    captions = [(arm_figure(kind, arm) if arm else f"{kind}.png",
+                 prose("figures", kind, arm=arm, label=label, Label=label[0].upper() + label[1:]))
+                for kind, arm in kinds]
     written = {Path(p).name for p in figures}
     lines = [line for name, caption in captions if name in written
              for line in (f"**{caption}**", "", f"![{caption}]({name})", "")]

@@ -24,7 +24,7 @@ import numpy as np
 
 from rankprobe.config import flatten
 from rankprobe.report.findings import early_common, optimizers
-from rankprobe.report.fmt import arm_cell, pm, prose, table
+from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import ArmSeries, Study, arm_pr, arm_series
 from rankprobe.report.stats import Estimate, resolution, spearman, verdict
@@ -195,7 +195,7 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
     if not dev:
         return lines + ["Not answered: the `weights` rows carry no `orth_dev` (written before the lens, or "
                         "`probe.weights` off).", ""], odd
-    rows = [[arm_cell(a), str(k.n_seeds), f"{int(k.tokens[-1]):,}", pm(q.at(-1), 3), pm(k.at(-1), 3),
+    rows = [[*arm_cells(k), pm(q.at(-1), 3), pm(k.at(-1), 3),
              pm(null.at(-1), 3) if null is not None else "n/a", pm(prs[a].at(-1))] for a, (q, k, null) in dev.items()]
     lines += [prose("mechanism", "orthogonality"), "",
               *table(["arm", "seeds", "tokens", "W_q orth_dev", "W_k orth_dev", "Gaussian null", "final key PR"],
