@@ -4,10 +4,9 @@
 next to them. Data flows one way through the modules:
 
     metrics   read metrics files into `Run`s; group finished runs into arms
-    series    `ArmSeries`: one quantity of one arm stacked over seeds; every table and figure reads these
-    stats     t intervals (`Estimate`) and Spearman, from scipy.stats
-    findings  the study's four questions, answered from series
-    mechanism questions 5-10 (why keys collapse), when the rows carry the mechanism lenses
+    series    `ArmSeries`: one quantity of one arm stacked over seeds; `Study`: a report's arms, once
+    stats     t intervals (`Estimate`), Spearman (scipy.stats) and the rule that calls a difference resolved
+    findings  the study's four questions; mechanism: questions 5-10 (why keys collapse)
     fmt       the one Markdown table and ± formatter, and the fixed prose (prose.toml)
     plot      the public drawing kit; figures: one function per PNG
     markdown  report.md; scan: scan.md of a learning-rate scan
@@ -19,7 +18,8 @@ from pathlib import Path
 
 from rankprobe.report.figures import build_figures
 from rankprobe.report.markdown import write_report
-from rankprobe.report.metrics import METRICS, Run, check_metric, find_runs, layer_pr, read_metrics
+from rankprobe.report.metrics import METRICS, Run, find_runs, layer_pr, read_metrics
+from rankprobe.report.series import Study
 from rankprobe.report.stats import mean_ci, t_quantile
 
 
@@ -29,13 +29,12 @@ def build_report(root: str | Path, tap: str | None = None, *, metric: str | None
     `tap` defaults to the runs' `probe.tap`; `metric` (one of METRICS, default 'pr') is the spectral
     metric of the trajectory, layer comparison, heatmaps and headline table. Unfinished runs are listed
     in the report, not drawn; pretrained checkpoints are drawn and tabulated as references."""
-    metric = check_metric(metric)
     root = Path(root)
-    runs = find_runs(root)
+    study = Study(find_runs(root), tap, tensor, metric)
     out = Path(out_dir) if out_dir is not None else (root if root.is_dir() else root.parent)
-    figures = build_figures(runs, out, tap, tensor, metric) if any(r.finished for r in runs) else []
-    return write_report(root, out, tap, tensor=tensor, metric=metric, runs=runs, figures=figures)
+    figures = build_figures(study, out) if study.groups else []
+    return write_report(study, root, out, figures)
 
 
-__all__ = ["METRICS", "Run", "build_figures", "build_report", "find_runs", "layer_pr", "mean_ci", "read_metrics",
-           "t_quantile", "write_report"]
+__all__ = ["METRICS", "Run", "Study", "build_figures", "build_report", "find_runs", "layer_pr", "mean_ci",
+           "read_metrics", "t_quantile", "write_report"]

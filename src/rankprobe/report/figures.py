@@ -1,13 +1,10 @@
-"""The report's figures, each a function that writes one PNG and returns its path (None, writing
-nothing, when its rows are absent), drawn with the kit in `plot`.
+"""The report's figures, each a function that writes one PNG (or one per arm) and returns its path
+(None, writing nothing, when its rows are absent), drawn with the kit in `plot`.
 
-Spectral figures draw one metric (`Context.metric`: PR by default, or erank, stable rank, RankMe) from
-`aggregate`'s series, with head_dim as a dotted line, the metric's isotropic null for the probe set as
-a long-dashed line, and (PR only) the dead threshold `probe.dead_pr` dashed. The lens figures draw the
-`attn` and `weights` rows (docs/lenses.md), so reports of runs written before the lenses look as they
-did; the mechanism figures (axis alignment, orthogonality against key PR) need the mechanism lenses
-(docs/lenses.md, section 6). Trained arms are seed means with 95% bands; pretrained references are
-dash-dot lines.
+Spectral figures draw the study's metric with head_dim as a dotted line, the metric's isotropic null
+for the probe set as a long-dashed line and (PR only) the dead threshold `probe.dead_pr` dashed. The
+lens figures draw the `attn` and `weights` rows (docs/lenses.md), the mechanism figures the mechanism
+lenses (section 6); runs written before a lens have no figure for it.
 """
 
 from __future__ import annotations
@@ -17,17 +14,17 @@ from pathlib import Path
 import numpy as np
 
 from rankprobe.report.fmt import fmt_tokens
-from rankprobe.report.mechanism import ALIGN_MARGIN, alignment_index
-from rankprobe.report.metrics import Run, finished_by_arm
+from rankprobe.report.mechanism import ALIGN_MARGIN, alignment_index, final_orth, orth_devs
 from rankprobe.report.plot import (
-    NULL_STYLE, TENSOR_NAME, Context, context, finish, grid_figure, heads_name, heatmap_name, layer_lines,
-    legend_right, marker, new_axes, save, seeds_label, series_label, token_axis, trajectory_lines,
+    NULL_STYLE, arm_figure, colour, finish, grid_figure, layer_lines, marker, new_axes, save,
+    seeds_label, series_label, token_axis, trajectory_lines,
 )
-from rankprobe.report.series import ArmSeries, aggregate, arm_pr, arm_series, lens_series
+from rankprobe.report.series import TENSOR_NAME, ArmSeries, Study, arm_pr, arm_series
 from rankprobe.report.stats import mean_ci
 
 LOG_RANGE = 30.0
 """max logit is drawn on a log axis when its largest value is this many times its smallest (all > 0)"""
+BAND = "band = 95% CI over seeds"
 
 
 def _nulls(prs: list[ArmSeries]) -> list[tuple[float, int]]:
@@ -37,81 +34,82 @@ def _nulls(prs: list[ArmSeries]) -> list[tuple[float, int]]:
                    for v, n in zip(p.null, p.n_probe) if np.isfinite(v) and np.isfinite(n)})
 
 
-def _guides(ax, ctx: Context, prs: list[ArmSeries]) -> None:
+def _guides(ax, study: Study) -> None:
     """head_dim (dotted; a reference with another head_dim gets its own, in its colour), the null of the
     trained arms' probe sets (long dashes), the dead threshold (PR only); y from 0 to above them all."""
-    ax.axhline(ctx.head_dim, color="black", linestyle=":", linewidth=1.2, label=f"head_dim = {ctx.head_dim}")
-    tops = [ctx.head_dim]
-    for pr in prs:
-        d = ctx.head_dims.get(pr.arm, ctx.head_dim)
-        if pr.reference and d != ctx.head_dim:
-            ax.axhline(d, color=ctx.colour(pr.arm), linestyle=":", linewidth=1.2, label=f"head_dim = {d} ({pr.arm})")
+    head_dim = study.head_dim
+    ax.axhline(head_dim, color="black", linestyle=":", linewidth=1.2, label=f"head_dim = {head_dim}")
+    tops = [head_dim]
+    for arm, pr in study.prs.items():
+        d = max(r.head_dim for r in study.groups[arm])
+        if pr.reference and d != head_dim:
+            ax.axhline(d, color=colour(study, arm), linestyle=":", linewidth=1.2, label=f"head_dim = {d} ({arm})")
             tops.append(d)
         tops.append(float(np.nanmax(pr.values, initial=0.0)))
-    for value, n in _nulls(prs):
+    for value, n in _nulls(list(study.prs.values())):
         ax.axhline(value, **NULL_STYLE, label=f"isotropic null, {n:,} tokens ({value:.1f})")
-    if ctx.metric == "pr":
-        ax.axhline(ctx.dead_pr, color="dimgray", linestyle="--", linewidth=1.0, label=f"dead below {ctx.dead_pr:g}")
+    if study.metric == "pr":
+        ax.axhline(study.dead_pr, color="dimgray", linestyle="--", linewidth=1.0, label=f"dead below {study.dead_pr:g}")
     ax.set_ylim(0, max(tops) * 1.06)
 
 
-def _title(ctx: Context, what: str) -> str:
-    return f"{ctx.label[0].upper() + ctx.label[1:]} {what} (tap={ctx.tap}; band = 95% CI over seeds)"
+def _title(study: Study, what: str) -> str:
+    return f"{study.label[0].upper() + study.label[1:]} {what} (tap={study.tap}; {BAND})"
 
 
-def pr_trajectory(ctx: Context, prs: dict[str, ArmSeries], out_dir: Path) -> Path | None:
-    """pr_trajectory.png: the metric's mean over layers vs tokens, one line per trained arm with a 95%
-    band, pretrained references as dash-dot lines. None without a trained arm."""
+def trajectory_figure(study: Study, series: dict[str, ArmSeries], ylabel: str, title: str, path: Path,
+                      style=None) -> Path | None:
+    """Seed-mean lines of `series` vs tokens with 95% bands (references dash-dot), `style(ax)` adding
+    guides and axis limits; None without a trained arm."""
     fig, ax = new_axes()
-    tokens = trajectory_lines(ax, ctx, prs)
+    tokens = trajectory_lines(ax, study, series)
     if tokens is None:
         return None
-    _guides(ax, ctx, list(prs.values()))
     token_axis(ax, tokens)
-    return finish(fig, ax, f"{ctx.label}, mean over layers", _title(ctx, "during training"),
-                  out_dir / "pr_trajectory.png")
+    if style is not None:
+        style(ax)
+    return finish(fig, ax, ylabel, title, path)
 
 
-def layer_comparison(ctx: Context, prs: dict[str, ArmSeries], out_dir: Path) -> Path:
+def pr_trajectory(study: Study, out_dir: Path) -> Path | None:
+    """pr_trajectory.png: the metric's mean over layers vs tokens."""
+    return trajectory_figure(study, study.prs, f"{study.label}, mean over layers", _title(study, "during training"),
+                             out_dir / "pr_trajectory.png", lambda ax: _guides(ax, study))
+
+
+def layer_comparison(study: Study, out_dir: Path) -> Path:
     """layer_comparison.png: the metric per layer at each arm's final checkpoint, band across seeds;
     pretrained references dash-dot (at relative depth when their layer count differs)."""
     fig, ax = new_axes()
-    layer_lines(ax, ctx, prs)
-    _guides(ax, ctx, list(prs.values()))
-    return finish(fig, ax, f"{ctx.label} (mean over heads)", _title(ctx, "per layer at the final checkpoint"),
+    layer_lines(ax, study, study.prs)
+    _guides(ax, study)
+    return finish(fig, ax, f"{study.label} (mean over heads)", _title(study, "per layer at the final checkpoint"),
                   out_dir / "layer_comparison.png")
 
 
-def heatmaps(ctx: Context, prs: dict[str, ArmSeries], out_dir: Path) -> list[Path]:
-    """heatmap_<arm>.png per trained arm: seed-mean metric over (layer, checkpoint) on [0, head_dim]."""
-    paths = []
-    for arm, pr in prs.items():
-        if pr.reference:
-            continue
-        fig = grid_figure(pr.seed_mean().T, ctx.head_dim, ["init" if t == 0 else fmt_tokens(t) for t in pr.tokens],
-                          "checkpoint (training tokens)",
-                          f"{arm}: {ctx.label} by layer and checkpoint\n(tap={ctx.tap}, mean of "
-                          f"{series_label(pr)[len(arm) + 2:-1]})", f"{ctx.label} (0 to head_dim = {ctx.head_dim})")
-        paths.append(save(fig, out_dir / heatmap_name(arm)))
-    return paths
-
-
-def head_heatmaps(ctx: Context, prs: dict[str, ArmSeries], out_dir: Path) -> list[Path]:
-    """heads_<arm>.png per arm (references too) whose rows carry per-head values: the seed-mean metric
-    of every (layer, head) at the final checkpoint, on [0, the arm's head_dim]."""
-    paths = []
-    for arm, pr in prs.items():
-        if pr.heads is None:
-            continue
-        grid = pr.heads.mean(axis=0)  # (L, H)
-        head_dim = ctx.head_dims[arm] or ctx.head_dim
-        when = ("pretrained, as loaded" if pr.reference
-                else f"at {fmt_tokens(pr.tokens[-1])} tokens, mean of {series_label(pr)[len(arm) + 2:-1]}")
-        fig = grid_figure(grid, head_dim, [str(h) for h in range(grid.shape[1])],
-                          f"{TENSOR_NAME.get(ctx.tensor, ctx.tensor)} head",
-                          f"{arm}: {ctx.label} per head (tap={ctx.tap})\n{when}",
-                          f"{ctx.label} (0 to head_dim = {head_dim})")
-        paths.append(save(fig, out_dir / heads_name(arm)))
+def heatmaps(study: Study, out_dir: Path) -> list[Path]:
+    """heatmap_<arm>.png per trained arm: the seed-mean metric over (layer, checkpoint) on [0, head_dim];
+    heads_<arm>.png per arm (references too) whose rows carry per-head values: every (layer, head) at
+    the final checkpoint, on [0, the arm's head_dim]."""
+    paths, label = [], study.label
+    for arm, pr in study.prs.items():
+        seeds = series_label(pr)[len(arm) + 2:-1]
+        if not pr.reference:
+            fig = grid_figure(pr.values.mean(axis=0).T, study.head_dim,
+                              ["init" if t == 0 else fmt_tokens(t) for t in pr.tokens], "checkpoint (training tokens)",
+                              f"{arm}: {label} by layer and checkpoint\n(tap={study.tap}, mean of {seeds})",
+                              f"{label} (0 to head_dim = {study.head_dim})")
+            paths.append(save(fig, out_dir / arm_figure("heatmap", arm)))
+        if pr.heads is not None:
+            grid = pr.heads.mean(axis=0)  # (L, H)
+            head_dim = max(r.head_dim for r in study.groups[arm]) or study.head_dim
+            when = ("pretrained, as loaded" if pr.reference
+                    else f"at {fmt_tokens(pr.tokens[-1])} tokens, mean of {seeds}")
+            fig = grid_figure(grid, head_dim, [str(h) for h in range(grid.shape[1])],
+                              f"{TENSOR_NAME.get(study.tensor, study.tensor)} head",
+                              f"{arm}: {label} per head (tap={study.tap})\n{when}",
+                              f"{label} (0 to head_dim = {head_dim})")
+            paths.append(save(fig, out_dir / arm_figure("heads", arm)))
     return paths
 
 
@@ -129,17 +127,16 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
         return (cs[hi] - cs[lo]) / (cn[hi] - cn[lo])
 
 
-def loss_curves(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
+def loss_curves(study: Study, out_dir: Path) -> Path | None:
     """loss_curves.png: lightly smoothed train loss vs tokens and val-loss points per trained arm (seed
-    means). None without a trained arm (pretrained references have no losses)."""
-    arms = {a: g for a, g in finished_by_arm(runs).items() if a not in ctx.references
-            and any(r.rows.get("train") or r.rows.get("eval") for r in g)}  # a probed checkpoint series has none
+    means). None without a trained arm with losses (a probed checkpoint series has none)."""
+    arms = {a: g for a, g in study.arms.items() if any(r.rows.get("train") or r.rows.get("eval") for r in g)}
     if not arms:
         return None
     fig, ax = new_axes()
     drawn = []
     for arm, group in arms.items():
-        c = ctx.colour(arm)
+        c = colour(study, arm)
         train, val = arm_series(group, "train", "loss"), arm_series(group, "eval", "val_loss")
         if train is not None:
             mean = train.values[:, :, 0].mean(axis=0)
@@ -160,40 +157,23 @@ def loss_curves(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
                   out_dir / "loss_curves.png")
 
 
-def _lens_trajectory(ctx: Context, series: dict[str, ArmSeries], ylabel: str, title: str, name: str,
-                     style) -> Path | None:
-    """Lines of a lens `series` vs tokens, `style(ax)` adding guides and axis limits; None without a
-    trained arm."""
-    fig, ax = new_axes()
-    tokens = trajectory_lines(ax, ctx, series)
-    if tokens is None:
-        return None
-    token_axis(ax, tokens)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    style(ax)
-    legend_right(ax)
-    return save(fig, name)
-
-
-def attention_entropy(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
+def attention_entropy(study: Study, out_dir: Path) -> Path | None:
     """attention_entropy.png: normalised attention entropy (mean over layers, heads and query rows) vs
     tokens; 1 = uniform over the visible keys, 0 = every query reads one key."""
     def style(ax):
         ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="uniform over visible keys")
         ax.set_ylim(0, 1.04)
 
-    return _lens_trajectory(ctx, lens_series(runs, "attn", "entropy_norm", "mean"),
-                            "attention entropy / log(visible keys), mean over layers",
-                            "Normalised attention entropy on the probe set (band = 95% CI over seeds)",
-                            out_dir / "attention_entropy.png", style)
+    return trajectory_figure(study, study.series("attn", "entropy_norm", "mean"),
+                             "attention entropy / log(visible keys), mean over layers",
+                             f"Normalised attention entropy on the probe set ({BAND})",
+                             out_dir / "attention_entropy.png", style)
 
 
-def max_logit(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
+def max_logit(study: Study, out_dir: Path) -> Path | None:
     """max_logit.png: the largest scaled pre-softmax logit q·k/√D (max over layers and heads) vs tokens,
     on a log axis when it spans more than LOG_RANGE× and stays positive."""
-    series = lens_series(runs, "attn", "max_logit", "max")
+    series = study.series("attn", "max_logit", "max")
 
     def style(ax):
         means = np.concatenate([s.trajectory()[0] for s in series.values()])
@@ -204,78 +184,66 @@ def max_logit(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
             # a band reaching below 0 (two seeds: t = 12.7) would stretch the axis down by decades
             ax.set_ylim(means.min() / 2, max(top, means.max() * 1.5))
 
-    return _lens_trajectory(ctx, series, "max logit q·k/√D (max over layers and heads)",
-                            "Largest pre-softmax attention logit on the probe set (band = 95% CI over seeds)",
-                            out_dir / "max_logit.png", style)
+    return trajectory_figure(study, series, "max logit q·k/√D (max over layers and heads)",
+                             f"Largest pre-softmax attention logit on the probe set ({BAND})",
+                             out_dir / "max_logit.png", style)
 
 
-def weight_spectra(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
+def weight_spectra(study: Study, out_dir: Path) -> Path | None:
     """weight_spectra.png: stable rank ‖W_k‖_F²/‖W_k‖₂² per layer at each arm's final checkpoint (band
     across seeds); references dash-dot, at relative depth when their layer count differs."""
-    series = lens_series(runs, "weights", "stable_rank", matrix="k")
+    series = study.series("weights", "stable_rank", matrix="k")
     if all(s.reference for s in series.values()):
         return None
     fig, ax = new_axes()
-    layer_lines(ax, ctx, series)
+    layer_lines(ax, study, series)
     ax.set_ylim(bottom=0)
-    return finish(fig, ax, "W_k stable rank",
-                  "Stable rank of W_k per layer at the final checkpoint (band = 95% CI over seeds)",
+    return finish(fig, ax, "W_k stable rank", f"Stable rank of W_k per layer at the final checkpoint ({BAND})",
                   out_dir / "weight_spectra.png")
 
 
-def axis_alignment(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
+def axis_alignment(study: Study, out_dir: Path) -> Path | None:
     """axis_alignment.png: the key alignment index (axis_ratio − null)/(1 − null) at the headline tap
     vs tokens (0 = a random rotation of the spectrum, 1 = axis-aligned); None without mechanism rows."""
-    trained = {a: g for a, g in finished_by_arm(runs).items() if a not in ctx.references}
-    series = {a: s for a, s in ((a, alignment_index(g, ctx.tap)) for a, g in trained.items()) if s is not None}
+    found = {a: alignment_index(g, study.tap) for a, g in study.arms.items()}
 
     def style(ax):
         ax.axhline(0.0, **NULL_STYLE, label="random-rotation null")
         ax.axhline(ALIGN_MARGIN, color="dimgray", linestyle="--", linewidth=1.0,
                    label=f"aligned above {ALIGN_MARGIN:g}")
 
-    return _lens_trajectory(ctx, series, "key alignment index, mean over layers",
-                            f"Axis alignment of the key covariance (tap={ctx.tap}; band = 95% CI over seeds)",
-                            out_dir / "axis_alignment.png", style) if series else None
+    return trajectory_figure(study, {a: s for a, s in found.items() if s is not None},
+                             "key alignment index, mean over layers",
+                             f"Axis alignment of the key covariance (tap={study.tap}; {BAND})",
+                             out_dir / "axis_alignment.png", style)
 
 
-def orthogonality_pr(ctx: Context, runs: list[Run], out_dir: Path) -> Path | None:
+def orthogonality_pr(study: Study, out_dir: Path) -> Path | None:
     """orthogonality_pr.png: per trained arm, final key PR against the mean orth_dev of W_q and W_k
     (seed means, 95% bars both ways); None when fewer than two arms have `orth_dev` weight rows."""
-    points, nulls = [], []
-    for arm, group in finished_by_arm(runs).items():
-        q, k = (arm_series(group, "weights", "orth_dev", matrix=m) for m in "qk")
-        if arm in ctx.references or q is None or k is None:
-            continue
-        null = arm_series(group, "weights", "orth_dev_null", matrix="k")
-        nulls += [] if null is None else [round(float(null.at(-1).mean), 3)]
-        dev = 0.5 * (q.per_seed()[:, -1] + k.per_seed()[:, -1])
-        x, xh = mean_ci(dev)
-        y, yh = arm_pr(group, ctx.tap, "k", "pr").trajectory()
-        points.append((arm, float(x), float(xh), float(y[-1]), float(yh[-1]), dev.size))
-    if len(points) < 2:
+    devs = {a: d for a, d in ((a, orth_devs(g)) for a, g in study.arms.items()) if d is not None}
+    if len(devs) < 2:
         return None
     fig, ax = new_axes()
-    for arm, x, xh, y, yh, n in points:
-        ax.errorbar(x, y, xerr=np.nan_to_num(xh), yerr=np.nan_to_num(yh), color=ctx.colour(arm), marker=marker(arm),
-                    markersize=7, markeredgecolor="black", markeredgewidth=0.6, capsize=3, linestyle="none",
-                    label=seeds_label(arm, n))
-    for value in sorted(set(nulls)):
+    for arm, (q, k, _) in devs.items():
+        dev = final_orth(q, k)
+        x, xh = mean_ci(dev)
+        y, yh = arm_pr(study.arms[arm], study.tap, "k", "pr").trajectory()
+        ax.errorbar(float(x), float(y[-1]), xerr=np.nan_to_num(float(xh)), yerr=np.nan_to_num(float(yh[-1])),
+                    color=colour(study, arm), marker=marker(arm), markersize=7, markeredgecolor="black",
+                    markeredgewidth=0.6, capsize=3, linestyle="none", label=seeds_label(arm, dev.size))
+    for value in sorted({round(float(null.at(-1).mean), 3) for _, _, null in devs.values() if null is not None}):
         ax.axvline(value, **NULL_STYLE, label=f"Gaussian null ({value:.3f})")
     ax.set_xlabel("orth_dev of W_q and W_k, mean over layers (0 = orthogonal up to scale)")
-    return finish(fig, ax, f"final key PR (tap={ctx.tap})",
+    return finish(fig, ax, f"final key PR (tap={study.tap})",
                   "Key PR against the orthogonality of W_q, W_k at the final checkpoint (bars = 95% CI over seeds)",
                   out_dir / "orthogonality_pr.png")
 
 
-def build_figures(runs: list[Run], out_dir: str | Path, tap: str | None = None, tensor: str = "k",
-                  metric: str | None = None) -> list[Path]:
-    """Every figure of the report for `metric` (default 'pr'); returns the written paths. Figures whose
-    rows are absent (attention, weights, or a trained arm for the trajectories) are not written."""
-    ctx, out = context(runs, tap, tensor, metric), Path(out_dir)
-    prs = aggregate(runs, ctx.tap, tensor, ctx.metric)
-    paths = [pr_trajectory(ctx, prs, out), layer_comparison(ctx, prs, out), *heatmaps(ctx, prs, out),
-             *head_heatmaps(ctx, prs, out), *(f(ctx, runs, out) for f in
-                                              (loss_curves, attention_entropy, max_logit, weight_spectra,
-                                               axis_alignment, orthogonality_pr))]
+def build_figures(study: Study, out_dir: str | Path) -> list[Path]:
+    """Every figure of the report; returns the written paths. Figures whose rows are absent (attention,
+    weights, or a trained arm for the trajectories) are not written."""
+    out = Path(out_dir)
+    paths = [*(f(study, out) for f in (pr_trajectory, layer_comparison, loss_curves, attention_entropy, max_logit,
+                                       weight_spectra, axis_alignment, orthogonality_pr)), *heatmaps(study, out)]
     return [p for p in paths if p is not None]

@@ -2,12 +2,9 @@
 
 1. early QK-Norm effect on the key metric, 2. which arm ends highest (and how many layers are dead),
 3. whether validation loss ranks the arms the same way (Spearman), 4. attention-logit growth and
-whether Muon keeps it below AdamW. Each question is one function from the arms' series (`series`) to
-its Markdown lines; a question whose arms or rows are absent says why instead of answering.
-
-A difference is called resolved only when the two arms' 95% t-intervals over seeds do not overlap
-(a conservative check, stricter than a two-sample test); with one seed there is no interval and only
-the point values are reported. Rules in docs/metrics.md, "Headline numbers".
+whether Muon keeps it below AdamW. Each question is one function from the study's series to its
+Markdown lines; a question whose arms or rows are absent says why instead of answering. Differences
+are judged by `stats.verdict`.
 """
 
 from __future__ import annotations
@@ -16,40 +13,14 @@ import math
 
 import numpy as np
 
-from rankprobe.report.fmt import pm, prose, table
+from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
-from rankprobe.report.series import ArmSeries, lens_series
-from rankprobe.report.stats import Estimate, estimate, spearman
+from rankprobe.report.series import ArmSeries, Study
+from rankprobe.report.stats import estimate, spearman, verdict
 
 EARLY_TOKENS = 1_000_000
 """the checkpoint question 1 looks for; runs with a smaller budget use EARLY_FRACTION of it instead"""
 EARLY_FRACTION = 0.1
-
-
-# ---------------------------------------------------------------------------------------------
-# seed estimates and the resolution rule
-
-
-def resolution(a: Estimate, b: Estimate) -> str:
-    """'single seed' when either side has no interval, 'resolved' when the 95% intervals do not
-    overlap, 'not resolved' otherwise."""
-    if a.n < 2 or b.n < 2 or not (math.isfinite(a.half) and math.isfinite(b.half)):
-        return "single seed"
-    return "resolved" if abs(a.mean - b.mean) > a.half + b.half else "not resolved"
-
-
-def _seeds(a: Estimate, b: Estimate) -> str:
-    return f"{a.n} seeds" if a.n == b.n else f"{a.n} and {b.n} seeds"
-
-
-def verdict(a: Estimate, b: Estimate, higher: str = "higher", lower: str = "lower") -> str:
-    """How `a` stands against `b`, in words that never claim more than the intervals support."""
-    status = resolution(a, b)
-    if status == "single seed":
-        return f"{higher if a.mean > b.mean else lower} on a single seed (no interval, point values only)"
-    if status == "not resolved":
-        return f"not resolved with {_seeds(a, b)} (the 95% intervals overlap)"
-    return f"{higher if a.mean > b.mean else lower}, resolved (the 95% intervals do not overlap; {_seeds(a, b)})"
 
 
 def early_checkpoint(tokens: list[int], budget: int) -> tuple[int | None, str]:
@@ -60,49 +31,49 @@ def early_checkpoint(tokens: list[int], budget: int) -> tuple[int | None, str]:
         if not positive:
             return None, "no checkpoint after init"
         return min(positive, key=lambda t: (abs(t - EARLY_TOKENS), t)), "the checkpoint nearest 1M tokens"
-    floor = EARLY_FRACTION * budget
-    later = [t for t in positive if t >= floor]
+    later = [t for t in positive if t >= EARLY_FRACTION * budget]
     rule = (f"the first checkpoint at or after {EARLY_FRACTION:.0%} of the {budget:,}-token budget (the runs "
             "are shorter than 1M tokens)")
     return (later[0] if later else None), rule
 
 
-def _budget(runs: list[Run], pr: ArmSeries) -> int:
+def early_common(prs: list[ArmSeries], runs: list[Run]) -> tuple[int | None, str]:
+    """`early_checkpoint` among the checkpoints common to `prs`, for the largest budget of `runs`
+    (`train.tokens`, or the last checkpoint logged where that is larger)."""
+    common = sorted(set.intersection(*(set(map(int, p.tokens)) for p in prs)))
     budgets = [int(r.config.get("train", {}).get("tokens") or 0) for r in runs]
-    return max(budgets + [int(pr.tokens[-1])])
+    return early_checkpoint(common, max(budgets + [int(p.tokens[-1]) for p in prs]))
 
 
-def _at(pr: ArmSeries, tokens: int) -> Estimate:
-    return pr.at(int(np.flatnonzero(pr.tokens == tokens)[0]))
+def optimizers(arms: dict[str, list[Run]]) -> list[str]:
+    """The arms' optimizers, in arm order, each once."""
+    return list(dict.fromkeys(g[0].optimizer for g in arms.values()))
 
 
-def early_effect(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], label: str) -> list[str]:
+def early_effect(study: Study, prs: dict[str, ArmSeries]) -> list[str]:
     """1. For every optimizer `o` with both arms `o` and `o+qknorm`: the key metric at the early checkpoint."""
     lines, skipped = ["### 1. Early effect of QK-Norm", ""], []
-    optimizers = list(dict.fromkeys(g[0].optimizer for g in arms.values()))
-    for opt in optimizers:
+    for opt in optimizers(study.arms):
         on, off = f"{opt}+qknorm", opt
         if on not in prs or off not in prs:
-            missing = " and ".join(f"`{a}`" for a in (off, on) if a not in prs)
+            missing = " and ".join(arm_cell(a) for a in (off, on) if a not in prs)
             skipped.append(f"`{opt}`: no finished {missing} arm to compare")
             continue
-        common = sorted(set(map(int, prs[on].tokens)) & set(map(int, prs[off].tokens)))
-        tokens, rule = early_checkpoint(common, max(_budget(arms[on], prs[on]), _budget(arms[off], prs[off])))
+        tokens, rule = early_common([prs[on], prs[off]], study.arms[on] + study.arms[off])
         if tokens is None:
             skipped.append(f"`{opt}`: {rule}; no checkpoint common to both arms qualifies")
             continue
-        a, b = _at(prs[on], tokens), _at(prs[off], tokens)
-        lines += [f"`{opt}` at {tokens:,} tokens, {rule}: mean {label} {pm(a)} with QK-Norm vs {pm(b)} without, "
-                  f"difference {a.mean - b.mean:+.2f}: {verdict(a, b, 'higher with QK-Norm', 'lower with QK-Norm')}.",
-                  ""]
-    skipped += [] if optimizers else ["no finished trained arm"]
+        a, b = prs[on].at_tokens(tokens), prs[off].at_tokens(tokens)
+        lines += [prose("findings", "early", opt=opt, tokens=tokens, rule=rule, label=study.label, on=pm(a), off=pm(b),
+                        diff=a.mean - b.mean, verdict=verdict(a, b, "higher with QK-Norm", "lower with QK-Norm")), ""]
+    skipped += [] if study.arms else ["no finished trained arm"]
     return lines + [f"Not answered for {s}." for s in skipped] + ([""] if skipped else [])
 
 
-def final_ranking(prs: dict[str, ArmSeries], dead_pr: float, label: str) -> tuple[list[str], list[str]]:
+def final_ranking(study: Study, prs: dict[str, ArmSeries]) -> tuple[list[str], list[str]]:
     """2. The arms by their final seed-mean key metric, highest first, with the per-seed count of dead
     layers (PR only); returns (lines, arms in that order)."""
-    lines = ["### 2. Final checkpoint", ""]
+    lines, label, dead_pr = ["### 2. Final checkpoint", ""], study.label, study.dead_pr
     dead = {a: estimate((pr.values[:, -1, :] < dead_pr).sum(axis=1)) for a, pr in prs.items() if pr.metric == "pr"}
     ranked = sorted(prs, key=lambda a: -prs[a].at(-1).mean)
     if not ranked:
@@ -112,40 +83,39 @@ def final_ranking(prs: dict[str, ArmSeries], dead_pr: float, label: str) -> tupl
         lines.append(f"Only one arm, `{ranked[0]}`: mean {label} {pm(best)}; there is no ranking to report.")
     else:
         second = prs[ranked[1]].at(-1)
-        lines.append(f"`{ranked[0]}` has the highest mean {label} ({pm(best)}); against the runner-up "
-                     f"`{ranked[1]}` ({pm(second)}) it is {verdict(best, second)}.")
+        lines.append(prose("findings", "ranking", best=ranked[0], label=label, best_value=pm(best), second=ranked[1],
+                           second_value=pm(second), verdict=verdict(best, second)))
     if not dead:
         lines.append("Dead layers are counted for PR only (`probe.dead_pr` is a PR value).")
-    rows = [[f"`{a}`", str(prs[a].n_seeds), f"{int(prs[a].tokens[-1]):,}", pm(prs[a].at(-1))]
+    rows = [[*arm_cells(prs[a]), pm(prs[a].at(-1))]
             + ([pm(dead[a], 1)] if dead else []) for a in ranked]
     header = ["arm", "seeds", "tokens", f"mean {label}"] + (
         [f"layers with PR < {dead_pr:g} (per-seed count)"] if dead else [])
     return lines + ["", *table(header, rows), ""], ranked
 
 
-def loss_agreement(prs: dict[str, ArmSeries], ranked: list[str], val_loss: dict[str, float]) -> list[str]:
+def loss_agreement(study: Study, prs: dict[str, ArmSeries], ranked: list[str]) -> list[str]:
     """3. Spearman's rho between the arms' final key metric and their negative final val loss."""
     lines = ["### 3. Does validation loss agree with the ranking?", ""]
+    val_loss = {a: estimate([r.final_val_loss() for r in g]).mean for a, g in study.arms.items()}
     by_metric = [a for a in ranked if math.isfinite(val_loss.get(a, math.nan))]
     by_loss = sorted(by_metric, key=lambda a: val_loss[a])
-    order = (f"By the key metric (highest first): {', '.join(f'`{x}`' for x in by_metric) or 'none'}; "
-             f"by final val loss (lowest first): {', '.join(f'`{x}`' for x in by_loss) or 'none'}.")
+    order = (f"By the key metric (highest first): {', '.join(map(arm_cell, by_metric)) or 'none'}; "
+             f"by final val loss (lowest first): {', '.join(map(arm_cell, by_loss)) or 'none'}.")
     if len(by_metric) < 3:
         why = f"{len(by_metric)} arm(s) with a final val loss; a rank correlation needs at least 3"
         return lines + [f"Cannot be assessed: {why}. {order}", ""]
     rho = spearman([prs[a].at(-1).mean for a in by_metric], [-val_loss[a] for a in by_metric])
     if not math.isfinite(rho):
         return lines + [f"Cannot be assessed: every arm ties on one of the two. {order}", ""]
-    return lines + [f"Spearman rank correlation between the arms' seed-mean key metric and their negative final "
-                    f"val loss: ρ = {rho:+.2f} over {len(by_metric)} arms (+1: the same order, −1: reversed; "
-                    f"seed means only, so no interval). {order}", ""]
+    return lines + [prose("findings", "loss_spearman", rho=rho, n=len(by_metric), order=order), ""]
 
 
-def logit_growth(runs: list[Run], trained: list[str]) -> list[str]:
+def logit_growth(study: Study) -> list[str]:
     """4. Max logit (max over layers and heads, per seed) at each trained arm's first checkpoint after
     init and its final one, and whether Muon ends below AdamW without QK-Norm."""
     lines = ["### 4. Attention-logit growth", ""]
-    series = {a: s for a, s in lens_series(runs, "attn", "max_logit", "max").items() if a in trained}
+    series = study.series("attn", "max_logit", "max", trained=True)
     first = {a: int(np.flatnonzero(s.tokens > 0)[0]) for a, s in series.items() if (s.tokens > 0).any()}
     if not first:
         why = ("the attention rows hold no checkpoint after init" if series else
@@ -156,23 +126,22 @@ def logit_growth(runs: list[Run], trained: list[str]) -> list[str]:
         s = series[arm]
         a, b = s.at(i), s.at(-1)
         growth = b.mean / a.mean if a.mean else math.nan
-        rows.append([f"`{arm}`", f"{int(s.tokens[i]):,}", pm(a), f"{int(s.tokens[-1]):,}", pm(b),
+        rows.append([arm_cell(arm), f"{int(s.tokens[i]):,}", pm(a), f"{int(s.tokens[-1]):,}", pm(b),
                      f"{growth:.2f}×" if math.isfinite(growth) else "n/a"])
     lines += [prose("findings", "logits"), "",
               *table(["arm", "first tokens", "max logit (first)", "final tokens", "max logit (final)", "growth"],
                      rows), ""]
     if "muon" not in first or "adamw" not in first:
-        missing = " and ".join(f"`{a}`" for a in ("adamw", "muon") if a not in first)
+        missing = " and ".join(arm_cell(a) for a in ("adamw", "muon") if a not in first)
         return lines + [f"Muon vs AdamW without QK-Norm: not answered, no {missing} arm with attention rows.", ""]
     m, a = series["muon"].at(-1), series["adamw"].at(-1)
     return lines + [f"Without QK-Norm, the final max logit of `muon` ({pm(m)}) against `adamw` ({pm(a)}) is "
                     f"{verdict(m, a)}.", ""]
 
 
-def findings_section(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], runs: list[Run], dead_pr: float,
-                     val_loss: dict[str, float], label: str) -> list[str]:
-    """The "## Findings" Markdown lines for the trained `arms` (their `prs` at the headline tap and metric)."""
-    prs = {a: prs[a] for a in arms}
-    ranking, ranked = final_ranking(prs, dead_pr, label)
-    return ["## Findings", "", prose("findings", "intro", label=label), "", *early_effect(arms, prs, label),
-            *ranking, *loss_agreement(prs, ranked, val_loss), *logit_growth(runs, list(arms))]
+def findings_section(study: Study) -> list[str]:
+    """The "## Findings" Markdown lines for the study's trained arms, at its headline tap and metric."""
+    prs = {a: study.prs[a] for a in study.arms}
+    ranking, ranked = final_ranking(study, prs)
+    return ["## Findings", "", prose("findings", "intro", label=study.label), "", *early_effect(study, prs),
+            *ranking, *loss_agreement(study, prs, ranked), *logit_growth(study)]

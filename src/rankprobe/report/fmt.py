@@ -8,6 +8,7 @@ import tomllib
 from functools import cache
 from importlib.resources import files
 
+from rankprobe.report.series import ArmSeries
 from rankprobe.report.stats import Estimate
 
 
@@ -15,6 +16,19 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table as lines."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def arm_cell(arm: str, reference: bool = False) -> str:
+    """An arm as a table cell or in prose: '`muon`', or '`hf:qwen3` (pretrained)' for a reference."""
+    return f"`{arm}`" + (" (pretrained)" if reference else "")
+
+
+def arm_cells(s: ArmSeries, seeds: str | None = None) -> list[str]:
+    """An arm's first cells in a table: the arm, its seeds (`seeds`, default the count) and the tokens of
+    its final checkpoint; a pretrained reference has no seeds and no training tokens."""
+    if s.reference:
+        return [arm_cell(s.arm, True), "—", "—"]
+    return [arm_cell(s.arm), seeds or str(s.n_seeds), f"{int(s.tokens[-1]):,}"]
 
 
 def pm(e: Estimate, digits: int = 2, sep: str = "") -> str:

@@ -2,7 +2,7 @@
 
 Written after the four questions of `findings` whenever the runs' key `probe` rows carry the mechanism
 lenses (docs/lenses.md, section 6); absent otherwise, so older reports rebuild unchanged. Each
-question is one function from the arms' series (`series.arm_series`, `series.arm_pr`) to Markdown:
+question is one function from the study's series to Markdown:
 
 5. do the coordinate-wise optimizers (OPTIMIZER_CLASS) collapse key PR and the rotation-equivariant not;
 6. does axis alignment rise before, with or after the collapse, per checkpoint;
@@ -11,9 +11,8 @@ question is one function from the arms' series (`series.arm_series`, `series.arm
 9. how the early key PR depends on the warmup, for arms that differ only in `optim.warmup_frac`;
 10. what the data leave unexplained.
 
-Differences are "resolved" under the rule of `findings` (95% t-intervals over seeds do not overlap);
-a question the arms present cannot answer says so and why. Key PR here is always the keys' PR at the
-headline tap, whatever metric the headline uses.
+Differences are judged by `stats.verdict`; a question the arms present cannot answer says so and
+why. Key PR here is always the keys' PR at the headline tap, whatever metric the headline uses.
 """
 
 from __future__ import annotations
@@ -24,11 +23,11 @@ from dataclasses import replace
 import numpy as np
 
 from rankprobe.config import flatten
-from rankprobe.report.findings import _at, early_checkpoint, resolution, verdict
-from rankprobe.report.fmt import pm, prose, table
+from rankprobe.report.findings import early_common, optimizers
+from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
-from rankprobe.report.series import ArmSeries, arm_pr, arm_series
-from rankprobe.report.stats import Estimate, spearman
+from rankprobe.report.series import ArmSeries, Study, arm_pr, arm_series
+from rankprobe.report.stats import Estimate, resolution, spearman, verdict
 
 COORDINATE, ROTATION, UNCLASSIFIED = "coordinate-wise", "rotation-equivariant", "unclassified"
 OPTIMIZER_CLASS = {
@@ -50,27 +49,14 @@ def optimizer_class(optimizer: str) -> str:
     return OPTIMIZER_CLASS.get(optimizer, UNCLASSIFIED)
 
 
-def has_mechanism(arms: dict[str, list[Run]], tap: str) -> bool:
-    """Whether any finished run's key probe rows at `tap` carry the mechanism lenses."""
-    return any("axis_ratio" in r for g in arms.values() for run in g for r in run.rows.get("probe", [])
-               if r.get("tap") == tap and r.get("tensor") == "k")
-
-
 def _when(tokens: int | None) -> str:
     return "never" if tokens is None else f"first at {tokens:,} tokens"
 
 
-def _arm(a: str) -> str:
-    return f"`{a}`"
-
-
-def _collapse_index(pr: ArmSeries) -> int | None:
-    """First checkpoint whose seed-mean key PR is below COLLAPSE_FRACTION of the one at init."""
-    mean = pr.trajectory()[0]
-    if pr.tokens[0] != 0:
-        return None
-    below = np.flatnonzero(mean < COLLAPSE_FRACTION * mean[0])
-    return int(below[0]) if below.size else None
+def _first(s: ArmSeries, mask: np.ndarray) -> int | None:
+    """Tokens of the first checkpoint of `s` where `mask` (over its checkpoints) holds; None if none."""
+    hits = np.flatnonzero(mask)
+    return int(s.tokens[hits[0]]) if hits.size else None
 
 
 def alignment_index(runs: list[Run], tap: str) -> ArmSeries | None:
@@ -84,9 +70,15 @@ def alignment_index(runs: list[Run], tap: str) -> ArmSeries | None:
         return replace(ratio, values=(ratio.values - null.values) / (1.0 - null.values))
 
 
-def _first_above(s: ArmSeries, margin: float) -> int | None:
-    above = np.flatnonzero(s.trajectory()[0] > margin)
-    return int(above[0]) if above.size else None
+def orth_devs(runs: list[Run]) -> tuple[ArmSeries, ArmSeries, ArmSeries | None] | None:
+    """The orth_dev series of W_q and W_k and W_k's Gaussian null; None without `orth_dev` weight rows."""
+    q, k = (arm_series(runs, "weights", "orth_dev", matrix=m) for m in "qk")
+    return None if q is None or k is None else (q, k, arm_series(runs, "weights", "orth_dev_null", matrix="k"))
+
+
+def final_orth(q: ArmSeries, k: ArmSeries) -> np.ndarray:
+    """(S,) per seed: the mean of W_q's and W_k's orth_dev (each a mean over layers) at the final checkpoint."""
+    return 0.5 * (q.per_seed()[:, -1] + k.per_seed()[:, -1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +90,7 @@ def class_split(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tuple[
     against the lowest rotation-equivariant one. Returns (lines, arm -> class)."""
     cls = {a: optimizer_class(g[0].optimizer) for a, g in arms.items()}
     order = sorted(arms, key=lambda a: ([COORDINATE, ROTATION, UNCLASSIFIED].index(cls[a]), -prs[a].at(-1).mean))
-    rows = [[_arm(a), cls[a], str(prs[a].n_seeds), f"{int(prs[a].tokens[-1]):,}",
+    rows = [[arm_cell(a), cls[a], str(prs[a].n_seeds), f"{int(prs[a].tokens[-1]):,}",
              pm(prs[a].at(0)) if prs[a].tokens[0] == 0 else "n/a", pm(prs[a].at(-1))] for a in order]
     lines = ["### 5. Coordinate-wise against rotation-equivariant optimizers", "", prose("mechanism", "classes"), "",
              *table(["arm", "class", "seeds", "tokens", "key PR at init", "final key PR"], rows), ""]
@@ -117,13 +109,11 @@ def class_split(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tuple[
         lo = min(rot, key=lambda a: prs[a].at(-1).mean)
         a, b = prs[hi].at(-1), prs[lo].at(-1)
         if resolution(a, b) == "resolved":
-            reading = ("the predicted split holds: every coordinate-wise arm's seed mean ends below every "
-                       "rotation-equivariant arm's" if a.mean < b.mean else "the prediction is contradicted")
+            reading = "split_holds" if a.mean < b.mean else "split_contradicted"
         else:
-            reading = (f"the point values go {'with' if a.mean < b.mean else 'against'} the prediction, which "
-                       "these seeds cannot settle")
-        lines += [f"{setting}: the highest coordinate-wise arm {_arm(hi)} ({pm(a)}) against the lowest "
-                  f"rotation-equivariant arm {_arm(lo)} ({pm(b)}) is {verdict(a, b)}; {reading}.", ""]
+            reading = "split_with" if a.mean < b.mean else "split_against"
+        lines += [prose("mechanism", "split", setting=setting, hi=hi, lo=lo, a=pm(a), b=pm(b), verdict=verdict(a, b),
+                        reading=prose("mechanism", reading)), ""]
     return lines, cls
 
 
@@ -136,16 +126,16 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
     for arm, group in arms.items():
         idx = alignment_index(group, tap)
         if idx is None:
-            summary.append(f"{_arm(arm)}: not answered, its key rows have no `axis_ratio`.")
+            summary.append(f"{arm_cell(arm)}: not answered, its key rows have no `axis_ratio`.")
             continue
         pr, ratio = prs[arm], arm_series(group, "probe", "axis_ratio", tap=tap, tensor="k")
         for c, t in enumerate(idx.tokens):
             if t not in pr.tokens:  # a checkpoint whose key rows lack PR
                 continue
-            rows.append([_arm(arm), f"{int(t):,}", pm(_at(pr, int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)])
-        ai, ci = _first_above(idx, ALIGN_MARGIN), _collapse_index(pr)
-        collapse_at = None if ci is None else int(pr.tokens[ci])
-        align_at = None if ai is None else int(idx.tokens[ai])
+            rows.append([arm_cell(arm), f"{int(t):,}", pm(pr.at_tokens(int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)])
+        align_at, mean = _first(idx, idx.trajectory()[0] > ALIGN_MARGIN), pr.trajectory()[0]
+        # collapsed: the seed-mean key PR below COLLAPSE_FRACTION of its value at init
+        collapse_at = _first(pr, mean < COLLAPSE_FRACTION * mean[0]) if pr.tokens[0] == 0 else None
         if collapse_at is None:
             word = "no collapse" + ("" if align_at is None else ", aligned anyway")
         elif align_at is None:
@@ -153,7 +143,7 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
         else:
             word = "before" if align_at < collapse_at else "with" if align_at == collapse_at else "after"
         timing[arm] = word
-        summary.append(f"{_arm(arm)}: aligned {_when(align_at)}, collapsed {_when(collapse_at)}: **{word}**.")
+        summary.append(f"{arm_cell(arm)}: aligned {_when(align_at)}, collapsed {_when(collapse_at)}: **{word}**.")
     lines += [f"- {s}" for s in summary] + [""]
     if rows:
         lines += [*table(["arm", "tokens", "key PR", "axis_ratio", "alignment index"], rows), ""]
@@ -165,37 +155,34 @@ def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str
     uncentred key PR, and whether the arm with the higher sphere_r has the lower PR. Returns (lines, the
     pairs where QK-Norm raised sphere_r, resolved, without lowering PR, resolved)."""
     lines, odd, rows, verdicts = ["### 7. Does QK-Norm put keys in a cap of the sphere?", ""], [], [], []
-    got = {a: {k: arm_series(g, "probe", k, tap=tap, tensor="k") for k in ("sphere_r", "sphere_r_null",
-                                                                           "pr_uncentered")} for a, g in arms.items()}
-    pairs = [(o, o + "+qknorm") for o in dict.fromkeys(g[0].optimizer for g in arms.values())
-             if o in arms and o + "+qknorm" in arms]
+    pairs = [(o, o + "+qknorm") for o in optimizers(arms) if o in arms and o + "+qknorm" in arms]
+    if not pairs:
+        return lines + ["Not answered: no optimizer has both an arm without and one with QK-Norm.", ""], odd
+    final = {}  # arm -> the final Estimate of each key (NaN where its rows lack it), for arms with sphere_r
     for arm in (a for p in pairs for a in p):
-        s = got[arm]
-        if s["sphere_r"] is None:
-            continue
-        null = s["sphere_r_null"].at(-1).mean if s["sphere_r_null"] is not None else math.nan
-        unc = s["pr_uncentered"].at(-1) if s["pr_uncentered"] is not None else Estimate(math.nan, math.nan, 0)
-        rows.append([_arm(arm), pm(s["sphere_r"].at(-1), 3), f"{null:.4f}", pm(prs[arm].at(-1)), pm(unc)])
+        got = {k: arm_series(arms[arm], "probe", k, tap=tap, tensor="k") for k in ("sphere_r", "sphere_r_null",
+                                                                                   "pr_uncentered")}
+        if got["sphere_r"] is not None:
+            final[arm] = {k: Estimate(math.nan, math.nan, 0) if s is None else s.at(-1) for k, s in got.items()}
+    for arm, f in final.items():
+        rows.append([arm_cell(arm), pm(f["sphere_r"], 3), f"{f['sphere_r_null'].mean:.4f}", pm(prs[arm].at(-1)),
+                     pm(f["pr_uncentered"])])
+    n_track = 0
     for off, on in pairs:
-        if got[off]["sphere_r"] is None or got[on]["sphere_r"] is None:
+        if off not in final or on not in final:
             verdicts.append(f"`{off}`: not answered, a side has no `sphere_r`.")
             continue
-        ra, rb, pa, pb = got[on]["sphere_r"].at(-1), got[off]["sphere_r"].at(-1), prs[on].at(-1), prs[off].at(-1)
+        ra, rb, pa, pb = final[on]["sphere_r"], final[off]["sphere_r"], prs[on].at(-1), prs[off].at(-1)
         verdicts.append(f"`{off}`: sphere_r with QK-Norm {pm(ra, 3)} vs {pm(rb, 3)} without is "
                         f"{verdict(ra, rb)}; key PR {pm(pa)} vs {pm(pb)} is {verdict(pa, pb)}.")
+        n_track += (ra.mean - rb.mean) * (pa.mean - pb.mean) < 0
         if resolution(ra, rb) == "resolved" and ra.mean > rb.mean and not (
                 resolution(pa, pb) == "resolved" and pa.mean < pb.mean):
             odd.append(f"QK-Norm raises `{off}`'s sphere_r (resolved) without a resolved drop in its key PR")
-    if not pairs:
-        return lines + ["Not answered: no optimizer has both an arm without and one with QK-Norm.", ""], odd
     lines += [prose("mechanism", "sphere"), "", *table(["arm", "final sphere_r", "null 1/√n", "key PR (centred)",
                                                         "key PR (uncentred)"], rows), ""]
     lines += [f"- {v}" for v in verdicts] + [""]
-    n_track = sum(1 for off, on in pairs if got[off]["sphere_r"] is not None and got[on]["sphere_r"] is not None
-                  and (got[on]["sphere_r"].at(-1).mean - got[off]["sphere_r"].at(-1).mean)
-                  * (prs[on].at(-1).mean - prs[off].at(-1).mean) < 0)
-    lines += [f"In {n_track} of {len(pairs)} pair(s) the arm with the higher sphere_r has the lower key PR "
-              "(seed means; \"tracks\" would be all of them).", ""]
+    lines += [prose("mechanism", "sphere_track", n=n_track, pairs=len(pairs)), ""]
     return lines, odd
 
 
@@ -204,14 +191,12 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
     QK-Norm setting (W_k), and Spearman's ρ over arms between the q/k mean orth_dev and key PR. Returns
     (lines, arms more orthogonal than Muon, resolved)."""
     lines, odd = ["### 8. Are W_q and W_k closer to orthogonal under Muon?", ""], []
-    dev = {a: {m: arm_series(g, "weights", "orth_dev", matrix=m) for m in "qk"} for a, g in arms.items()}
-    dev = {a: d for a, d in dev.items() if d["q"] is not None and d["k"] is not None}
+    dev = {a: d for a, d in ((a, orth_devs(g)) for a, g in arms.items()) if d is not None}
     if not dev:
         return lines + ["Not answered: the `weights` rows carry no `orth_dev` (written before the lens, or "
                         "`probe.weights` off).", ""], odd
-    null = {a: arm_series(arms[a], "weights", "orth_dev_null", matrix="k") for a in dev}
-    rows = [[_arm(a), str(d["k"].n_seeds), f"{int(d['k'].tokens[-1]):,}", pm(d["q"].at(-1), 3), pm(d["k"].at(-1), 3),
-             pm(null[a].at(-1), 3) if null[a] is not None else "n/a", pm(prs[a].at(-1))] for a, d in dev.items()]
+    rows = [[*arm_cells(k), pm(q.at(-1), 3), pm(k.at(-1), 3),
+             pm(null.at(-1), 3) if null is not None else "n/a", pm(prs[a].at(-1))] for a, (q, k, null) in dev.items()]
     lines += [prose("mechanism", "orthogonality"), "",
               *table(["arm", "seeds", "tokens", "W_q orth_dev", "W_k orth_dev", "Gaussian null", "final key PR"],
                      rows), ""]
@@ -221,19 +206,18 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
     for m in muons:
         others = [a for a in dev if a != m and arms[a][0].qk_norm == arms[m][0].qk_norm]
         for a in others:
-            x, y = dev[m]["k"].at(-1), dev[a]["k"].at(-1)
-            lines.append(f"- W_k orth_dev of {_arm(m)} ({pm(x, 3)}) against {_arm(a)} ({pm(y, 3)}): "
+            x, y = dev[m][1].at(-1), dev[a][1].at(-1)
+            lines.append(f"- W_k orth_dev of {arm_cell(m)} ({pm(x, 3)}) against {arm_cell(a)} ({pm(y, 3)}): "
                          f"{verdict(x, y, 'farther from orthogonal', 'closer to orthogonal')}.")
             if resolution(x, y) == "resolved" and x.mean > y.mean:
-                odd.append(f"{_arm(a)} ends with W_k closer to orthogonal than {_arm(m)} (resolved)")
-        lines += [] if others else [f"- {_arm(m)}: no other arm of its QK-Norm setting has weight rows."]
+                odd.append(f"{arm_cell(a)} ends with W_k closer to orthogonal than {arm_cell(m)} (resolved)")
+        lines += [] if others else [f"- {arm_cell(m)}: no other arm of its QK-Norm setting has weight rows."]
     lines += [""] if muons else []
-    both = {a: 0.5 * (d["q"].per_seed()[:, -1] + d["k"].per_seed()[:, -1]).mean() for a, d in dev.items()}
-    if len(both) < 3:
-        return lines + [f"Whether orthogonality predicts key PR: cannot be assessed, {len(both)} arm(s) with "
+    if len(dev) < 3:
+        return lines + [f"Whether orthogonality predicts key PR: cannot be assessed, {len(dev)} arm(s) with "
                         "weight rows; a rank correlation needs at least 3.", ""], odd
-    rho = spearman([both[a] for a in both], [prs[a].at(-1).mean for a in both])
-    said = "every arm ties on one side" if not math.isfinite(rho) else f"ρ = {rho:+.2f} over {len(both)} arms"
+    rho = spearman([final_orth(q, k).mean() for q, k, _ in dev.values()], [prs[a].at(-1).mean for a in dev])
+    said = "every arm ties on one side" if not math.isfinite(rho) else f"ρ = {rho:+.2f} over {len(dev)} arms"
     return lines + [prose("mechanism", "orth_spearman", rho=said), ""], odd
 
 
@@ -266,16 +250,14 @@ def warmup_effect(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> list
     if not groups:
         return lines + [prose("mechanism", "no_warmup"), ""]
     for g in groups:
-        common = sorted(set.intersection(*(set(map(int, prs[a].tokens)) for a in g)))
-        budget = max(int(r.config.get("train", {}).get("tokens") or 0) for a in g for r in arms[a])
-        tokens, rule = early_checkpoint(common, max(budget, common[-1] if common else 0))
+        tokens, rule = early_common([prs[a] for a in g], [r for a in g for r in arms[a]])
         if tokens is None:
-            lines += [f"{', '.join(map(_arm, g))}: not answered, {rule}.", ""]
+            lines += [f"{', '.join(map(arm_cell, g))}: not answered, {rule}.", ""]
             continue
-        parts = [f"{_arm(a)} (warmup_frac {_warmup(arms[a]):g}) {pm(_at(prs[a], tokens))}" for a in g]
-        short, long_ = _at(prs[g[0]], tokens), _at(prs[g[-1]], tokens)
-        lines += [f"At {tokens:,} tokens, {rule}: {'; '.join(parts)}. The shortest warmup against the longest is "
-                  f"{verdict(short, long_)}.", ""]
+        parts = [f"{arm_cell(a)} (warmup_frac {_warmup(arms[a]):g}) {pm(prs[a].at_tokens(tokens))}" for a in g]
+        short, long_ = prs[g[0]].at_tokens(tokens), prs[g[-1]].at_tokens(tokens)
+        lines += [prose("mechanism", "warmup", tokens=tokens, rule=rule, parts="; ".join(parts),
+                        verdict=verdict(short, long_)), ""]
     return lines
 
 
@@ -286,18 +268,12 @@ def unexplained(prs: dict[str, ArmSeries], cls: dict[str, str], timing: dict[str
     for arm, pr in prs.items():
         collapsed = pr.tokens[0] == 0 and pr.at(-1).mean < COLLAPSE_FRACTION * pr.at(0).mean
         if cls[arm] == UNCLASSIFIED:
-            items.append(f"{_arm(arm)} is unclassified (its optimizer is in no class), so no prediction is made")
-        elif cls[arm] == COORDINATE and not collapsed:
-            items.append(f"{_arm(arm)} is coordinate-wise but ends with key PR above {COLLAPSE_FRACTION:g} of its "
-                         f"init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
-        elif cls[arm] == ROTATION and collapsed:
-            items.append(f"{_arm(arm)} is rotation-equivariant but ends with key PR below {COLLAPSE_FRACTION:g} of its "
-                         f"init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
-        if timing.get(arm) in ("after", "collapse without alignment"):
-            items.append(f"{_arm(arm)} collapsed " + ("before its keys aligned with coordinate axes"
-                                                      if timing[arm] == "after" else "without aligning"))
-        elif timing.get(arm) == "no collapse, aligned anyway":
-            items.append(f"{_arm(arm)} aligned with coordinate axes without collapsing")
+            items.append(f"{arm_cell(arm)} is unclassified (its optimizer is in no class), so no prediction is made")
+        elif collapsed == (cls[arm] == ROTATION):  # the class predicted the other outcome
+            items.append(f"{arm_cell(arm)} is {cls[arm]} but ends with key PR {'below' if collapsed else 'above'} "
+                         f"{COLLAPSE_FRACTION:g} of its init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
+        if timing.get(arm) in prose("unexplained"):
+            items.append(f"{arm_cell(arm)} {prose('unexplained', timing[arm])}")
     items += odd
     lines = ["### 10. What still goes unexplained", ""]
     if not items:
@@ -305,9 +281,12 @@ def unexplained(prs: dict[str, ArmSeries], cls: dict[str, str], timing: dict[str
     return lines + [f"- {i}." for i in items] + ["", prose("mechanism", "unexplained_note"), ""]
 
 
-def mechanism_section(arms: dict[str, list[Run]], tap: str) -> list[str]:
-    """Questions 5–10 for the trained `arms` at `tap` (key PR); [] when no key row has the mechanism lenses."""
-    if not arms or not has_mechanism(arms, tap):
+def mechanism_section(study: Study) -> list[str]:
+    """Questions 5–10 for the study's trained arms at its tap (key PR); [] when no key row has the
+    mechanism lenses."""
+    arms, tap = study.arms, study.tap
+    if not any("axis_ratio" in r for g in arms.values() for run in g for r in run.rows.get("probe", [])
+               if r.get("tap") == tap and r.get("tensor") == "k"):
         return []
     prs = {a: arm_pr(g, tap, "k", "pr") for a, g in arms.items()}
     split, cls = class_split(arms, prs)

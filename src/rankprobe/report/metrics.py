@@ -1,10 +1,9 @@
 """Reading `metrics.jsonl` files (schema in docs/metrics.md) into runs, and grouping runs into arms.
 
-Everything here is plain Python and numpy: a report is rebuilt on a laptop from files alone, so
-nothing imports torch or training code. A run is one `metrics.jsonl`; an arm is the set of finished
-runs sharing an `arm` label (one per seed); `series` stacks an arm's seeds for every table and figure.
-A pretrained checkpoint probed once as loaded (`Run.reference`) is an arm of its own, ordered last,
-that the report draws as a reference and never pools with trained arms.
+Plain Python and numpy, so a report is rebuilt on a laptop from files alone. A run is one
+`metrics.jsonl`; an arm is the finished runs sharing an `arm` label (one per seed). A pretrained
+checkpoint probed once as loaded (`Run.reference`) is an arm of its own, ordered last, that the report
+draws as a reference and never pools with trained arms.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,10 @@ from rankprobe.config import UserError
 from rankprobe.runfolder import METRICS_NAMES, MetricsError, read_rows, status_of  # noqa: F401 (MetricsError: re-exported)
 
 CANONICAL_ARMS = ("adamw", "adamw+qknorm", "muon", "muon+qknorm")
-METRICS = ("pr", "erank", "stable_rank", "rankme")
-"""the spectral metrics of a `probe` row the report can be drawn from (docs/lenses.md, section 1)"""
 METRIC_NAME = {"pr": "PR", "erank": "erank", "stable_rank": "stable rank", "rankme": "RankMe"}
+METRICS = tuple(METRIC_NAME)
+"""the spectral metrics of a `probe` row the report can be drawn from (docs/lenses.md, section 1)"""
+read_metrics = read_rows  # reading rows (one torn-line rule) belongs to the run folder's owner
 
 
 def check_metric(metric: str | None) -> str:
@@ -34,62 +34,40 @@ def check_metric(metric: str | None) -> str:
     return metric
 
 
-# Reading rows (one torn-line rule) and a run's status belong to the run folder's owner.
-read_metrics = read_rows
+def _num(value) -> float:
+    return math.nan if value is None else float(value)
 
 
 @dataclass
 class Run:
-    """One training run, as recorded in its metrics.jsonl."""
+    """One run, as recorded in its metrics.jsonl: `info` is its `run` row, `rows` its rows by `kind`
+    (unknown kinds are kept and ignored)."""
 
-    name: str
-    arm: str
-    optimizer: str
-    qk_norm: bool
-    seed: int
-    config: dict
-    env: dict
-    rows: dict[str, list[dict]]
-    """rows by `kind` (`train`, `eval`, `probe`, `end`, and any unknown kinds, which are ignored)"""
-    finished: bool
-    """an `end` row with status "finished": only these enter numbers and figures (a diverged run does not)"""
     path: Path
-    info: dict = field(default_factory=dict)
-    """the whole `run` row (n_params, param_groups, probe_checkpoints, ...)"""
+    info: dict
+    rows: dict[str, list[dict]]
 
-    @property
-    def status(self) -> str:
-        """runfolder.status_of the run: 'finished', 'diverged' (the training loss went NaN/inf) or 'cut off'."""
-        return _status(self.rows)
-
-    @property
-    def ended_at(self) -> int:
-        """Tokens of the `end` row: where a diverged run stopped (0 without one)."""
-        ends = self.rows.get("end")
-        return int(ends[-1].get("tokens") or 0) if ends else 0
-
-    @property
-    def head_dim(self) -> int:
-        return int(self.info.get("head_dim") or self.config.get("model", {}).get("head_dim", 0))
-
-    @property
-    def n_layer(self) -> int:
-        return int(self.info.get("n_layer") or self.config.get("model", {}).get("n_layer", 0))
-
-    @property
-    def dead_pr(self) -> float:
-        return float(self.config.get("probe", {}).get("dead_pr", 10.0))
-
-    @property
-    def reference(self) -> bool:
-        """A checkpoint probed once as loaded (rankprobe.probes.hf: a Hugging Face model or a finished
-        RankProbe run), optimizer "pretrained"; its one checkpoint at tokens 0 is not an init. A run row
-        with a `source` counts too (files written before re-probed RankProbe runs said "pretrained")."""
-        return self.optimizer == "pretrained" or "source" in self.info
-
-    @property
-    def tap(self) -> str:
-        return str(self.config.get("probe", {}).get("tap", "norm"))
+    def __post_init__(self):
+        get = self.info.get
+        self.config, self.env = get("config") or {}, get("env") or {}
+        model, probe = self.config.get("model", {}), self.config.get("probe", {})
+        self.name = str(get("run") or self.path.parent.name)
+        self.optimizer = str(get("optimizer", self.config.get("optim", {}).get("name", "?")))
+        self.qk_norm = bool(get("qk_norm", model.get("qk_norm", False)))
+        self.arm = str(get("arm") or self.optimizer + ("+qknorm" if self.qk_norm else ""))
+        self.seed = int(get("seed", 0))
+        self.head_dim = int(get("head_dim") or model.get("head_dim", 0))
+        self.n_layer = int(get("n_layer") or model.get("n_layer", 0))
+        self.dead_pr = float(probe.get("dead_pr", 10.0))
+        self.tap = str(probe.get("tap", "norm"))
+        # 'finished', 'diverged' (the loss or weights went NaN/inf) or 'cut off' (no `end` row); only
+        # finished runs enter numbers and figures. ended_at: where the `end` row says the run stopped.
+        self.status = status_of(self.rows.get("end", [])[-1:] or self.rows.get("run", []))
+        self.finished = self.status == "finished"
+        self.ended_at = int(self.rows["end"][-1].get("tokens") or 0) if self.rows.get("end") else 0
+        # A checkpoint probed once as loaded (rankprobe.probes.hf), whose one checkpoint at tokens 0 is not
+        # an init; a run row with a `source` counts too (re-probed RankProbe runs once said "pretrained").
+        self.reference = self.optimizer == "pretrained" or "source" in self.info
 
     def final_val_loss(self) -> float:
         """val_loss of the last `eval` row (NaN if there is none or it was null)."""
@@ -97,33 +75,14 @@ class Run:
         return _num(evals[-1].get("val_loss")) if evals else math.nan
 
 
-def _status(rows: dict[str, list[dict]]) -> str:
-    ends = rows.get("end")
-    return status_of(ends[-1:] if ends else rows.get("run", []))
-
-
-def _num(value) -> float:
-    return math.nan if value is None else float(value)
-
-
 def _load_run(path: Path) -> Run | None:
-    rows = read_metrics(path)
     by_kind: dict[str, list[dict]] = {}
-    for row in rows:
+    for row in read_metrics(path):
         by_kind.setdefault(str(row.get("kind")), []).append(row)
-    head = by_kind.get("run")
-    if not head:
+    if not by_kind.get("run"):
         warnings.warn(f"{path}: no `run` row; skipped", stacklevel=3)
         return None
-    info = head[0]
-    optimizer = str(info.get("optimizer", info.get("config", {}).get("optim", {}).get("name", "?")))
-    qk_norm = bool(info.get("qk_norm", info.get("config", {}).get("model", {}).get("qk_norm", False)))
-    arm = str(info.get("arm") or optimizer + ("+qknorm" if qk_norm else ""))
-    return Run(
-        name=str(info.get("run") or path.parent.name), arm=arm, optimizer=optimizer, qk_norm=qk_norm,
-        seed=int(info.get("seed", 0)), config=info.get("config") or {}, env=info.get("env") or {},
-        rows=by_kind, finished=_status(by_kind) == "finished", path=path, info=info,
-    )
+    return Run(path, by_kind["run"][0], by_kind)
 
 
 def find_runs(root: str | Path) -> list[Run]:
@@ -143,10 +102,6 @@ def find_runs(root: str | Path) -> list[Run]:
     if not runs:
         raise UserError(f"no readable runs under {root} (metrics files lack a `run` row)")
     return sorted(runs, key=lambda r: (r.reference, arm_key(r.arm), r.seed, r.name))
-
-
-# ---------------------------------------------------------------------------------------------
-# per-run series
 
 
 def layer_rows(run: Run, kind: str = "probe", **match) -> dict[int, list[dict]]:
@@ -178,11 +133,6 @@ def null_value(row: dict, metric: str) -> float:
     return _num(value)
 
 
-def probe_taps(runs: list[Run], tensor: str = "k") -> list[str]:
-    """The taps that have probe rows for `tensor` in any of `runs`."""
-    return sorted({r.get("tap") for run in runs for r in run.rows.get("probe", []) if r.get("tensor") == tensor})
-
-
 def default_tap(runs: list[Run]) -> str:
     """The headline tap from the runs' config (`probe.tap`); the most common one if they differ.
     Trained runs decide; pretrained references only when there is nothing else."""
@@ -190,10 +140,6 @@ def default_tap(runs: list[Run]) -> str:
     if len(counts) > 1:
         warnings.warn(f"runs disagree on probe.tap ({dict(counts)}); using the most common", stacklevel=2)
     return counts.most_common(1)[0][0] if counts else "norm"
-
-
-# ---------------------------------------------------------------------------------------------
-# arms
 
 
 def arm_key(arm: str) -> tuple[int, str]:
@@ -215,10 +161,3 @@ def finished_by_arm(runs: list[Run]) -> dict[str, list[Run]]:
                                f"{run.path.parent}); move one away or re-probe it with --arm NAME")
         group.append(run)
     return arms
-
-
-def split_arms(runs: list[Run]) -> tuple[dict[str, list[Run]], dict[str, list[Run]]]:
-    """(trained arms, pretrained reference arms), each as `finished_by_arm` gives them."""
-    arms = finished_by_arm(runs)
-    trained = {a: g for a, g in arms.items() if not g[0].reference}
-    return trained, {a: g for a, g in arms.items() if g[0].reference}

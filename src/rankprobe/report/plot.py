@@ -9,7 +9,6 @@ dash-dot lines in colours of their own, never a point at "init". Token axes are 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from rankprobe.report.fmt import fmt_tokens
-from rankprobe.report.metrics import METRIC_NAME, Run, arm_key, check_metric, default_tap, finished_by_arm
-from rankprobe.report.series import ArmSeries
+from rankprobe.report.metrics import arm_key
+from rankprobe.report.series import ArmSeries, Study
 from rankprobe.runfolder import atomic_file
 
 ARM_COLOURS = {"adamw": "#1f77b4", "adamw+qknorm": "#17becf", "muon": "#d62728", "muon+qknorm": "#ff7f0e"}
 _EXTRA_COLOURS = ["#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f"]
 _REFERENCE_COLOURS = ["#000000", "#7f7f7f", "#8c564b", "#bcbd22"]
-TENSOR_NAME = {"k": "key", "q": "query", "v": "value"}
 DPI = 120
 NULL_STYLE = {"color": "black", "linestyle": (0, (10, 3)), "linewidth": 0.9}  # long dashes
 REFERENCE_STYLE = {"linestyle": "-.", "linewidth": 1.6}
@@ -46,56 +44,15 @@ def marker(arm: str) -> str:
     return "s" if "qknorm" in arm else "^" if "qkclip" in arm else "o"
 
 
-def _safe(arm: str) -> str:
-    return re.sub(r"[^A-Za-z0-9+_-]", "_", arm)
+def arm_figure(prefix: str, arm: str) -> str:
+    """An arm's own figure, 'heatmap_<arm>.png' or 'heads_<arm>.png'; characters other than letters,
+    digits, '+', '-', '_' in the arm become '_'."""
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9+_-]', '_', arm)}.png"
 
 
-def heatmap_name(arm: str) -> str:
-    """File name of an arm's heatmap; characters other than letters, digits, '+', '-', '_' become '_'."""
-    return f"heatmap_{_safe(arm)}.png"
-
-
-def heads_name(arm: str) -> str:
-    """File name of an arm's layer × head heatmap (same character rule as `heatmap_name`)."""
-    return f"heads_{_safe(arm)}.png"
-
-
-def metric_label(tensor: str, metric: str) -> str:
-    """'key PR', 'key erank', 'query stable rank', ..."""
-    return f"{TENSOR_NAME.get(tensor, tensor)} {METRIC_NAME.get(metric, metric)}"
-
-
-@dataclass
-class Context:
-    """What every figure needs: the tap, tensor and metric drawn, and the arms and their colours."""
-
-    tap: str
-    tensor: str
-    metric: str
-    head_dim: int
-    """of the trained arms (the largest, if they differ)"""
-    dead_pr: float
-    arms: list[str]
-    references: set[str]
-    head_dims: dict[str, int]
-    """per arm"""
-
-    def colour(self, arm: str) -> str:
-        return arm_colour(arm, self.arms, self.references)
-
-    @property
-    def label(self) -> str:
-        return metric_label(self.tensor, self.metric)
-
-
-def context(runs: list[Run], tap: str | None, tensor: str = "k", metric: str | None = None) -> Context:
-    finished = [r for r in runs if r.finished] or runs
-    trained = [r for r in finished if not r.reference] or finished
-    arms = finished_by_arm(runs)
-    return Context(tap=tap or default_tap(finished), tensor=tensor, metric=check_metric(metric),
-                   head_dim=max(r.head_dim for r in trained), dead_pr=trained[0].dead_pr, arms=list(arms),
-                   references={a for a, g in arms.items() if g[0].reference},
-                   head_dims={a: max(r.head_dim for r in g) for a, g in arms.items()})
+def colour(study: Study, arm: str) -> str:
+    """`arm_colour` among the study's finished arms."""
+    return arm_colour(arm, list(study.groups), study.refs)
 
 
 def new_axes(width: float = 9.0, height: float = 4.8):
@@ -105,10 +62,6 @@ def new_axes(width: float = 9.0, height: float = 4.8):
     return fig, fig.add_subplot()
 
 
-def legend_right(ax) -> None:
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-
-
 def save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
     with atomic_file(path) as tmp:  # never written through a link planted under the figure's name
@@ -116,13 +69,12 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def finish(fig, ax, ylabel: str, title: str, path: Path, legend: bool = True) -> Path:
+def finish(fig, ax, ylabel: str, title: str, path: Path) -> Path:
     """Label, grid, legend outside on the right, save: the common end of every line figure."""
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if legend:
-        legend_right(ax)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return save(fig, path)
 
 
@@ -158,44 +110,43 @@ def band(ax, x, mean, half, colour) -> None:
         ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
 
 
-def trajectory_lines(ax, ctx: Context, series: dict[str, ArmSeries]) -> np.ndarray | None:
+def trajectory_lines(ax, study: Study, series: dict[str, ArmSeries]) -> np.ndarray | None:
     """Trained arms as seed-mean lines with 95% bands vs tokens, references as dash-dot horizontal
     lines at their one value; returns the tokens drawn (None when no trained arm has data)."""
     tokens = []
     for arm, s in series.items():
         mean, half = s.trajectory()
+        c = colour(study, arm)
         if s.reference:
-            ax.axhline(float(mean[-1]), color=ctx.colour(arm), **REFERENCE_STYLE, label=series_label(s))
+            ax.axhline(float(mean[-1]), color=c, **REFERENCE_STYLE, label=series_label(s))
             continue
-        c = ctx.colour(arm)
         ax.plot(s.tokens, mean, color=c, marker=marker(arm), markersize=4, label=series_label(s))
         band(ax, s.tokens, mean, half, c)
         tokens.append(s.tokens)
     return np.concatenate(tokens).astype(float) if tokens else None
 
 
-def layer_lines(ax, ctx: Context, series: dict[str, ArmSeries], with_tokens: bool = True) -> int:
+def layer_lines(ax, study: Study, series: dict[str, ArmSeries]) -> None:
     """Each arm's values per layer at its final checkpoint, band across seeds; a reference with another
     layer count at relative depth, its layer i at i·(L−1)/(L_ref−1) (L: the trained arms' layer count),
-    so first and last layers line up. Returns L."""
+    so first and last layers line up."""
     sizes = {arm: s.values.shape[2] for arm, s in series.items()}
     n_layer = max([n for a, n in sizes.items() if not series[a].reference] or sizes.values())
     for arm, s in series.items():
         mean, half = s.layers_at(-1)
-        c = ctx.colour(arm)
+        c = colour(study, arm)
         if s.reference:
             x = np.arange(mean.size) if mean.size == n_layer else np.linspace(0, n_layer - 1, mean.size)
             note = "" if mean.size == n_layer else f", {mean.size} layers at relative depth"
             ax.plot(x, mean, color=c, **REFERENCE_STYLE, label=f"{arm} (pretrained{note})")
             continue
         x = np.arange(mean.size)
-        label = series_label(s) + (f" at {fmt_tokens(s.tokens[-1])} tokens" if with_tokens else "")
-        ax.plot(x, mean, color=c, marker=marker(arm), markersize=4, label=label)
+        ax.plot(x, mean, color=c, marker=marker(arm), markersize=4,
+                label=f"{series_label(s)} at {fmt_tokens(s.tokens[-1])} tokens")
         band(ax, x, mean, half, c)
     ax.set_xticks(range(0, n_layer, max(1, n_layer // 16)))
     ax.set_xlim(-0.3, n_layer - 0.7)
     ax.set_xlabel("layer (0 = nearest the embedding)")
-    return n_layer
 
 
 def grid_figure(grid: np.ndarray, vmax: float, xticks: list[str], xlabel: str, title: str, cbar: str):

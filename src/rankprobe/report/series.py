@@ -1,24 +1,24 @@
-"""Seed aggregation: every number and figure of the report is drawn from an `ArmSeries`.
+"""Seed aggregation: every number and figure of the report is drawn from an `ArmSeries`, and every
+section walks the arms of one `Study`.
 
 An `ArmSeries` is one quantity of one arm at the token counts every seed logged, as values[seed,
 checkpoint, layer]: a spectral metric of the `probe` rows (`arm_pr`, with its isotropic null and
-per-head values), an attention or weight lens of the `attn` / `weights` rows, or a per-run scalar of
-the `train` / `eval` rows (one "layer"). A checkpoint's layers reduce to one number per seed by the
-mean (entropies, ranks, losses) or the max (logits, spectral norms: the largest layer is what can blow
-up), skipping layers without a value; seed means carry 95% t half-widths (`stats`). Plain numpy:
-runs written before a row kind existed have no series for it, and the report leaves it out.
+per-head values), a lens of the `attn` / `weights` rows, or a per-run scalar of the `train` / `eval`
+rows (one "layer"). A checkpoint's layers reduce to one number per seed by the mean (entropies, ranks,
+losses) or the max (logits, spectral norms: the largest layer is what can blow up), skipping layers
+without a value. Runs written before a row kind existed have no series for it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from rankprobe.config import UserError
 from rankprobe.report.metrics import (
-    METRICS, Run, _num, check_metric, default_tap, finished_by_arm, layer_rows, null_value, probe_taps,
+    METRIC_NAME, METRICS, Run, _num, check_metric, default_tap, finished_by_arm, layer_rows, null_value,
 )
 from rankprobe.report.stats import Estimate, estimate, mean_ci
 
@@ -68,13 +68,13 @@ class ArmSeries:
         """The per-seed value at checkpoint `index` (default the final one) as an Estimate."""
         return estimate(self.per_seed()[:, index])
 
+    def at_tokens(self, tokens: int) -> Estimate:
+        """The Estimate at the checkpoint of `tokens` (which the series must have)."""
+        return self.at(int(np.flatnonzero(self.tokens == tokens)[0]))
+
     def layers_at(self, index: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """Value per layer at checkpoint `index` (default the final one): seed mean and half-width (L,)."""
         return mean_ci(self.values[:, index, :], axis=0)
-
-    def seed_mean(self) -> np.ndarray:
-        """Seed-mean values, (checkpoint, layer)."""
-        return self.values.mean(axis=0)
 
 
 def _stack(runs: list[Run], kind: str, match: dict) -> tuple[list[list[list[dict]]], np.ndarray]:
@@ -89,8 +89,9 @@ def _stack(runs: list[Run], kind: str, match: dict) -> tuple[list[list[list[dict
 
 
 def _grid(rows: list[list[list[dict]]], value) -> np.ndarray:
-    """(S, C, L) of `value(row)` over rows[seed][checkpoint][layer]."""
-    return np.array([[[value(r) for r in ckpt] for ckpt in seed] for seed in rows], dtype=float)
+    """(S, C, L) of `value(row)` (or of row[value], for a key) over rows[seed][checkpoint][layer]."""
+    get = value if callable(value) else (lambda r: _num(r.get(value)))
+    return np.array([[[get(r) for r in ckpt] for ckpt in seed] for seed in rows], dtype=float)
 
 
 def _has(rows: list[list[list[dict]]], key: str) -> bool:
@@ -103,8 +104,7 @@ def arm_series(runs: list[Run], kind: str, key: str, reduce: str = "mean", **mat
     rows, tokens = _stack(runs, kind, match)
     if not tokens.size or not _has(rows, key):
         return None
-    return ArmSeries(runs[0].arm, [r.seed for r in runs], tokens, _grid(rows, lambda r: _num(r.get(key))),
-                     reduce, runs[0].reference)
+    return ArmSeries(runs[0].arm, [r.seed for r in runs], tokens, _grid(rows, key), reduce, runs[0].reference)
 
 
 def _stack_heads(rows: list[list[dict]], key: str) -> np.ndarray | None:
@@ -123,17 +123,16 @@ def arm_pr(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> 
     arm = runs[0].arm if runs else "?"
     rows, tokens = _stack(runs, "probe", {"tap": tap, "tensor": tensor})
     if not tokens.size:
-        have = probe_taps(runs, tensor)
+        have = sorted({r.get("tap") for run in runs for r in run.rows.get("probe", []) if r.get("tensor") == tensor})
         raise UserError(f"arm {arm}: no {tensor} probe at tap {tap!r} common to all "
                         f"seeds (taps with {tensor} probes: {', '.join(have) or 'none'})")
     if not _has(rows, metric):
         have = [m for m in METRICS if _has(rows, m)]
         raise UserError(f"arm {arm}: the probe rows have no {metric!r} (metrics written before the spectral "
                         f"lenses?); metrics available: {', '.join(have) or 'none'}")
-    return ArmSeries(arm, [r.seed for r in runs], tokens, _grid(rows, lambda r: _num(r.get(metric))),
-                     "mean", runs[0].reference, metric,
+    return ArmSeries(arm, [r.seed for r in runs], tokens, _grid(rows, metric), "mean", runs[0].reference, metric,
                      null=_finite_reduce(_grid(rows, lambda r: null_value(r, metric)), (0, 2)),
-                     n_probe=_finite_reduce(_grid(rows, lambda r: _num(r.get("n"))), (0, 2)),
+                     n_probe=_finite_reduce(_grid(rows, "n"), (0, 2)),
                      heads=_stack_heads([seed[-1] for seed in rows], f"{metric}_heads"))
 
 
@@ -142,104 +141,101 @@ def aggregate(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") 
     return {arm: arm_pr(group, tap, tensor, metric) for arm, group in finished_by_arm(runs).items()}
 
 
-def lens_series(runs: list[Run], kind: str, key: str, reduce: str = "mean", **match) -> dict[str, ArmSeries]:
-    """`arm_series` for every finished arm that has the rows, in report order."""
-    found = {arm: arm_series(group, kind, key, reduce, **match) for arm, group in finished_by_arm(runs).items()}
-    return {arm: s for arm, s in found.items() if s is not None}
-
-
-def has_rows(runs: list[Run], kind: str) -> bool:
-    """Whether any finished run has rows of `kind`."""
-    return any(r.finished and r.rows.get(kind) for r in runs)
-
-
-# the columns of the report's lens tables: (title, kind, key, reduce over layers, row filter, digits)
-ATTENTION_COLUMNS = [
-    ("attention entropy (normalised, mean)", "attn", "entropy_norm", "mean", {}, 3),
-    ("attention entropy (nats, mean)", "attn", "entropy", "mean", {}, 3),
-    ("max logit (max over layers, heads)", "attn", "max_logit", "max", {}, 2),
-]
-WEIGHT_COLUMNS = [
-    ("W_q stable rank (mean)", "weights", "stable_rank", "mean", {"matrix": "q"}, 2),
-    ("W_k stable rank (mean)", "weights", "stable_rank", "mean", {"matrix": "k"}, 2),
-    ("W_q spectral norm (max)", "weights", "spectral_norm", "max", {"matrix": "q"}, 3),
-    ("W_k spectral norm (max)", "weights", "spectral_norm", "max", {"matrix": "k"}, 3),
-]
-
-
 @dataclass
-class LensRow:
-    """One arm's row of a lens table: an Estimate per column at the final common checkpoint."""
+class Study:
+    """The runs of one report, grouped once: trained arms and pretrained references in report order,
+    the headline tap, tensor and metric, and each finished arm's series of that metric (`prs`)."""
 
-    arm: str
-    n_seeds: int
-    tokens: int
-    reference: bool
-    cells: list[Estimate]
+    runs: list[Run]
+    tap: str | None = None
+    tensor: str = "k"
+    metric: str | None = None
+    arms: dict[str, list[Run]] = field(init=False)
+    """finished trained runs by arm"""
+    refs: dict[str, list[Run]] = field(init=False)
+    """finished pretrained references by arm (`Run.reference`), drawn and tabulated, never pooled"""
+
+    def __post_init__(self):
+        self.metric = check_metric(self.metric)
+        groups = finished_by_arm(self.runs)
+        self.arms = {a: g for a, g in groups.items() if not g[0].reference}
+        self.refs = {a: g for a, g in groups.items() if g[0].reference}
+        lead = [r for g in (self.arms or self.refs).values() for r in g]  # trained runs decide, if any
+        self.tap = self.tap or (default_tap(lead) if lead else "norm")
+        self.head_dim = max((r.head_dim for r in lead), default=0)
+        self.dead_pr = lead[0].dead_pr if lead else 10.0
+        self.prs = aggregate(self.runs, self.tap, self.tensor, self.metric) if groups else {}
+
+    @property
+    def groups(self) -> dict[str, list[Run]]:
+        """Every finished arm: trained ones, then references."""
+        return {**self.arms, **self.refs}
+
+    @property
+    def label(self) -> str:
+        """'key PR', 'key erank', 'query stable rank', ..."""
+        return metric_label(self.tensor, self.metric)
+
+    def series(self, kind: str, key: str, reduce: str = "mean", trained: bool = False,
+               **match) -> dict[str, ArmSeries]:
+        """`arm_series` for every finished arm (only the trained ones if `trained`) that has the rows."""
+        groups = self.arms if trained else self.groups
+        found = {a: arm_series(g, kind, key, reduce, **match) for a, g in groups.items()}
+        return {a: s for a, s in found.items() if s is not None}
 
 
-def lens_table(runs: list[Run], columns: list[tuple]) -> list[LensRow]:
-    """Per finished arm with any of the columns' rows (report order), the columns' final values."""
-    out = []
-    for arm, group in finished_by_arm(runs).items():
-        series = [arm_series(group, kind, key, how, **match) for _, kind, key, how, match, _ in columns]
-        present = [s for s in series if s is not None]
-        if present:
-            out.append(LensRow(arm, len(group), int(present[0].tokens[-1]), group[0].reference,
-                               [s.at(-1) if s is not None else Estimate(math.nan, math.nan, 0) for s in series]))
-    return out
+TENSOR_NAME = {"k": "key", "q": "query", "v": "value"}
+
+
+def metric_label(tensor: str, metric: str) -> str:
+    """'key PR', 'key erank', 'query stable rank', ..."""
+    return f"{TENSOR_NAME.get(tensor, tensor)} {METRIC_NAME.get(metric, metric)}"
 
 
 @dataclass
 class Headline:
-    """The per-arm numbers of the report's headline table for the report's metric (PR by default), at
-    the arm's final common checkpoint; half-widths are NaN with one seed."""
+    """An arm's numbers in the headline table for the study's metric, at its final common checkpoint
+    (docs/metrics.md, last section); half-widths are NaN with one seed."""
 
-    arm: str
-    n_seeds: int
-    tokens: int
+    pr: ArmSeries
     mean: Estimate
     """the metric's mean over layers"""
     weakest_layer: int
     weakest: Estimate
     """the weakest layer of the seed-mean profile"""
     dead_layers: list[int] | None
-    """layers below `probe.dead_pr`; None for metrics other than PR (the threshold is a PR value)"""
+    """layers whose seed-mean PR is below `probe.dead_pr`; None for other metrics (the threshold is a PR value)"""
     val_loss: Estimate
-    metric: str = "pr"
-    null: float = math.nan
-    """the metric's isotropic null at the final checkpoint (NaN if the rows do not say)"""
-    n_probe: int = 0
-    reference: bool = False
-    n_layer: int = 0
+
+    @property
+    def arm(self) -> str:
+        return self.pr.arm
+
+    @property
+    def null(self) -> float:
+        """the metric's isotropic null at the final checkpoint (NaN if the rows do not say)"""
+        return float(self.pr.null[-1]) if self.pr.null is not None else math.nan
+
+    @property
+    def n_probe(self) -> int:
+        n = self.pr.n_probe[-1] if self.pr.n_probe is not None else math.nan
+        return int(n) if math.isfinite(n) else 0
 
 
 def headline(pr: ArmSeries, runs: list[Run], dead_pr: float) -> Headline:
-    """Headline numbers at the arm's final common checkpoint (docs/metrics.md, last section): mean
-    over layers, the weakest layer of the seed-mean profile, layers whose seed-mean PR is below
-    `dead_pr` (PR only), and the last val loss."""
+    """Headline numbers at the arm's final common checkpoint: mean over layers, the weakest layer of the
+    seed-mean profile, layers below `dead_pr` (PR only), and the last val loss."""
     layer_mean, layer_half = pr.layers_at(-1)
     weakest = int(np.nanargmin(layer_mean)) if np.isfinite(layer_mean).any() else 0
-    n_probe = pr.n_probe[-1] if pr.n_probe is not None else math.nan
-    return Headline(
-        arm=pr.arm, n_seeds=pr.n_seeds, tokens=int(pr.tokens[-1]), mean=pr.at(-1), weakest_layer=weakest,
-        weakest=Estimate(float(layer_mean[weakest]), float(layer_half[weakest]), pr.n_seeds),
-        dead_layers=[int(i) for i in np.flatnonzero(layer_mean < dead_pr)] if pr.metric == "pr" else None,
-        val_loss=estimate([r.final_val_loss() for r in runs]), metric=pr.metric,
-        null=float(pr.null[-1]) if pr.null is not None else math.nan,
-        n_probe=int(n_probe) if math.isfinite(n_probe) else 0, reference=pr.reference, n_layer=layer_mean.size,
-    )
+    return Headline(pr, pr.at(-1), weakest,
+                    Estimate(float(layer_mean[weakest]), float(layer_half[weakest]), pr.n_seeds),
+                    [int(i) for i in np.flatnonzero(layer_mean < dead_pr)] if pr.metric == "pr" else None,
+                    estimate([r.final_val_loss() for r in runs]))
 
 
 def headline_numbers(runs: list[Run], tap: str | None = None, tensor: str = "k",
                      metric: str | None = None) -> list[Headline]:
     """The headline rows as data (for callers that want numbers, not Markdown): trained arms, then
-    pretrained references (`Headline.reference`)."""
-    metric = check_metric(metric)
-    arms = finished_by_arm(runs)
-    finished = [r for g in arms.values() for r in g]
-    if not finished:
-        return []
-    trained = [r for r in finished if not r.reference] or finished
-    tap = tap or default_tap(finished)
-    return [headline(arm_pr(g, tap, tensor, metric), g, trained[0].dead_pr) for g in arms.values()]
+    pretrained references (`Headline.pr.reference`)."""
+    study = Study(runs, tap, tensor, metric)
+    return [headline(study.prs[a], g, study.dead_pr) for a, g in study.groups.items()]

@@ -1,5 +1,9 @@
 """Seed statistics for the report: 95% Student-t intervals over seeds and Spearman's rank correlation,
-both from scipy.stats; `Estimate` is the (mean, half-width, seeds) every table cell is printed from."""
+both from scipy.stats; `Estimate` is the (mean, half-width, seeds) every table cell is printed from.
+
+A difference is called resolved only when the two 95% t-intervals over seeds do not overlap (a
+conservative check, stricter than a two-sample test); with one seed there is no interval and only point
+values are reported (docs/metrics.md, "Headline numbers")."""
 
 from __future__ import annotations
 
@@ -51,3 +55,22 @@ def spearman(x, y) -> float:
     with warnings.catch_warnings():  # a constant input is answered with NaN, which the report says in words
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         return float(stats.spearmanr(x, y).statistic)
+
+
+def resolution(a: Estimate, b: Estimate) -> str:
+    """'single seed' when either side has no interval, 'resolved' when the 95% intervals do not
+    overlap, 'not resolved' otherwise."""
+    if a.n < 2 or b.n < 2 or not (math.isfinite(a.half) and math.isfinite(b.half)):
+        return "single seed"
+    return "resolved" if abs(a.mean - b.mean) > a.half + b.half else "not resolved"
+
+
+def verdict(a: Estimate, b: Estimate, higher: str = "higher", lower: str = "lower") -> str:
+    """How `a` stands against `b`, in words that never claim more than the intervals support."""
+    status, word = resolution(a, b), higher if a.mean > b.mean else lower
+    seeds = f"{a.n} seeds" if a.n == b.n else f"{a.n} and {b.n} seeds"
+    if status == "single seed":
+        return f"{word} on a single seed (no interval, point values only)"
+    if status == "not resolved":
+        return f"not resolved with {seeds} (the 95% intervals overlap)"
+    return f"{word}, resolved (the 95% intervals do not overlap; {seeds})"
