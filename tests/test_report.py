@@ -772,3 +772,16 @@ def test_env_records_the_commit_and_whether_the_package_differs_from_it(tmp_path
     assert _git(tmp_path / "nowhere", "status") is None  # no such folder: no answer, no exception
     env = env_info(torch.device("cpu"))
     assert (env["git_sha"] is None) == (env["git_dirty"] is None)
+
+
+def test_a_study_made_by_several_sweeps_lists_no_sweep_settings(tmp_path):
+    """Runs launched by different sweeps (a study made in parts, one arm per sweep) differ in sweep.*
+    only; that says how they were launched, not what they computed, so the report does not list it."""
+    for arm in ("adamw", "muon"):
+        path = write_run(tmp_path, arm, 0)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows[0]["config"]["sweep"].update(arms=[arm], seeds=[0])
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = build_report(tmp_path).read_text()
+    section = text[text.index("## Configuration"):]
+    assert "`optim.name`" in section and "sweep." not in section
