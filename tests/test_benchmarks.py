@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
     # `wide` and `recompile` rerun the same code at another shape, compiling again (~20 s of a cold CI
     # run): left to the GPU runs, which take every section. The compiled arms use the aot_eager backend:

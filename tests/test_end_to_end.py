@@ -86,6 +86,7 @@ def test_weight_rows_from_the_worker_thread_describe_each_checkpoints_weights(co
     assert final == weight_lenses(load_run_checkpoint(path.parent))
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_arm_skips_finished_and_reports(corpus_file, cache, tmp_path):
     cfg = tiny_cfg(corpus_file, cache)
     grid = arms(cfg)
@@ -136,6 +137,7 @@ def overrides(corpus, cache, **extra):
             for x in (f"--{k}", v)]
 
 
+@pytest.mark.slow
 def test_cli_train_then_report(corpus_file, cache, tmp_path):
     out = tmp_path / "run"
     r = cli("train", "demo", "--out", str(out), *overrides(corpus_file, cache))
@@ -229,6 +231,7 @@ def test_tensorboard_mirror_holds_every_lens(corpus_file, cache, tmp_path):
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(logged, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_scan_trains_one_run_per_value_and_marks_the_best(corpus_file, cache, tmp_path):
     from rankprobe.cli import main
     from rankprobe.report.scan import scan_rows
@@ -251,6 +254,7 @@ def test_scan_trains_one_run_per_value_and_marks_the_best(corpus_file, cache, tm
     assert main(["scan", "demo", "--param", "optim.lrr", "--values", "1", "--out", str(out)]) == 2
 
 
+@pytest.mark.slow
 def test_regional_compile_trains_like_eager_with_qk_clip(corpus_file, cache, tmp_path):
     """train.compile = "regional" (Inductor on the CPU here) follows the eager run's losses, and QK-Clip's
     hooks still record inside the compiled blocks (its tracker raises if they record nothing)."""
