@@ -22,8 +22,12 @@ $(DEV): $(CORE) requirements-dev.txt
 demo: $(CORE)
 	$(BIN)/rankprobe demo --out rankprobe-demo
 
+# Two pytest-xdist workers, as many as CI's cores: most tests are bound by Python and by the start-up
+# of the processes they launch, not by torch's threads (conftest.py gives each worker its share).
+TEST_WORKERS ?= 2
+
 test: $(DEV)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) rankprobe-demo

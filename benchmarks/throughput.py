@@ -256,7 +256,7 @@ class Bench:
         free(dev)
         torch.manual_seed(0)
         model = build_model(impl, shape, dev)
-        fwd = torch.compile(model) if compiled else model
+        fwd = torch.compile(model, backend=self.args.compile_backend) if compiled else model
         fpt = flops_per_token(model, shape)
         mode = "compile" if compiled else "eager"
         for i, (opt_name, accum) in enumerate(arms):
@@ -437,7 +437,7 @@ class Bench:
             return
         free(self.device)
         model = build_model("rankprobe", shape, self.device)
-        fwd = torch.compile(model)
+        fwd = torch.compile(model, backend=self.args.compile_backend)
         opts = build_opts(model, "adamw", self.device)
         step = make_step(fwd, model, opts, self.batches(shape, 1), False, self.device)
         self.R["probe"]["second_compile_s"] = first_call_s(step, self.device)
@@ -693,6 +693,9 @@ def main(argv=None) -> None:
     ap.add_argument("--budget-s", type=float, default=540, help="skip later sections once this much time is used")
     ap.add_argument("--sections", default="seed,opt,eager,wide,recompile", help="comma list of sections to run (also: probes, alone)")
     ap.add_argument("--no-hf", action="store_true", help="leave out Hugging Face Llama")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the compiled arms; the test suite's smoke run passes aot_eager, "
+                         "which traces and differentiates the same graphs without Inductor's C++ build on the CPU")
     ap.add_argument("--render", default="", help="only rebuild the Markdown from a --json file of an earlier run")
     args = ap.parse_args(argv)
     if args.render:

@@ -6,17 +6,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
     # `wide` and `recompile` rerun the same code at another shape, compiling again (~20 s of a cold CI
-    # run): left to the GPU runs, which take every section.
+    # run): left to the GPU runs, which take every section. The compiled arms use the aot_eager backend:
+    # Dynamo and AOTAutograd trace the same forward and backward graphs, without Inductor's C++ build of
+    # two whole models (~30 s on 2 cores, cold); Inductor on the CPU is exercised on RankProbe's own
+    # blocks by the regional-compile tests (test_model, test_end_to_end, test_distributed).
     out, md = tmp_path / "smoke.json", tmp_path / "bench.md"
     md.write_text("# kept\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--json", str(out),
-                          "--out", str(md), "--sections", "seed,opt,eager,probes"],
+                          "--out", str(md), "--sections", "seed,opt,eager,probes", "--compile-backend", "aot_eager"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     R = json.loads(out.read_text())

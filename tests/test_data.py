@@ -336,6 +336,7 @@ def test_cache_dir_not_writable(tmp_path, monkeypatch):
     assert resolve_cache_dir(str(tmp_path / "explicit")) == tmp_path / "explicit"
 
 
+@pytest.mark.slow
 def test_prepare_embedded_default(tmp_path_factory):
     """The default corpus end to end (one BPE training, ~1.5M tokens; a few seconds)."""
     data = prepare(DataConfig(vocab_size=512), seq_len=256, batch_size=4, cache_dir=tmp_path_factory.mktemp("emb"))

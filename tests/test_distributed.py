@@ -52,6 +52,7 @@ def _probe_worker(rank: int, world: int, port: int, tokens: torch.Tensor, out: s
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_probe_stats_merged_across_two_ranks_equal_one_process(tmp_path):
     tokens = torch.randint(0, 97, (12, 32), generator=torch.Generator().manual_seed(1))
     probe, attn = probe_lenses(_tiny_model(), tokens, 2)

@@ -113,6 +113,7 @@ def test_flops_per_token_counts_6n_plus_attention():
     assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 16 * 32
 
 
+@pytest.mark.slow
 def test_regional_compile_matches_eager_and_leaves_the_module_eager():
     """train.compile = "regional": each block and the loss head compiled on their own (Inductor on the
     CPU here) give the eager loss and gradients, one compiled block serves every layer, and the module

@@ -10,6 +10,7 @@ from rankprobe.report import build_report
 RESULTS = Path(__file__).parents[1] / "results"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("study", ["seed-study"])
 def test_published_report_rebuilds_from_its_metrics(study, tmp_path):
     src = RESULTS / study

@@ -100,6 +100,7 @@ def copy_of(killed, tmp_path):
     return lambda: Path(shutil.copytree(killed, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_for_bit(base, copy_of, tmp_path):
     run = copy_of()
     state = load_checkpoint(run / CHECKPOINT)
@@ -117,6 +118,7 @@ def test_killed_run_resumes_bit_for_bit(base, copy_of, tmp_path):
     assert [r["step"] for r in json.loads((run / "env.json").read_text())["resumes"]] == [state["step"]]
 
 
+@pytest.mark.slow
 def test_second_sweep_is_refused_and_a_killed_sweep_resumes(base, tmp_path, caplog):
     cfg = load("demo", {**base, "train.checkpoint_minutes": "0.0003", "out": str(tmp_path / "sweep")})
     out = Path(cfg.out)
