@@ -634,7 +634,7 @@ def render(R) -> str:
                    f"- attention entropy and max logit alone (`AttentionStats`, every layer): fused kernels "
                    f"{P['attn_fused_s']:.3f} s, chunked float32 scores {P['attn_reference_s']:.3f} s"]
                   if "loop_s" in P else []),
-                *([f"- `probe_lenses` by component, each timed alone (benchmarks/probe_parts.py): "
+                *(["- `probe_lenses` by component, each timed alone (benchmarks/probe_parts.py): "
                    + "; ".join(f"{PARTS[k]} {v:.3f} s" for k, v in P["parts"].items())] if "parts" in P else []),
                 *([f"- the float64 sums of every tap's batches (`moment_sums`) by how many blocks C the GEMM splits "
                    f"the tokens into (default {CUDA_TOKEN_BLOCKS} on CUDA): "
