@@ -239,3 +239,37 @@ def test_compiled_regions_never_see_the_hooks_and_unmeasured_steps_run_the_plain
     assert backend.calls == calls + graphs and mon.finish() and other.finish()
     model(tokens, tokens, regions=regions)
     assert _no_hooks(model) and backend.calls == calls + 2 * graphs
+
+
+def test_trainer_prober_leaves_the_host_half_to_its_worker_and_writes_what_the_monitor_gives(tmp_path):
+    """loop.Prober returns at a checkpoint once the forward and the device statistics are done: the
+    `probe` and `weights` rows come from its worker, each with its kind, and `drain` writes them, in
+    that order, equal to the Monitor's own rows of the same weights and tokens. A checkpoint written
+    before probe rows were pending holds weight rows without a kind: they are written as `weights`."""
+    import json
+    from collections import defaultdict
+
+    from rankprobe.loop import Prober
+    from rankprobe.runfolder import MetricsWriter, read_rows
+
+    cfg = load("demo", MODEL | {"train.batch_size": "4"})
+    model, tokens = _model(), _tokens()
+    out = MetricsWriter(tmp_path / "metrics.jsonl")
+    prober = Prober(cfg, model, None, tokens, torch.device("cpu"), None, out, defaultdict(float))
+    assert [kind for kind, _ in prober.lenses(3, [])] == ["attn", "update"]
+    assert [{r["kind"] for r in job.result()} for _, job in prober.pending] == [{"probe"}, {"weights"}]
+    prober.drain()
+    written = read_rows(tmp_path / "metrics.jsonl")
+    assert [r["kind"] for r in written] == sorted((r["kind"] for r in written), key=["probe", "weights"].index)
+    assert all(r["step"] == 3 and r["tokens"] == 3 * cfg.train.batch_size * 32 for r in written)
+    expect = Monitor(model, batch_size=4, train_forward=False).probe(tokens)
+    for kind in ("probe", "weights"):
+        assert _of(written, kind) == _of(expect, kind)
+
+    old = Prober(cfg, model, None, tokens, torch.device("cpu"), None, out, defaultdict(float),
+                 pending_rows=json.dumps([[5, [{"layer": 0, "matrix": "q"}]]]))
+    old.drain()
+    assert read_rows(tmp_path / "metrics.jsonl")[-1] == {"kind": "weights", "step": 5,
+                                                         "tokens": 5 * cfg.train.batch_size * 32,
+                                                         "layer": 0, "matrix": "q"}
+    prober.close(), old.close(), out.close()

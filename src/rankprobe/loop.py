@@ -3,8 +3,8 @@
 - `Schedule`: tokens per step, the step count, the lr scale of a step and the probe checkpoints.
 - `TrainStep`: builds the model, optimizers, compile mode, autocast, QK-Clip and DDP wrapper of a run,
   and runs one optimizer step.
-- `Prober`: what happens at a probe checkpoint (the eval, the probe pass, the weight spectra on a
-  background worker) and the rows still pending from the worker.
+- `Prober`: what happens at a probe checkpoint (the eval, the probe pass; the host halves of the probe
+  and weight rows on a background worker) and the rows still pending from the worker.
 - `Checkpointer`: when to save (the clock, or every probe checkpoint) and the atomic save itself.
 - `DivergenceGuard`: the first NaN/inf loss, tracked on the device, read only where the loop syncs.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -215,10 +216,12 @@ def evaluate(model, data: TokenData, cfg: Config, device, amp, dist: Dist = Dist
 
 class Prober:
     """The work of a probe checkpoint: the eval, the probe pass (key spectra, attention lenses), and
-    the weight spectra, whose eigendecompositions run on a worker thread while training goes on
-    (0.64 s a checkpoint at seed-22l on an H200 when the loop waited for them, BENCHMARKS.md).
+    the weight spectra. The eigendecompositions of the `probe` and `weights` rows run on a worker
+    thread while training goes on: the loop waits only for the forward and the device statistics
+    (the weights' host half cost the loop 0.64 s a checkpoint at seed-22l on an H200, BENCHMARKS.md;
+    the probe rows' ~1 s on 2 CPU cores).
 
-    Their rows are written before the next checkpoint's rows or the `end` row, never at a time-driven
+    Those rows are written before the next checkpoint's rows or the `end` row, never at a time-driven
     point, so metrics.jsonl comes out the same every time; a checkpoint saved meanwhile carries them,
     finished (`settle`), so that a resumed run writes them in the same place.
     """
@@ -232,11 +235,15 @@ class Prober:
         # the public monitor's fixed-batch mode: one probing path for the trainer and everyone else
         self.monitor = Monitor(model, dist=dist, batch_size=cfg.train.batch_size, attention=cfg.probe.attention,
                                weights=False, train_forward=False)
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-weights")
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-probes")
         self.pending: list[tuple[int, Future]] = [(step, _finished(rows)) for step, rows in json.loads(pending_rows)]
 
+    def _later(self, step: int, kind: str, rows: Callable[[], list[dict]]) -> None:
+        """Run a host half `rows` on the worker; its rows carry their kind until `drain` writes them."""
+        self.pending.append((step, self.worker.submit(lambda: [{"kind": kind, **r} for r in rows()])))
+
     def settle(self) -> list[tuple[int, list[dict]]]:
-        """Wait for the pending weight rows: [(step, rows)] (what a checkpoint saves)."""
+        """Wait for the pending rows: [(step, rows)], each row with its `kind` (what a checkpoint saves)."""
         t0 = time.perf_counter()
         done = [(step, job.result()) for step, job in self.pending]
         waited = time.perf_counter() - t0
@@ -245,10 +252,12 @@ class Prober:
         return done
 
     def drain(self) -> None:
-        """Write the pending weight rows."""
+        """Write the pending rows, in the order their checkpoints made them."""
         for step, rows in self.settle():
             for row in rows:
-                self.out.write("weights", step=step, tokens=step * self.tokens_per_step, **row)
+                row = dict(row)
+                kind = row.pop("kind", "weights")  # a checkpoint from before the probe rows were pending
+                self.out.write(kind, step=step, tokens=step * self.tokens_per_step, **row)
         self.pending.clear()
 
     def __call__(self, step: int, updates: list[dict]) -> None:
@@ -268,14 +277,16 @@ class Prober:
         self.timing["probe_s"] += time.perf_counter() - t1  # the rows are host numbers: the probe has synced
 
     def lenses(self, step: int, updates: list[dict]) -> list[tuple[str, list[dict]]]:
-        """The probe pass after `step`: (kind, rows) for `probe`, `attn` and `update`; the weight spectra
-        go to the worker. Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast,
+        """The probe pass after `step`: (kind, rows) for `attn` and `update`; the host halves of the
+        `probe` and `weights` rows go to the worker. Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast,
         so the keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way)."""
         with autocast(self.device, self.amp):
-            rows, attn = self.monitor.lenses(self.shard, sharded=True)
-        if self.cfg.probe.weights and self.dist.is_main:  # replicated weights: rank 0's are everyone's
-            self.pending.append((step, self.worker.submit(weight_lenses_start(self.model))))
-        return [("probe", rows), ("attn", attn), ("update", updates)]
+            probe_rows, attn = self.monitor.lenses_start(self.shard, sharded=True)
+        if self.dist.is_main:  # the statistics are merged and the weights replicated: rank 0 writes for all
+            self._later(step, "probe", probe_rows)
+            if self.cfg.probe.weights:
+                self._later(step, "weights", weight_lenses_start(self.model))
+        return [("attn", attn), ("update", updates)]
 
     def close(self) -> None:
         self.worker.shutdown(cancel_futures=True)

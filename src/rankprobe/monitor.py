@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .config import UserError
 from .dist import Dist, reduce_probe_stats, shard_rows
 from .probes.adapters import AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
 from .probes.capture import Key, adapter_for, covariance_sink
-from .probes.lenses import AttentionStats, attention_sink, probe_lenses, spectral_rows, weight_lenses
+from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows, weight_lenses
 from .probes.spectra import CovStats
 from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable
 from .sinks import open_sinks, scalars
@@ -190,12 +191,19 @@ class Monitor:
     def lenses(self, tokens: torch.Tensor, sharded: bool = False) -> tuple[list[dict], list[dict]]:
         """The `probe` and `attn` rows of `tokens` (N, T) without step fields, writing nothing.
         `sharded`: `tokens` is this rank's share already (the trainer's probe set)."""
+        probe_rows, attn = self.lenses_start(tokens, sharded)
+        return probe_rows(), attn
+
+    def lenses_start(self, tokens: torch.Tensor, sharded: bool = False) -> tuple[Callable[[], list[dict]], list[dict]]:
+        """`lenses` with the `probe` rows' host half left to the caller: the forward and the statistics
+        run here (collectives included); the returned function decomposes them on the CPU, on any thread."""
         shard = tokens if sharded else shard_rows(self.dist, tokens, "the probe tokens")
         if self.dist.active and not sharded and _fsdp_sharded(self.adapter.model):
             _same_forward_count(self.dist, tokens.size(0), self.batch_size)
         merge = (lambda cov, attn: reduce_probe_stats(self.dist, cov, attn)) if self.dist.active else None
-        probe, attn = probe_lenses(self.adapter, shard, self.batch_size, attention=self.attention, merge=merge)
-        return self._keep(probe), attn
+        probe_rows, attn = probe_lenses_start(self.adapter, shard, self.batch_size, attention=self.attention,
+                                              merge=merge)
+        return lambda: self._keep(probe_rows()), attn
 
     def _keep(self, rows: list[dict]) -> list[dict]:
         return rows if self.taps is None else [r for r in rows if r["tap"] in self.taps]

@@ -321,6 +321,16 @@ def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool =
     under DDP each rank passes its share of the probe set and `dist.reduce_probe_stats`, so the rows
     describe the whole set exactly (sums and maxima merge without loss). `progress(n)` is called
     after each batch of n sequences."""
+    probe_rows, attn = probe_lenses_start(model, tokens, batch_size, attention, merge, progress)
+    return probe_rows(), attn
+
+
+def probe_lenses_start(model, tokens: torch.Tensor, batch_size: int, attention: bool = True,
+                       merge: Callable[[dict[Key, CovStats], AttentionStats], None] | None = None,
+                       progress: Callable[[int], None] | None = None) -> tuple[Callable[[], list[dict]], list[dict]]:
+    """`probe_lenses` with its `probe` rows in two halves (`spectral_rows_start`): the forward, the
+    statistics and their copy to the host happen here; the returned function decomposes them on the
+    CPU and gives the rows, on whatever thread calls it (the training loop's worker)."""
     adapter = adapter_for(model)
     cov: dict[Key, CovStats] = {}
     attn = AttentionStats()
@@ -335,7 +345,7 @@ def probe_lenses(model, tokens: torch.Tensor, batch_size: int, attention: bool =
     feed(adapter, tokens, batch_size, sink, progress=progress)
     if merge is not None:
         merge(cov, attn)
-    return spectral_rows(cov), attn.rows()
+    return spectral_rows_start(cov), attn.rows()
 
 
 # ---------------------------------------------------------------------------------------------
