@@ -243,9 +243,10 @@ def test_compiled_regions_never_see_the_hooks_and_unmeasured_steps_run_the_plain
 
 def test_trainer_prober_leaves_the_host_half_to_its_worker_and_writes_what_the_monitor_gives(tmp_path):
     """loop.Prober returns at a checkpoint once the forward and the device statistics are done: the
-    `probe` and `weights` rows come from its worker, each with its kind, and `drain` writes them, in
-    that order, equal to the Monitor's own rows of the same weights and tokens. A checkpoint written
-    before probe rows were pending holds weight rows without a kind: they are written as `weights`."""
+    `probe` and `weights` rows are pending, each with its kind (from its worker thread where it
+    offloads, as on a GPU; made at once on the CPU), and `drain` writes them, in that order, equal to
+    the Monitor's own rows of the same weights and tokens, either way. A checkpoint written before
+    probe rows were pending holds weight rows without a kind: they are written as `weights`."""
     import json
     from collections import defaultdict
 
@@ -255,16 +256,21 @@ def test_trainer_prober_leaves_the_host_half_to_its_worker_and_writes_what_the_m
     cfg = load("demo", MODEL | {"train.batch_size": "4"})
     model, tokens = _model(), _tokens()
     out = MetricsWriter(tmp_path / "metrics.jsonl")
-    prober = Prober(cfg, model, None, tokens, torch.device("cpu"), None, out, defaultdict(float))
-    assert [kind for kind, _ in prober.lenses(3, [])] == ["attn", "update"]
-    assert [{r["kind"] for r in job.result()} for _, job in prober.pending] == [{"probe"}, {"weights"}]
-    prober.drain()
-    written = read_rows(tmp_path / "metrics.jsonl")
-    assert [r["kind"] for r in written] == sorted((r["kind"] for r in written), key=["probe", "weights"].index)
-    assert all(r["step"] == 3 and r["tokens"] == 3 * cfg.train.batch_size * 32 for r in written)
     expect = Monitor(model, batch_size=4, train_forward=False).probe(tokens)
-    for kind in ("probe", "weights"):
-        assert _of(written, kind) == _of(expect, kind)
+    prober = Prober(cfg, model, None, tokens, torch.device("cpu"), None, out, defaultdict(float))
+    assert not prober.offload
+    for offload, step in ((False, 3), (True, 4)):
+        prober.offload = offload
+        assert [kind for kind, _ in prober.lenses(step, [])] == ["attn", "update"]
+        assert [{r["kind"] for r in job.result()} for _, job in prober.pending] == [{"probe"}, {"weights"}]
+        prober.drain()
+    written = read_rows(tmp_path / "metrics.jsonl")
+    for step in (3, 4):
+        rows = [r for r in written if r["step"] == step]
+        assert [r["kind"] for r in rows] == sorted((r["kind"] for r in rows), key=["probe", "weights"].index)
+        assert all(r["tokens"] == step * cfg.train.batch_size * 32 for r in rows)
+        for kind in ("probe", "weights"):
+            assert _of(rows, kind) == _of(expect, kind)
 
     old = Prober(cfg, model, None, tokens, torch.device("cpu"), None, out, defaultdict(float),
                  pending_rows=json.dumps([[5, [{"layer": 0, "matrix": "q"}]]]))

@@ -236,17 +236,18 @@ class Prober:
         self.monitor = Monitor(model, dist=dist, batch_size=cfg.train.batch_size, attention=cfg.probe.attention,
                                weights=False, train_forward=False)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-probes")
+        self.offload = device.type == "cuda"  # host halves on the worker (see _later)
         self.pending: list[tuple[int, Future]] = [(step, _finished(rows)) for step, rows in json.loads(pending_rows)]
 
     def _later(self, step: int, kind: str, rows: Callable[[], list[dict]]) -> None:
         """Run a host half `rows` on the worker; its rows carry their kind until `drain` writes them.
         When training runs on the CPU too, the worker would only take cores from it (the demo's four
-        runs took 149 s against 121 s on 2 cores), so the host half runs here, its rows pending all
+        runs took 149 s against 129 s on 2 cores), so the host half runs here, its rows pending all
         the same: metrics.jsonl has one order on every device."""
         def tagged() -> list[dict]:
             return [{"kind": kind, **r} for r in rows()]
 
-        self.pending.append((step, self.worker.submit(tagged) if self.device.type == "cuda" else _finished(tagged())))
+        self.pending.append((step, self.worker.submit(tagged) if self.offload else _finished(tagged())))
 
     def settle(self) -> list[tuple[int, list[dict]]]:
         """Wait for the pending rows: [(step, rows)], each row with its `kind` (what a checkpoint saves)."""
