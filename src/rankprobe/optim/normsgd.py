@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from rankprobe.optim.muon import adjusted_lr, muon_update, require_matrices
+from rankprobe.optim.muon import MatrixOptimizer, adjusted_lr
 
 EPS = 1e-7
 """floor on ||M||_F, as Muon's Newton-Schulz floors its normalisation (a zero update stays zero)"""
@@ -47,7 +47,7 @@ def orthogonal_norm_scale(M: Tensor, eps: float = EPS) -> Tensor:
     return M * (math.sqrt(min(M.shape[-2:])) / norm)
 
 
-class NormSGD(torch.optim.Optimizer):
+class NormSGD(MatrixOptimizer):
     """Momentum SGD whose every matrix step is rescaled to Muon's size (module docstring); 2-D parameters only.
 
     Same arguments and state ('momentum_buffer') as `Muon`, without ns_steps.
@@ -59,29 +59,10 @@ class NormSGD(torch.optim.Optimizer):
             raise ValueError(f"NormSGD needs lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got lr={lr}, "
                              f"weight_decay={weight_decay}, momentum={momentum}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
-        require_matrices(self)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                self._step_group(params, group)
-        return loss
-
-    def _step_group(self, params: list[Tensor], group: dict) -> None:
+    def _step_params(self, params: list[Tensor], group: dict) -> None:
         """One step for a group: the arithmetic of `orthogonal_norm_scale`, in one foreach kernel per op."""
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
-        updates = muon_update([p.grad for p in params], bufs, group["momentum"], group["nesterov"])
+        updates = self._momentum_updates(params, group)
         lr, wd = group["lr"], group["weight_decay"]
         # Per matrix: -adjusted_lr * sqrt(min(m, n)) / max(||M||_F, eps), kept on the device (no sync).
         scales = torch._foreach_clamp_min(torch._foreach_norm(updates), EPS)
