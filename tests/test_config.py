@@ -3,6 +3,7 @@
 import pytest
 
 from rankprobe import config as C
+from rankprobe.cli import parse_overrides
 
 
 def test_presets_load_and_validate():
@@ -15,7 +16,7 @@ def test_presets_load_and_validate():
 
 
 def test_overrides_are_coerced_to_field_types():
-    cfg = C.load("demo", C.parse_overrides(
+    cfg = C.load("demo", parse_overrides(
         ["--model.n_layer", "6", "--optim.lr=1e-3", "--model.qk_norm", "true", "--sweep.seeds", "0,1,2",
          "--train.tokens", "2e6", "--optim.betas", "0.9,0.99", "--sweep.qk_norm", "false"]))
     assert cfg.model.n_layer == 6 and cfg.optim.lr == 1e-3 and cfg.model.qk_norm is True

@@ -20,11 +20,30 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import all_keys, field_docs, load, parse_overrides, preset_names
-from .errors import UserError
+from .config import all_keys, field_docs, load, preset_names
+from .errors import ConfigError, UserError
 from .runfolder import EXIT_DIVERGED
 
 EXIT_USAGE = 2
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--model.n_layer', '22', '--train.seed=3'] -> {'model.n_layer': '22', 'train.seed': '3'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --model.n_layer 22)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} needs a value")
+            i += 1
+            value = args[i]
+        out[key] = value
+        i += 1
+    return out
 
 
 def _override_help() -> str:

@@ -495,22 +495,3 @@ def load(source: str | None = None, overrides: dict[str, str] | None = None) -> 
     """A preset name or TOML file (None = defaults) plus dotted overrides -> validated Config."""
     data = read_toml(source) if source else {}
     return from_dict(apply_overrides(data, overrides or {}))
-
-
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """['--model.n_layer', '22', '--train.seed=3'] -> {'model.n_layer': '22', 'train.seed': '3'}."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r} (overrides look like --model.n_layer 22)")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ConfigError(f"override --{key} needs a value")
-            i += 1
-            value = args[i]
-        out[key] = value
-        i += 1
-    return out
