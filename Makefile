@@ -27,7 +27,7 @@ demo: $(CORE)
 TEST_WORKERS ?= 2
 
 test: $(DEV)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) rankprobe-demo

@@ -21,6 +21,10 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 from test_end_to_end import TINY, overrides, rows, tiny_cfg  # noqa: E402
 
+# one xdist worker runs every test that starts process groups, one at a time (Makefile: --dist
+# loadgroup): two sets of gloo ranks started at once on CI's 2 cores sometimes aborted a rank
+pytestmark = pytest.mark.xdist_group("ranks")
+
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
 
 

@@ -13,6 +13,10 @@ from rankprobe import Monitor
 from rankprobe.config import UserError, load
 from rankprobe.model import Transformer
 
+# one xdist worker runs every test that starts process groups, one at a time (Makefile: --dist
+# loadgroup): two sets of gloo ranks started at once on CI's 2 cores sometimes aborted a rank
+pytestmark = pytest.mark.xdist_group("ranks")
+
 MODEL = {"model.n_layer": "2", "model.d_model": "64", "model.n_head": "2", "model.head_dim": "16",
          "model.seq_len": "32", "model.vocab_size": "97", "model.qk_norm": "true"}
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

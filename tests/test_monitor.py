@@ -91,6 +91,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.xdist_group("ranks")  # with tests/test_distributed.py
 def test_ddp_and_compiled_models_are_unwrapped_and_measured_in_their_training_forward():
     import torch.distributed as td
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -151,6 +152,7 @@ def _assert_rows_equal(one, two):
             assert b.get(m) == a.get(m)
 
 
+@pytest.mark.xdist_group("ranks")  # with tests/test_distributed.py
 def test_two_gloo_ranks_give_every_rank_the_single_process_rows(tmp_path):
     tokens = _tokens(12)
     model = _model()
