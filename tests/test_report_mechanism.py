@@ -34,10 +34,12 @@ ARMS = {
 }
 
 
-def write_run(root: Path, arm: str, seed: int, mechanism: bool = True, pr: list[float] | None = None) -> None:
+def write_run(root: Path, arm: str, seed: int, mechanism: bool = True, pr: list[float] | None = None,
+              sweep: dict | None = None) -> None:
     """A finished run in the documented schema: key probe rows at tap `norm` (two layers, equal), eval
     rows, and q/k weight rows; `mechanism=False` writes files from before the mechanism lenses; `pr`
-    replaces the arm's key PR per checkpoint."""
+    replaces the arm's key PR per checkpoint; `sweep` updates the config's sweep table (how the run was
+    launched)."""
     optimizer, qk, warmup, arm_pr, index, sphere, orth = ARMS[arm]
     pr = pr or arm_pr
     d = SEEDS[seed]
@@ -46,6 +48,7 @@ def write_run(root: Path, arm: str, seed: int, mechanism: bool = True, pr: list[
     cfg["model"].update(n_layer=N_LAYER, head_dim=HEAD_DIM, qk_norm=qk)
     cfg["optim"].update(name=optimizer, warmup_frac=warmup)
     cfg["train"].update(seed=seed, tokens=CHECKPOINTS[-1])
+    cfg["sweep"].update(sweep or {})
     rows = [{"kind": "run", "schema": 1, "run": cfg["name"], "arm": arm, "optimizer": optimizer, "qk_norm": qk,
              "seed": seed, "config": cfg, "env": {}, "head_dim": HEAD_DIM, "n_layer": N_LAYER,
              "probe_checkpoints": CHECKPOINTS}]
@@ -167,6 +170,18 @@ def test_warmup(study):
     assert (f"At 1,000,000 tokens, the checkpoint nearest 1M tokens: `adamw-short-warmup` (warmup_frac 0.01) "
             f"{pm(20)}; `adamw` (warmup_frac 0.05) {pm(30)}. The shortest warmup against the longest is lower, "
             "resolved") in text
+
+
+def test_warmup_arms_from_separate_sweeps(tmp_path):
+    """A study made in parts: the short-warmup arm came from another sweep, whose sweep.* keys (the arm
+    list, another arm's rate) differ from the first's. They say how the runs were launched, not what
+    they computed, so the two arms still differ only in warmup."""
+    for seed in SEEDS:
+        write_run(tmp_path, "adamw", seed, sweep={"arms": ["adamw"]})
+        write_run(tmp_path, "adamw-short-warmup", seed,
+                  sweep={"arms": ["adamw-short-warmup"], "settings": {"lion": {"optim.hidden_lr": 1e-5}}})
+    text = question(build_report(tmp_path).read_text(), 9)
+    assert "`adamw-short-warmup` (warmup_frac 0.01)" in text and "`adamw` (warmup_frac 0.05)" in text
 
 
 def test_unexplained(study):

@@ -22,7 +22,6 @@ from rankprobe.report.series import TENSOR_NAME, Headline, Study, arm_series, he
 from rankprobe.report.stats import Estimate, mean_ci
 from rankprobe.runfolder import PHASE_FIELDS, write_atomic
 
-_SKIP_CONFIG = {"name", "out", "train.seed", "train.progress", "train.tensorboard"}
 # the config values the summary names, as {train_batch_size}, {model_seq_len}, ... in prose.toml
 _SUMMARY_KEYS = ("train.batch_size", "model.seq_len", "data.corpus", "model.n_layer", "model.d_model", "model.n_head",
                  "model.head_dim")
@@ -221,10 +220,7 @@ def _excluded_section(runs: list[Run], root: Path, diverged: bool) -> list[str]:
 
 def _config_section(arms: dict[str, list[Run]]) -> list[str]:
     runs = [r for g in arms.values() for r in g]
-    # sweep.* says how runs were launched, not what they computed (checkpoint.config_differences skips it
-    # too): a study made in parts by several sweeps differs there and nowhere else
-    flat = {id(r): {k: v for k, v in flatten(r.config).items() if k not in _SKIP_CONFIG and not k.startswith("sweep.")}
-            for r in runs}
+    flat = {id(r): r.settings() for r in runs}
     keys = sorted({k for f in flat.values() for k in f})
     per_arm = {a: {k: {_fmt(flat[id(r)].get(k, "—")) for r in g} for k in keys} for a, g in arms.items()}
     differing = [k for k in keys if len({frozenset(per_arm[a][k]) for a in arms}) > 1]

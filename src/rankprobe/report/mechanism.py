@@ -22,7 +22,6 @@ from dataclasses import replace
 
 import numpy as np
 
-from rankprobe.config import flatten
 from rankprobe.report.findings import early_common, optimizers
 from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
@@ -42,7 +41,6 @@ COLLAPSE_FRACTION = 0.5
 """an arm has collapsed once its mean key PR is below this fraction of its value at init"""
 ALIGN_MARGIN = 0.1
 """an arm is axis-aligned once its alignment index (axis_ratio − null)/(1 − null) exceeds this"""
-WARMUP_SKIP = {"name", "arm", "out", "train.seed", "train.progress", "train.tensorboard", "optim.warmup_frac"}
 
 
 def optimizer_class(optimizer: str) -> str:
@@ -226,7 +224,7 @@ def _warmup_groups(arms: dict[str, list[Run]]) -> list[list[str]]:
     name, seed and output), ordered by warmup."""
     key = {}
     for arm, group in arms.items():
-        flat = [{k: str(v) for k, v in flatten(r.config).items() if k not in WARMUP_SKIP} for r in group]
+        flat = [{k: str(v) for k, v in r.settings("arm", "optim.warmup_frac").items()} for r in group]
         if all(f == flat[0] for f in flat):
             key[arm] = tuple(sorted(flat[0].items()))
     groups: dict[tuple, list[str]] = {}
@@ -264,7 +262,7 @@ def warmup_effect(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> list
 def unexplained(prs: dict[str, ArmSeries], cls: dict[str, str], timing: dict[str, str], odd: list[str]) -> list[str]:
     """10. Arms and pairs the story (coordinate-wise updates align and collapse keys, QK-Norm huddles
     them, orthogonality spreads them) does not explain, from the answers above."""
-    items = []
+    items, by_timing = [], {}
     for arm, pr in prs.items():
         collapsed = pr.tokens[0] == 0 and pr.at(-1).mean < COLLAPSE_FRACTION * pr.at(0).mean
         if cls[arm] == UNCLASSIFIED:
@@ -273,8 +271,8 @@ def unexplained(prs: dict[str, ArmSeries], cls: dict[str, str], timing: dict[str
             items.append(f"{arm_cell(arm)} is {cls[arm]} but ends with key PR {'below' if collapsed else 'above'} "
                          f"{COLLAPSE_FRACTION:g} of its init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
         if timing.get(arm) in prose("unexplained"):
-            items.append(f"{arm_cell(arm)} {prose('unexplained', timing[arm])}")
-    items += odd
+            by_timing.setdefault(timing[arm], []).append(arm_cell(arm))
+    items += [f"{', '.join(cells)} {prose('unexplained', t)}" for t, cells in by_timing.items()] + odd
     lines = ["### 10. What still goes unexplained", ""]
     if not items:
         return lines + [prose("mechanism", "nothing_unexplained"), ""]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rankprobe.config import UserError
+from rankprobe.config import UserError, flatten
 from rankprobe.runfolder import METRICS_NAMES, MetricsError, read_rows, status_of  # noqa: F401 (MetricsError: re-exported)
 
 CANONICAL_ARMS = ("adamw", "adamw+qknorm", "muon", "muon+qknorm")
@@ -36,6 +36,10 @@ def check_metric(metric: str | None) -> str:
 
 def _num(value) -> float:
     return math.nan if value is None else float(value)
+
+
+LAUNCH_KEYS = frozenset({"name", "out", "train.seed", "train.progress", "train.tensorboard"})
+"""config keys that name, seed or place a run, or say how it reports progress; never what it computes"""
 
 
 @dataclass
@@ -68,6 +72,13 @@ class Run:
         # A checkpoint probed once as loaded (rankprobe.probes.hf), whose one checkpoint at tokens 0 is not
         # an init; a run row with a `source` counts too (re-probed RankProbe runs once said "pretrained").
         self.reference = self.optimizer == "pretrained" or "source" in self.info
+
+    def settings(self, *skip: str) -> dict[str, object]:
+        """The run's settings as dotted keys: its flattened config less what names, seeds or places the
+        run (LAUNCH_KEYS), the sweep.* keys (how it was launched, not what it computed; a study made in
+        parts by several sweeps differs there and nowhere else) and any `skip` keys."""
+        return {k: v for k, v in flatten(self.config).items()
+                if k not in LAUNCH_KEYS and k not in skip and not k.startswith("sweep.")}
 
     def final_val_loss(self) -> float:
         """val_loss of the last `eval` row (NaN if there is none or it was null)."""
