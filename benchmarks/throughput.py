@@ -366,6 +366,7 @@ class Bench:
         data = random_token_data(shape, B, n_probe + n_eval)
         prober = Prober(run_cfg, model, data, probe_set, dev, torch.bfloat16 if dev.type == "cuda" else None,
                         NullWriter(), new_timing())
+        prober.offload = True  # the host halves on its worker, as on a GPU: the CPU smoke run walks that path too
 
         def pr_only():
             with amp:
@@ -424,11 +425,11 @@ class Bench:
         with amp:
             P["token_blocks"] = token_blocks(model, probe_set, B, lambda fn: median_s(fn, dev))
         self.log("moment_sums by token blocks: " + ", ".join(f"{c}: {v:.3f} s" for c, v in P["token_blocks"].items()))
+        # profiled before the Prober closes: a closed one probes no more (it raised on the GPU, issue 13)
+        self.R["profiles"][f"the training loop's probe work at one checkpoint, {shape.name}"] = \
+            profile(loop_thread, dev, 1)
         prober.drain()
         prober.close()
-        if dev.type == "cuda":
-            self.R["profiles"][f"the training loop's probe work at one checkpoint, {shape.name}"] = \
-                profile(loop_thread, dev, 1)
 
     def recompile(self, shape):
         """Compile cost of a second, fresh model in the same process (what later arms of a sweep pay)."""

@@ -41,6 +41,9 @@ def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
     parts = {"forward", "moment_sums", "attention", "head_batch", "transfer", "host_spectra", "mechanism", "rows"}
     assert set(P["parts"]) == parts and all(v >= 0 for v in P["parts"].values())
     assert "1" in P["token_blocks"] and all(v > 0 for v in P["token_blocks"].values())
+    # the probe section's Prober runs its host halves on its worker, as on a GPU, and is profiled before
+    # it closes: probing a closed Prober killed the H200 run after its JSON was written (issue 13)
+    assert "the training loop's probe work at one checkpoint, smoke" in R["profiles"]
     text = md.read_text()
     assert text.startswith("# kept\n")  # the hand-written part above the marker is kept
     assert "### Probes and eval at one checkpoint" in text and "its parts:" in text and "by component" in text

@@ -281,3 +281,28 @@ def test_trainer_prober_leaves_the_host_half_to_its_worker_and_writes_what_the_m
                                                          "tokens": 5 * cfg.train.batch_size * 32,
                                                          "layer": 0, "matrix": "q"}
     prober.close(), old.close(), out.close()
+
+
+def test_a_closed_prober_refuses_another_checkpoint_with_one_clear_error_on_every_device():
+    """Prober.close is final: probing after it raises one clear error, on the CPU too, where the host
+    halves never reach the worker; on an H200 the benchmark probed after close and died inside
+    concurrent.futures ("cannot schedule new futures after shutdown", issue 13). The worker thread
+    starts with the first host half it runs: a Prober that never offloads starts none."""
+    from collections import defaultdict
+
+    from rankprobe.loop import Prober
+    from rankprobe.runfolder import NullWriter
+
+    cfg = load("demo", MODEL | {"train.batch_size": "4"})
+    model, tokens = _model(), _tokens()
+    for offload in (False, True):
+        prober = Prober(cfg, model, None, tokens, torch.device("cpu"), None, NullWriter(), defaultdict(float))
+        prober.offload = offload
+        prober.lenses(3, [])
+        assert (prober.worker is not None) == offload
+        prober.drain()
+        prober.close(), prober.close()
+        for probe in (lambda: prober.lenses(4, []), lambda: prober(4, [])):
+            with pytest.raises(RuntimeError, match="Prober is closed"):
+                probe()
+        assert not prober.pending

@@ -224,6 +224,10 @@ class Prober:
     Those rows are written before the next checkpoint's rows or the `end` row, never at a time-driven
     point, so metrics.jsonl comes out the same every time; a checkpoint saved meanwhile carries them,
     finished (`settle`), so that a resumed run writes them in the same place.
+
+    `close` is final on every device: a closed Prober refuses another checkpoint with one clear error,
+    on the CPU too, where the host halves never reach the worker, so that a CPU test meets what a GPU
+    run would (a benchmark probing after `close` died on an H200 only, in concurrent.futures; issue 13).
     """
 
     def __init__(self, cfg: Config, model, data: TokenData, probe_set: torch.Tensor, device, amp, out,
@@ -235,8 +239,9 @@ class Prober:
         # the public monitor's fixed-batch mode: one probing path for the trainer and everyone else
         self.monitor = Monitor(model, dist=dist, batch_size=cfg.train.batch_size, attention=cfg.probe.attention,
                                weights=False, train_forward=False)
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-probes")
         self.offload = device.type == "cuda"  # host halves on the worker (see _later)
+        self.worker: ThreadPoolExecutor | None = None  # started by the first host half it runs
+        self.closed = False
         self.pending: list[tuple[int, Future]] = [(step, _finished(rows)) for step, rows in json.loads(pending_rows)]
 
     def _later(self, step: int, kind: str, rows: Callable[[], list[dict]]) -> None:
@@ -247,7 +252,14 @@ class Prober:
         def tagged() -> list[dict]:
             return [{"kind": kind, **r} for r in rows()]
 
+        if self.offload and self.worker is None:
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-probes")
         self.pending.append((step, self.worker.submit(tagged) if self.offload else _finished(tagged())))
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this Prober is closed (its worker is shut down): probe before close(), "
+                               "or make a new Prober")
 
     def settle(self) -> list[tuple[int, list[dict]]]:
         """Wait for the pending rows: [(step, rows)], each row with its `kind` (what a checkpoint saves)."""
@@ -269,6 +281,7 @@ class Prober:
 
     def __call__(self, step: int, updates: list[dict]) -> None:
         """Evaluate and probe after `step`; `updates` are the update-RMS rows of the step that led here."""
+        self._check_open()  # before the eval, and before `drain` meets rows that close() cancelled
         self.drain()
         tokens = step * self.tokens_per_step
         t0 = time.perf_counter()
@@ -287,6 +300,7 @@ class Prober:
         """The probe pass after `step`: (kind, rows) for `attn` and `update`; the host halves of the
         `probe` and `weights` rows go to the worker. Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast,
         so the keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way)."""
+        self._check_open()  # before the probe pass, not after it at the first host half
         with autocast(self.device, self.amp):
             probe_rows, attn = self.monitor.lenses_start(self.shard, sharded=True)
         if self.dist.is_main:  # the statistics are merged and the weights replicated: rank 0 writes for all
@@ -296,7 +310,10 @@ class Prober:
         return [("attn", attn), ("update", updates)]
 
     def close(self) -> None:
-        self.worker.shutdown(cancel_futures=True)
+        """Stop the worker (waiting for a host half it is running, cancelling queued ones); final."""
+        self.closed = True
+        if self.worker is not None:
+            self.worker.shutdown(cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
