@@ -221,7 +221,7 @@ def axis_alignment(study: Study, out_dir: Path) -> Path | None:
 def orthogonality_pr(study: Study, out_dir: Path) -> Path | None:
     """orthogonality_pr.png: per trained arm, final key PR against the mean orth_dev of W_q and W_k
     (seed means, 95% bars both ways); None when fewer than two arms have `orth_dev` weight rows."""
-    devs = {a: d for a, d in ((a, orth_devs(g)) for a, g in study.arms.items()) if d is not None}
+    devs = orth_devs(study.arms)
     if len(devs) < 2:
         return None
     fig, ax = new_axes()

@@ -18,6 +18,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def section(title: str, text: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A titled paragraph and its table as lines; [] without rows."""
+    return [title, "", text, "", *table(header, rows), ""] if rows else []
+
+
 def arm_cell(arm: str, reference: bool = False) -> str:
     """An arm as a table cell or in prose: '`muon`', or '`hf:qwen3` (pretrained)' for a reference."""
     return f"`{arm}`" + (" (pretrained)" if reference else "")

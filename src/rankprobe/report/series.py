@@ -20,7 +20,7 @@ from rankprobe.config import UserError
 from rankprobe.report.metrics import (
     METRIC_NAME, METRICS, Run, _num, check_metric, default_tap, finished_by_arm, layer_rows, null_value,
 )
-from rankprobe.report.stats import Estimate, estimate, mean_ci
+from rankprobe.report.stats import NO_VALUE, Estimate, estimate, mean_ci
 
 
 def _finite_reduce(x: np.ndarray, axis, how: str = "mean") -> np.ndarray:
@@ -75,6 +75,11 @@ class ArmSeries:
     def layers_at(self, index: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """Value per layer at checkpoint `index` (default the final one): seed mean and half-width (L,)."""
         return mean_ci(self.values[:, index, :], axis=0)
+
+
+def final(s: ArmSeries | None) -> Estimate:
+    """The Estimate at the final checkpoint of `s`; NO_VALUE (printed 'n/a') where there is no series."""
+    return NO_VALUE if s is None else s.at(-1)
 
 
 def _stack(runs: list[Run], kind: str, match: dict) -> tuple[list[list[list[dict]]], np.ndarray]:

@@ -43,6 +43,10 @@ class Estimate:
     n: int
 
 
+NO_VALUE = Estimate(math.nan, math.nan, 0)
+"""a cell whose rows are absent: printed 'n/a'"""
+
+
 def estimate(values) -> Estimate:
     """The Estimate of a 1-D array of per-seed values."""
     values = np.asarray(values, dtype=float)
@@ -63,6 +67,11 @@ def resolution(a: Estimate, b: Estimate) -> str:
     if a.n < 2 or b.n < 2 or not (math.isfinite(a.half) and math.isfinite(b.half)):
         return "single seed"
     return "resolved" if abs(a.mean - b.mean) > a.half + b.half else "not resolved"
+
+
+def resolved_above(a: Estimate, b: Estimate) -> bool:
+    """Whether `a` is higher than `b` with non-overlapping 95% intervals."""
+    return resolution(a, b) == "resolved" and a.mean > b.mean
 
 
 def verdict(a: Estimate, b: Estimate, higher: str = "higher", lower: str = "lower") -> str:
