@@ -568,7 +568,7 @@ def test_old_metrics_files_still_report(tmp_path):
 
 
 def test_qkclip_arm_order_and_colours():
-    from rankprobe.report.plot import ARM_COLOURS, arm_colour
+    from rankprobe.report.figures import ARM_COLOURS, arm_colour
     arms = ["adamw", "muon", "muon+qkclip", "muon+qknorm+qkclip", "hf:llama"]
     assert sorted(arms, key=arm_key) == ["adamw", "muon", "hf:llama", "muon+qkclip", "muon+qknorm+qkclip"]
     colours = {a: arm_colour(a, arms, references={"hf:llama"}) for a in arms}

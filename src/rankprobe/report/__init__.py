@@ -8,7 +8,7 @@ next to them. Data flows one way through the modules:
     stats     t intervals (`Estimate`), Spearman (scipy.stats) and the rule that calls a difference resolved
     findings  the study's four questions; mechanism: questions 5-10 (why keys collapse)
     fmt       the one Markdown table and ± formatter, and the fixed prose (prose.toml)
-    plot      the public drawing kit; figures: one function per PNG
+    figures   the drawing kit, then one function per PNG
     markdown  report.md; scan: scan.md of a learning-rate scan
 """
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from rankprobe.config import UserError
 from rankprobe.report.metrics import (
-    METRIC_NAME, METRICS, Run, _num, check_metric, default_tap, finished_by_arm, layer_rows, null_value,
+    METRIC_NAME, METRICS, Run, _num, default_tap, finished_by_arm, layer_rows, null_value,
 )
 from rankprobe.report.stats import NO_VALUE, Estimate, estimate, mean_ci
 
@@ -146,6 +146,9 @@ def aggregate(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") 
     return {arm: arm_pr(group, tap, tensor, metric) for arm, group in finished_by_arm(runs).items()}
 
 
+TENSOR_NAME = {"k": "key", "q": "query", "v": "value"}
+
+
 @dataclass
 class Study:
     """The runs of one report, grouped once: trained arms and pretrained references in report order,
@@ -161,7 +164,9 @@ class Study:
     """finished pretrained references by arm (`Run.reference`), drawn and tabulated, never pooled"""
 
     def __post_init__(self):
-        self.metric = check_metric(self.metric)
+        self.metric = self.metric or "pr"
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
         groups = finished_by_arm(self.runs)
         self.arms = {a: g for a, g in groups.items() if not g[0].reference}
         self.refs = {a: g for a, g in groups.items() if g[0].reference}
@@ -179,7 +184,7 @@ class Study:
     @property
     def label(self) -> str:
         """'key PR', 'key erank', 'query stable rank', ..."""
-        return metric_label(self.tensor, self.metric)
+        return f"{TENSOR_NAME.get(self.tensor, self.tensor)} {METRIC_NAME.get(self.metric, self.metric)}"
 
     def series(self, kind: str, key: str, reduce: str = "mean", trained: bool = False,
                **match) -> dict[str, ArmSeries]:
@@ -187,14 +192,6 @@ class Study:
         groups = self.arms if trained else self.groups
         found = {a: arm_series(g, kind, key, reduce, **match) for a, g in groups.items()}
         return {a: s for a, s in found.items() if s is not None}
-
-
-TENSOR_NAME = {"k": "key", "q": "query", "v": "value"}
-
-
-def metric_label(tensor: str, metric: str) -> str:
-    """'key PR', 'key erank', 'query stable rank', ..."""
-    return f"{TENSOR_NAME.get(tensor, tensor)} {METRIC_NAME.get(metric, metric)}"
 
 
 @dataclass
@@ -211,20 +208,14 @@ class Headline:
     dead_layers: list[int] | None
     """layers whose seed-mean PR is below `probe.dead_pr`; None for other metrics (the threshold is a PR value)"""
     val_loss: Estimate
+    null: float
+    """the metric's isotropic null at the final checkpoint (NaN if the rows do not say)"""
+    n_probe: int
+    """the probe tokens N the null is for (0 if the rows do not say)"""
 
     @property
     def arm(self) -> str:
         return self.pr.arm
-
-    @property
-    def null(self) -> float:
-        """the metric's isotropic null at the final checkpoint (NaN if the rows do not say)"""
-        return float(self.pr.null[-1]) if self.pr.null is not None else math.nan
-
-    @property
-    def n_probe(self) -> int:
-        n = self.pr.n_probe[-1] if self.pr.n_probe is not None else math.nan
-        return int(n) if math.isfinite(n) else 0
 
 
 def headline(pr: ArmSeries, runs: list[Run], dead_pr: float) -> Headline:
@@ -232,10 +223,12 @@ def headline(pr: ArmSeries, runs: list[Run], dead_pr: float) -> Headline:
     seed-mean profile, layers below `dead_pr` (PR only), and the last val loss."""
     layer_mean, layer_half = pr.layers_at(-1)
     weakest = int(np.nanargmin(layer_mean)) if np.isfinite(layer_mean).any() else 0
+    n_probe = pr.n_probe[-1]
     return Headline(pr, pr.at(-1), weakest,
                     Estimate(float(layer_mean[weakest]), float(layer_half[weakest]), pr.n_seeds),
                     [int(i) for i in np.flatnonzero(layer_mean < dead_pr)] if pr.metric == "pr" else None,
-                    estimate([r.final_val_loss() for r in runs]))
+                    estimate([r.final_val_loss() for r in runs]), float(pr.null[-1]),
+                    int(n_probe) if math.isfinite(n_probe) else 0)
 
 
 def headline_numbers(runs: list[Run], tap: str | None = None, tensor: str = "k",
