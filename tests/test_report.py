@@ -664,7 +664,7 @@ def test_findings_single_seed_has_no_interval(tmp_path):
 
 
 def test_spearman_known_answers():
-    from rankprobe.report.stats import spearman
+    from rankprobe.report.series import spearman
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(0.8)  # 1 - 6·2/(4·15)

@@ -25,8 +25,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from rankprobe.report.fmt import fmt_tokens
 from rankprobe.report.mechanism import ALIGN_MARGIN, alignment_index, final_orth, orth_devs
 from rankprobe.report.metrics import arm_key
-from rankprobe.report.series import TENSOR_NAME, ArmSeries, Study, arm_pr, arm_series
-from rankprobe.report.stats import mean_ci
+from rankprobe.report.series import TENSOR_NAME, ArmSeries, Study, arm_pr, arm_series, mean_ci
 from rankprobe.runfolder import atomic_file
 
 ARM_COLOURS = {"adamw": "#1f77b4", "adamw+qknorm": "#17becf", "muon": "#d62728", "muon+qknorm": "#ff7f0e"}

@@ -8,8 +8,7 @@ import tomllib
 from functools import cache
 from importlib.resources import files
 
-from rankprobe.report.series import ArmSeries
-from rankprobe.report.stats import Estimate
+from rankprobe.report.series import ArmSeries, Estimate
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -13,13 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 from rankprobe.config import flatten
+from rankprobe.report.figures import arm_figure
 from rankprobe.report.findings import findings_section
 from rankprobe.report.fmt import arm_cells, fmt_tokens, pm, prose, section, table
 from rankprobe.report.mechanism import mechanism_section
 from rankprobe.report.metrics import METRIC_NAME, Run, arm_key
-from rankprobe.report.figures import arm_figure
-from rankprobe.report.series import TENSOR_NAME, Headline, Study, final, headline
-from rankprobe.report.stats import Estimate, mean_ci
+from rankprobe.report.series import TENSOR_NAME, Estimate, Headline, Study, final, headline, mean_ci
 from rankprobe.runfolder import PHASE_FIELDS, write_atomic
 
 # the config values the summary names, as {train_batch_size}, {model_seq_len}, ... in prose.toml

@@ -11,7 +11,7 @@ question is one function from the study's series to Markdown:
 9. how the early key PR depends on the warmup, for arms that differ only in `optim.warmup_frac`;
 10. what the data leave unexplained.
 
-Differences are judged by `stats.verdict`; a question the arms present cannot answer says so and
+Differences are judged by `series.verdict`; a question the arms present cannot answer says so and
 why. Key PR here is always the keys' PR at the headline tap, whatever metric the headline uses.
 """
 
@@ -25,8 +25,9 @@ import numpy as np
 from rankprobe.report.findings import early_common, optimizers
 from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
-from rankprobe.report.series import ArmSeries, Study, arm_pr, arm_series, final
-from rankprobe.report.stats import NO_VALUE, resolved_above, spearman, verdict
+from rankprobe.report.series import (
+    NO_VALUE, ArmSeries, Study, arm_pr, arm_series, final, resolved_above, spearman, verdict,
+)
 
 COORDINATE, ROTATION, UNCLASSIFIED = "coordinate-wise", "rotation-equivariant", "unclassified"
 OPTIMIZER_CLASS = {
@@ -129,10 +130,8 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
             summary.append(f"{arm_cell(arm)}: not answered, its key rows have no `axis_ratio`.")
             continue
         pr, ratio = prs[arm], arm_series(group, "probe", "axis_ratio", tap=tap, tensor="k")
-        for c, t in enumerate(idx.tokens):
-            if t not in pr.tokens:  # a checkpoint whose key rows lack PR
-                continue
-            rows.append([arm_cell(arm), f"{int(t):,}", pm(pr.at_tokens(int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)])
+        rows += [[arm_cell(arm), f"{int(t):,}", pm(pr.at_tokens(int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)]
+                 for c, t in enumerate(idx.tokens) if t in pr.tokens]  # skipping checkpoints whose key rows lack PR
         align_at, mean = _first(idx, idx.trajectory()[0] > ALIGN_MARGIN), pr.trajectory()[0]
         # collapsed: the seed-mean key PR below COLLAPSE_FRACTION of its value at init
         collapse_at = _first(pr, mean < COLLAPSE_FRACTION * mean[0]) if pr.tokens[0] == 0 else None
@@ -164,9 +163,8 @@ def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str
                for k in ("sphere_r", "sphere_r_null", "pr_uncentered")}
         if got["sphere_r"] is not NO_VALUE:
             ends[arm] = got
-    for arm, f in ends.items():
-        rows.append([arm_cell(arm), pm(f["sphere_r"], 3), f"{f['sphere_r_null'].mean:.4f}", pm(prs[arm].at(-1)),
-                     pm(f["pr_uncentered"])])
+            rows.append([arm_cell(arm), pm(got["sphere_r"], 3), f"{got['sphere_r_null'].mean:.4f}",
+                         pm(prs[arm].at(-1)), pm(got["pr_uncentered"])])
     n_track = 0
     for off, on in pairs:
         if off not in ends or on not in ends:
