@@ -175,6 +175,7 @@ def grid_figure(grid: np.ndarray, vmax: float, xticks: list[str], xlabel: str, t
     fig.colorbar(im, ax=ax, label=cbar)
     return fig
 
+
 # ---------------------------------------------------------------------------------------------
 # the figures
 

@@ -18,7 +18,7 @@ from rankprobe.report.findings import findings_section
 from rankprobe.report.fmt import arm_cells, fmt_tokens, pm, prose, section, table
 from rankprobe.report.mechanism import mechanism_section
 from rankprobe.report.metrics import METRIC_NAME, Run, arm_key
-from rankprobe.report.series import TENSOR_NAME, Estimate, Headline, Study, final, headline, mean_ci
+from rankprobe.report.series import TENSOR_NAME, Estimate, Headline, Study, final, mean_ci
 from rankprobe.runfolder import PHASE_FIELDS, write_atomic
 
 # the config values the summary names, as {train_batch_size}, {model_seq_len}, ... in prose.toml
@@ -105,8 +105,8 @@ def _headline_rows(heads: list[Headline], dead: bool, diverged: list[Run]) -> li
     return [r for *_, r in sorted(rows, key=lambda x: x[:2])]
 
 
-def _headline_section(study: Study, heads: list[Headline], diverged: list[Run]) -> list[str]:
-    metric, dead = study.metric, study.metric == "pr"
+def _headline_section(study: Study, diverged: list[Run]) -> list[str]:
+    heads, metric, dead = study.headlines(), study.metric, study.metric == "pr"
     name = METRIC_NAME[metric]
     header = ["arm", "seeds", "tokens", f"mean {study.label}", "isotropic null", f"weakest layer: {name}",
               *([f"dead layers (PR < {study.dead_pr:g})"] if dead else []), "val loss"]
@@ -128,11 +128,11 @@ def _headline_section(study: Study, heads: list[Headline], diverged: list[Run]) 
     return lines
 
 
-def _lens_section(study: Study, title: str, key: str, columns: list[tuple], heads: dict[str, Headline]) -> list[str]:
+def _lens_section(study: Study, title: str, key: str, columns: list[tuple]) -> list[str]:
     """A lens table: per finished arm with any of the columns' rows, the arm's headline mean, then each
     column's value at the last checkpoint common to its seeds."""
     series = [study.series(kind, name, how, **match) for _, kind, name, how, match, _ in columns]
-    rows = [[*arm_cells(next(s[arm] for s in series if arm in s)), pm(heads[arm].mean),
+    rows = [[*arm_cells(next(s[arm] for s in series if arm in s)), pm(study.prs[arm].at(-1)),
              *(pm(final(s.get(arm)), c[-1]) for s, c in zip(series, columns))]
             for arm in study.groups if any(arm in s for s in series)]
     header = ["arm", "seeds", "tokens", f"mean {study.label}", *(c[0] for c in columns)]
@@ -254,12 +254,10 @@ def write_report(study: Study, root: Path, out_dir: Path, figures: list[Path]) -
     base = root if root.is_dir() else root.parent
     lines = [f"# RankProbe report: `{base.resolve().name}`", "", _summary(study, incomplete, diverged), ""]
     if study.groups:
-        heads = {a: headline(study.prs[a], g, study.dead_pr) for a, g in study.groups.items()}
-        lines += _headline_section(study, list(heads.values()), diverged)
-        if arms:
-            lines += findings_section(study) + mechanism_section(study)
+        lines += _headline_section(study, diverged)
+        lines += findings_section(study) + mechanism_section(study) if arms else []
         for title, key, columns in LENSES:
-            lines += _lens_section(study, title, key, columns, heads)
+            lines += _lens_section(study, title, key, columns)
         lines += _checkpoint_section(study) if arms else []
         lines += _figure_section(study, figures) + _cost_section(arms)
     lines += _excluded_section(diverged, base, True) + _excluded_section(incomplete, base, False)

@@ -276,6 +276,11 @@ class Study:
         found = {a: arm_series(g, kind, key, reduce, **match) for a, g in groups.items()}
         return {a: s for a, s in found.items() if s is not None}
 
+    def headlines(self) -> list[Headline]:
+        """The headline numbers of every finished arm as data (for callers that want numbers, not
+        Markdown): trained arms, then pretrained references (`Headline.pr.reference`)."""
+        return [headline(self.prs[a], g, self.dead_pr) for a, g in self.groups.items()]
+
 
 @dataclass
 class Headline:
@@ -312,11 +317,3 @@ def headline(pr: ArmSeries, runs: list[Run], dead_pr: float) -> Headline:
                     [int(i) for i in np.flatnonzero(layer_mean < dead_pr)] if pr.metric == "pr" else None,
                     estimate([r.final_val_loss() for r in runs]), float(pr.null[-1]),
                     int(n_probe) if math.isfinite(n_probe) else 0)
-
-
-def headline_numbers(runs: list[Run], tap: str | None = None, tensor: str = "k",
-                     metric: str | None = None) -> list[Headline]:
-    """The headline rows as data (for callers that want numbers, not Markdown): trained arms, then
-    pretrained references (`Headline.pr.reference`)."""
-    study = Study(runs, tap, tensor, metric)
-    return [headline(study.prs[a], g, study.dead_pr) for a, g in study.groups.items()]
