@@ -111,8 +111,10 @@ def series_label(s: ArmSeries) -> str:
     return f"{s.arm} (pretrained)" if s.reference else seeds_label(s.arm, s.n_seeds)
 
 
-def band(ax, x, mean, half, colour) -> None:
-    """The 95% band over seeds (nothing with one seed)."""
+def arm_line(ax, x, mean, half, colour: str, arm: str, label: str) -> None:
+    """A trained arm's seed-mean line in its colour and marker, and its 95% band over seeds (none with
+    one seed)."""
+    ax.plot(x, mean, color=colour, marker=marker(arm), markersize=4, label=label)
     if np.isfinite(half).any():
         ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
 
@@ -127,8 +129,7 @@ def trajectory_lines(ax, study: Study, series: dict[str, ArmSeries]) -> np.ndarr
         if s.reference:
             ax.axhline(float(mean[-1]), color=c, **REFERENCE_STYLE, label=series_label(s))
             continue
-        ax.plot(s.tokens, mean, color=c, marker=marker(arm), markersize=4, label=series_label(s))
-        band(ax, s.tokens, mean, half, c)
+        arm_line(ax, s.tokens, mean, half, c, arm, series_label(s))
         tokens.append(s.tokens)
     return np.concatenate(tokens).astype(float) if tokens else None
 
@@ -147,10 +148,8 @@ def layer_lines(ax, study: Study, series: dict[str, ArmSeries]) -> None:
             note = "" if mean.size == n_layer else f", {mean.size} layers at relative depth"
             ax.plot(x, mean, color=c, **REFERENCE_STYLE, label=f"{arm} (pretrained{note})")
             continue
-        x = np.arange(mean.size)
-        ax.plot(x, mean, color=c, marker=marker(arm), markersize=4,
-                label=f"{series_label(s)} at {fmt_tokens(s.tokens[-1])} tokens")
-        band(ax, x, mean, half, c)
+        arm_line(ax, np.arange(mean.size), mean, half, c, arm,
+                 f"{series_label(s)} at {fmt_tokens(s.tokens[-1])} tokens")
     ax.set_xticks(range(0, n_layer, max(1, n_layer // 16)))
     ax.set_xlim(-0.3, n_layer - 0.7)
     ax.set_xlabel("layer (0 = nearest the embedding)")
