@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-from rankprobe.report.fmt import fmt_tokens
+from rankprobe.report.fmt import fmt_tokens, n_seeds
 from rankprobe.report.mechanism import ALIGN_MARGIN, alignment_index, final_orth, orth_devs
 from rankprobe.report.metrics import arm_key
 from rankprobe.report.series import TENSOR_NAME, ArmSeries, Study, arm_pr, arm_series, mean_ci
@@ -103,12 +103,8 @@ def token_axis(ax, tokens: np.ndarray, label: str = "training tokens") -> None:
     ax.set_xlabel(f"{label} (log scale above {fmt_tokens(lo)}; 0 = initialization)")
 
 
-def seeds_label(arm: str, n: int) -> str:
-    return f"{arm} ({n} seed{'s' if n != 1 else ''})"
-
-
 def series_label(s: ArmSeries) -> str:
-    return f"{s.arm} (pretrained)" if s.reference else seeds_label(s.arm, s.n_seeds)
+    return f"{s.arm} (pretrained)" if s.reference else f"{s.arm} ({n_seeds(s.n_seeds)})"
 
 
 def arm_line(ax, x, mean, half, colour: str, arm: str, label: str) -> None:
@@ -250,7 +246,7 @@ def heatmaps(study: Study, out_dir: Path) -> list[Path]:
     the final checkpoint, on [0, the arm's head_dim]."""
     paths, label = [], study.label
     for arm, pr in study.prs.items():
-        seeds = series_label(pr)[len(arm) + 2:-1]
+        seeds = n_seeds(pr.n_seeds)
         if not pr.reference:
             fig = grid_figure(pr.values.mean(axis=0).T, study.head_dim,
                               ["init" if t == 0 else fmt_tokens(t) for t in pr.tokens], "checkpoint (training tokens)",
@@ -299,7 +295,7 @@ def loss_curves(study: Study, out_dir: Path) -> Path | None:
             mean = train.values[:, :, 0].mean(axis=0)
             ax.plot(train.tokens, mean, color=c, alpha=0.2, linewidth=0.8)
             ax.plot(train.tokens, smooth(mean, max(1, train.tokens.size // 50)), color=c, linewidth=1.6,
-                    label=seeds_label(f"{arm} train", len(group)))
+                    label=f"{arm} train ({n_seeds(len(group))})")
             drawn.append(train.tokens)
         if val is not None:
             vmean, vhalf = val.trajectory()
@@ -388,7 +384,7 @@ def orthogonality_pr(study: Study, out_dir: Path) -> Path | None:
         y, yh = arm_pr(study.arms[arm], study.tap, "k", "pr").trajectory()
         ax.errorbar(float(x), float(y[-1]), xerr=np.nan_to_num(float(xh)), yerr=np.nan_to_num(float(yh[-1])),
                     color=colour(study, arm), marker=marker(arm), markersize=7, markeredgecolor="black",
-                    markeredgewidth=0.6, capsize=3, linestyle="none", label=seeds_label(arm, dev.size))
+                    markeredgewidth=0.6, capsize=3, linestyle="none", label=f"{arm} ({n_seeds(dev.size)})")
     for value in sorted({round(float(null.at(-1).mean), 3) for _, _, null in devs.values() if null is not None}):
         ax.axvline(value, **NULL_STYLE, label=f"Gaussian null ({value:.3f})")
     ax.set_xlabel("orth_dev of W_q and W_k, mean over layers (0 = orthogonal up to scale)")

@@ -1,5 +1,5 @@
 """Text helpers shared by every Markdown section: the one table writer, the one ± formatter, token
-counts in words, and the report's fixed prose, which lives in `prose.toml` next to this module."""
+and seed counts in words, and the report's fixed prose, which lives in `prose.toml` next to this module."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def pm(e: Estimate, digits: int = 2, sep: str = "") -> str:
     if not math.isfinite(e.mean):
         return "n/a"
     return f"{e.mean:{sep}.{digits}f}" + (f" ± {e.half:{sep}.{digits}f}" if math.isfinite(e.half) else "")
+
+
+def n_seeds(n: int) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} seed{'s' if n != 1 else ''}"
 
 
 def fmt_tokens(n: float) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from rankprobe.config import flatten
 from rankprobe.report.figures import arm_figure
 from rankprobe.report.findings import findings_section
-from rankprobe.report.fmt import arm_cells, fmt_tokens, pm, prose, section, table
+from rankprobe.report.fmt import arm_cells, fmt_tokens, n_seeds, pm, prose, section, table
 from rankprobe.report.mechanism import mechanism_section
 from rankprobe.report.metrics import METRIC_NAME, Run, arm_key
 from rankprobe.report.series import TENSOR_NAME, Estimate, Headline, Study, final, mean_ci
@@ -66,7 +66,7 @@ def _summary(study: Study, incomplete: list[Run], diverged: list[Run]) -> str:
     ran = [r for g in arms.values() for r in g]
     params = sorted({r.info.get("n_params") for r in ran if r.info.get("n_params")})
     ckpts = sorted({int(t) for r in ran for t in r.info.get("probe_checkpoints", [])})
-    seeds = ", ".join(f"`{a}` × {len(g)} seed{'s' if len(g) != 1 else ''} ({', '.join(str(r.seed) for r in g)})"
+    seeds = ", ".join(f"`{a}` × {n_seeds(len(g))} ({', '.join(str(r.seed) for r in g)})"
                       for a, g in arms.items())
     kv_heads = {str(flatten(r.config).get("model.n_kv_head") or flatten(r.config).get("model.n_head")) for r in ran}
     settings = {k.replace(".", "_"): _distinct(ran, k) for k in _SUMMARY_KEYS}
