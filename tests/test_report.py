@@ -24,7 +24,7 @@ from rankprobe.config import Config, UserError, to_dict
 from rankprobe.report import build_report, find_runs, layer_pr, mean_ci, read_metrics, t_quantile
 from rankprobe.report.figures import _nulls
 from rankprobe.report.metrics import MetricsError, arm_key
-from rankprobe.report.series import ArmSeries, Study, aggregate, arm_pr, arm_series
+from rankprobe.report.series import ArmSeries, Study, arm_pr, arm_series
 
 CHECKPOINTS = [0, 1_000, 10_000, 100_000]
 FINAL = {  # arm -> final key PR per layer (seed mean) at tap `norm`
@@ -300,7 +300,7 @@ def test_only_checkpoints_common_to_all_seeds(tmp_path):
 
 
 def test_aggregation_against_hand_values(sweep):
-    prs = aggregate(find_runs(sweep), "norm")
+    prs = Study(find_runs(sweep), "norm").prs
     assert list(prs) == ["adamw", "adamw+qknorm", "muon", "muon+qknorm"]
     muon = prs["muon"]
     assert muon.seeds == [0, 1]  # the unfinished seed 2 is not aggregated
@@ -476,17 +476,17 @@ def test_unknown_metric_is_a_user_error(sweep, tmp_path):
 
 
 def test_nulls_are_drawn_and_stated(sweep, report):
-    prs = aggregate(find_runs(sweep), "norm", metric="rankme")
+    prs = Study(find_runs(sweep), "norm", metric="rankme").prs
     np.testing.assert_allclose(prs["muon"].null, [63.8] * 4)
     assert _nulls(list(prs.values())) == [(63.8, N_PROBE)]
-    assert _nulls(list(aggregate(find_runs(sweep), "norm").values())) == [(63.0, N_PROBE)]
+    assert _nulls(list(Study(find_runs(sweep), "norm").prs.values())) == [(63.0, N_PROBE)]
     text = report.read_text()
     assert "isotropic null" in text and "is 63.00 for the 4,096 probe tokens" in text
     assert (report.parent / "pr_trajectory.png").exists() and (report.parent / "layer_comparison.png").exists()
 
 
 def test_per_head_values_at_the_final_checkpoint(sweep):
-    pr = aggregate(find_runs(sweep), "norm")["muon+qknorm"]
+    pr = Study(find_runs(sweep), "norm").prs["muon+qknorm"]
     assert pr.heads.shape == (2, 4, 4)  # (seed, layer, head)
     np.testing.assert_allclose(pr.heads.mean(axis=0), np.add.outer(FINAL["muon+qknorm"], HEAD_OFFSETS))
 

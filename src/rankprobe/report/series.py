@@ -224,11 +224,6 @@ def arm_pr(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> 
                      heads=_stack_heads([seed[-1] for seed in rows], f"{metric}_heads"))
 
 
-def aggregate(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> dict[str, ArmSeries]:
-    """`arm_pr` for every arm with finished runs, in report order (pretrained references last)."""
-    return {arm: arm_pr(group, tap, tensor, metric) for arm, group in finished_by_arm(runs).items()}
-
-
 TENSOR_NAME = {"k": "key", "q": "query", "v": "value"}
 
 
@@ -257,7 +252,7 @@ class Study:
         self.tap = self.tap or (default_tap(lead) if lead else "norm")
         self.head_dim = max((r.head_dim for r in lead), default=0)
         self.dead_pr = lead[0].dead_pr if lead else 10.0
-        self.prs = aggregate(self.runs, self.tap, self.tensor, self.metric) if groups else {}
+        self.prs = {a: arm_pr(g, self.tap, self.tensor, self.metric) for a, g in groups.items()}
 
     @property
     def groups(self) -> dict[str, list[Run]]:
