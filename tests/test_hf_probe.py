@@ -16,7 +16,7 @@ from rankprobe.probes.hf import (  # noqa: E402
     load_hf, load_run_checkpoint, probe_checkpoint_to_dir)
 from rankprobe.probes.lenses import attention_lenses  # noqa: E402
 from rankprobe.report.metrics import find_runs  # noqa: E402
-from rankprobe.report.series import aggregate  # noqa: E402
+from rankprobe.report.series import Study  # noqa: E402
 
 V, T = 300, 12
 SMALL = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -147,7 +147,7 @@ def test_probe_checkpoint_to_dir_writes_a_run_the_report_reads(saved, tmp_path):
     assert len([r for r in rows if r["kind"] == "weights"]) == 8
     (found,) = find_runs(tmp_path)
     assert found.finished and found.arm == "hf:qwen3"
-    assert aggregate([found], "norm")["hf:qwen3"].values.shape == (1, 1, 2)
+    assert Study([found], "norm").prs["hf:qwen3"].values.shape == (1, 1, 2)
     with pytest.raises(UserError, match="already holds"):
         probe_checkpoint_to_dir(saved["qwen3"], tokens, tmp_path / "qwen3")
     with pytest.raises(DataError, match="ids in"):

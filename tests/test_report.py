@@ -24,7 +24,7 @@ from rankprobe.config import Config, UserError, to_dict
 from rankprobe.report import build_report, find_runs, layer_pr, mean_ci, read_metrics, t_quantile
 from rankprobe.report.figures import _nulls
 from rankprobe.report.metrics import MetricsError, arm_key
-from rankprobe.report.series import ArmSeries, aggregate, arm_pr, arm_series, headline_numbers
+from rankprobe.report.series import ArmSeries, Study, arm_pr, arm_series
 
 CHECKPOINTS = [0, 1_000, 10_000, 100_000]
 FINAL = {  # arm -> final key PR per layer (seed mean) at tap `norm`
@@ -300,7 +300,7 @@ def test_only_checkpoints_common_to_all_seeds(tmp_path):
 
 
 def test_aggregation_against_hand_values(sweep):
-    prs = aggregate(find_runs(sweep), "norm")
+    prs = Study(find_runs(sweep), "norm").prs
     assert list(prs) == ["adamw", "adamw+qknorm", "muon", "muon+qknorm"]
     muon = prs["muon"]
     assert muon.seeds == [0, 1]  # the unfinished seed 2 is not aggregated
@@ -331,8 +331,8 @@ def test_every_row_kind_stacks_through_one_series(sweep):
         s = ArmSeries("a", [0], np.array([0, 1]), values, reduce=how)
         np.testing.assert_array_equal(s.per_seed(), [[first, np.nan]])
 
-def test_headline_numbers_and_dead_layers(sweep):
-    heads = {h.arm: h for h in headline_numbers(find_runs(sweep))}
+def test_headlines_and_dead_layers(sweep):
+    heads = {h.arm: h for h in Study(find_runs(sweep)).headlines()}
     assert heads["adamw"].dead_layers == [1, 2]
     assert heads["adamw+qknorm"].dead_layers == [2]
     assert heads["muon"].dead_layers == []
@@ -340,10 +340,10 @@ def test_headline_numbers_and_dead_layers(sweep):
     assert (heads["muon+qknorm"].weakest_layer, heads["muon+qknorm"].weakest.mean) == (2, pytest.approx(10.2))
     assert heads["muon"].val_loss.mean == pytest.approx(2.81)
     assert heads["muon"].val_loss.half == pytest.approx(T1 * 0.02, rel=1e-6)
-    proj = {h.arm: h for h in headline_numbers(find_runs(sweep), tap="proj")}
+    proj = {h.arm: h for h in Study(find_runs(sweep), tap="proj").headlines()}
     assert proj["adamw"].mean.mean == pytest.approx(np.mean(FINAL["adamw"]) + 5)
     assert proj["adamw"].dead_layers == []  # proj profile 45, 13, 10, 35: dead means strictly below 10
-    rope = {h.arm: h for h in headline_numbers(find_runs(sweep), tap="rope")}
+    rope = {h.arm: h for h in Study(find_runs(sweep), tap="rope").headlines()}
     assert rope["adamw+qknorm"].dead_layers == [2] and rope["muon+qknorm"].dead_layers == [2]  # 6.8, 7.2
 
 
@@ -463,7 +463,7 @@ def test_metric_erank_changes_the_headline(sweep, tmp_path):
     assert "is 63.50 for the 4,096 probe tokens" in text
     checkpoints = parse_table(text, "tokens")
     assert pm(checkpoints[0][1])[0] == pytest.approx(62.0)  # init: 60 + 2
-    stable = {h.arm: h for h in headline_numbers(find_runs(sweep), metric="stable_rank")}
+    stable = {h.arm: h for h in Study(find_runs(sweep), metric="stable_rank").headlines()}
     assert stable["adamw"].mean.mean == pytest.approx(np.mean(FINAL["adamw"]) / 2)
     assert stable["adamw"].dead_layers is None and stable["adamw"].null == pytest.approx(54.0)
     for name in ("pr_trajectory.png", "layer_comparison.png", "heatmap_muon.png", "heads_muon.png"):
@@ -476,17 +476,17 @@ def test_unknown_metric_is_a_user_error(sweep, tmp_path):
 
 
 def test_nulls_are_drawn_and_stated(sweep, report):
-    prs = aggregate(find_runs(sweep), "norm", metric="rankme")
+    prs = Study(find_runs(sweep), "norm", metric="rankme").prs
     np.testing.assert_allclose(prs["muon"].null, [63.8] * 4)
     assert _nulls(list(prs.values())) == [(63.8, N_PROBE)]
-    assert _nulls(list(aggregate(find_runs(sweep), "norm").values())) == [(63.0, N_PROBE)]
+    assert _nulls(list(Study(find_runs(sweep), "norm").prs.values())) == [(63.0, N_PROBE)]
     text = report.read_text()
     assert "isotropic null" in text and "is 63.00 for the 4,096 probe tokens" in text
     assert (report.parent / "pr_trajectory.png").exists() and (report.parent / "layer_comparison.png").exists()
 
 
 def test_per_head_values_at_the_final_checkpoint(sweep):
-    pr = aggregate(find_runs(sweep), "norm")["muon+qknorm"]
+    pr = Study(find_runs(sweep), "norm").prs["muon+qknorm"]
     assert pr.heads.shape == (2, 4, 4)  # (seed, layer, head)
     np.testing.assert_allclose(pr.heads.mean(axis=0), np.add.outer(FINAL["muon+qknorm"], HEAD_OFFSETS))
 
@@ -525,7 +525,7 @@ def test_pretrained_is_a_reference_not_an_arm(sweep, with_reference, tmp_path):
     assert pm(ref["mean key PR"]) == (pytest.approx(np.mean(REF_PR)), pytest.approx(math.nan, nan_ok=True))
     assert ref["isotropic null"] == "126.00 (N = 8,192)" and ref["weakest layer: PR"] == "L5: 50.00"
     # trained arms are untouched by the reference: same numbers as without it
-    alone = {h.arm: h for h in headline_numbers(find_runs(sweep))}
+    alone = {h.arm: h for h in Study(find_runs(sweep)).headlines()}
     assert pm(rows["adamw"]["mean key PR"])[0] == pytest.approx(alone["adamw"].mean.mean, abs=0.005)
     assert rows["adamw"]["seeds"] == "2" and "is 63.00 for the 4,096 probe tokens" in text
     assert [r[0] for r in parse_table(text, "tokens")] == ["0 (init)", "1,000", "10,000", "100,000"]
@@ -568,7 +568,7 @@ def test_old_metrics_files_still_report(tmp_path):
 
 
 def test_qkclip_arm_order_and_colours():
-    from rankprobe.report.plot import ARM_COLOURS, arm_colour
+    from rankprobe.report.figures import ARM_COLOURS, arm_colour
     arms = ["adamw", "muon", "muon+qkclip", "muon+qknorm+qkclip", "hf:llama"]
     assert sorted(arms, key=arm_key) == ["adamw", "muon", "hf:llama", "muon+qkclip", "muon+qknorm+qkclip"]
     colours = {a: arm_colour(a, arms, references={"hf:llama"}) for a in arms}
@@ -664,7 +664,7 @@ def test_findings_single_seed_has_no_interval(tmp_path):
 
 
 def test_spearman_known_answers():
-    from rankprobe.report.stats import spearman
+    from rankprobe.report.series import spearman
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3, 4], [1, 2, 4, 3]) == pytest.approx(0.8)  # 1 - 6·2/(4·15)

@@ -4,11 +4,11 @@
 next to them. Data flows one way through the modules:
 
     metrics   read metrics files into `Run`s; group finished runs into arms
-    series    `ArmSeries`: one quantity of one arm stacked over seeds; `Study`: a report's arms, once
-    stats     t intervals (`Estimate`), Spearman (scipy.stats) and the rule that calls a difference resolved
+    series    `ArmSeries`: one quantity of one arm stacked over seeds; `Study`: a report's arms, once;
+              `Estimate` (t intervals), Spearman (scipy.stats) and the rule that calls a difference resolved
     findings  the study's four questions; mechanism: questions 5-10 (why keys collapse)
     fmt       the one Markdown table and ± formatter, and the fixed prose (prose.toml)
-    plot      the public drawing kit; figures: one function per PNG
+    figures   the drawing kit, then one function per PNG
     markdown  report.md; scan: scan.md of a learning-rate scan
 """
 
@@ -19,8 +19,7 @@ from pathlib import Path
 from rankprobe.report.figures import build_figures
 from rankprobe.report.markdown import write_report
 from rankprobe.report.metrics import METRICS, Run, find_runs, layer_pr, read_metrics
-from rankprobe.report.series import Study
-from rankprobe.report.stats import mean_ci, t_quantile
+from rankprobe.report.series import Study, mean_ci, t_quantile
 
 
 def build_report(root: str | Path, tap: str | None = None, *, metric: str | None = None,

@@ -4,7 +4,7 @@
 3. whether validation loss ranks the arms the same way (Spearman), 4. attention-logit growth and
 whether Muon keeps it below AdamW. Each question is one function from the study's series to its
 Markdown lines; a question whose arms or rows are absent says why instead of answering. Differences
-are judged by `stats.verdict`.
+are judged by `series.verdict`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import numpy as np
 
 from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
-from rankprobe.report.series import ArmSeries, Study
-from rankprobe.report.stats import estimate, spearman, verdict
+from rankprobe.report.series import ArmSeries, Study, estimate, spearman, verdict
 
 EARLY_TOKENS = 1_000_000
 """the checkpoint question 1 looks for; runs with a smaller budget use EARLY_FRACTION of it instead"""

@@ -1,5 +1,5 @@
 """Text helpers shared by every Markdown section: the one table writer, the one ± formatter, token
-counts in words, and the report's fixed prose, which lives in `prose.toml` next to this module."""
+and seed counts in words, and the report's fixed prose, which lives in `prose.toml` next to this module."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import tomllib
 from functools import cache
 from importlib.resources import files
 
-from rankprobe.report.series import ArmSeries
-from rankprobe.report.stats import Estimate
+from rankprobe.report.series import ArmSeries, Estimate
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table as lines."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def section(title: str, text: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A titled paragraph and its table as lines; [] without rows."""
+    return [title, "", text, "", *table(header, rows), ""] if rows else []
 
 
 def arm_cell(arm: str, reference: bool = False) -> str:
@@ -37,6 +41,11 @@ def pm(e: Estimate, digits: int = 2, sep: str = "") -> str:
     if not math.isfinite(e.mean):
         return "n/a"
     return f"{e.mean:{sep}.{digits}f}" + (f" ± {e.half:{sep}.{digits}f}" if math.isfinite(e.half) else "")
+
+
+def n_seeds(n: int) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} seed{'s' if n != 1 else ''}"
 
 
 def fmt_tokens(n: float) -> str:

@@ -13,29 +13,28 @@ from collections import Counter
 from pathlib import Path
 
 from rankprobe.config import flatten
+from rankprobe.report.figures import arm_figure
 from rankprobe.report.findings import findings_section
-from rankprobe.report.fmt import arm_cells, fmt_tokens, pm, prose, table
+from rankprobe.report.fmt import arm_cells, fmt_tokens, n_seeds, pm, prose, section, table
 from rankprobe.report.mechanism import mechanism_section
 from rankprobe.report.metrics import METRIC_NAME, Run, arm_key
-from rankprobe.report.plot import arm_figure
-from rankprobe.report.series import TENSOR_NAME, Headline, Study, arm_series, headline
-from rankprobe.report.stats import Estimate, mean_ci
+from rankprobe.report.series import TENSOR_NAME, Estimate, Headline, Study, final, mean_ci
 from rankprobe.runfolder import PHASE_FIELDS, write_atomic
 
 # the config values the summary names, as {train_batch_size}, {model_seq_len}, ... in prose.toml
 _SUMMARY_KEYS = ("train.batch_size", "model.seq_len", "data.corpus", "model.n_layer", "model.d_model", "model.n_head",
                  "model.head_dim")
-# the columns of the lens tables: (title, kind, key, reduce over layers, row filter, digits)
-ATTENTION_COLUMNS = [
-    ("attention entropy (normalised, mean)", "attn", "entropy_norm", "mean", {}, 3),
-    ("attention entropy (nats, mean)", "attn", "entropy", "mean", {}, 3),
-    ("max logit (max over layers, heads)", "attn", "max_logit", "max", {}, 2),
-]
-WEIGHT_COLUMNS = [
-    ("W_q stable rank (mean)", "weights", "stable_rank", "mean", {"matrix": "q"}, 2),
-    ("W_k stable rank (mean)", "weights", "stable_rank", "mean", {"matrix": "k"}, 2),
-    ("W_q spectral norm (max)", "weights", "spectral_norm", "max", {"matrix": "q"}, 3),
-    ("W_k spectral norm (max)", "weights", "spectral_norm", "max", {"matrix": "k"}, 3),
+# the lens tables: (title, prose key, columns: (title, kind, key, reduce over layers, row filter, digits))
+LENSES = [
+    ("## Attention at the final checkpoint", "attention", [
+        ("attention entropy (normalised, mean)", "attn", "entropy_norm", "mean", {}, 3),
+        ("attention entropy (nats, mean)", "attn", "entropy", "mean", {}, 3),
+        ("max logit (max over layers, heads)", "attn", "max_logit", "max", {}, 2)]),
+    ("## Weights at the final checkpoint", "weights", [
+        ("W_q stable rank (mean)", "weights", "stable_rank", "mean", {"matrix": "q"}, 2),
+        ("W_k stable rank (mean)", "weights", "stable_rank", "mean", {"matrix": "k"}, 2),
+        ("W_q spectral norm (max)", "weights", "spectral_norm", "max", {"matrix": "q"}, 3),
+        ("W_k spectral norm (max)", "weights", "spectral_norm", "max", {"matrix": "k"}, 3)]),
 ]
 
 
@@ -67,7 +66,7 @@ def _summary(study: Study, incomplete: list[Run], diverged: list[Run]) -> str:
     ran = [r for g in arms.values() for r in g]
     params = sorted({r.info.get("n_params") for r in ran if r.info.get("n_params")})
     ckpts = sorted({int(t) for r in ran for t in r.info.get("probe_checkpoints", [])})
-    seeds = ", ".join(f"`{a}` × {len(g)} seed{'s' if len(g) != 1 else ''} ({', '.join(str(r.seed) for r in g)})"
+    seeds = ", ".join(f"`{a}` × {n_seeds(len(g))} ({', '.join(str(r.seed) for r in g)})"
                       for a, g in arms.items())
     kv_heads = {str(flatten(r.config).get("model.n_kv_head") or flatten(r.config).get("model.n_head")) for r in ran}
     settings = {k.replace(".", "_"): _distinct(ran, k) for k in _SUMMARY_KEYS}
@@ -106,8 +105,8 @@ def _headline_rows(heads: list[Headline], dead: bool, diverged: list[Run]) -> li
     return [r for *_, r in sorted(rows, key=lambda x: x[:2])]
 
 
-def _headline_section(study: Study, heads: list[Headline], diverged: list[Run]) -> list[str]:
-    metric, dead = study.metric, study.metric == "pr"
+def _headline_section(study: Study, diverged: list[Run]) -> list[str]:
+    heads, metric, dead = study.headlines(), study.metric, study.metric == "pr"
     name = METRIC_NAME[metric]
     header = ["arm", "seeds", "tokens", f"mean {study.label}", "isotropic null", f"weakest layer: {name}",
               *([f"dead layers (PR < {study.dead_pr:g})"] if dead else []), "val loss"]
@@ -120,8 +119,8 @@ def _headline_section(study: Study, heads: list[Headline], diverged: list[Run]) 
         value = (f"is {nulls[0][0]:.2f} for the {nulls[0][1]:,} probe tokens" if len(nulls) == 1
                  else "depends on each arm's probe tokens N (column)")
         text += prose("headline", "null", name=name, value=value)
-    lines = [f"## Headline: {study.label} at the final checkpoint", "", text, "",
-             *table(header, _headline_rows(heads, dead, diverged)), ""]
+    lines = section(f"## Headline: {study.label} at the final checkpoint", text, header,
+                    _headline_rows(heads, dead, diverged))
     refs = [h for h in heads if h.pr.reference]
     if refs:
         items = "; ".join(f"`{h.arm}` {h.pr.values.shape[2]} layers, {h.n_probe:,} probe tokens" for h in refs)
@@ -129,20 +128,15 @@ def _headline_section(study: Study, heads: list[Headline], diverged: list[Run]) 
     return lines
 
 
-def _lens_section(study: Study, title: str, text: str, columns: list[tuple], heads: dict[str, Headline]) -> list[str]:
+def _lens_section(study: Study, title: str, key: str, columns: list[tuple]) -> list[str]:
     """A lens table: per finished arm with any of the columns' rows, the arm's headline mean, then each
     column's value at the last checkpoint common to its seeds."""
-    rows = []
-    for arm, group in study.groups.items():
-        series = [arm_series(group, kind, key, how, **match) for _, kind, key, how, match, _ in columns]
-        present = [s for s in series if s is not None]
-        if present:
-            cells = [s.at(-1) if s is not None else Estimate(math.nan, math.nan, 0) for s in series]
-            rows.append([*arm_cells(present[0]),
-                         pm(heads[arm].mean) if arm in heads else "n/a",
-                         *(pm(e, c[-1]) for e, c in zip(cells, columns))])
+    series = [study.series(kind, name, how, **match) for _, kind, name, how, match, _ in columns]
+    rows = [[*arm_cells(next(s[arm] for s in series if arm in s)), pm(study.prs[arm].at(-1)),
+             *(pm(final(s.get(arm)), c[-1]) for s, c in zip(series, columns))]
+            for arm in study.groups if any(arm in s for s in series)]
     header = ["arm", "seeds", "tokens", f"mean {study.label}", *(c[0] for c in columns)]
-    return [title, "", text, "", *table(header, rows), ""] if rows else []
+    return section(title, prose("lenses", key), header, rows)
 
 
 def _checkpoint_section(study: Study) -> list[str]:
@@ -150,9 +144,9 @@ def _checkpoint_section(study: Study) -> list[str]:
     tokens = sorted({int(t) for pr in prs.values() for t in pr.tokens})
     cols = {a: {int(t): pm(pr.at(i)) for i, t in enumerate(pr.tokens)} for a, pr in prs.items()}
     rows = [[f"{t:,}" + (" (init)" if t == 0 else "")] + [cols[a].get(t, "—") for a in prs] for t in tokens]
-    return [f"## Mean {study.label} over layers at each checkpoint", "",
-            "Only checkpoints that every seed of an arm reached are aggregated.", "",
-            *table(["tokens"] + [f"`{a}`" for a in prs], rows), ""]
+    return section(f"## Mean {study.label} over layers at each checkpoint",
+                   "Only checkpoints that every seed of an arm reached are aggregated.",
+                   ["tokens"] + [f"`{a}`" for a in prs], rows)
 
 
 def _figure_section(study: Study, figures: list[Path]) -> list[str]:
@@ -195,7 +189,7 @@ def _cost_section(arms: dict[str, list[Run]]) -> list[str]:
                                               for m, h, d in zip(mean, half, [1, 0] + [1] * len(PHASE_FIELDS)))])
     header = ["arm", "seeds", "wall time (s)", "training rate (tokens/s)", "set-up (%)", "first step (%)",
               "evals (%)", "probes (%)", "checkpoints (%)"]
-    return ["## Where the time went", "", prose("sections", "cost"), "", *table(header, rows), ""] if rows else []
+    return section("## Where the time went", prose("sections", "cost"), header, rows)
 
 
 def _excluded_section(runs: list[Run], root: Path, diverged: bool) -> list[str]:
@@ -214,8 +208,7 @@ def _excluded_section(runs: list[Run], root: Path, diverged: bool) -> list[str]:
     kind = "diverged" if diverged else "incomplete"
     header = ["run", "arm", "seed", *(["diverged at tokens", "last good checkpoint"] if diverged
                                       else ["last tokens logged"]), "metrics file"]
-    return [f"## {kind.capitalize()} runs", "", prose("sections", kind, n=len(runs)), "", *table(header, rows),
-            ""] if runs else []
+    return section(f"## {kind.capitalize()} runs", prose("sections", kind, n=len(runs)), header, rows)
 
 
 def _config_section(arms: dict[str, list[Run]]) -> list[str]:
@@ -233,11 +226,11 @@ def _config_section(arms: dict[str, list[Run]]) -> list[str]:
     lines += ["Varying per run (by design): `name`, `train.seed`."
               + (f" Also varying within an arm: {', '.join(f'`{k}`' for k in within)}." if within else ""), ""]
     lines += ["Common settings:", ""]
-    for section in ("model", "optim", "train", "probe", "data"):
+    for part in ("model", "optim", "train", "probe", "data"):
         items = [f"{k.split('.', 1)[1]}={next(iter(per_arm[next(iter(arms))][k]))}"
-                 for k in common if k.startswith(section + ".")]
+                 for k in common if k.startswith(part + ".")]
         if items:
-            lines.append(f"- `{section}`: " + ", ".join(items))
+            lines.append(f"- `{part}`: " + ", ".join(items))
     return lines + [""]
 
 
@@ -261,16 +254,10 @@ def write_report(study: Study, root: Path, out_dir: Path, figures: list[Path]) -
     base = root if root.is_dir() else root.parent
     lines = [f"# RankProbe report: `{base.resolve().name}`", "", _summary(study, incomplete, diverged), ""]
     if study.groups:
-        heads = {a: headline(study.prs[a], g, study.dead_pr) for a, g in study.groups.items()}
-        lines += _headline_section(study, list(heads.values()), diverged)
-        if arms:
-            lines += findings_section(study) + mechanism_section(study)
-        if any(r.finished and r.rows.get("attn") for r in study.runs):
-            lines += _lens_section(study, "## Attention at the final checkpoint", prose("lenses", "attention"),
-                                   ATTENTION_COLUMNS, heads)
-        if any(r.finished and r.rows.get("weights") for r in study.runs):
-            lines += _lens_section(study, "## Weights at the final checkpoint", prose("lenses", "weights"),
-                                   WEIGHT_COLUMNS, heads)
+        lines += _headline_section(study, diverged)
+        lines += findings_section(study) + mechanism_section(study) if arms else []
+        for title, key, columns in LENSES:
+            lines += _lens_section(study, title, key, columns)
         lines += _checkpoint_section(study) if arms else []
         lines += _figure_section(study, figures) + _cost_section(arms)
     lines += _excluded_section(diverged, base, True) + _excluded_section(incomplete, base, False)

@@ -11,7 +11,7 @@ question is one function from the study's series to Markdown:
 9. how the early key PR depends on the warmup, for arms that differ only in `optim.warmup_frac`;
 10. what the data leave unexplained.
 
-Differences are judged by `stats.verdict`; a question the arms present cannot answer says so and
+Differences are judged by `series.verdict`; a question the arms present cannot answer says so and
 why. Key PR here is always the keys' PR at the headline tap, whatever metric the headline uses.
 """
 
@@ -25,8 +25,9 @@ import numpy as np
 from rankprobe.report.findings import early_common, optimizers
 from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
-from rankprobe.report.series import ArmSeries, Study, arm_pr, arm_series
-from rankprobe.report.stats import Estimate, resolution, spearman, verdict
+from rankprobe.report.series import (
+    NO_VALUE, ArmSeries, Study, arm_pr, arm_series, final, resolved_above, spearman, verdict,
+)
 
 COORDINATE, ROTATION, UNCLASSIFIED = "coordinate-wise", "rotation-equivariant", "unclassified"
 OPTIMIZER_CLASS = {
@@ -68,10 +69,14 @@ def alignment_index(runs: list[Run], tap: str) -> ArmSeries | None:
         return replace(ratio, values=(ratio.values - null.values) / (1.0 - null.values))
 
 
-def orth_devs(runs: list[Run]) -> tuple[ArmSeries, ArmSeries, ArmSeries | None] | None:
-    """The orth_dev series of W_q and W_k and W_k's Gaussian null; None without `orth_dev` weight rows."""
-    q, k = (arm_series(runs, "weights", "orth_dev", matrix=m) for m in "qk")
-    return None if q is None or k is None else (q, k, arm_series(runs, "weights", "orth_dev_null", matrix="k"))
+def orth_devs(arms: dict[str, list[Run]]) -> dict[str, tuple[ArmSeries, ArmSeries, ArmSeries | None]]:
+    """arm -> the orth_dev series of W_q and W_k and W_k's Gaussian null, for the arms with `orth_dev` weight rows."""
+    out = {}
+    for arm, runs in arms.items():
+        q, k = (arm_series(runs, "weights", "orth_dev", matrix=m) for m in "qk")
+        if q is not None and k is not None:
+            out[arm] = (q, k, arm_series(runs, "weights", "orth_dev_null", matrix="k"))
+    return out
 
 
 def final_orth(q: ArmSeries, k: ArmSeries) -> np.ndarray:
@@ -106,10 +111,8 @@ def class_split(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tuple[
         hi = max(coord, key=lambda a: prs[a].at(-1).mean)
         lo = min(rot, key=lambda a: prs[a].at(-1).mean)
         a, b = prs[hi].at(-1), prs[lo].at(-1)
-        if resolution(a, b) == "resolved":
-            reading = "split_holds" if a.mean < b.mean else "split_contradicted"
-        else:
-            reading = "split_with" if a.mean < b.mean else "split_against"
+        reading = ("split_holds" if resolved_above(b, a) else "split_contradicted" if resolved_above(a, b)
+                   else "split_with" if a.mean < b.mean else "split_against")
         lines += [prose("mechanism", "split", setting=setting, hi=hi, lo=lo, a=pm(a), b=pm(b), verdict=verdict(a, b),
                         reading=prose("mechanism", reading)), ""]
     return lines, cls
@@ -127,10 +130,8 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
             summary.append(f"{arm_cell(arm)}: not answered, its key rows have no `axis_ratio`.")
             continue
         pr, ratio = prs[arm], arm_series(group, "probe", "axis_ratio", tap=tap, tensor="k")
-        for c, t in enumerate(idx.tokens):
-            if t not in pr.tokens:  # a checkpoint whose key rows lack PR
-                continue
-            rows.append([arm_cell(arm), f"{int(t):,}", pm(pr.at_tokens(int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)])
+        rows += [[arm_cell(arm), f"{int(t):,}", pm(pr.at_tokens(int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)]
+                 for c, t in enumerate(idx.tokens) if t in pr.tokens]  # skipping checkpoints whose key rows lack PR
         align_at, mean = _first(idx, idx.trajectory()[0] > ALIGN_MARGIN), pr.trajectory()[0]
         # collapsed: the seed-mean key PR below COLLAPSE_FRACTION of its value at init
         collapse_at = _first(pr, mean < COLLAPSE_FRACTION * mean[0]) if pr.tokens[0] == 0 else None
@@ -156,26 +157,24 @@ def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str
     pairs = [(o, o + "+qknorm") for o in optimizers(arms) if o in arms and o + "+qknorm" in arms]
     if not pairs:
         return lines + ["Not answered: no optimizer has both an arm without and one with QK-Norm.", ""], odd
-    final = {}  # arm -> the final Estimate of each key (NaN where its rows lack it), for arms with sphere_r
+    ends = {}  # arm -> the final Estimate of each key (n/a where its rows lack it), for arms with sphere_r
     for arm in (a for p in pairs for a in p):
-        got = {k: arm_series(arms[arm], "probe", k, tap=tap, tensor="k") for k in ("sphere_r", "sphere_r_null",
-                                                                                   "pr_uncentered")}
-        if got["sphere_r"] is not None:
-            final[arm] = {k: Estimate(math.nan, math.nan, 0) if s is None else s.at(-1) for k, s in got.items()}
-    for arm, f in final.items():
-        rows.append([arm_cell(arm), pm(f["sphere_r"], 3), f"{f['sphere_r_null'].mean:.4f}", pm(prs[arm].at(-1)),
-                     pm(f["pr_uncentered"])])
+        got = {k: final(arm_series(arms[arm], "probe", k, tap=tap, tensor="k"))
+               for k in ("sphere_r", "sphere_r_null", "pr_uncentered")}
+        if got["sphere_r"] is not NO_VALUE:
+            ends[arm] = got
+            rows.append([arm_cell(arm), pm(got["sphere_r"], 3), f"{got['sphere_r_null'].mean:.4f}",
+                         pm(prs[arm].at(-1)), pm(got["pr_uncentered"])])
     n_track = 0
     for off, on in pairs:
-        if off not in final or on not in final:
+        if off not in ends or on not in ends:
             verdicts.append(f"`{off}`: not answered, a side has no `sphere_r`.")
             continue
-        ra, rb, pa, pb = final[on]["sphere_r"], final[off]["sphere_r"], prs[on].at(-1), prs[off].at(-1)
+        ra, rb, pa, pb = ends[on]["sphere_r"], ends[off]["sphere_r"], prs[on].at(-1), prs[off].at(-1)
         verdicts.append(f"`{off}`: sphere_r with QK-Norm {pm(ra, 3)} vs {pm(rb, 3)} without is "
                         f"{verdict(ra, rb)}; key PR {pm(pa)} vs {pm(pb)} is {verdict(pa, pb)}.")
         n_track += (ra.mean - rb.mean) * (pa.mean - pb.mean) < 0
-        if resolution(ra, rb) == "resolved" and ra.mean > rb.mean and not (
-                resolution(pa, pb) == "resolved" and pa.mean < pb.mean):
+        if resolved_above(ra, rb) and not resolved_above(pb, pa):
             odd.append(f"QK-Norm raises `{off}`'s sphere_r (resolved) without a resolved drop in its key PR")
     lines += [prose("mechanism", "sphere"), "", *table(["arm", "final sphere_r", "null 1/√n", "key PR (centred)",
                                                         "key PR (uncentred)"], rows), ""]
@@ -189,12 +188,12 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
     QK-Norm setting (W_k), and Spearman's ρ over arms between the q/k mean orth_dev and key PR. Returns
     (lines, arms more orthogonal than Muon, resolved)."""
     lines, odd = ["### 8. Are W_q and W_k closer to orthogonal under Muon?", ""], []
-    dev = {a: d for a, d in ((a, orth_devs(g)) for a, g in arms.items()) if d is not None}
+    dev = orth_devs(arms)
     if not dev:
         return lines + ["Not answered: the `weights` rows carry no `orth_dev` (written before the lens, or "
                         "`probe.weights` off).", ""], odd
     rows = [[*arm_cells(k), pm(q.at(-1), 3), pm(k.at(-1), 3),
-             pm(null.at(-1), 3) if null is not None else "n/a", pm(prs[a].at(-1))] for a, (q, k, null) in dev.items()]
+             pm(final(null), 3), pm(prs[a].at(-1))] for a, (q, k, null) in dev.items()]
     lines += [prose("mechanism", "orthogonality"), "",
               *table(["arm", "seeds", "tokens", "W_q orth_dev", "W_k orth_dev", "Gaussian null", "final key PR"],
                      rows), ""]
@@ -207,7 +206,7 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
             x, y = dev[m][1].at(-1), dev[a][1].at(-1)
             lines.append(f"- W_k orth_dev of {arm_cell(m)} ({pm(x, 3)}) against {arm_cell(a)} ({pm(y, 3)}): "
                          f"{verdict(x, y, 'farther from orthogonal', 'closer to orthogonal')}.")
-            if resolution(x, y) == "resolved" and x.mean > y.mean:
+            if resolved_above(x, y):
                 odd.append(f"{arm_cell(a)} ends with W_k closer to orthogonal than {arm_cell(m)} (resolved)")
         lines += [] if others else [f"- {arm_cell(m)}: no other arm of its QK-Norm setting has weight rows."]
     lines += [""] if muons else []
@@ -222,19 +221,13 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
 def _warmup_groups(arms: dict[str, list[Run]]) -> list[list[str]]:
     """Sets of ≥ 2 arms whose runs' configs agree on everything but `optim.warmup_frac` (and the run's
     name, seed and output), ordered by warmup."""
-    key = {}
-    for arm, group in arms.items():
-        flat = [{k: str(v) for k, v in r.settings("arm", "optim.warmup_frac").items()} for r in group]
-        if all(f == flat[0] for f in flat):
-            key[arm] = tuple(sorted(flat[0].items()))
     groups: dict[tuple, list[str]] = {}
-    for arm, k in key.items():
-        groups.setdefault(k, []).append(arm)
-    out = []
-    for g in groups.values():
-        if len({_warmup(arms[a]) for a in g}) > 1:
-            out.append(sorted(g, key=lambda a: _warmup(arms[a])))
-    return out
+    for arm, group in arms.items():
+        flat = {tuple(sorted((k, str(v)) for k, v in r.settings("arm", "optim.warmup_frac").items())) for r in group}
+        if len(flat) == 1:
+            groups.setdefault(flat.pop(), []).append(arm)
+    return [sorted(g, key=lambda a: _warmup(arms[a])) for g in groups.values()
+            if len({_warmup(arms[a]) for a in g}) > 1]
 
 
 def _warmup(group: list[Run]) -> float:

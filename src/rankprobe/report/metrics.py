@@ -26,14 +26,6 @@ METRICS = tuple(METRIC_NAME)
 read_metrics = read_rows  # reading rows (one torn-line rule) belongs to the run folder's owner
 
 
-def check_metric(metric: str | None) -> str:
-    """`metric` (default 'pr') if it is one of METRICS; a UserError naming the choices otherwise."""
-    metric = metric or "pr"
-    if metric not in METRICS:
-        raise UserError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    return metric
-
-
 def _num(value) -> float:
     return math.nan if value is None else float(value)
 

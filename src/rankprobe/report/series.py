@@ -1,5 +1,5 @@
-"""Seed aggregation: every number and figure of the report is drawn from an `ArmSeries`, and every
-section walks the arms of one `Study`.
+"""Seed aggregation and its statistics: every number and figure of the report is drawn from an
+`ArmSeries`, and every section walks the arms of one `Study`.
 
 An `ArmSeries` is one quantity of one arm at the token counts every seed logged, as values[seed,
 checkpoint, layer]: a spectral metric of the `probe` rows (`arm_pr`, with its isotropic null and
@@ -7,20 +7,103 @@ per-head values), a lens of the `attn` / `weights` rows, or a per-run scalar of 
 rows (one "layer"). A checkpoint's layers reduce to one number per seed by the mean (entropies, ranks,
 losses) or the max (logits, spectral norms: the largest layer is what can blow up), skipping layers
 without a value. Runs written before a row kind existed have no series for it.
-"""
 
+Seed values become an `Estimate`: the mean with its 95% Student-t half-width (scipy.stats), which every
+table cell is printed from. A difference is called resolved only when the two 95% t-intervals over
+seeds do not overlap (a conservative check, stricter than a two-sample test); with one seed there is
+no interval and only point values are reported (docs/metrics.md, "Headline numbers").
+"""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
+from scipy import stats
 
 from rankprobe.config import UserError
 from rankprobe.report.metrics import (
-    METRIC_NAME, METRICS, Run, _num, check_metric, default_tap, finished_by_arm, layer_rows, null_value,
+    METRIC_NAME, METRICS, Run, _num, default_tap, finished_by_arm, layer_rows, null_value,
 )
-from rankprobe.report.stats import Estimate, estimate, mean_ci
+
+
+# ---------------------------------------------------------------------------------------------
+# seed statistics
+
+
+@lru_cache(maxsize=None)
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """Quantile of Student's t with `df` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"t quantile needs df >= 1; got {df}")
+    return float(stats.t.ppf(p, df))
+
+
+def mean_ci(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over `axis` and the 95% half-width t_{0.975,n-1}·sd/√n (NaN when n < 2: no band)."""
+    x = np.asarray(values, dtype=float)
+    n = x.shape[axis]
+    mean = x.mean(axis=axis)
+    if n < 2:
+        return mean, np.full_like(mean, np.nan)
+    return mean, t_quantile(n - 1) * x.std(axis=axis, ddof=1) / math.sqrt(n)
+
+
+@dataclass
+class Estimate:
+    """A seed mean with its 95% t half-width (NaN with one seed) over `n` seeds."""
+
+    mean: float
+    half: float
+    n: int
+
+
+NO_VALUE = Estimate(math.nan, math.nan, 0)
+"""a cell whose rows are absent: printed 'n/a'"""
+
+
+def estimate(values) -> Estimate:
+    """The Estimate of a 1-D array of per-seed values."""
+    values = np.asarray(values, dtype=float)
+    mean, half = mean_ci(values)
+    return Estimate(float(mean), float(half), int(values.size))
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (ties share their average rank); NaN when either side is constant."""
+    with warnings.catch_warnings():  # a constant input is answered with NaN, which the report says in words
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return float(stats.spearmanr(x, y).statistic)
+
+
+def resolution(a: Estimate, b: Estimate) -> str:
+    """'single seed' when either side has no interval, 'resolved' when the 95% intervals do not
+    overlap, 'not resolved' otherwise."""
+    if a.n < 2 or b.n < 2 or not (math.isfinite(a.half) and math.isfinite(b.half)):
+        return "single seed"
+    return "resolved" if abs(a.mean - b.mean) > a.half + b.half else "not resolved"
+
+
+def resolved_above(a: Estimate, b: Estimate) -> bool:
+    """Whether `a` is higher than `b` with non-overlapping 95% intervals."""
+    return resolution(a, b) == "resolved" and a.mean > b.mean
+
+
+def verdict(a: Estimate, b: Estimate, higher: str = "higher", lower: str = "lower") -> str:
+    """How `a` stands against `b`, in words that never claim more than the intervals support."""
+    status, word = resolution(a, b), higher if a.mean > b.mean else lower
+    seeds = f"{a.n} seeds" if a.n == b.n else f"{a.n} and {b.n} seeds"
+    if status == "single seed":
+        return f"{word} on a single seed (no interval, point values only)"
+    if status == "not resolved":
+        return f"not resolved with {seeds} (the 95% intervals overlap)"
+    return f"{word}, resolved (the 95% intervals do not overlap; {seeds})"
+
+
+# ---------------------------------------------------------------------------------------------
+# seed aggregation
 
 
 def _finite_reduce(x: np.ndarray, axis, how: str = "mean") -> np.ndarray:
@@ -75,6 +158,11 @@ class ArmSeries:
     def layers_at(self, index: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """Value per layer at checkpoint `index` (default the final one): seed mean and half-width (L,)."""
         return mean_ci(self.values[:, index, :], axis=0)
+
+
+def final(s: ArmSeries | None) -> Estimate:
+    """The Estimate at the final checkpoint of `s`; NO_VALUE (printed 'n/a') where there is no series."""
+    return NO_VALUE if s is None else s.at(-1)
 
 
 def _stack(runs: list[Run], kind: str, match: dict) -> tuple[list[list[list[dict]]], np.ndarray]:
@@ -136,9 +224,7 @@ def arm_pr(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> 
                      heads=_stack_heads([seed[-1] for seed in rows], f"{metric}_heads"))
 
 
-def aggregate(runs: list[Run], tap: str, tensor: str = "k", metric: str = "pr") -> dict[str, ArmSeries]:
-    """`arm_pr` for every arm with finished runs, in report order (pretrained references last)."""
-    return {arm: arm_pr(group, tap, tensor, metric) for arm, group in finished_by_arm(runs).items()}
+TENSOR_NAME = {"k": "key", "q": "query", "v": "value"}
 
 
 @dataclass
@@ -156,7 +242,9 @@ class Study:
     """finished pretrained references by arm (`Run.reference`), drawn and tabulated, never pooled"""
 
     def __post_init__(self):
-        self.metric = check_metric(self.metric)
+        self.metric = self.metric or "pr"
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
         groups = finished_by_arm(self.runs)
         self.arms = {a: g for a, g in groups.items() if not g[0].reference}
         self.refs = {a: g for a, g in groups.items() if g[0].reference}
@@ -164,7 +252,7 @@ class Study:
         self.tap = self.tap or (default_tap(lead) if lead else "norm")
         self.head_dim = max((r.head_dim for r in lead), default=0)
         self.dead_pr = lead[0].dead_pr if lead else 10.0
-        self.prs = aggregate(self.runs, self.tap, self.tensor, self.metric) if groups else {}
+        self.prs = {a: arm_pr(g, self.tap, self.tensor, self.metric) for a, g in groups.items()}
 
     @property
     def groups(self) -> dict[str, list[Run]]:
@@ -174,7 +262,7 @@ class Study:
     @property
     def label(self) -> str:
         """'key PR', 'key erank', 'query stable rank', ..."""
-        return metric_label(self.tensor, self.metric)
+        return f"{TENSOR_NAME.get(self.tensor, self.tensor)} {METRIC_NAME.get(self.metric, self.metric)}"
 
     def series(self, kind: str, key: str, reduce: str = "mean", trained: bool = False,
                **match) -> dict[str, ArmSeries]:
@@ -183,13 +271,10 @@ class Study:
         found = {a: arm_series(g, kind, key, reduce, **match) for a, g in groups.items()}
         return {a: s for a, s in found.items() if s is not None}
 
-
-TENSOR_NAME = {"k": "key", "q": "query", "v": "value"}
-
-
-def metric_label(tensor: str, metric: str) -> str:
-    """'key PR', 'key erank', 'query stable rank', ..."""
-    return f"{TENSOR_NAME.get(tensor, tensor)} {METRIC_NAME.get(metric, metric)}"
+    def headlines(self) -> list[Headline]:
+        """The headline numbers of every finished arm as data (for callers that want numbers, not
+        Markdown): trained arms, then pretrained references (`Headline.pr.reference`)."""
+        return [headline(self.prs[a], g, self.dead_pr) for a, g in self.groups.items()]
 
 
 @dataclass
@@ -206,20 +291,14 @@ class Headline:
     dead_layers: list[int] | None
     """layers whose seed-mean PR is below `probe.dead_pr`; None for other metrics (the threshold is a PR value)"""
     val_loss: Estimate
+    null: float
+    """the metric's isotropic null at the final checkpoint (NaN if the rows do not say)"""
+    n_probe: int
+    """the probe tokens N the null is for (0 if the rows do not say)"""
 
     @property
     def arm(self) -> str:
         return self.pr.arm
-
-    @property
-    def null(self) -> float:
-        """the metric's isotropic null at the final checkpoint (NaN if the rows do not say)"""
-        return float(self.pr.null[-1]) if self.pr.null is not None else math.nan
-
-    @property
-    def n_probe(self) -> int:
-        n = self.pr.n_probe[-1] if self.pr.n_probe is not None else math.nan
-        return int(n) if math.isfinite(n) else 0
 
 
 def headline(pr: ArmSeries, runs: list[Run], dead_pr: float) -> Headline:
@@ -227,15 +306,9 @@ def headline(pr: ArmSeries, runs: list[Run], dead_pr: float) -> Headline:
     seed-mean profile, layers below `dead_pr` (PR only), and the last val loss."""
     layer_mean, layer_half = pr.layers_at(-1)
     weakest = int(np.nanargmin(layer_mean)) if np.isfinite(layer_mean).any() else 0
+    n_probe = pr.n_probe[-1]
     return Headline(pr, pr.at(-1), weakest,
                     Estimate(float(layer_mean[weakest]), float(layer_half[weakest]), pr.n_seeds),
                     [int(i) for i in np.flatnonzero(layer_mean < dead_pr)] if pr.metric == "pr" else None,
-                    estimate([r.final_val_loss() for r in runs]))
-
-
-def headline_numbers(runs: list[Run], tap: str | None = None, tensor: str = "k",
-                     metric: str | None = None) -> list[Headline]:
-    """The headline rows as data (for callers that want numbers, not Markdown): trained arms, then
-    pretrained references (`Headline.pr.reference`)."""
-    study = Study(runs, tap, tensor, metric)
-    return [headline(study.prs[a], g, study.dead_pr) for a, g in study.groups.items()]
+                    estimate([r.final_val_loss() for r in runs]), float(pr.null[-1]),
+                    int(n_probe) if math.isfinite(n_probe) else 0)
