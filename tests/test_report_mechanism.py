@@ -34,6 +34,10 @@ ARMS = {
 }
 
 
+UPDATE = {"adamw": (8e-3, 6.0), "muon": (1.1e-2, 0.5)}  # W_k's step: (size at the first checkpoint, orth_dev)
+"""the other arms step (1e-4, 5.0); the size grows with the checkpoint index (×1, ×2, ×3: mean ×2)"""
+
+
 def write_run(root: Path, arm: str, seed: int, mechanism: bool = True, pr: list[float] | None = None,
               sweep: dict | None = None) -> None:
     """A finished run in the documented schema: key probe rows at tap `norm` (two layers, equal), eval
@@ -69,6 +73,11 @@ def write_run(root: Path, arm: str, seed: int, mechanism: bool = True, pr: list[
                 if mechanism:
                     weights.update(orth_dev=(orth if last else 1.0) + d / 100, orth_dev_null=1.0)
                 rows.append(weights)
+                if mechanism and c > 0:
+                    size, shape = UPDATE.get(arm, (1e-4, 5.0))
+                    rows.append({"kind": "update", "step": c, "tokens": tokens, "layer": layer, "matrix": matrix,
+                                 "update_rms": 1e-3, "update_rel": size * c, "orth_dev": shape + d / 100,
+                                 "orth_dev_null": 1.0})
     rows.append({"kind": "end", "step": len(CHECKPOINTS), "tokens": CHECKPOINTS[-1], "wall_s": 1.0,
                  "status": "finished"})
     path = root / f"{arm}-s{seed}" / "metrics.jsonl"
@@ -159,10 +168,21 @@ def test_orthogonality(study):
     assert rows_of(text)["muon"][0] == ["3", "4,000,000", pm(0.3, 3), pm(0.3, 3), "1.000 ± 0.000", pm(33)]
     assert (f"W_k orth_dev of `muon` ({pm(0.3, 3)}) against `adamw` ({pm(0.9, 3)}): closer to orthogonal, "
             "resolved") in text
-    assert "`adamw+qknorm`" not in text.split("W_k orth_dev of", 1)[1]  # compared within its QK-Norm setting only
+    compared = text.split("W_k orth_dev of", 1)[1].split("The step itself", 1)[0]
+    assert "`adamw+qknorm`" not in compared  # compared within its QK-Norm setting only
     arms = list(ARMS)
     rho = stats.spearmanr([ARMS[a][6] for a in arms], [ARMS[a][3][-1] for a in arms]).statistic
     assert f"ρ = {rho:+.2f} over {len(arms)} arms" in text and "suggestive, not causal" in text
+
+
+def test_update_size_and_shape(study):
+    """Each cell is a seed mean over the checkpoints after init (the size grows ×1, ×2, ×3: mean ×2)."""
+    text = question(study[1], 8).split("The step itself", 1)[1]
+    rows = rows_of(text)
+    assert rows["muon"][0] == ["3", "4,000,000", "2.2e-02 ± 0.0e+00", pm(0.5, 3), "1.000 ± 0.000", "10.0 ± 0.0",
+                               pm(33)]
+    assert rows["adamw"][0][2:4] == ["1.6e-02 ± 0.0e+00", pm(6.0, 3)]
+    assert rows["sgd"][0][2] == "2.0e-04 ± 0.0e+00" and set(rows) == set(ARMS)
 
 
 def test_warmup(study):

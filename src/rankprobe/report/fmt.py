@@ -35,12 +35,13 @@ def arm_cells(s: ArmSeries, seeds: str | None = None) -> list[str]:
     return [arm_cell(s.arm), seeds or str(s.n_seeds), f"{int(s.tokens[-1]):,}"]
 
 
-def pm(e: Estimate, digits: int = 2, sep: str = "") -> str:
-    """'mean ± half' to `digits` decimals (sep="," groups thousands); no ± where the half-width is NaN
-    (one seed), 'n/a' where the mean is."""
+def pm(e: Estimate, digits: int = 2, sep: str = "", style: str = "f") -> str:
+    """'mean ± half' to `digits` decimals (sep="," groups thousands; style="e" for scientific notation);
+    no ± where the half-width is NaN (one seed), 'n/a' where the mean is."""
     if not math.isfinite(e.mean):
         return "n/a"
-    return f"{e.mean:{sep}.{digits}f}" + (f" ± {e.half:{sep}.{digits}f}" if math.isfinite(e.half) else "")
+    spec = f"{sep}.{digits}{style}"
+    return f"{e.mean:{spec}}" + (f" ± {e.half:{spec}}" if math.isfinite(e.half) else "")
 
 
 def n_seeds(n: int) -> str:

@@ -8,6 +8,7 @@ question is one function from the study's series to Markdown:
 6. does axis alignment rise before, with or after the collapse, per checkpoint;
 7. does QK-Norm concentrate keys on the sphere, and does that track PR;
 8. are W_q, W_k closer to orthogonal under Muon, and does orthogonality predict key PR across arms;
+   then the size and shape of W_k's update (`update` rows) beside where W_k ends;
 9. how the early key PR depends on the warmup, for arms that differ only in `optim.warmup_frac`;
 10. what the data leave unexplained.
 
@@ -26,7 +27,7 @@ from rankprobe.report.findings import early_common, optimizers
 from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import (
-    NO_VALUE, ArmSeries, Study, arm_pr, arm_series, final, resolved_above, spearman, verdict,
+    NO_VALUE, ArmSeries, Estimate, Study, arm_pr, arm_series, estimate, final, resolved_above, spearman, verdict,
 )
 
 COORDINATE, ROTATION, UNCLASSIFIED = "coordinate-wise", "rotation-equivariant", "unclassified"
@@ -215,7 +216,29 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
                         "weight rows; a rank correlation needs at least 3.", ""], odd
     rho = spearman([final_orth(q, k).mean() for q, k, _ in dev.values()], [prs[a].at(-1).mean for a in dev])
     said = "every arm ties on one side" if not math.isfinite(rho) else f"ρ = {rho:+.2f} over {len(dev)} arms"
-    return lines + [prose("mechanism", "orth_spearman", rho=said), ""], odd
+    return lines + [prose("mechanism", "orth_spearman", rho=said), "", *update_shape(arms, prs)], odd
+
+
+def _over_training(s: ArmSeries | None) -> Estimate:
+    """The Estimate of each seed's mean over all of `s`'s checkpoints (its layers reduced first)."""
+    return NO_VALUE if s is None else estimate(np.nanmean(s.per_seed(), axis=1))
+
+
+def update_shape(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> list[str]:
+    """8, continued. The size and shape of W_k's update per arm (the `update` rows: one step's ΔW at each
+    checkpoint after init), beside where W_k ends (stable rank) and the final key PR; [] without rows."""
+    rows = []
+    for arm, group in arms.items():
+        size = arm_series(group, "update", "update_rel", matrix="k")
+        if size is None:
+            continue
+        shape, null = (arm_series(group, "update", key, matrix="k") for key in ("orth_dev", "orth_dev_null"))
+        rank = arm_series(group, "weights", "stable_rank", matrix="k")
+        rows.append([*arm_cells(size), pm(_over_training(size), 1, style="e"), pm(_over_training(shape), 3),
+                     pm(_over_training(null), 3), pm(final(rank), 1), pm(prs[arm].at(-1))])
+    return [prose("mechanism", "update_shape"), "",
+            *table(["arm", "seeds", "tokens", "‖ΔW_k‖/‖W_k‖ per step", "ΔW_k orth_dev", "Gaussian null",
+                    "final W_k stable rank", "final key PR"], rows), ""] if rows else []
 
 
 def _warmup_groups(arms: dict[str, list[Run]]) -> list[list[str]]:
