@@ -5,7 +5,9 @@ enough for a CPU, trained on the bytes of RankProbe's embedded corpus. Nothing i
 RankProbe: the Monitor finds its attention layers from module names (`Patterns`), splits the fused
 QKV into heads, and at every `--every`-th step folds the training forward's own q, k, v into float64
 statistics (no extra forward). Rows land in OUT/metrics.jsonl (and TensorBoard with --tensorboard);
-read them back with `rankprobe.load(OUT)`.
+read them back with `rankprobe.load(OUT)`. On a GPU the Monitor's host work runs in the background, so
+a measured step hands back the rows of the measurement before it (each row carries its own `step`)
+and `flush` the last ones; on the CPU each step's rows come at once. This loop prints them either way.
 
     python examples/nanogpt_loop.py --steps 200 --every 50 --out nanogpt-rankprobe
 """
@@ -22,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rankprobe import Monitor, Patterns  # RankProbe
+from rankprobe.monitor import flat_scalars
 
 
 @dataclass
@@ -102,6 +105,15 @@ def batches(cfg: GPTConfig, batch_size: int, seed: int = 0):
         yield x, torch.stack([data[j + 1 : j + 1 + cfg.block_size] for j in i.tolist()])
 
 
+def show(rows: list[dict], losses: dict[int, float], head_dim: int) -> None:
+    """Print the key PR per layer of each step in `rows` (the rows a measurement or `flush` emitted)."""
+    for step in sorted({r["step"] for r in rows}):
+        k = flat_scalars([r for r in rows if r["step"] == step])
+        pr = [v for name, v in sorted(k.items()) if name.startswith("rankprobe/k_pr/")]
+        print(f"step {step:4d}  loss {losses[step]:.3f}  key PR per layer {[round(v, 2) for v in pr]}"
+              f"  (head dim {head_dim})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200)
@@ -109,14 +121,15 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="nanogpt-rankprobe")
     p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--background", action="store_true", help="host work on a worker thread on the CPU too")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     cfg = GPTConfig()
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     monitor = Monitor(model, **TAPS, every=args.every, out=args.out,  # RankProbe
-                      sinks=("tensorboard",) if args.tensorboard else ())
-    rows = []
+                      sinks=("tensorboard",) if args.tensorboard else (), background=args.background or None)
+    rows, losses = [], {}
     for step, (x, y) in zip(range(args.steps), batches(cfg, args.batch_size)):
         tokens_seen = step * x.numel()
         LAST.update(model_at=copy.deepcopy(model) if monitor.due(step) else None, batch=x)
@@ -125,14 +138,15 @@ def main(argv=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        monitor.log("train", step + 1, tokens_seen + x.numel(), loss=loss.item())  # RankProbe (optional)
+        losses[step] = loss.item()
+        monitor.log("train", step + 1, tokens_seen + x.numel(), loss=losses[step])  # RankProbe (optional)
         if monitor.due(step):
-            rows += monitor.last
+            rows += monitor.last  # what this measured step emitted (its own rows, or the previous one's)
+            show(monitor.last, losses, cfg.n_embd // cfg.n_head)
             LAST[f"model_at_{step}"], LAST[f"batch_at_{step}"] = LAST["model_at"], x
-            k = monitor.scalars()
-            pr = [v for name, v in sorted(k.items()) if name.startswith("rankprobe/k_pr/")]
-            print(f"step {step:4d}  loss {loss.item():.3f}  key PR per layer {[round(v, 2) for v in pr]}"
-                  f"  (head dim {cfg.n_embd // cfg.n_head})")
+    last = monitor.flush()  # the last measurement's rows, when they were made in the background
+    rows += last
+    show(last, losses, cfg.n_embd // cfg.n_head)
     monitor.close()  # RankProbe
     LAST["rows"] = rows
     assert all(math.isfinite(r.get("pr", 0.0)) for r in rows)

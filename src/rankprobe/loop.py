@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ import torch
 from .checkpoint import capture, restore, save_checkpoint
 from .config import Config, to_dict
 from .data.tokens import TokenData
+from .deferred import Deferred
 from .dist import Dist, all_reduce_, mean_, shard_rows
 from .model import Transformer
 from .optim.build import apply_lr, build_optimizers, lr_scale
@@ -217,17 +216,16 @@ def evaluate(model, data: TokenData, cfg: Config, device, amp, dist: Dist = Dist
 class Prober:
     """The work of a probe checkpoint: the eval, the probe pass (key spectra, attention lenses), and
     the weight spectra. The eigendecompositions of the `probe` and `weights` rows run on a worker
-    thread while training goes on: the loop waits only for the forward and the device statistics
-    (the weights' host half cost the loop 0.64 s a checkpoint at seed-22l on an H200, BENCHMARKS.md;
-    the probe rows' ~1 s on 2 CPU cores).
+    thread while training goes on (`deferred.Deferred`, on a GPU): the loop waits only for the forward
+    and the device statistics (the weights' host half cost the loop 0.64 s a checkpoint at seed-22l on
+    an H200, BENCHMARKS.md; the probe rows' ~1 s on 2 CPU cores).
 
     Those rows are written before the next checkpoint's rows or the `end` row, never at a time-driven
     point, so metrics.jsonl comes out the same every time; a checkpoint saved meanwhile carries them,
     finished (`settle`), so that a resumed run writes them in the same place.
 
-    `close` is final on every device: a closed Prober refuses another checkpoint with one clear error,
-    on the CPU too, where the host halves never reach the worker, so that a CPU test meets what a GPU
-    run would (a benchmark probing after `close` died on an H200 only, in concurrent.futures; issue 13).
+    `close` is final on every device: a closed Prober refuses another checkpoint with one clear error
+    (`Deferred.close`).
     """
 
     def __init__(self, cfg: Config, model, data: TokenData, probe_set: torch.Tensor, device, amp, out,
@@ -239,32 +237,31 @@ class Prober:
         # the public monitor's fixed-batch mode: one probing path for the trainer and everyone else
         self.monitor = Monitor(model, dist=dist, batch_size=cfg.train.batch_size, attention=cfg.probe.attention,
                                weights=False, train_forward=False)
-        self.offload = device.type == "cuda"  # host halves on the worker (see _later)
-        self.worker: ThreadPoolExecutor | None = None  # started by the first host half it runs
-        self.closed = False
-        self.pending: list[tuple[int, Future]] = [(step, _finished(rows)) for step, rows in json.loads(pending_rows)]
+        # the host halves of the probe and weight rows: on its worker on a GPU (deferred.Deferred)
+        self.deferred = Deferred(device.type == "cuda", "Prober", "probe before close(), or make a new Prober",
+                                 json.loads(pending_rows))
 
-    def _later(self, step: int, kind: str, rows: Callable[[], list[dict]]) -> None:
-        """Run a host half `rows` on the worker; its rows carry their kind until `drain` writes them.
-        When training runs on the CPU too, the worker would only take cores from it (the demo's four
-        runs took 149 s against 129 s on 2 cores), so the host half runs here, its rows pending all
-        the same: metrics.jsonl has one order on every device."""
-        def tagged() -> list[dict]:
-            return [{"kind": kind, **r} for r in rows()]
+    # the Deferred's state under the names the tests and benchmarks/throughput.py use
+    @property
+    def offload(self) -> bool:
+        return self.deferred.offload
 
-        if self.offload and self.worker is None:
-            self.worker = ThreadPoolExecutor(1, thread_name_prefix="rankprobe-probes")
-        self.pending.append((step, self.worker.submit(tagged) if self.offload else _finished(tagged())))
+    @offload.setter
+    def offload(self, on: bool) -> None:
+        self.deferred.offload = on
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise RuntimeError("this Prober is closed (its worker is shut down): probe before close(), "
-                               "or make a new Prober")
+    @property
+    def pending(self) -> list:
+        return self.deferred.pending
+
+    @property
+    def worker(self):
+        return self.deferred.worker
 
     def settle(self) -> list[tuple[int, list[dict]]]:
         """Wait for the pending rows: [(step, rows)], each row with its `kind` (what a checkpoint saves)."""
         t0 = time.perf_counter()
-        done = [(step, job.result()) for step, job in self.pending]
+        done = self.deferred.settle()
         waited = time.perf_counter() - t0
         self.timing["probe_wait_s"] += waited
         self.timing["probe_s"] += waited
@@ -272,16 +269,16 @@ class Prober:
 
     def drain(self) -> None:
         """Write the pending rows, in the order their checkpoints made them."""
-        for step, rows in self.settle():
+        self.settle()  # the wait, timed
+        for step, rows in self.deferred.take():
             for row in rows:
                 row = dict(row)
                 kind = row.pop("kind", "weights")  # a checkpoint from before the probe rows were pending
                 self.out.write(kind, step=step, tokens=step * self.tokens_per_step, **row)
-        self.pending.clear()
 
     def __call__(self, step: int, updates: list[dict]) -> None:
         """Evaluate and probe after `step`; `updates` are the update-RMS rows of the step that led here."""
-        self._check_open()  # before the eval, and before `drain` meets rows that close() cancelled
+        self.deferred.check_open()  # before the eval, and before `drain` meets rows that close() cancelled
         self.drain()
         tokens = step * self.tokens_per_step
         t0 = time.perf_counter()
@@ -300,20 +297,18 @@ class Prober:
         """The probe pass after `step`: (kind, rows) for `attn` and `update`; the host halves of the
         `probe` and `weights` rows go to the worker. Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast,
         so the keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way)."""
-        self._check_open()  # before the probe pass, not after it at the first host half
+        self.deferred.check_open()  # before the probe pass, not after it at the first host half
         with autocast(self.device, self.amp):
             probe_rows, attn = self.monitor.lenses_start(self.shard, sharded=True)
         if self.dist.is_main:  # the statistics are merged and the weights replicated: rank 0 writes for all
-            self._later(step, "probe", probe_rows)
+            self.deferred.add(step, "probe", probe_rows)
             if self.cfg.probe.weights:
-                self._later(step, "weights", weight_lenses_start(self.model))
+                self.deferred.add(step, "weights", weight_lenses_start(self.model))
         return [("attn", attn), ("update", updates)]
 
     def close(self) -> None:
         """Stop the worker (waiting for a host half it is running, cancelling queued ones); final."""
-        self.closed = True
-        if self.worker is not None:
-            self.worker.shutdown(cancel_futures=True)
+        self.deferred.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,8 +375,3 @@ class DivergenceGuard:
 def finite_weights(model) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
-
-def _finished(result) -> Future:
-    job: Future = Future()
-    job.set_result(result)
-    return job

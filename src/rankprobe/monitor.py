@@ -15,6 +15,9 @@ torch.compile wrappers, and measures in one of two ways:
 
 Rows come back in the metrics.jsonl schema (docs/metrics.md; `probe`, `attn`, `weights`), and as
 flat scalars (`sinks.scalars`); with `out` they are also written to out/metrics.jsonl and its sinks.
+With `background` (the default on CUDA) a measurement pays only its device half in the step; the host
+half (eigendecompositions on the CPU) runs on a worker thread (`deferred.Deferred`, as the trainer's
+Prober does) and its rows are emitted by the next measurement or by `flush` / `close`.
 Under torch.distributed every statistic is all-reduced (dist.reduce_probe_stats) so that each rank
 holds the rows a single process would compute on all ranks' tokens; rank 0 alone writes.
 """
@@ -30,10 +33,11 @@ from pathlib import Path
 import torch
 
 from .config import UserError
+from .deferred import Deferred
 from .dist import Dist, reduce_probe_stats, shard_rows
 from .probes.adapters import AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
 from .probes.capture import Key, adapter_for, covariance_sink
-from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows, weight_lenses
+from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows_start, weight_lenses_start
 from .probes.spectra import CovStats
 from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable
 from .sinks import open_sinks, scalars
@@ -127,16 +131,20 @@ class Monitor:
                "wandb", "csv", or callables (kind, row)). `name`, `arm`, `seed` fill its run row.
     batch_size sequences per forward of the fixed-batch mode.
     train_forward  False: the fixed-batch mode only (`start` refuses; the trainer's probes).
+    background the host half of each measurement (eigendecompositions, rows) on a worker thread, its
+               rows emitted by the next `finish` / `probe` or by `flush`; None: on when the model's
+               parameters are on CUDA (on a CPU the worker would only take cores from training).
 
     `cost` holds the seconds of the last measurement's parts (the statistics after the forward; see
-    `finish` and `probe`), for benchmarks/monitor_overhead.py.
+    `finish` and `probe`) and `measurements` counts them, for benchmarks/monitor_overhead.py.
     """
 
     def __init__(self, model, *, patterns: Patterns | None = None, heads: int | None = None,
                  kv_heads: int | None = None, head_dim: int | None = None, attention_spec: AttentionSpec | None = None,
                  every: int = 100, taps=None, attention: bool = True, weights: bool = True,
                  out: str | Path | None = None, sinks=(), name: str | None = None, arm: str = "monitor",
-                 seed: int = 0, batch_size: int = 8, dist: Dist | None = None, train_forward: bool = True):
+                 seed: int = 0, batch_size: int = 8, dist: Dist | None = None, train_forward: bool = True,
+                 background: bool | None = None):
         if every < 1:
             raise UserError(f"Monitor(every={every}): the cadence must be at least 1 step")
         if patterns is not None:
@@ -157,8 +165,16 @@ class Monitor:
         self._handles: list = []
         self._eager = False  # this monitor holds torch.compile aside (_EAGER) for its open step
         self._step: int | None = None
+        if background is None:
+            background = any(p.device.type == "cuda" for p in self.adapter.model.parameters())
+        self._pending = Deferred(background, "Monitor", "measure before close(), or make a new Monitor")
         self.last: list[dict] = []
         self.cost: dict[str, float] = {}
+        self.measurements = 0
+
+    @property
+    def background(self) -> bool:
+        return self._pending.offload
 
     def _open(self, out, sinks, name, arm, seed):
         if out is None:
@@ -180,13 +196,19 @@ class Monitor:
     def probe(self, tokens: torch.Tensor, step: int = 0, tokens_seen: int | None = None) -> list[dict]:
         """Every lens on `tokens` (N, T), the whole probe set (the same on every rank: each rank feeds
         its share and the statistics are merged). Runs in eval mode under no_grad, the caller's
-        autocast included. Returns the rows (each with `kind`, `step`, `tokens`)."""
-        t0 = time.perf_counter()
-        probe, attn = self.lenses(tokens)
-        t1 = time.perf_counter()  # the rows are host numbers: the forward and its statistics are done
-        weights = self._weight_rows()
+        autocast included. Returns the rows it emits (each with `kind`, `step`, `tokens`): this
+        measurement's, or with `background` the previous measurement's (`finish`).
+        `cost`: `lenses_s` (forward and statistics), `weights_s`; with `background` only their device
+        halves, and `wait_s` for the previous measurement's host half."""
+        self._pending.check_open()
+        earlier, t0 = self._begin(), time.perf_counter()  # entries pending before this one
+        probe_rows, attn = self.lenses_start(tokens)
+        self._queue(step, tokens_seen, "probe", probe_rows)
+        self._queue(step, tokens_seen, "attn", attn)
+        t1 = time.perf_counter()  # attn is host numbers: the forward and its statistics are done
+        self._queue_weights(step, tokens_seen)
         self.cost = {"lenses_s": t1 - t0, "weights_s": time.perf_counter() - t1}
-        return self._emit(step, tokens_seen, [("probe", probe), ("attn", attn), ("weights", weights)])
+        return self._emit(earlier)
 
     def lenses(self, tokens: torch.Tensor, sharded: bool = False) -> tuple[list[dict], list[dict]]:
         """The `probe` and `attn` rows of `tokens` (N, T) without step fields, writing nothing.
@@ -208,11 +230,14 @@ class Monitor:
     def _keep(self, rows: list[dict]) -> list[dict]:
         return rows if self.taps is None else [r for r in rows if r["tap"] in self.taps]
 
-    def _weight_rows(self) -> list[dict]:
+    def _queue_weights(self, step: int, tokens_seen: int | None) -> None:
+        """The weight rows' device half here, on every rank (FSDP2's all-gathers, in the same order),
+        and rank 0's host half queued."""
         if self.weights and not self.dist.is_main and _fsdp_sharded(self.adapter.model):
             with torch.no_grad():
                 self.adapter.weights()  # FSDP2: join rank 0's all-gathers of the whole matrices (adapters.whole)
-        return weight_lenses(self.adapter) if self.weights and self.dist.is_main else []
+        if self.weights and self.dist.is_main:
+            self._queue(step, tokens_seen, "weights", weight_lenses_start(self.adapter))
 
     # ------------------------------------------------------------------------------------------
     # from the training forward
@@ -231,6 +256,7 @@ class Monitor:
         (a graph that stays correct without the hooks is never recompiled; BENCHMARKS.md). Eager,
         the measured step pays the difference between an eager and a compiled forward and
         backward, and no graph is ever compiled with hooks."""
+        self._pending.check_open()
         if self._eager:
             raise RuntimeError(f"Monitor.start({step}) while step {self._step} is still open; call finish first")
         if not self.train_forward:
@@ -263,31 +289,34 @@ class Monitor:
             self._eager = False
 
     def finish(self, tokens_seen: int | None = None) -> list[dict]:
-        """Remove the hooks, merge the statistics across ranks and return (and write) the rows of the
-        step `start` opened; [] when it opened none. Every rank must call it (a collective).
+        """Remove the hooks, merge the statistics across ranks and emit rows (return them, write them,
+        keep them in `last`): the rows of the step `start` opened, or with `background` those of the
+        measurement before it (this one's host half goes to the worker). [] and nothing else when
+        `start` opened no step. Every rank must call it (a collective).
         `cost` then holds the seconds of the statistics: `spectra_s` (the merge across ranks
-        and the key spectra), `attention_s`, `weights_s`."""
+        and the key spectra), `attention_s`, `weights_s`; with `background` only their device halves,
+        and `wait_s` for the previous measurement's host half."""
         if not self._eager:
             return []
         self._close()
         cov: dict[Key, CovStats] = self._cov
-        t0 = time.perf_counter()
+        earlier, t0 = self._begin(), time.perf_counter()  # entries pending before this one
         if self.dist.active:
             reduce_probe_stats(self.dist, cov, self._attn)
-        spectra = spectral_rows(cov)  # host numbers: every part below ends synced, so each time is its own
+        self._queue(self._step, tokens_seen, "probe", spectral_rows_start(cov))
         t1 = time.perf_counter()
-        attn = self._attn.rows()
+        self._queue(self._step, tokens_seen, "attn", self._attn.rows())  # host numbers: synced
         t2 = time.perf_counter()
-        weights = self._weight_rows()
+        self._queue_weights(self._step, tokens_seen)
         t3 = time.perf_counter()
         self.cost = {"spectra_s": t1 - t0, "attention_s": t2 - t1, "weights_s": t3 - t2}
         self._cov, self._attn = {}, None
-        return self._emit(self._step, tokens_seen, [("probe", spectra), ("attn", attn), ("weights", weights)])
+        return self._emit(earlier)
 
     @contextmanager
     def watch(self, step: int, tokens_seen: int | None = None):
         """`with monitor.watch(step): loss = model(x, y)`: `start` before the block, `finish` after it
-        (the rows are then in `monitor.last`)."""
+        (the rows it emits are then in `monitor.last`)."""
         self.start(step)
         try:
             yield self
@@ -298,15 +327,48 @@ class Monitor:
 
     # ------------------------------------------------------------------------------------------
 
-    def _emit(self, step: int, tokens_seen: int | None, kinds: list[tuple[str, list[dict]]]) -> list[dict]:
-        out = []
-        for kind, rows in kinds:
+    # emitting: every measurement's rows pass through `_pending` (deferred.Deferred), in both modes
+
+    def _begin(self) -> int:
+        """A measurement begins: how many entries earlier measurements left pending."""
+        self.measurements += 1
+        return len(self._pending.pending)
+
+    def _queue(self, step: int, tokens_seen: int | None, kind: str, rows) -> None:
+        """Queue rows of `kind` (a list, or a host half: a function) stamped with their step and tokens."""
+        def stamp(made: list[dict]) -> list[dict]:
+            return [{"step": step, "tokens": tokens_seen, **r} for r in made]
+
+        self._pending.add(step, kind, (lambda: stamp(rows())) if callable(rows) else stamp(rows))
+
+    @staticmethod
+    def _rows(done: list[tuple[int, list[dict]]]) -> list[dict]:
+        return [row for _, rows in done for row in rows]
+
+    def _emit(self, earlier: int) -> list[dict]:
+        """Write and return the rows a measurement releases once its device half is done: with
+        `background` the `earlier` entries (the previous measurement's, waited for here:
+        `cost["wait_s"]`), else all (its own, made by now)."""
+        t0 = time.perf_counter()
+        done = self._pending.take(earlier if self.background else None)
+        if self.background:
+            self.cost["wait_s"] = time.perf_counter() - t0
+        self.last = self._write(self._rows(done))
+        return self.last
+
+    def _write(self, rows: list[dict]) -> list[dict]:
+        if self.writer is not None:
             for row in rows:
-                out.append({"kind": kind, "step": step, "tokens": tokens_seen, **row})
-                if self.writer is not None:
-                    self.writer.write(kind, step=step, tokens=tokens_seen, **row)
-        self.last = out
-        return out
+                self.writer.write(**row)  # kind, step, tokens, the row's fields
+        return rows
+
+    def flush(self) -> list[dict]:
+        """Wait for the host halves still pending and emit their rows (write them, return them, and
+        keep them in `last` unless there are none); [] when nothing is pending (always, without
+        `background`)."""
+        rows = self._write(self._rows(self._pending.take()))
+        self.last = rows or self.last
+        return rows
 
     def scalars(self) -> dict[str, float]:
         """The last rows as flat scalars (`rankprobe/k_pr/L03`, `rankprobe/attn_entropy/L03`, …)."""
@@ -318,8 +380,13 @@ class Monitor:
             self.writer.write(kind, step=step, tokens=tokens_seen, **row)
 
     def close(self) -> None:
+        """Flush, then close the worker and out/metrics.jsonl; final: measuring after it is an error."""
         self._close()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        try:
+            self.flush()
+        finally:
+            self._pending.close()
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
 

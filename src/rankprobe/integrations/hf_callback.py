@@ -8,7 +8,9 @@ micro-batch of a gradient-accumulation step counts): the hooks open in `on_step_
 `on_step_end`, so the rows describe the weights after `global_step` steps, as RankProbe's probes do.
 With `probe_tokens` the callback instead probes that fixed batch after every `every`-th step (and at
 step 0). Rows go to out/metrics.jsonl and the given sinks on the main process (sink "wandb" logs
-into the run the Trainer's `report_to="wandb"` opened, when there is one).
+into the run the Trainer's `report_to="wandb"` opened, when there is one). With the Monitor's
+`background` (the default on CUDA) a measurement's rows arrive at the next one and the last ones in
+`on_train_end` (`Monitor.flush`); each row carries the step it was measured at.
 """
 
 from __future__ import annotations
@@ -59,4 +61,5 @@ class RankProbeCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
+            self._keep(self.monitor.flush())  # the last measurement's rows, under `background`
             self.monitor.close()

@@ -6,7 +6,9 @@
 LightningModule returning it); by default the LightningModule itself. Every `every`-th optimizer step
 is measured from its own training forward passes: the hooks open at the batch's start when
 `trainer.global_step` is due and close at the end of the batch that steps the optimizer. The flat
-scalars (`rankprobe/k_pr/L03`, …) go to the Trainer's loggers; with `out` the rows also go to
+scalars (`rankprobe/k_pr/L03`, …) go to the Trainer's loggers, each at the step its rows were measured
+at: with the Monitor's `background` (the default on CUDA) a measurement's rows arrive at the next one,
+and the last ones at the end of training (`Monitor.flush`). With `out` the rows also go to
 out/metrics.jsonl and the Monitor's sinks (main process only).
 """
 
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 import lightning as L
 
-from ..monitor import Monitor
+from ..monitor import Monitor, flat_scalars
 
 
 class RankProbeCallback(L.Callback):
@@ -46,13 +48,20 @@ class RankProbeCallback(L.Callback):
         if self._open_step is None or trainer.global_step == self._open_step:
             return
         self._open_step = None
-        rows = self.monitor.finish()
+        self._log(trainer, self.monitor.finish())
+
+    def _log(self, trainer, rows: list[dict]) -> None:
+        """Keep `rows` and log their scalars at each row's own step (never the step they arrived at)."""
         self.rows += rows
-        if rows and trainer.loggers:
-            values = self.monitor.scalars()
+        by_step: dict[int, list[dict]] = {}
+        for row in rows:
+            by_step.setdefault(row["step"], []).append(row)
+        for step, group in by_step.items():
+            values = flat_scalars(group)
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=rows[0]["step"])
+                logger.log_metrics(values, step=step)
 
     def on_train_end(self, trainer, pl_module):
         if self.monitor is not None:
+            self._log(trainer, self.monitor.flush())  # the last measurement's rows, under `background`
             self.monitor.close()
