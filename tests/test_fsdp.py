@@ -61,19 +61,24 @@ def _measure(case: str, rank: int = 0, world: int = 1) -> dict:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         assert all(hasattr(p, "full_tensor") for p in model.parameters())  # every weight is a shard now
-    mon = Monitor(model, batch_size=4)
-    fixed = mon.probe(tokens)
+    # rank 0 of 2 in the background, rank 1 not: the all-gathers are in the device half either way
+    mon = Monitor(model, batch_size=4, background=rank == 0 and world > 1)
+    emitted = [mon.probe(tokens)]
     n = tokens.size(0) // world
     with mon.watch(0):
         loss(tokens[rank * n : (rank + 1) * n]).backward()
-    train = mon.last
+    emitted.append(mon.last)
     # an SGD step on each rank's shards, from the whole batch's gradient on every rank: FSDP2's average of
     # equal gradients is exact, so the stepped weights are one process's and even cond (which magnifies
     # rounding) compares at 1e-6; the probe after it must gather the updated shards
     model.zero_grad()
     loss(tokens).backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
-    return {"fixed": fixed, "train": train, "stepped": mon.probe(tokens, step=1)}
+    emitted += [mon.probe(tokens, step=1), mon.flush()]
+    if mon.background:  # each measurement's rows come with the next one, the last with flush
+        assert emitted[0] == []
+        emitted = emitted[1:]
+    return dict(zip(("fixed", "train", "stepped"), emitted))
 
 
 def _free_port() -> int:

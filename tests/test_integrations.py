@@ -54,7 +54,10 @@ class _Batches:
         return twin
 
 
-def test_transformers_trainer_callback(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_transformers_trainer_callback(tmp_path, background):
+    """`rows` and metrics.jsonl hold every measured step, also when each measurement's rows arrive with the
+    next one (the Monitor's background mode, forced on the CPU) and the last ones in `on_train_end`."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from rankprobe.integrations.hf_callback import RankProbeCallback
@@ -69,7 +72,7 @@ def test_transformers_trainer_callback(tmp_path):
                                           learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
                                           logging_steps=2, disable_tqdm=True, dataloader_num_workers=0)
     seen = _Batches(model)
-    callback = RankProbeCallback(every=2, out=tmp_path / "rp", weights=False)
+    callback = RankProbeCallback(every=2, out=tmp_path / "rp", weights=False, background=background)
     transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback]).train()
     assert sorted({r["step"] for r in callback.rows}) == [0, 2]
     assert (tmp_path / "rp" / "metrics.jsonl").read_text().count("\n") == 1 + len(callback.rows)
@@ -79,14 +82,20 @@ def test_transformers_trainer_callback(tmp_path):
 
     # the fixed-batch mode: after steps 0 and 4, equal to probing the final model directly
     probe_set = data[:4]
-    fixed = RankProbeCallback(every=4, probe_tokens=probe_set, weights=False)
+    fixed = RankProbeCallback(every=4, probe_tokens=probe_set, weights=False, background=background)
     transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[fixed]).train()
     assert sorted({r["step"] for r in fixed.rows}) == [0, 4]
     _same([r for r in fixed.rows if r["step"] == 4], Monitor(model, weights=False).probe(probe_set))
 
 
-def test_lightning_callback(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_lightning_callback(tmp_path, background):
+    """Each measured step's scalars reach the logger at that step, also when its rows arrive a measurement
+    later (the Monitor's background mode, forced on the CPU) and the last ones at the end of training."""
     L = pytest.importorskip("lightning")
+    import csv
+
+    from rankprobe.monitor import flat_scalars
     from lightning.pytorch.loggers import CSVLogger
 
     from rankprobe.config import load
@@ -111,7 +120,7 @@ def test_lightning_callback(tmp_path):
     data = torch.randint(0, 64, (24, 16), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
     seen = _Batches(module.model)
-    callback = RankProbeCallback(every=2, module="model", weights=False)
+    callback = RankProbeCallback(every=2, module="model", weights=False, background=background)
     trainer = L.Trainer(max_steps=5, accelerator="cpu", callbacks=[callback], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, logger=CSVLogger(tmp_path),
                         log_every_n_steps=1)
@@ -120,16 +129,26 @@ def test_lightning_callback(tmp_path):
     for step in (0, 2, 4):
         want = Monitor(seen.model_at(step), weights=False).probe(seen.inputs[step])
         _same([r for r in callback.rows if r["step"] == step], want)
-    logged = (Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"rankprobe/k_pr/L01", "rankprobe/attn_entropy/L00", "rankprobe/proj/v_erank/L01"} <= set(logged)
+    assert callback.monitor.background == background
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("rankprobe/k_pr/L01")]
+    assert {"rankprobe/k_pr/L01", "rankprobe/attn_entropy/L00", "rankprobe/proj/v_erank/L01"} <= set(logged[0])
+    assert [int(r["step"]) for r in logged] == [0, 2, 4]
+    for r in logged:
+        want = flat_scalars([row for row in callback.rows if row["step"] == int(r["step"])])
+        for name in ("rankprobe/k_pr/L01", "rankprobe/attn_entropy/L00"):
+            assert float(r[name]) == pytest.approx(want[name], rel=1e-9), (r["step"], name)
 
 
-def test_nanogpt_example_runs_its_loop_with_the_five_lines(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_nanogpt_example_runs_its_loop_with_the_five_lines(tmp_path, capsys, background):
     out = tmp_path / "nanogpt"
     ns = runpy.run_path(str(EXAMPLE), run_name="example")
-    ns["main"](["--steps", "5", "--every", "2", "--out", str(out)])
+    ns["main"](["--steps", "5", "--every", "2", "--out", str(out)] + ["--background"] * background)
     rows = [r for r in ns["LAST"]["rows"]]
+    assert [r["step"] for r in rows if r["kind"] == "probe"] == sorted(r["step"] for r in rows if r["kind"] == "probe")
     assert sorted({r["step"] for r in rows if r["kind"] == "probe"}) == [0, 2, 4]
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["0", "2", "4"]
     model, batch = ns["LAST"]["model_at_4"], ns["LAST"]["batch_at_4"]
     _same([r for r in rows if r["step"] == 4], Monitor(model, **ns["TAPS"], weights=False).probe(batch))
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -130,13 +130,18 @@ def _two_rank_worker(rank: int, world: int, port: int, tokens: torch.Tensor, out
     td.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = _model()
-        mon = Monitor(model, batch_size=2)
+        # rank 0 in the background, rank 1 not: the collectives are in the device half either way
+        mon = Monitor(model, batch_size=2, background=rank == 0)
         assert mon.dist == Dist(rank, world, 0)
         fixed = mon.probe(tokens)  # the same probe set on every rank: each feeds its half
         half = tokens[rank * 6 : (rank + 1) * 6]  # the training batch: each rank its own half
         with mon.watch(0):
             model(half, half).backward()
-        torch.save({"fixed": fixed, "train": mon.last}, f"{out}.{rank}")
+        train = mon.last
+        if mon.background:  # each measurement's rows come with the next one, the last with flush
+            assert fixed == []
+            fixed, train = mon.last, mon.flush()
+        torch.save({"fixed": fixed, "train": train}, f"{out}.{rank}")
     finally:
         td.destroy_process_group()
 
