@@ -10,8 +10,8 @@ For each: the median unmonitored step, the extra time of a measured step (its ti
 the weight spectra included unless --no-weights), and the overhead at cadence K = extra / (K · median),
 the share of wall time the monitor adds. Data are fixed random tokens (loading is not measured).
 
-Measured steps are the steps that produced rows, as the monitor reports them (`measured_at`, 0-based
-step indices): the Trainer's `on_step_end` sees `global_step` already advanced, so the fixed-batch mode
+Measured steps are the steps in which the monitor measured (`Monitor.measurements`; `measured_at`,
+0-based step indices): the Trainer's `on_step_end` sees `global_step` already advanced, so the fixed-batch mode
 probes at the end of steps K-1, 2K-1, …, and its step-0 probe runs in `on_train_begin` (timed apart,
 `train_begin_s`). Each measured step is split (`split`) at a sync between the training work and the
 monitor's work after it:
@@ -21,6 +21,12 @@ monitor's work after it:
   statistics_s  `finish` (or, fixed-batch, the whole probe: its forward passes and statistics), with
                 the Monitor's own parts (`Monitor.cost`: spectra_s, attention_s, weights_s; or
                 lenses_s, weights_s).
+With the Monitor's `background` (`--background`; auto: on with CUDA, as the Monitor's default; each
+arm records `background`), a measured step pays only the device halves and the host halves run on a
+worker thread while training goes on; what the user pays is then the measured step's extra time, which
+includes any wait for the previous measurement's host half (`wait_s` in the split), plus the wait for
+the last one at the end (`flush_s`: the loop's `flush`; `train_end_s`: the callback's `on_train_end`).
+`next_step_extra_s` is the step after a measured one minus the median, where the worker is busiest.
 
     PYTHONPATH=src python benchmarks/monitor_overhead.py --json monitor.json          # H200: a few minutes
     PYTHONPATH=src python benchmarks/monitor_overhead.py --smoke --json smoke.json    # CPU, tiny
@@ -59,6 +65,9 @@ def summarize(times: list[float], measured: set[int], every: int, warmup: int, w
     if at:
         extra = statistics.mean(times[i] - med for i in at)
         out |= {"extra_per_measured_step_s": extra, "overhead_at_cadence": extra / (every * med)}
+        after = [times[i + 1] - med for i in at if i + 1 < len(times) and i + 1 not in measured]
+        if after:
+            out["next_step_extra_s"] = statistics.mean(after)
     if at and work is not None:
         split = {"capture_s": statistics.mean(work[i] - med for i in at),
                  "statistics_s": statistics.mean(times[i] - work[i] for i in at)}
@@ -75,10 +84,13 @@ def summarize(times: list[float], measured: set[int], every: int, warmup: int, w
 def _hf_clock(device, monitor_cb):
     """Callbacks around the monitor's (callbacks run in list order): the first starts each step's
     clock and marks the end of its training work, the last stops the clock after the monitor's
-    `on_step_end` and notes whether the monitor produced rows in that step."""
+    `on_step_end` and notes whether the monitor measured in that step."""
     import transformers
 
-    rec = {"times": [], "work": [], "measured": set(), "costs": {}, "train_begin_s": 0.0}
+    rec = {"times": [], "work": [], "measured": set(), "costs": {}, "train_begin_s": 0.0, "train_end_s": 0.0}
+
+    def measurements() -> int:
+        return monitor_cb.monitor.measurements if monitor_cb else 0
 
     def now() -> float:
         _sync(device)
@@ -89,10 +101,13 @@ def _hf_clock(device, monitor_cb):
             rec["t0"] = now()
 
         def on_step_begin(self, args, state, control, **kw):
-            rec["t0"], rec["rows"] = now(), len(monitor_cb.rows) if monitor_cb else 0
+            rec["t0"], rec["n"] = now(), measurements()
 
         def on_step_end(self, args, state, control, **kw):
             rec["mid"] = now()
+
+        def on_train_end(self, args, state, control, **kw):
+            rec["t0"] = now()
 
     class After(transformers.TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -102,14 +117,17 @@ def _hf_clock(device, monitor_cb):
             end, i = now(), len(rec["times"])
             rec["times"].append(end - rec["t0"])
             rec["work"].append(rec["mid"] - rec["t0"])
-            if monitor_cb is not None and len(monitor_cb.rows) > rec["rows"]:
+            if measurements() > rec["n"]:
                 rec["measured"].add(i)
                 rec["costs"][i] = dict(monitor_cb.monitor.cost)
+
+        def on_train_end(self, args, state, control, **kw):
+            rec["train_end_s"] = now() - rec["t0"]  # the monitor's flush (the last host half) and close
 
     return rec, [Before(), *([monitor_cb] if monitor_cb else []), After()]
 
 
-def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights: bool) -> dict:
+def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights: bool, background) -> dict:
     import transformers
 
     from rankprobe.integrations.hf_callback import RankProbeCallback
@@ -128,7 +146,8 @@ def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights
                      ("fixed_batch", dict(every=every, probe_tokens=probe))):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(cfg)
-        rec, callbacks = _hf_clock(device, RankProbeCallback(weights=weights, batch_size=8, **kw) if kw else None)
+        cb = RankProbeCallback(weights=weights, batch_size=8, background=background, **kw) if kw else None
+        rec, callbacks = _hf_clock(device, cb)
         with tempfile.TemporaryDirectory() as tmp:
             args = transformers.TrainingArguments(
                 output_dir=tmp, max_steps=steps, per_device_train_batch_size=s["batch"], learning_rate=3e-4,
@@ -136,7 +155,9 @@ def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights
                 logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0)
             transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks).train()
         out[name] = summarize(rec["times"], rec["measured"], every, warmup, rec["work"], rec["costs"])
-        out[name]["train_begin_s"] = rec["train_begin_s"]
+        out[name] |= {"train_begin_s": rec["train_begin_s"], "train_end_s": rec["train_end_s"]}
+        if cb is not None:
+            out[name]["background"] = cb.monitor.background
         del model
     return out
 
@@ -145,7 +166,7 @@ def hf_section(shape: dict, steps: int, every: int, warmup: int, device, weights
 # RankProbe's own loop
 
 
-def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weights: bool) -> dict:
+def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weights: bool, background) -> dict:
     from rankprobe.config import load
     from rankprobe.dist import Dist
     from rankprobe.loop import TrainStep, autocast
@@ -167,21 +188,25 @@ def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weigh
     out = {}
     for name in ("without", "train_forward"):
         step_fn = TrainStep(cfg, device, Dist())
-        monitor = Monitor(step_fn.model, every=every, weights=weights) if name != "without" else None
+        monitor = Monitor(step_fn.model, every=every, weights=weights, background=background) \
+            if name != "without" else None
         times, work, measured, costs = [], [], set(), {}
         for i in range(steps):
             t0 = now()
             opened = monitor is not None and monitor.start(i)  # `watch(i)` is start, the block, finish
             step_fn(x, y, 1.0)
             t1 = now()
-            if monitor is not None and monitor.finish():  # [] on the steps start left alone
+            if opened:
+                monitor.finish()  # with background: the previous measurement's rows
                 measured.add(i)
                 costs[i] = dict(monitor.cost)
-            assert opened == (i in measured)
             times.append(now() - t0)
             work.append(t1 - t0)
         out[name] = summarize(times, measured, every, warmup, work, costs)
         if monitor is not None:
+            t0 = now()
+            monitor.flush()  # the last measurement's host half, under background
+            out[name] |= {"flush_s": now() - t0, "background": monitor.background}
             with torch.compiler.set_stance("force_eager"):  # what a measured step runs, without the hooks
                 eager = []
                 for _ in range(3):
@@ -196,7 +221,9 @@ def loop_section(shape: dict, steps: int, every: int, warmup: int, device, weigh
                     monitor.probe(probe)
                 out[key] = now() - t0
             out["fixed_batch_probe_split"] = dict(monitor.cost)
-            monitor.close()
+            t0 = now()
+            monitor.close()  # flushes: the second probe's host half, under background
+            out["fixed_batch_flush_s"] = now() - t0
         step_fn.close()
     return out
 
@@ -208,6 +235,8 @@ def main(argv=None) -> None:
     p.add_argument("--every", type=int, default=0, help="the monitor's cadence (default 100; smoke 2)")
     p.add_argument("--sections", default="hf,loop")
     p.add_argument("--no-weights", action="store_true", help="leave the weight spectra out of the measured steps")
+    p.add_argument("--background", choices=("auto", "on", "off"), default="auto",
+                   help="the Monitor's host halves on a worker thread (auto: on with CUDA, its default)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     shape = SHAPES["tiny" if args.smoke else "seed-22l"]
@@ -216,10 +245,11 @@ def main(argv=None) -> None:
     warmup = 1 if args.smoke else 10
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     R = {"shape": shape, "steps": steps, "every": every, "device": str(device), "torch": torch.__version__,
-         "weights": not args.no_weights}
+         "weights": not args.no_weights, "background": args.background}
     for sec in args.sections.split(","):
         fn = {"hf": hf_section, "loop": loop_section}[sec]
-        R[sec] = fn(shape, steps, every, warmup, device, not args.no_weights)
+        R[sec] = fn(shape, steps, every, warmup, device, not args.no_weights,
+                    {"auto": None, "on": True, "off": False}[args.background])
         print(sec, json.dumps(R[sec], indent=1))
     if args.json:
         with open(args.json, "w") as f:
