@@ -304,7 +304,7 @@ class Monitor:
         if self.dist.active:
             reduce_probe_stats(self.dist, cov, self._attn)
         self._queue(self._step, tokens_seen, "probe", spectral_rows_start(cov))
-        t1 = time.perf_counter()
+        t1 = time.perf_counter()  # with `background` its device work may still run: attention_s waits for it
         self._queue(self._step, tokens_seen, "attn", self._attn.rows())  # host numbers: synced
         t2 = time.perf_counter()
         self._queue_weights(self._step, tokens_seen)
