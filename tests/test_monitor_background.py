@@ -103,3 +103,26 @@ def test_background_rows_of_a_hugging_face_llama_equal_the_foreground_ones():
     assert {r["step"] for r in rows_later} == {0, 1}
     rows_later += later.flush()
     assert rows_later == rows_now and {r["kind"] for r in rows_now} == {"probe", "attn", "weights"}
+
+
+def test_two_monitors_measuring_one_hugging_face_step_are_refused():
+    """The HF rope tap routes each layer's attention call through one interceptor: a second Monitor
+    opening the same step would take it over and leave the first without rope or attention rows."""
+    transformers = pytest.importorskip("transformers")
+    from rankprobe.errors import DataError
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg)
+    first, second = Monitor(model, every=1), Monitor(model, every=1)
+    first.start(0)
+    with pytest.raises(DataError, match="taps are already attached to this model"):
+        second.start(0)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+    rows = first.finish()
+    assert {r["tap"] for r in rows if r["kind"] == "probe"} == {"proj", "norm", "rope"}
+    assert any(r["kind"] == "attn" for r in rows)
+    assert not second._eager and all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert second.start(1)  # free again once the first has finished
+    second.finish()

@@ -276,7 +276,11 @@ class Monitor:
 
         _EAGER.enter()
         self._eager = True  # the step is open from here until _close
-        self._handles = self.adapter.attach(sink)
+        try:
+            self._handles = self.adapter.attach(sink)
+        except BaseException:
+            self._close()
+            raise
         return True
 
     def _close(self) -> None:

@@ -223,6 +223,16 @@ class ModuleAdapter(TapAdapter):
         after_proj = ("proj",) + (() if p.q_norm else ("norm",) + (() if self.rope_is_hooked() else ("rope",)))
         after_norm = ("norm",) + (() if self.rope_is_hooked() else ("rope",))
         handles = []
+        try:
+            self._attach_layers(handles, emit_for, after_proj, after_norm)
+        except BaseException:  # a refusal half-way (families.py: taps already attached) leaves no hook behind
+            for h in handles:
+                h.remove()
+            raise
+        return handles
+
+    def _attach_layers(self, handles: list, emit_for: Callable, after_proj: tuple, after_norm: tuple) -> None:
+        p, D = self.p, self.head_dim
         for i, attn in enumerate(self.layers):
             q, k, v = (emit_for(i, t, after_proj if t != "v" else ("proj",)) for t in "qkv")
             if p.qkv:
@@ -244,7 +254,6 @@ class ModuleAdapter(TapAdapter):
                     handles.append(self.sub(attn, name).register_forward_hook(
                         lambda _m, _i, out, emit=emit, layout=layout: emit(_heads(out, D, layout))))
             handles += self.attach_rope(i, attn, emit_for(i, "q", ("rope",)), emit_for(i, "k", ("rope",)))
-        return handles
 
     def attach_rope(self, layer: int, attn: nn.Module, q: Callable, k: Callable) -> list:
         """Hooks for rope taps that no module outputs (probes/families.py); none here."""

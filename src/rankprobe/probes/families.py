@@ -133,8 +133,9 @@ class HFAdapter(ModuleAdapter):
 
         AttentionInterface.register(TAP_IMPL, _intercept)
         config, impl = attn.config, attn.config._attn_implementation
-        if impl == TAP_IMPL:
-            raise DataError("taps are already attached to this model")
+        if impl == TAP_IMPL or id(attn) in _ACTIVE:  # one interceptor per layer: a second would starve the first
+            raise DataError(f"{self.model_type}: taps are already attached to this model (two Monitors measuring "
+                            "the same step?); measure with one at a time")
         eager = sys.modules[type(attn).__module__].eager_attention_forward
         inner = eager if impl == "eager" else AttentionInterface()[impl]  # the model's own kernel
         spec, name = self.specs[layer], f"{self.model_type} layer {layer}"
@@ -146,12 +147,12 @@ class HFAdapter(ModuleAdapter):
             return inner(module, query, key, value, attention_mask, **kwargs)
 
         def pre(_m, _args):
-            _ACTIVE[id(attn)] = call
             _set_impl(config, TAP_IMPL)
 
         def post(_m, _args, _out):
             _set_impl(config, impl)
 
+        _ACTIVE[id(attn)] = call
         return [attn.register_forward_pre_hook(pre), attn.register_forward_hook(post), _Restore(attn, config, impl)]
 
     def _rotate_hooks(self, attn: nn.Module, q, k) -> list:
