@@ -218,7 +218,7 @@ class ModuleAdapter(TapAdapter):
                         sink((tap, tensor, layer), x)
             return emit
 
-        p, D = self.p, self.head_dim
+        p = self.p
         # a tap without a module of its own shows the values of the stage before it
         after_proj = ("proj",) + (() if p.q_norm else ("norm",) + (() if self.rope_is_hooked() else ("rope",)))
         after_norm = ("norm",) + (() if self.rope_is_hooked() else ("rope",))
