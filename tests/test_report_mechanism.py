@@ -180,7 +180,7 @@ def test_update_size_and_shape(study):
     text = question(study[1], 8).split("The step itself", 1)[1]
     rows = rows_of(text)
     assert rows["muon"][0] == ["3", "4,000,000", "2.2e-02 ± 0.0e+00", pm(0.5, 3), "1.000 ± 0.000", "10.0 ± 0.0",
-                               pm(33)]
+                               "10.0 ± 0.0", pm(33)]
     assert rows["adamw"][0][2:4] == ["1.6e-02 ± 0.0e+00", pm(6.0, 3)]
     assert rows["sgd"][0][2] == "2.0e-04 ± 0.0e+00" and set(rows) == set(ARMS)
 

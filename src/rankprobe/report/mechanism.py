@@ -234,11 +234,12 @@ def update_shape(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> list[
             continue
         shape, null = (arm_series(group, "update", key, matrix="k") for key in ("orth_dev", "orth_dev_null"))
         rank = arm_series(group, "weights", "stable_rank", matrix="k")
+        first = NO_VALUE if rank is None or rank.tokens[0] != 0 else rank.at(0)
         rows.append([*arm_cells(size), pm(_over_training(size), 1, style="e"), pm(_over_training(shape), 3),
-                     pm(_over_training(null), 3), pm(final(rank), 1), pm(prs[arm].at(-1))])
+                     pm(_over_training(null), 3), pm(first, 1), pm(final(rank), 1), pm(prs[arm].at(-1))])
     return [prose("mechanism", "update_shape"), "",
             *table(["arm", "seeds", "tokens", "‖ΔW_k‖/‖W_k‖ per step", "ΔW_k orth_dev", "Gaussian null",
-                    "final W_k stable rank", "final key PR"], rows), ""] if rows else []
+                    "W_k stable rank at init", "final W_k stable rank", "final key PR"], rows), ""] if rows else []
 
 
 def _warmup_groups(arms: dict[str, list[Run]]) -> list[list[str]]:
