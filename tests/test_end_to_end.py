@@ -266,3 +266,33 @@ def test_regional_compile_trains_like_eager_with_qk_clip(corpus_file, cache, tmp
         assert rows(path, "end")[0]["status"] == "finished"
     assert len(losses["false"]) > 3
     np.testing.assert_allclose(losses["regional"], losses["false"], rtol=1e-4)
+
+
+def test_step_clock_leaves_out_what_timing_booked_and_the_first_step():
+    """step_time_s is the mean step over the stretch since the previous train row: the evals, probes
+    and checkpoints booked in `timing` there, and the first step (compile), are not steps. A probe of
+    0.3 s inside a stretch of five 10 ms steps would add 60 ms a step if it were counted."""
+    import time
+
+    from rankprobe.loop import StepClock, new_timing
+
+    timing = new_timing()
+    clock = StepClock(timing, 0)
+
+    def phase(key: str, seconds: float) -> None:
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        timing[key] += time.perf_counter() - t0
+
+    phase("first_step_s", 0.2)  # step 1, compiling
+    assert clock.lap(1) == pytest.approx(timing["first_step_s"])  # alone in its stretch: its own time
+    for step in range(2, 7):
+        time.sleep(0.01)
+        if step == 4:
+            phase("probe_s", 0.3)
+    assert 0.01 <= clock.lap(6) < 0.04
+    clock = StepClock(timing, 6)  # resumed at 6: the stretch 7..11 holds this process's first step
+    phase("first_step_s", 0.2)
+    for _ in range(4):
+        time.sleep(0.01)
+    assert 0.01 <= clock.lap(11) < 0.04

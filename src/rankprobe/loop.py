@@ -41,6 +41,32 @@ def new_timing(saved: dict | None = None) -> dict[str, float]:
     return dict.fromkeys(TIMING_FIELDS, 0.0) | (saved or {})
 
 
+class StepClock:
+    """`step_time_s` of a `train` row: the mean wall time of a training step since the previous row,
+    the evals, probes and checkpoints of that stretch and the process's first step (its compile;
+    `first_step_s`) left out, as `timing` booked them. Each logged step ends in a host sync on the
+    loss, so the stretch between two of them holds exactly its steps' work; a step's own start-to-sync
+    time would not, on a GPU, where the loop queues steps without waiting between logged ones."""
+
+    BOOKED = ("first_step_s", "eval_s", "probe_s", "checkpoint_s")
+
+    def __init__(self, timing: dict[str, float], step: int):
+        self.timing, self.first = timing, step + 1  # the first step this process runs
+        self._mark(step)
+
+    def _mark(self, step: int) -> None:
+        self.step, self.t, self.booked = step, time.perf_counter(), {k: self.timing[k] for k in self.BOOKED}
+
+    def lap(self, step: int) -> float:
+        """Seconds per step over steps (previous lap, `step`]; the first step's own time when it is the
+        only step there."""
+        booked = {k: self.timing[k] - self.booked[k] for k in self.BOOKED}
+        spent = time.perf_counter() - self.t - sum(booked.values())
+        n = step - self.step - (self.step < self.first <= step)
+        self._mark(step)
+        return booked["first_step_s"] if n == 0 else spent / n
+
+
 # ---------------------------------------------------------------------------------------------
 # schedule
 

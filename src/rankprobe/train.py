@@ -31,7 +31,7 @@ from .errors import ConfigError, FolderError, UserError
 from .data.tokens import TokenData, prepare
 from .dist import Dist, device_for, on_main
 from .model import state_bytes
-from .loop import Checkpointer, DivergenceGuard, Prober, Schedule, TrainStep, finite_weights, new_timing
+from .loop import Checkpointer, DivergenceGuard, Prober, Schedule, StepClock, TrainStep, finite_weights, new_timing
 from .optim.build import ns_dtype
 from .probes.lenses import update_rms, weight_snapshot
 from .runfolder import (CHECKPOINT, CONFIG, ENDED, ENV, LOCK, METRICS, OUTPUTS, WEIGHTS, MetricsWriter, NullWriter,
@@ -226,6 +226,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
             prober(0, [])
             if ckpt.at_probes:
                 ckpt.save(0, model, step_fn.optimizers, out, prober.settle)
+        clock = StepClock(timing, start)
         for step in range(start + 1, sched.total_steps + 1):
             t0 = time.perf_counter()
             at_probe = step in sched.probe_steps
@@ -249,7 +250,7 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
             if logged:
                 loss_f = loss.item()  # the one host sync per logged step
                 out.write("train", step=step, tokens=sched.tokens(step), loss=loss_f, lr_scale=scale,
-                          grad_norm=float(grad_norm), step_time_s=time.perf_counter() - t0, **step_fn.take_clipped())
+                          grad_norm=float(grad_norm), step_time_s=clock.lap(step), **step_fn.take_clipped())
                 bar.set_postfix(loss=f"{loss_f:.3f}", refresh=False)
             if at_probe:
                 prober(step, update_rms(before, weight_snapshot(model)) if before is not None else [])
