@@ -247,7 +247,10 @@ def test_scan_trains_one_run_per_value_and_marks_the_best(corpus_file, cache, tm
     assert lrs == [1e-3, 3e-2, 1e39]
     best = min(got[:2], key=lambda r: r["val_loss"])
     table = (out / "scan.md").read_text()
-    assert f"| {best['value']} **(best)** | finished |" in table and "| 1e39 | diverged | 128 | – | – | – |" in table
+    assert f"| {best['value']} **(best)** | finished |" in table and "| 1e39 | diverged | 128 | – | – | – | – |" in table
+    for r, p in zip(got[:2], paths[:2]):  # W_k's step: the mean of the run's own `update` rows of W_k
+        steps = [u["update_rel"] for u in rows(p, "update") if u["matrix"] == "k"]
+        assert steps and r["k_step"] == pytest.approx(sum(steps) / len(steps)) and f"{r['k_step']:.1e} |" in table
     before = [p.stat().st_mtime_ns for p in paths]
     assert main(args) == 0  # nothing to redo
     assert [p.stat().st_mtime_ns for p in paths] == before

@@ -17,8 +17,8 @@ def _last(rows: list[dict], kind: str) -> dict | None:
 
 def scan_rows(param: str, paths: list[Path]) -> list[dict]:
     """Per metrics file: the scanned value, status, tokens, final val loss, mean key PR at the
-    headline tap and max attention logit at the last checkpoint (None where absent, and for runs that
-    did not finish)."""
+    headline tap and max attention logit at the last checkpoint, and W_k's mean relative step (None
+    where absent, and for runs that did not finish)."""
     out = []
     for path in paths:
         rows = run_rows(path.parent)
@@ -31,22 +31,25 @@ def scan_rows(param: str, paths: list[Path]) -> list[dict]:
                 and r.get("tap") == tap and r.get("tokens") == last_tokens and r.get("pr") is not None]
         logits = [r["max_logit"] for r in rows if r.get("kind") == "attn" and r.get("tokens") == last_tokens
                   and r.get("max_logit") is not None]
+        steps = [r["update_rel"] for r in rows if r.get("kind") == "update" and r.get("matrix") == "k"
+                 and r.get("update_rel") is not None]
         status = status_of(rows)
         if status != "finished":  # numbers from before a run stopped are not its final ones
-            ev, keys, logits = None, [], []
+            ev, keys, logits, steps = None, [], [], []
         out.append({
             "value": value, "status": status,
             "tokens": end["tokens"] if end else (last_tokens or 0),
             "val_loss": ev["val_loss"] if ev else None,
             "key_pr": sum(keys) / len(keys) if keys else None,
             "max_logit": max(logits) if logits else None,
+            "k_step": sum(steps) / len(steps) if steps else None,
             "arm": run.get("arm", "?"), "tap": tap,
         })
     return out
 
 
-def _fmt(x, digits: int) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+def _fmt(x, digits: int, style: str = "f") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}{style}}"
 
 
 def write_scan(out_dir: Path, param: str, paths: list[Path]) -> Path:
@@ -59,10 +62,13 @@ def write_scan(out_dir: Path, param: str, paths: list[Path]) -> Path:
         f"{len(rows)} run(s) of arm {', '.join(f'`{a}`' for a in arms)}, one per value; everything else as in "
         "each run's config.json. The best value is the lowest final validation loss among the runs that "
         "finished (diverged runs are listed, never chosen). Key PR is the mean over layers at the headline "
-        f"tap (`{rows[0]['tap'] if rows else 'norm'}`) at the last checkpoint.", "",
-        *table([f"`{param}`", "status", "tokens", "final val loss", "key PR", "max attention logit"],
+        f"tap (`{rows[0]['tap'] if rows else 'norm'}`) at the last checkpoint. The W_k step is "
+        "‖ΔW_k‖/‖W_k‖ of one optimizer step (`update` rows), the mean over layers and the checkpoints "
+        "after init: how far a step moves the key projection at that value.", "",
+        *table([f"`{param}`", "status", "tokens", "final val loss", "key PR", "max attention logit", "W_k step"],
                [[r["value"] + (" **(best)**" if r is best else ""), r["status"], f"{r['tokens']:,}",
-                 _fmt(r["val_loss"], 4), _fmt(r["key_pr"], 2), _fmt(r["max_logit"], 2)] for r in rows]),
+                 _fmt(r["val_loss"], 4), _fmt(r["key_pr"], 2), _fmt(r["max_logit"], 2),
+                 _fmt(r["k_step"], 1, "e")] for r in rows]),
         "", f"Best: `{param} = {best['value']}`." if best else "No run finished: no best value.", ""]
     path = Path(out_dir) / "scan.md"
     write_atomic(path, "\n".join(lines))
