@@ -366,7 +366,7 @@ class Bench:
         data = random_token_data(shape, B, n_probe + n_eval)
         prober = Prober(run_cfg, model, data, probe_set, dev, torch.bfloat16 if dev.type == "cuda" else None,
                         NullWriter(), new_timing())
-        prober.offload = True  # the host halves on its worker, as on a GPU: the CPU smoke run walks that path too
+        prober.deferred.offload = True  # the host halves on its worker, as on a GPU: the CPU smoke run walks that path too
 
         def pr_only():
             with amp:

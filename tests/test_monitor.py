@@ -265,11 +265,11 @@ def test_trainer_prober_leaves_the_host_half_to_its_worker_and_writes_what_the_m
     out = MetricsWriter(tmp_path / "metrics.jsonl")
     expect = Monitor(model, batch_size=4, train_forward=False).probe(tokens)
     prober = Prober(cfg, model, None, tokens, torch.device("cpu"), None, out, defaultdict(float))
-    assert not prober.offload
+    assert not prober.deferred.offload
     for offload, step in ((False, 3), (True, 4)):
-        prober.offload = offload
+        prober.deferred.offload = offload
         assert [kind for kind, _ in prober.lenses(step, [])] == ["attn", "update"]
-        assert [{r["kind"] for r in job.result()} for _, job in prober.pending] == [{"probe"}, {"weights"}]
+        assert [{r["kind"] for r in job.result()} for _, job in prober.deferred.pending] == [{"probe"}, {"weights"}]
         prober.drain()
     written = read_rows(tmp_path / "metrics.jsonl")
     for step in (3, 4):
@@ -302,12 +302,12 @@ def test_a_closed_prober_refuses_another_checkpoint_with_one_clear_error_on_ever
     model, tokens = _model(), _tokens()
     for offload in (False, True):
         prober = Prober(cfg, model, None, tokens, torch.device("cpu"), None, NullWriter(), defaultdict(float))
-        prober.offload = offload
+        prober.deferred.offload = offload
         prober.lenses(3, [])
-        assert (prober.worker is not None) == offload
+        assert (prober.deferred.worker is not None) == offload
         prober.drain()
         prober.close(), prober.close()
         for probe in (lambda: prober.lenses(4, []), lambda: prober(4, [])):
             with pytest.raises(RuntimeError, match="Prober is closed"):
                 probe()
-        assert not prober.pending
+        assert not prober.deferred.pending

@@ -267,23 +267,6 @@ class Prober:
         self.deferred = Deferred(device.type == "cuda", "Prober", "probe before close(), or make a new Prober",
                                  json.loads(pending_rows))
 
-    # the Deferred's state under the names the tests and benchmarks/throughput.py use
-    @property
-    def offload(self) -> bool:
-        return self.deferred.offload
-
-    @offload.setter
-    def offload(self, on: bool) -> None:
-        self.deferred.offload = on
-
-    @property
-    def pending(self) -> list:
-        return self.deferred.pending
-
-    @property
-    def worker(self):
-        return self.deferred.worker
-
     def settle(self) -> list[tuple[int, list[dict]]]:
         """Wait for the pending rows: [(step, rows)], each row with its `kind` (what a checkpoint saves)."""
         t0 = time.perf_counter()
@@ -321,8 +304,9 @@ class Prober:
 
     def lenses(self, step: int, updates: list[dict]) -> list[tuple[str, list[dict]]]:
         """The probe pass after `step`: (kind, rows) for `attn` and `update`; the host halves of the
-        `probe` and `weights` rows go to the worker. Uncompiled, so the hooks never touch the compiled hot path; under the run's autocast,
-        so the keys are the ones training computes (bf16 on CUDA; the statistics are float64 either way)."""
+        `probe` and `weights` rows go to the worker. Uncompiled, so the hooks never touch the compiled
+        hot path; under the run's autocast, so the keys are the ones training computes (bf16 on CUDA;
+        the statistics are float64 either way)."""
         self.deferred.check_open()  # before the probe pass, not after it at the first host half
         with autocast(self.device, self.amp):
             probe_rows, attn = self.monitor.lenses_start(self.shard, sharded=True)
