@@ -244,7 +244,13 @@ def _train(cfg, args) -> int:
     finally:
         dist.close(d)
     if not d.is_main:
-        return 0
+        # Rank 0 wrote the run folder; this rank holds nothing left to write. Ending it here skips the
+        # interpreter's finalization, where gloo's threads aborted a finished rank now and then
+        # (SIGABRT, "terminate called without an active exception": torchrun then failed a finished run).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     end = end_of(read_rows(metrics)) or {}
     if end.get("status") == "diverged":
         print(f"rankprobe: {cfg.name} diverged at {end.get('tokens'):,} tokens (step {end.get('step')}); "

@@ -75,9 +75,16 @@ def init(device_name: str = "auto") -> Dist:
 
 
 def close(d: Dist) -> None:
+    """Leave the process group, after collecting what the run left in reference cycles (its DDP
+    model, work handles) while the group and the interpreter are still alive rather than during the
+    interpreter's finalization, where gloo's threads can abort a rank. The CLI also ends the other
+    ranks without finalization (cli._train)."""
     if d.active:
+        import gc
+
         import torch.distributed as td
 
+        gc.collect()
         if td.is_initialized():
             td.destroy_process_group()
 
