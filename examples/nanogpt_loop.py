@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rankprobe import Monitor, Patterns  # RankProbe
-from rankprobe.monitor import flat_scalars
+from rankprobe.monitor import scalars_by_step
 
 
 @dataclass
@@ -107,8 +107,7 @@ def batches(cfg: GPTConfig, batch_size: int, seed: int = 0):
 
 def show(rows: list[dict], losses: dict[int, float], head_dim: int) -> None:
     """Print the key PR per layer of each step in `rows` (the rows a measurement or `flush` emitted)."""
-    for step in sorted({r["step"] for r in rows}):
-        k = flat_scalars([r for r in rows if r["step"] == step])
+    for step, k in scalars_by_step(rows).items():
         pr = [v for name, v in sorted(k.items()) if name.startswith("rankprobe/k_pr/")]
         print(f"step {step:4d}  loss {losses[step]:.3f}  key PR per layer {[round(v, 2) for v in pr]}"
               f"  (head dim {head_dim})")

@@ -8,6 +8,7 @@ They are imported on first use, so `import rankprobe.runfolder` and the report n
 __version__ = "0.1.0"
 
 _LAZY = {"Monitor": "monitor", "Patterns": "monitor", "AttentionSpec": "monitor", "flat_scalars": "monitor",
+         "scalars_by_step": "monitor",
          "load": "frame", "export": "frame"}
 __all__ = ["__version__", *_LAZY]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -267,19 +268,22 @@ class Prober:
         self.deferred = Deferred(device.type == "cuda", "Prober", "probe before close(), or make a new Prober",
                                  json.loads(pending_rows))
 
-    def settle(self) -> list[tuple[int, list[dict]]]:
-        """Wait for the pending rows: [(step, rows)], each row with its `kind` (what a checkpoint saves)."""
+    def _waited(self, wait: Callable[[], list[tuple[int, list[dict]]]]) -> list[tuple[int, list[dict]]]:
+        """`wait()` for the pending rows, its time booked as probe time the loop waited for."""
         t0 = time.perf_counter()
-        done = self.deferred.settle()
+        done = wait()
         waited = time.perf_counter() - t0
         self.timing["probe_wait_s"] += waited
         self.timing["probe_s"] += waited
         return done
 
+    def settle(self) -> list[tuple[int, list[dict]]]:
+        """Wait for the pending rows: [(step, rows)], each row with its `kind` (what a checkpoint saves)."""
+        return self._waited(self.deferred.settle)
+
     def drain(self) -> None:
         """Write the pending rows, in the order their checkpoints made them."""
-        self.settle()  # the wait, timed
-        for step, rows in self.deferred.take():
+        for step, rows in self._waited(self.deferred.take):
             for row in rows:
                 row = dict(row)
                 kind = row.pop("kind", "weights")  # a checkpoint from before the probe rows were pending

@@ -42,7 +42,7 @@ from .probes.spectra import CovStats
 from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable
 from .sinks import open_sinks, scalars
 
-__all__ = ["Monitor", "Patterns", "AttentionSpec", "unwrap", "current_dist", "flat_scalars"]
+__all__ = ["Monitor", "Patterns", "AttentionSpec", "unwrap", "current_dist", "flat_scalars", "scalars_by_step"]
 
 
 def unwrap(model):
@@ -68,6 +68,15 @@ def flat_scalars(rows: list[dict]) -> dict[str, float]:
     for row in rows:
         out.update(scalars(row["kind"], row))
     return out
+
+
+def scalars_by_step(rows: list[dict]) -> dict[int, dict[str, float]]:
+    """`flat_scalars` of each measured step in `rows`, by the step the rows carry (what a background
+    Monitor emits belongs to an earlier step than the one that emitted it)."""
+    by_step: dict[int, list[dict]] = {}
+    for row in rows:
+        by_step.setdefault(row["step"], []).append(row)
+    return {step: flat_scalars(group) for step, group in sorted(by_step.items())}
 
 
 class _EagerSteps:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import lightning as L
 
-from ..monitor import Monitor, flat_scalars
+from ..monitor import Monitor, scalars_by_step
 
 
 class RankProbeCallback(L.Callback):
@@ -53,11 +53,7 @@ class RankProbeCallback(L.Callback):
     def _log(self, trainer, rows: list[dict]) -> None:
         """Keep `rows` and log their scalars at each row's own step (never the step they arrived at)."""
         self.rows += rows
-        by_step: dict[int, list[dict]] = {}
-        for row in rows:
-            by_step.setdefault(row["step"], []).append(row)
-        for step, group in by_step.items():
-            values = flat_scalars(group)
+        for step, values in scalars_by_step(rows).items():
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)
 
