@@ -39,13 +39,14 @@ UPDATE = {"adamw": (8e-3, 6.0), "muon": (1.1e-2, 0.5)}  # W_k's step: (size at t
 
 
 def write_run(root: Path, arm: str, seed: int, mechanism: bool = True, pr: list[float] | None = None,
-              sweep: dict | None = None) -> None:
+              sweep: dict | None = None, label: str | None = None, orth: float | None = None) -> None:
     """A finished run in the documented schema: key probe rows at tap `norm` (two layers, equal), eval
     rows, and q/k weight rows; `mechanism=False` writes files from before the mechanism lenses; `pr`
-    replaces the arm's key PR per checkpoint; `sweep` updates the config's sweep table (how the run was
-    launched)."""
-    optimizer, qk, warmup, arm_pr, index, sphere, orth = ARMS[arm]
-    pr = pr or arm_pr
+    replaces the arm's key PR per checkpoint, `orth` its final orth_dev; `sweep` updates the config's
+    sweep table (how the run was launched); `label` names the arm (default `arm`, whose ARMS entry
+    gives the rest)."""
+    optimizer, qk, warmup, arm_pr, index, sphere, arm_orth = ARMS[arm]
+    pr, orth, arm = pr or arm_pr, arm_orth if orth is None else orth, label or arm
     d = SEEDS[seed]
     cfg = to_dict(Config())
     cfg["name"] = f"{arm}-s{seed}"
@@ -143,6 +144,40 @@ def test_class_split_not_resolved_and_contradicted(tmp_path):
     assert "With QK-Norm" not in five  # no arm with QK-Norm: nothing to say about it
 
 
+def test_class_split_within_each_variant(tmp_path):
+    """Arms `@step` (another rate for each optimizer) are compared among themselves, never with the base
+    arms: the base arms keep the split, the step-matched ones contradict it."""
+    for seed in SEEDS:
+        write_run(tmp_path, "lion", seed)
+        write_run(tmp_path, "sgd", seed)
+        write_run(tmp_path, "lion", seed, label="lion@step", pr=[40, 30, 20, 20])
+        write_run(tmp_path, "sgd", seed, label="sgd@step", pr=[40, 20, 5, 2])
+    five = question(build_report(tmp_path).read_text(), 5)
+    assert (f"Without QK-Norm: the highest coordinate-wise arm `lion` ({pm(9)}) against the lowest rotation-"
+            f"equivariant arm `sgd` ({pm(16)}) is lower, resolved") in five
+    assert (f"Without QK-Norm, arms `@step`: the highest coordinate-wise arm `lion@step` ({pm(20)}) against the "
+            f"lowest rotation-equivariant arm `sgd@step` ({pm(2)}) is higher, resolved") in five
+    assert "the prediction is contradicted" in five
+
+
+def test_orthogonality_at_the_null_is_no_evidence(tmp_path):
+    """Muon's W_k ends at 1.05, above the Gaussian null (1.0): an arm whose W_k is still at the null is
+    'closer to orthogonal' only in the sense that it never moved, and is not listed as unexplained;
+    one that left the null towards orthogonal (0.9) is."""
+    for seed in SEEDS:
+        write_run(tmp_path, "muon", seed, orth=1.05)
+        write_run(tmp_path, "lion", seed, orth=1.0)
+        write_run(tmp_path, "adamw", seed, orth=0.9)
+    text = build_report(tmp_path).read_text()
+    eight = question(text, 8)
+    assert (f"against `lion` ({pm(1.0, 3)}): farther from orthogonal, resolved (the 95% intervals do not overlap; "
+            "3 seeds); its W_k has not left the Gaussian null (a random matrix's value).") in eight
+    assert f"against `adamw` ({pm(0.9, 3)}): farther from orthogonal, resolved (the 95% intervals do not overlap; 3 seeds)." in eight
+    ten = question(text, 10)
+    assert "`adamw` ends with W_k closer to orthogonal than `muon` (resolved)" in ten
+    assert "`lion` ends with W_k closer" not in ten
+
+
 def test_alignment_timing(study):
     text = question(study[1], 6)
     assert "`adamw`: aligned first at 1,000,000 tokens, collapsed first at 2,000,000 tokens: **before**." in text
@@ -208,7 +243,7 @@ def test_unexplained(study):
     text = question(study[1], 10)
     assert "`custom` is unclassified" in text
     assert f"`sgd` is rotation-equivariant but ends with key PR below 0.5 of its init value ({pm(16)}" in text
-    assert "`sgd` collapsed without aligning." in text
+    assert "`sgd` collapsed (fell below half their init key PR at some checkpoint, question 6) without aligning." in text
     assert "QK-Norm raises `adamw`'s sphere_r (resolved) without a resolved drop in its key PR" in text
     assert "`lion`" not in text and "`muon`" not in text  # both behave as the story says
 

@@ -49,6 +49,16 @@ def optimizer_class(optimizer: str) -> str:
     return OPTIMIZER_CLASS.get(optimizer, UNCLASSIFIED)
 
 
+def setting(arm: str, runs: list[Run]) -> tuple[bool, str]:
+    """What arms must share to be compared by class or against Muon: QK-Norm on or off, and the arm's
+    variant (`@name`: the step-matched `@step` arms, the short-warmup `@warmup1` ones, ...; docs/metrics.md)."""
+    return runs[0].qk_norm, arm.partition("@")[2]
+
+
+def _setting_words(qk: bool, variant: str) -> str:
+    return ("With QK-Norm" if qk else "Without QK-Norm") + (f", arms `@{variant}`" if variant else "")
+
+
 def _when(tokens: int | None) -> str:
     return "never" if tokens is None else f"first at {tokens:,} tokens"
 
@@ -90,31 +100,31 @@ def final_orth(q: ArmSeries, k: ArmSeries) -> np.ndarray:
 
 
 def class_split(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tuple[list[str], dict[str, str]]:
-    """5. Final key PR per arm grouped by class; per QK-Norm setting, the highest coordinate-wise arm
-    against the lowest rotation-equivariant one. Returns (lines, arm -> class)."""
+    """5. Final key PR per arm grouped by class; per `setting` (QK-Norm, variant), the highest
+    coordinate-wise arm against the lowest rotation-equivariant one. Returns (lines, arm -> class)."""
     cls = {a: optimizer_class(g[0].optimizer) for a, g in arms.items()}
     order = sorted(arms, key=lambda a: ([COORDINATE, ROTATION, UNCLASSIFIED].index(cls[a]), -prs[a].at(-1).mean))
     rows = [[arm_cell(a), cls[a], str(prs[a].n_seeds), f"{int(prs[a].tokens[-1]):,}",
              pm(prs[a].at(0)) if prs[a].tokens[0] == 0 else "n/a", pm(prs[a].at(-1))] for a in order]
     lines = ["### 5. Coordinate-wise against rotation-equivariant optimizers", "", prose("mechanism", "classes"), "",
              *table(["arm", "class", "seeds", "tokens", "key PR at init", "final key PR"], rows), ""]
-    for qk in (False, True):
-        group = [a for a in arms if arms[a][0].qk_norm == qk]
+    groups: dict[tuple[bool, str], list[str]] = {}
+    for a in arms:
+        groups.setdefault(setting(a, arms[a]), []).append(a)
+    for key in sorted(groups):
+        group, words = groups[key], _setting_words(*key)
         coord = [a for a in group if cls[a] == COORDINATE]
         rot = [a for a in group if cls[a] == ROTATION]
-        setting = "With QK-Norm" if qk else "Without QK-Norm"
-        if not group:
-            continue
         if not coord or not rot:
             missing = "coordinate-wise" if not coord else "rotation-equivariant"
-            lines += [f"{setting}: cannot be answered, no {missing} arm.", ""]
+            lines += [f"{words}: cannot be answered, no {missing} arm.", ""]
             continue
         hi = max(coord, key=lambda a: prs[a].at(-1).mean)
         lo = min(rot, key=lambda a: prs[a].at(-1).mean)
         a, b = prs[hi].at(-1), prs[lo].at(-1)
         reading = ("split_holds" if resolved_above(b, a) else "split_contradicted" if resolved_above(a, b)
                    else "split_with" if a.mean < b.mean else "split_against")
-        lines += [prose("mechanism", "split", setting=setting, hi=hi, lo=lo, a=pm(a), b=pm(b), verdict=verdict(a, b),
+        lines += [prose("mechanism", "split", setting=words, hi=hi, lo=lo, a=pm(a), b=pm(b), verdict=verdict(a, b),
                         reading=prose("mechanism", reading)), ""]
     return lines, cls
 
@@ -186,7 +196,7 @@ def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str
 
 def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tuple[list[str], list[str]]:
     """8. Final orth_dev of W_q and W_k (mean over layers) per arm, Muon against each other arm of its
-    QK-Norm setting (W_k), and Spearman's ρ over arms between the q/k mean orth_dev and key PR. Returns
+    `setting` (W_k), and Spearman's ρ over arms between the q/k mean orth_dev and key PR. Returns
     (lines, arms more orthogonal than Muon, resolved)."""
     lines, odd = ["### 8. Are W_q and W_k closer to orthogonal under Muon?", ""], []
     dev = orth_devs(arms)
@@ -202,14 +212,16 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
     if not muons:
         lines += ["Muon against the others: not answered, no `muon` arm with weight rows.", ""]
     for m in muons:
-        others = [a for a in dev if a != m and arms[a][0].qk_norm == arms[m][0].qk_norm]
+        others = [a for a in dev if a != m and setting(a, arms[a]) == setting(m, arms[m])]
         for a in others:
-            x, y = dev[m][1].at(-1), dev[a][1].at(-1)
+            x, y, null = dev[m][1].at(-1), dev[a][1].at(-1), final(dev[a][2])
+            at_null = null is not NO_VALUE and not resolved_above(y, null) and not resolved_above(null, y)
             lines.append(f"- W_k orth_dev of {arm_cell(m)} ({pm(x, 3)}) against {arm_cell(a)} ({pm(y, 3)}): "
-                         f"{verdict(x, y, 'farther from orthogonal', 'closer to orthogonal')}.")
-            if resolved_above(x, y):
+                         f"{verdict(x, y, 'farther from orthogonal', 'closer to orthogonal')}"
+                         + ("; its W_k has not left the Gaussian null (a random matrix's value)." if at_null else "."))
+            if resolved_above(x, y) and not at_null:  # an arm whose W_k never left its random init proves nothing
                 odd.append(f"{arm_cell(a)} ends with W_k closer to orthogonal than {arm_cell(m)} (resolved)")
-        lines += [] if others else [f"- {arm_cell(m)}: no other arm of its QK-Norm setting has weight rows."]
+        lines += [] if others else [f"- {arm_cell(m)}: no other arm of its setting (QK-Norm, variant) has weight rows."]
     lines += [""] if muons else []
     if len(dev) < 3:
         return lines + [f"Whether orthogonality predicts key PR: cannot be assessed, {len(dev)} arm(s) with "
@@ -289,7 +301,8 @@ def unexplained(prs: dict[str, ArmSeries], cls: dict[str, str], timing: dict[str
                          f"{COLLAPSE_FRACTION:g} of its init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
         if timing.get(arm) in prose("unexplained"):
             by_timing.setdefault(timing[arm], []).append(arm_cell(arm))
-    items += [f"{', '.join(cells)} {prose('unexplained', t)}" for t, cells in by_timing.items()] + odd
+    items += [f"{'Every arm' if len(cells) == len(prs) > 1 else ', '.join(cells)} {prose('unexplained', t)}"
+              for t, cells in by_timing.items()] + odd
     lines = ["### 10. What still goes unexplained", ""]
     if not items:
         return lines + [prose("mechanism", "nothing_unexplained"), ""]
