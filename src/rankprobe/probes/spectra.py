@@ -120,9 +120,10 @@ def moment_sums(x: torch.Tensor, chunks: int | None = None,
     the squares, cubes, fourth powers, norms, unit vectors and each of their sums).
 
     `fused` forms A and the powers in kernels that torch.compile (Inductor) generates instead
-    (`fused_operand`): each reads x in its own dtype and keeps the squares, norms and powers in
+    (`fused_operand`): they read x in its own dtype and keep the squares, norms and powers in
     registers, so the float64 traffic is A written once and read once by the GEMM, about 2 volumes
-    instead of 10, plus two or three reads of x itself (2 bytes an element in bf16). Equal to the eager
+    instead of 10, plus a read of x (2 bytes an element in bf16) per kernel: one on the CPU (C++); on a
+    GPU likely two or three (a row kernel for A, the column sums of x³ and x⁴). Equal to the eager
     passes up to float64 round-off (summation order). Default: on CUDA when `CUDA_FUSED`, else eager;
     the first call of each shape and dtype compiles (seconds).
 
