@@ -141,7 +141,8 @@ def fused_sums(model, probe_set: torch.Tensor, batch_size: int, amp, measure: Ca
     adapter = adapter_for(model)
     seen: dict = {}
     with amp:
-        feed(adapter, probe_set[:batch_size], batch_size, lambda key, x: seen.setdefault(key, (tuple(x.shape), x.dtype)))
+        feed(adapter, probe_set[:batch_size], batch_size,
+             lambda key, x: seen.setdefault(key, (tuple(x.shape), x.dtype)))
     n_batches = -(-probe_set.size(0) // batch_size)
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(0)
