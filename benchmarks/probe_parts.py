@@ -14,10 +14,16 @@ benchmarks/throughput.py (section `probes`) calls `probe_parts` and writes its r
 - mechanism: the mechanism lenses (`mechanism_of`) on the host;
 - rows: `spectral_rows` whole (head_batch + transfer + host_spectra + mechanism + the nulls).
 The components add up to about what `probe_lenses` costs; the rest is hooks and Python.
+
+`token_blocks` times `moment_sums` by the GEMM's split of the tokens, and `fused_sums` its eager passes
+against its fused form (torch.compile) on every tap's shape and dtype: what decides
+`spectra.CUDA_TOKEN_BLOCKS` and `spectra.CUDA_FUSED`.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -25,6 +31,7 @@ import torch
 from rankprobe.probes.capture import adapter_for, covariance_sink, feed, head_groups
 from rankprobe.probes.lenses import AttentionStats, spectral_rows
 from rankprobe.probes.mechanism import covariance_eigh, mechanism_of
+from rankprobe.probes import spectra
 from rankprobe.probes.spectra import CovStats, covariance_spectrum, moment_sums, spectra_from, to_host
 
 PARTS = {
@@ -122,3 +129,40 @@ def token_blocks(model, probe_set: torch.Tensor, batch_size: int, measure: Calla
             moment_sums(x, c)
 
     return {c: measure(lambda c=c: run(c)) for c in blocks if x.size(0) % c == 0}
+
+
+def fused_sums(model, probe_set: torch.Tensor, batch_size: int, amp, measure: Callable[[Callable], float]) -> dict:
+    """`moment_sums` eager against fused on the probe pass's taps: per distinct (shape, dtype) of a tap's
+    batch, `calls` (its taps times the batches of the probe set), the seconds of those calls each way
+    (`measure`, under `amp` as in the hooks), `compile_s` of the first fused call and one eager one
+    (mostly the compile), and the largest difference of the fused sums from the eager ones relative to
+    each sum's largest entry (float64 round-off, ~1e-15, is expected); then the totals over the pass,
+    and `cuda_fused`, the default on CUDA (`spectra.CUDA_FUSED`) when measured."""
+    adapter = adapter_for(model)
+    seen: dict = {}
+    with amp:
+        feed(adapter, probe_set[:batch_size], batch_size,
+             lambda key, x: seen.setdefault(key, (tuple(x.shape), x.dtype)))
+    n_batches = -(-probe_set.size(0) // batch_size)
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for (shape, dtype), taps in sorted(Counter(seen.values()).items(), key=str):
+        x = torch.randn(*shape, device=device, generator=g).to(dtype).reshape(-1, *shape[-2:])  # (N, H, D)
+        calls = taps * n_batches
+
+        def run(fused: bool, x=x, calls=calls):
+            with amp:
+                for _ in range(calls):
+                    moment_sums(x, fused=fused)
+
+        t0 = time.perf_counter()
+        with amp:
+            fused = moment_sums(x, fused=True)  # the first call of a shape compiles it
+            eager = moment_sums(x, fused=False)
+        diff = max(((f - e).abs().max() / e.abs().max()).item() for f, e in zip(fused, eager))  # .item() waits
+        rows.append({"shape": list(x.shape), "dtype": str(dtype).removeprefix("torch."), "calls": calls,
+                     "compile_s": time.perf_counter() - t0, "max_rel_diff": diff,
+                     "eager_s": measure(lambda: run(False)), "fused_s": measure(lambda: run(True))})
+    return {"shapes": rows, **{k: sum(r[k] for r in rows) for k in ("eager_s", "fused_s", "compile_s")},
+            "cuda_fused": spectra.CUDA_FUSED}

@@ -41,6 +41,12 @@ def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
     parts = {"forward", "moment_sums", "attention", "head_batch", "transfer", "host_spectra", "mechanism", "rows"}
     assert set(P["parts"]) == parts and all(v >= 0 for v in P["parts"].values())
     assert "1" in P["token_blocks"] and all(v > 0 for v in P["token_blocks"].values())
+    # eager against fused moment_sums on every tap shape: the fused form compiled (Inductor's C++ on the
+    # CPU) and equal to the eager passes to float64 round-off
+    F = P["moment_sums_fused"]
+    assert F["shapes"] and all(r["calls"] > 0 and r["eager_s"] > 0 and r["fused_s"] > 0 and r["max_rel_diff"] < 1e-13
+                               for r in F["shapes"])
+    assert F["eager_s"] == pytest.approx(sum(r["eager_s"] for r in F["shapes"])) and F["cuda_fused"] is False
     # the probe section's Prober runs its host halves on its worker, as on a GPU, and is profiled before
     # it closes: probing a closed Prober killed the H200 run after its JSON was written (issue 13)
     assert "the training loop's probe work at one checkpoint, smoke" in R["profiles"]
@@ -48,6 +54,7 @@ def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
     assert text.startswith("# kept\n")  # the hand-written part above the marker is kept
     assert "### Probes and eval at one checkpoint" in text and "its parts:" in text and "by component" in text
     assert "blocks C" in text
+    assert "eager passes against the fused form" in text
     rendered = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--render", str(out),
                                "--out", str(tmp_path / "again.md")], capture_output=True, text=True, env=env)
     assert rendered.returncode == 0, rendered.stderr[-2000:]

@@ -1,5 +1,7 @@
 """The fast path of the probe statistics (`spectra.moment_sums`, what `CovStats.add` runs) against a
-straightforward float64 computation in numpy, sample by sample, on random and structured data."""
+straightforward float64 computation in numpy, sample by sample, on random and structured data; its
+fused form (torch.compile, Inductor's C++ kernels on the CPU) against the eager passes and the same
+reference."""
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 from rankprobe.probes.capture import stats_to_rows
 from rankprobe.probes.lenses import spectral_rows, spectral_rows_start
+from rankprobe.probes import spectra
 from rankprobe.probes.spectra import CovStats, moment_sums, sum_squares
 
 
@@ -88,6 +91,83 @@ def test_non_finite_values_stay_in_their_head():
     torch.testing.assert_close(g[0], want_g[0], rtol=1e-14, atol=0)
     torch.testing.assert_close(pow3[0], want3[0], rtol=1e-14, atol=0)
     assert not torch.isfinite(g[1]).all() and not torch.isfinite(pow4[1]).all()
+
+
+def as_fields(sums, d: int) -> dict[str, torch.Tensor]:
+    g, pow3, pow4 = sums
+    return {"sum": g[:, :d, d], "outer": g[:, :d, :d], "pow3": pow3, "pow4": pow4, "unit_sum": g[:, :d, d + 1]}
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+# Odd shapes (N not a multiple of 8, D not of the vector width) with zero vectors (the 1/‖x‖ guard) and
+# a far offset in one head; one compile each. bf16 is what the taps hand over under autocast.
+FUSED_CASES = [(torch.bfloat16, (1001, 3, 17), 7), (torch.float32, (389, 2, 13), 1)]
+
+
+@pytest.mark.parametrize("dtype, shape, chunks", FUSED_CASES)
+def test_fused_sums_equal_eager_and_float64_reference(dtype, shape, chunks):
+    rng = np.random.default_rng(8)
+    n, h, d = shape
+    x = rng.standard_normal(shape) * rng.uniform(0.1, 3.0, d) + rng.standard_normal(d)
+    x[:, -1] += 20.0
+    x[::5] = 0.0
+    x[3, 0] = 0.0
+    x = torch.from_numpy(x).to(dtype)
+    fused = moment_sums(x, chunks, fused=True)
+    eager = moment_sums(x, chunks, fused=False)
+    assert all(t.dtype == torch.float64 for t in fused)
+    ref = reference(x.double().numpy())  # the sums of the values x holds, exactly
+    check(as_fields(fused, d), ref)
+    check(as_fields(fused, d), {k: v.numpy() for k, v in as_fields(eager, d).items()}, rtol=1e-13)
+    np.testing.assert_array_equal(fused[0][:, d, d].numpy(), n)  # Σ1·1: the count, a check on the layout
+
+
+def test_fused_sums_compile_each_shape_once_whatever_the_caller_state():
+    """A probe pass calls under no_grad and autocast, a training forward's hooks with grad on and
+    tensors that require grad: neither may compile the shape again."""
+    dtype, shape, chunks = FUSED_CASES[0]
+    x = torch.randn(shape).to(dtype)
+    want = moment_sums(x, chunks, fused=True)
+    before = compiled_graphs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = moment_sums(x, chunks, fused=True)
+    with torch.enable_grad():
+        grad = moment_sums(x.clone().requires_grad_(), chunks, fused=True)
+    assert compiled_graphs() == before
+    for a, b, c in zip(want, inside, grad):
+        assert torch.equal(a, b) and torch.equal(a, c) and not c.requires_grad
+
+
+def test_fused_sums_past_the_recompile_limit_run_eagerly(monkeypatch):
+    """A shape beyond Dynamo's recompile limit runs the eager passes: no compile, no Dynamo warning,
+    the same sums."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", len(spectra._fused_shapes))
+    x = torch.randn(96, 2, 5)
+    before = compiled_graphs()
+    got = moment_sums(x, 2, fused=True)
+    assert compiled_graphs() == before
+    for a, b in zip(got, moment_sums(x, 2, fused=False)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_sums_on_cuda_equal_eager_and_float64_reference():
+    """Triton's kernels, not the CPU's C++ ones: a seed-22l tap's batch shape in bf16, the default
+    token blocks, zero vectors; the sums equal the eager passes' and the reference's."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4096, 12, 64)) * rng.uniform(0.1, 3.0, 64) + rng.standard_normal(64)
+    x[::9] = 0.0
+    x = torch.from_numpy(x).to(torch.bfloat16)
+    fused = [t.cpu() for t in moment_sums(x.cuda(), fused=True)]
+    eager = [t.cpu() for t in moment_sums(x.cuda(), fused=False)]
+    check(as_fields(fused, 64), reference(x.double().numpy()))
+    check(as_fields(fused, 64), {k: v.numpy() for k, v in as_fields(eager, 64).items()}, rtol=1e-13)
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -101,9 +101,13 @@ class HeadBatch:
 
 
 CUDA_TOKEN_BLOCKS = 8  # moment_sums' default split of the tokens on CUDA (96 GEMM batches at seed-22l)
+# moment_sums' default on CUDA: the eager passes until benchmarks/throughput.py --sections probes shows
+# the fused one faster on a GPU (`probe.moment_sums_fused`); on the CPU the default stays eager.
+CUDA_FUSED = False
 
 
-def moment_sums(x: torch.Tensor, chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moment_sums(x: torch.Tensor, chunks: int | None = None,
+                fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every sum `CovStats` keeps, of vectors x (N, H, D) of any float dtype, in float64:
     (G (H, D+2, D+2), Σx³ (H, D), Σx⁴ (H, D)), sums over the N vectors of each head.
 
@@ -114,6 +118,14 @@ def moment_sums(x: torch.Tensor, chunks: int | None = None) -> tuple[torch.Tenso
     x², Σx³ from x² multiplied in place. On a GPU, where these are bandwidth-bound, that is about 10
     reads and writes of float64 data of the size of x instead of 16–18 (separate passes for the sum,
     the squares, cubes, fourth powers, norms, unit vectors and each of their sums).
+
+    `fused` forms A and the powers in kernels that torch.compile (Inductor) generates instead
+    (`fused_operand`): they read x in its own dtype and keep the squares, norms and powers in
+    registers, so the float64 traffic is A written once and read once by the GEMM, about 2 volumes
+    instead of 10, plus a read of x (2 bytes an element in bf16) per kernel: one on the CPU (C++); on a
+    GPU likely two or three (a row kernel for A, the column sums of x³ and x⁴). Equal to the eager
+    passes up to float64 round-off (summation order). Default: on CUDA when `CUDA_FUSED`, else eager;
+    the first call of each shape and dtype compiles (seconds).
 
     `chunks` C splits the N vectors into C blocks that the GEMM takes as C·H batches, summed after:
     for a long N (32,768 at seed-22l) and few heads the GEMM otherwise runs on too few thread blocks
@@ -126,18 +138,65 @@ def moment_sums(x: torch.Tensor, chunks: int | None = None) -> tuple[torch.Tenso
     C, M, W = chunks, N // chunks, D + 2
     if C * M != N:
         raise ValueError(f"chunks={C} does not divide N={N}")
-    a = torch.empty(C, H, M, W, dtype=torch.float64, device=x.device)
+    if fused is None:
+        fused = x.is_cuda and CUDA_FUSED
+    a, pow3, pow4 = fused_operand(x, C) if fused else eager_operand(x, C)
+    flat = a.view(C * H, M, W)
+    g = torch.bmm(flat.transpose(1, 2), flat).view(C, H, W, W).sum(0)  # (H, W, W)
+    return g, pow3, pow4
+
+
+def eager_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GEMM operand A (C, H, M, D+2) of `moment_sums` and Σx³, Σx⁴ (H, D), by separate float64 passes."""
+    N, H, D = x.shape
+    C, M = chunks, N // chunks
+    a = torch.empty(C, H, M, D + 2, dtype=torch.float64, device=x.device)
     xs = a[..., :D]
     xs.copy_(x.view(C, M, H, D).transpose(1, 2))  # the one read of the activations, e.g. bf16 -> float64
     sq = xs * xs  # (C, H, M, D)
     r2 = sq.sum(-1)  # (C, H, M): squared norms
     a[..., D] = 1
     a[..., D + 1] = torch.where(r2 > 0, r2.rsqrt(), 0)
-    flat = a.view(C * H, M, W)
-    g = torch.bmm(flat.transpose(1, 2), flat).view(C, H, W, W).sum(0)  # (H, W, W)
     pow4 = sum_squares(sq, (0, 2))
     pow3 = sq.mul_(xs).sum((0, 2))  # sq now holds x³
-    return g, pow3, pow4
+    return a, pow3, pow4
+
+
+def operand_math(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`eager_operand`'s results written as one expression, for Inductor to fuse: the row kernel reads x
+    once and writes A; the column sums of x³ and x⁴ are reductions over the same read of x."""
+    N, H, D = x.shape
+    xs = x.view(chunks, N // chunks, H, D).transpose(1, 2).to(torch.float64)  # (C, H, M, D)
+    sq = xs * xs
+    r2 = sq.sum(-1, keepdim=True)  # (C, H, M, 1)
+    a = torch.cat([xs, torch.ones_like(r2), torch.where(r2 > 0, r2.rsqrt(), 0)], -1)  # (C, H, M, D+2)
+    return a, (sq * xs).sum((0, 2)), (sq * sq).sum((0, 2))
+
+
+@functools.cache
+def _compiled_operand():
+    # Compiled on first use, never at import. Static shapes: a pass has a few (N, H, D, dtype) per model
+    # (q and k/v widths, the last batch's N), each compiled once; `fused_operand` keeps their count
+    # within Dynamo's recompile limit.
+    return torch.compile(operand_math, dynamic=False, fullgraph=True)
+
+
+_fused_shapes: set[tuple] = set()  # the (shape, dtype, device, chunks) the compiled operand has seen
+
+
+def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`eager_operand` by the compiled `operand_math`. Called with grad mode and autocast fixed, so that
+    those settings of the caller (a training forward's hooks, a probe pass under no_grad) do not make
+    Dynamo compile each shape again. Past `torch._dynamo.config.recompile_limit` distinct shapes, a new
+    shape runs `eager_operand` (Dynamo would run it uncompiled, with a warning)."""
+    x = x.detach()  # requires_grad is part of what Dynamo guards on
+    key = (tuple(x.shape), x.dtype, x.device, chunks)
+    if key not in _fused_shapes:
+        if len(_fused_shapes) >= torch._dynamo.config.recompile_limit:
+            return eager_operand(x, chunks)
+        _fused_shapes.add(key)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return _compiled_operand()(x, chunks)
 
 
 def sum_squares(t: torch.Tensor, dims: tuple[int, ...], fused: bool | None = None) -> torch.Tensor:
