@@ -143,6 +143,27 @@ def test_fused_sums_compile_each_shape_once_whatever_the_caller_state():
         assert torch.equal(a, b) and torch.equal(a, c) and not c.requires_grad
 
 
+def test_fused_sums_compile_inside_the_monitors_eager_steps():
+    """The Monitor's measured step sets `force_eager`, under which a compiled function silently runs
+    eagerly: the fused sums must still run their compiled kernels there (a new shape compiles)."""
+    x = torch.randn(80, 2, 6)
+    before = compiled_graphs()
+    with torch.compiler.set_stance("force_eager"):
+        got = moment_sums(x, 2, fused=True)
+    assert compiled_graphs() == before + 1
+    for a, b in zip(got, moment_sums(x, 2, fused=False)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+
+
+def test_fused_sums_traced_into_a_compiled_caller():
+    """A hook inside a region Dynamo compiles (a model compiled whole) traces the eager passes into
+    that region's graph: same sums."""
+    x = torch.randn(64, 2, 4)
+    got = torch.compile(lambda t: moment_sums(t, 2, fused=True), fullgraph=True)(x)
+    for a, b in zip(got, moment_sums(x, 2, fused=False)):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+
+
 def test_fused_sums_past_the_recompile_limit_run_eagerly(monkeypatch):
     """A shape beyond Dynamo's recompile limit runs the eager passes: no compile, no Dynamo warning,
     the same sums."""

@@ -188,14 +188,19 @@ def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Ten
     """`eager_operand` by the compiled `operand_math`. Called with grad mode and autocast fixed, so that
     those settings of the caller (a training forward's hooks, a probe pass under no_grad) do not make
     Dynamo compile each shape again. Past `torch._dynamo.config.recompile_limit` distinct shapes, a new
-    shape runs `eager_operand` (Dynamo would run it uncompiled, with a warning)."""
+    shape runs `eager_operand` (Dynamo would run it uncompiled, with a warning). The Monitor's measured
+    steps run under `set_stance("force_eager")`, which would silently run the compiled operand eagerly
+    too, so it is called under the default stance. Inside a region Dynamo is tracing (a hook on a model
+    compiled whole), the eager passes are traced into that region's graph instead."""
+    if torch.compiler.is_compiling():
+        return eager_operand(x, chunks)
     x = x.detach()  # requires_grad is part of what Dynamo guards on
     key = (tuple(x.shape), x.dtype, x.device, chunks)
     if key not in _fused_shapes:
         if len(_fused_shapes) >= torch._dynamo.config.recompile_limit:
             return eager_operand(x, chunks)
         _fused_shapes.add(key)
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False), torch.compiler.set_stance("default"):
         return _compiled_operand()(x, chunks)
 
 
