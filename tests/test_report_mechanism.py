@@ -178,6 +178,16 @@ def test_orthogonality_at_the_null_is_no_evidence(tmp_path):
     assert "`lion` ends with W_k closer" not in ten
 
 
+def test_orthogonality_on_one_seed_claims_nothing_about_the_null(tmp_path):
+    """With one seed there is no interval, so whether W_k has left the Gaussian null cannot be judged:
+    an arm at 0.5 (far from the null 1.0) must not be said to be still at the null."""
+    write_run(tmp_path, "muon", 0, orth=1.05)
+    write_run(tmp_path, "adamw", 0, orth=0.5)
+    eight = question(build_report(tmp_path).read_text(), 8)
+    line = next(x for x in eight.splitlines() if "against `adamw`" in x)
+    assert "on a single seed" in line and "Gaussian null" not in line
+
+
 def test_alignment_timing(study):
     text = question(study[1], 6)
     assert "`adamw`: aligned first at 1,000,000 tokens, collapsed first at 2,000,000 tokens: **before**." in text

@@ -27,7 +27,8 @@ from rankprobe.report.findings import early_common, optimizers
 from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import (
-    NO_VALUE, ArmSeries, Estimate, Study, arm_pr, arm_series, estimate, final, resolved_above, spearman, verdict,
+    NO_VALUE, ArmSeries, Estimate, Study, arm_pr, arm_series, estimate, final, resolution, resolved_above, spearman,
+    verdict,
 )
 
 COORDINATE, ROTATION, UNCLASSIFIED = "coordinate-wise", "rotation-equivariant", "unclassified"
@@ -215,7 +216,8 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
         others = [a for a in dev if a != m and setting(a, arms[a]) == setting(m, arms[m])]
         for a in others:
             x, y, null = dev[m][1].at(-1), dev[a][1].at(-1), final(dev[a][2])
-            at_null = null is not NO_VALUE and not resolved_above(y, null) and not resolved_above(null, y)
+            # at the null only where the intervals say so: one seed has no interval and settles nothing
+            at_null = null is not NO_VALUE and resolution(y, null) == "not resolved"
             lines.append(f"- W_k orth_dev of {arm_cell(m)} ({pm(x, 3)}) against {arm_cell(a)} ({pm(y, 3)}): "
                          f"{verdict(x, y, 'farther from orthogonal', 'closer to orthogonal')}"
                          + ("; its W_k has not left the Gaussian null (a random matrix's value)." if at_null else "."))
