@@ -140,6 +140,51 @@ def test_lightning_callback(tmp_path, background):
             assert float(r[name]) == pytest.approx(want[name], rel=1e-9), (r["step"], name)
 
 
+def test_one_callback_measures_a_second_training_too(tmp_path):
+    """`on_train_end` closes the callback's Monitor (final since the background mode); a second
+    `Trainer.train()` / `fit()` with the same callback measures again with a fresh one."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    L = pytest.importorskip("lightning")
+    from rankprobe.config import load
+    from rankprobe.integrations.hf_callback import RankProbeCallback as HFCallback
+    from rankprobe.integrations.lightning_callback import RankProbeCallback as LightningCallback
+    from rankprobe.model import Transformer
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    hf = HFCallback(every=2, weights=False)
+    for run in ("a", "b"):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / run), max_steps=2, per_device_train_batch_size=4,
+                                              report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+        transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in data],
+                             callbacks=[hf]).train()
+    assert [r["step"] for r in hf.rows if r["kind"] == "attn" and r["layer"] == 0] == [0, 0]
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = Transformer(load("demo", {"model.n_layer": "2", "model.d_model": "32", "model.n_head": "2",
+                                                   "model.head_dim": "16", "model.seq_len": "16",
+                                                   "model.vocab_size": "64"}).model)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0], batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    module, lit = Module(), LightningCallback(every=2, module="model", weights=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+    for _ in range(2):
+        L.Trainer(max_steps=1, accelerator="cpu", callbacks=[lit], enable_checkpointing=False, logger=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+    assert [r["step"] for r in lit.rows if r["kind"] == "attn" and r["layer"] == 0] == [0, 0]
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_nanogpt_example_runs_its_loop_with_the_five_lines(tmp_path, capsys, background):
     out = tmp_path / "nanogpt"

@@ -185,6 +185,11 @@ class Monitor:
     def background(self) -> bool:
         return self._pending.offload
 
+    @property
+    def closed(self) -> bool:
+        """`close` was called: this Monitor measures no more."""
+        return self._pending.closed
+
     def _open(self, out, sinks, name, arm, seed):
         if out is None:
             return None

@@ -34,7 +34,7 @@ class RankProbeCallback(TrainerCallback):
         self.rows: list[dict] = []
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.monitor is None:
+        if self.monitor is None or self.monitor.closed:  # closed by the previous train()'s on_train_end
             self.monitor = Monitor(model, every=self.every, **self.kwargs)
         if self.probe_tokens is not None and state.global_step == 0:
             self._probe(state, model)

@@ -36,7 +36,7 @@ class RankProbeCallback(L.Callback):
         return self.module(pl_module) if callable(self.module) else getattr(pl_module, self.module)
 
     def on_train_start(self, trainer, pl_module):
-        if self.monitor is None:
+        if self.monitor is None or self.monitor.closed:  # closed by the previous fit()'s on_train_end
             self.monitor = Monitor(self._network(pl_module), every=self.every, **self.kwargs)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
