@@ -140,6 +140,30 @@ def test_lightning_callback(tmp_path, background):
             assert float(r[name]) == pytest.approx(want[name], rel=1e-9), (r["step"], name)
 
 
+def test_transformers_rows_carry_the_tokens_their_weights_were_trained_on(tmp_path):
+    """With the Trainer counting tokens, a row of step s (weights after s steps of 64 tokens) says
+    s × 64 tokens in both modes: the training-forward mode measures in step s + 1's forward, whose
+    batch the count already holds by on_step_end, and step 0 is 0 tokens, not unknown."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from rankprobe.integrations.hf_callback import RankProbeCallback
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    data = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
+    for probe_tokens in (None, data[:4]):
+        callback = RankProbeCallback(every=1, weights=False, probe_tokens=probe_tokens)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                              report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                              include_num_input_tokens_seen=True)
+        transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in data],
+                             callbacks=[callback]).train()
+        steps = sorted({(r["step"], r["tokens"]) for r in callback.rows})
+        assert steps == [(s, 64 * s) for s in range(3 if probe_tokens is None else 4)], steps
+
+
 def test_one_callback_measures_a_second_training_too(tmp_path):
     """`on_train_end` closes the callback's Monitor (final since the background mode); a second
     `Trainer.train()` / `fit()` with the same callback measures again with a fresh one."""

@@ -32,19 +32,22 @@ class RankProbeCallback(TrainerCallback):
         self.every, self.probe_tokens, self.kwargs = every, probe_tokens, monitor_kwargs
         self.monitor: Monitor | None = None
         self.rows: list[dict] = []
+        self._open_tokens: int | None = None  # tokens seen when the measured step began
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.monitor is None or self.monitor.closed:  # closed by the previous train()'s on_train_end
             self.monitor = Monitor(model, every=self.every, **self.kwargs)
         if self.probe_tokens is not None and state.global_step == 0:
-            self._probe(state, model)
+            self._probe(args, state, model)
 
-    def _tokens(self, state) -> int | None:
-        return int(state.num_input_tokens_seen) if getattr(state, "num_input_tokens_seen", 0) else None
+    def _tokens(self, args, state) -> int | None:
+        """The Trainer's token count when it keeps one (0 included), else None."""
+        counting = getattr(args, "include_num_input_tokens_seen", False) not in (False, None, "no")
+        return int(state.num_input_tokens_seen) if counting else None
 
-    def _probe(self, state, model) -> None:
+    def _probe(self, args, state, model) -> None:
         device = next(self.monitor.adapter.model.parameters()).device
-        self._keep(self.monitor.probe(self.probe_tokens.to(device), state.global_step, self._tokens(state)))
+        self._keep(self.monitor.probe(self.probe_tokens.to(device), state.global_step, self._tokens(args, state)))
 
     def _keep(self, rows: list[dict]) -> None:
         self.rows += rows
@@ -52,12 +55,15 @@ class RankProbeCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self.probe_tokens is None:
             self.monitor.start(state.global_step)
+            # the count before this step's batches (the Trainer adds each after on_step_begin): the
+            # rows describe the weights after global_step steps, trained on this many tokens
+            self._open_tokens = self._tokens(args, state)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.probe_tokens is None:
-            self._keep(self.monitor.finish(self._tokens(state)))
+            self._keep(self.monitor.finish(self._open_tokens))
         elif self.monitor.due(state.global_step):
-            self._probe(state, model)
+            self._probe(args, state, model)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.monitor is not None:
