@@ -85,6 +85,21 @@ def test_taps_limit_the_rows_and_bad_cadence_is_one_line():
         Monitor(model, every=0)
 
 
+def test_a_fixed_batch_probe_inside_an_open_step_is_refused():
+    """The open step's hooks count every forward until finish: a probe pass there would add the probe
+    batch to the step's statistics (n doubled, the PR of neither), so it is refused and the step kept."""
+    model, x = _model(), _tokens(4)
+    mon = Monitor(model, weights=False)
+    with mon.watch(0):
+        model(x, x)
+    alone = mon.last
+    mon.start(0)
+    with pytest.raises(RuntimeError, match="step 0 is still open"):
+        mon.probe(_tokens(4, seed=2))
+    model(x, x)
+    assert mon.finish() == alone and _no_hooks(model)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

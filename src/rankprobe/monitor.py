@@ -233,6 +233,8 @@ class Monitor:
     def lenses_start(self, tokens: torch.Tensor, sharded: bool = False) -> tuple[Callable[[], list[dict]], list[dict]]:
         """`lenses` with the `probe` rows' host half left to the caller: the forward and the statistics
         run here (collectives included); the returned function decomposes them on the CPU, on any thread."""
+        if self._eager:  # the open step's hooks would add this pass to that step's statistics
+            raise RuntimeError(f"Monitor.probe while step {self._step} is still open; call finish first")
         shard = tokens if sharded else shard_rows(self.dist, tokens, "the probe tokens")
         if self.dist.active and not sharded and _fsdp_sharded(self.adapter.model):
             _same_forward_count(self.dist, tokens.size(0), self.batch_size)
