@@ -230,6 +230,17 @@ def test_update_size_and_shape(study):
     assert rows["sgd"][0][2] == "2.0e-04 ± 0.0e+00" and set(rows) == set(ARMS)
 
 
+def test_update_size_and_shape_with_two_arms(tmp_path):
+    """Two arms (too few for the rank correlation over arms) still get the table of their steps."""
+    for seed in SEEDS:
+        write_run(tmp_path, "muon", seed)
+        write_run(tmp_path, "adamw", seed)
+    eight = question(build_report(tmp_path).read_text(), 8)
+    assert "a rank correlation needs at least 3" in eight
+    rows = rows_of(eight.split("The step itself", 1)[1])
+    assert set(rows) == {"muon", "adamw"} and rows["muon"][0][2:4] == ["2.2e-02 ± 0.0e+00", pm(0.5, 3)]
+
+
 def test_warmup(study):
     text = question(study[1], 9)
     assert (f"At 1,000,000 tokens, the checkpoint nearest 1M tokens: `adamw-short-warmup` (warmup_frac 0.01) "

@@ -227,7 +227,7 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
     lines += [""] if muons else []
     if len(dev) < 3:
         return lines + [f"Whether orthogonality predicts key PR: cannot be assessed, {len(dev)} arm(s) with "
-                        "weight rows; a rank correlation needs at least 3.", ""], odd
+                        "weight rows; a rank correlation needs at least 3.", "", *update_shape(arms, prs)], odd
     rho = spearman([final_orth(q, k).mean() for q, k, _ in dev.values()], [prs[a].at(-1).mean for a in dev])
     said = "every arm ties on one side" if not math.isfinite(rho) else f"ρ = {rho:+.2f} over {len(dev)} arms"
     return lines + [prose("mechanism", "orth_spearman", rho=said), "", *update_shape(arms, prs)], odd
