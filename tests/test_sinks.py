@@ -165,3 +165,24 @@ def test_a_sink_whose_package_is_missing_is_one_line(tmp_path, monkeypatch):
         TensorBoardSink(tmp_path / "tb")
     with pytest.raises(UserError, match=r"pip install 'rankprobe\[wandb\]'"):
         WandbSink(folder=tmp_path, mode="offline")
+
+
+def test_a_monitor_folder_without_token_counts_reads_back(tmp_path):
+    """A loop that gives the Monitor no `tokens_seen` (Lightning's callback, HF without token counting)
+    writes rows with `tokens` null (docs/metrics.md): they load, export and report like any other; a
+    null `tokens` in a trainer's run is still refused (tests/test_bad_inputs.py)."""
+    import pandas as pd
+
+    model, tokens = _model(), _tokens(4)
+    folder = tmp_path / "runs" / "mon"
+    mon = Monitor(model, every=1, out=folder, weights=False)
+    for step in range(2):
+        with mon.watch(step):
+            model(tokens, tokens)
+    mon.close()
+    df = load(folder)
+    assert len(df) and df["tokens"].isna().all() and set(df["step"]) == {0, 1}
+    assert main(["export", str(folder), "--to", "csv", "--out", str(tmp_path / "x")]) == 0
+    assert len(pd.read_csv(tmp_path / "x" / "metrics.csv")) == len(df)
+    assert main(["report", str(tmp_path / "runs")]) == 0  # listed as incomplete (no `end` row)
+    assert "| `mon` | `monitor` | 0 | n/a | `mon/metrics.jsonl` |" in (tmp_path / "runs" / "report.md").read_text()

@@ -128,7 +128,7 @@ def parse_rows(data: bytes | str, path: Path | str) -> list[dict]:
     by a crash: dropped with a warning. Any other such line raises MetricsError naming file and line."""
     text = data.decode("utf-8", errors="strict") if isinstance(data, bytes) else data
     numbered = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-    rows = []
+    rows, monitor = [], False
     for k, (lineno, line) in enumerate(numbered):
         try:
             row = json.loads(line)
@@ -139,9 +139,11 @@ def parse_rows(data: bytes | str, path: Path | str) -> list[dict]:
                 warnings.warn(f"{path}: dropped torn last line {lineno} (a crash mid-write?)", stacklevel=3)
                 break
             raise MetricsError(f"{path}, line {lineno}: corrupt metrics row ({str(e)[:80]})") from None
-        problem = row_problem(row)
+        problem = row_problem(row, untimed=monitor)
         if problem:
             raise MetricsError(f"{path}, line {lineno}: bad metrics row ({problem}); see docs/metrics.md")
+        if not rows and row.get("kind") == "run":
+            monitor = (row.get("source") or {}).get("kind") == "monitor"
         rows.append(row)
     return rows
 
@@ -188,8 +190,9 @@ def _is(value, kind: str) -> bool:
             "nums": lambda v: isinstance(v, list) and all(x is None or number(x) for x in v)}[kind](value)
 
 
-def row_problem(row: dict) -> str | None:
-    """What is wrong with a parsed row's fields (docs/metrics.md), or None."""
+def row_problem(row: dict, untimed: bool = False) -> str | None:
+    """What is wrong with a parsed row's fields (docs/metrics.md), or None. `untimed`: the row is from a
+    Monitor folder, where `tokens` is null when the caller's loop gave no token count."""
     kind = row.get("kind")
     if not isinstance(kind, str):
         return "no string `kind`"
@@ -198,7 +201,7 @@ def row_problem(row: dict) -> str | None:
         if key not in row:
             return f"a {kind} row without `{key}`"
     for key, value in row.items():
-        if key in types and not _is(value, types[key]):
+        if key in types and not _is(value, types[key]) and not (untimed and key == "tokens" and value is None):
             return f"`{key}` of a {kind} row is {json.dumps(value)[:40]}, not {types[key].rstrip('?')}"
     return _config_problem(row["config"]) if kind == "run" and "config" in row else None
 

@@ -201,8 +201,9 @@ def _excluded_section(runs: list[Run], root: Path, diverged: bool) -> list[str]:
             ckpt = r.rows["end"][-1].get("checkpoint_step")
             cells = [f"{r.ended_at:,}", "none" if ckpt is None else f"step {ckpt}"]
         else:
-            logged = (int(x.get("tokens", 0)) for k in ("train", "eval", "probe") for x in r.rows.get(k, []))
-            cells = [f"{max(logged, default=0):,}"]
+            logged = [int(x["tokens"]) for k in ("train", "eval", "probe") for x in r.rows.get(k, [])
+                      if x.get("tokens") is not None]  # null in a Monitor folder without token counts
+            cells = [f"{max(logged):,}" if logged else "n/a"]
         where = r.path.relative_to(root) if r.path.is_relative_to(root) else r.path
         rows.append([f"`{r.name}`", f"`{r.arm}`", str(r.seed), *cells, f"`{where}`"])
     kind = "diverged" if diverged else "incomplete"
