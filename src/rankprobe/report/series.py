@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from scipy import stats
@@ -258,6 +258,14 @@ class Study:
     def groups(self) -> dict[str, list[Run]]:
         """Every finished arm: trained ones, then references."""
         return {**self.arms, **self.refs}
+
+    @cached_property
+    def key_prs(self) -> dict[str, ArmSeries]:
+        """Each trained arm's key PR at the headline tap, whatever tensor and metric the headline uses: the
+        quantity of the mechanism questions and figures."""
+        if (self.tensor, self.metric) == ("k", "pr"):
+            return {a: self.prs[a] for a in self.arms}
+        return {a: arm_pr(g, self.tap, "k", "pr") for a, g in self.arms.items()}
 
     @property
     def label(self) -> str:
