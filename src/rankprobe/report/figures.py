@@ -25,7 +25,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from rankprobe.report.fmt import fmt_tokens, n_seeds
 from rankprobe.report.mechanism import ALIGN_MARGIN, alignment_index, final_orth, orth_devs
 from rankprobe.report.metrics import arm_key
-from rankprobe.report.series import TENSOR_NAME, ArmSeries, Study, arm_pr, arm_series, mean_ci
+from rankprobe.report.series import TENSOR_NAME, ArmSeries, Study, arm_series, mean_ci
 from rankprobe.runfolder import atomic_file
 
 ARM_COLOURS = {"adamw": "#1f77b4", "adamw+qknorm": "#17becf", "muon": "#d62728", "muon+qknorm": "#ff7f0e"}
@@ -204,7 +204,7 @@ def _title(study: Study, what: str) -> str:
 
 
 def trajectory_figure(study: Study, series: dict[str, ArmSeries], ylabel: str, title: str, path: Path,
-                      style=None) -> Path | None:
+                      style) -> Path | None:
     """Trained arms as seed-mean lines with 95% bands vs tokens, references as dash-dot horizontal lines
     at their one value, `style(ax)` adding guides and axis limits; None without a trained arm."""
     fig, ax = new_axes()
@@ -219,8 +219,7 @@ def trajectory_figure(study: Study, series: dict[str, ArmSeries], ylabel: str, t
     if not tokens:
         return None
     token_axis(ax, np.concatenate(tokens).astype(float))
-    if style is not None:
-        style(ax)
+    style(ax)
     return finish(fig, ax, ylabel, title, path)
 
 
@@ -312,7 +311,7 @@ def attention_entropy(study: Study, out_dir: Path) -> Path | None:
         ax.axhline(1.0, color="black", **CEILING_STYLE, label="uniform over visible keys")
         ax.set_ylim(0, 1.04)
 
-    return trajectory_figure(study, study.series("attn", "entropy_norm", "mean"),
+    return trajectory_figure(study, study.series("attn", "entropy_norm"),
                              "attention entropy / log(visible keys), mean over layers",
                              f"Normalised attention entropy on the probe set ({BAND})",
                              out_dir / "attention_entropy.png", style)
@@ -321,7 +320,7 @@ def attention_entropy(study: Study, out_dir: Path) -> Path | None:
 def max_logit(study: Study, out_dir: Path) -> Path | None:
     """max_logit.png: the largest scaled pre-softmax logit q·k/√D (max over layers and heads) vs tokens,
     on a log axis when it spans more than LOG_RANGE× and stays positive."""
-    series = study.series("attn", "max_logit", "max")
+    series = study.series("attn", "max_logit")
 
     def style(ax):
         means = np.concatenate([s.trajectory()[0] for s in series.values()])
@@ -373,7 +372,7 @@ def orthogonality_pr(study: Study, out_dir: Path) -> Path | None:
     for arm, (q, k, _) in devs.items():
         dev = final_orth(q, k)
         x, xh = mean_ci(dev)
-        y, yh = arm_pr(study.arms[arm], study.tap, "k", "pr").trajectory()
+        y, yh = study.key_prs[arm].trajectory()
         ax.errorbar(float(x), float(y[-1]), xerr=np.nan_to_num(float(xh)), yerr=np.nan_to_num(float(yh[-1])),
                     color=colour(study, arm), marker=marker(arm), markersize=7, **POINT_STYLE, capsize=3,
                     label=f"{arm} ({n_seeds(dev.size)})")

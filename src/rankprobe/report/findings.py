@@ -31,8 +31,7 @@ def early_checkpoint(tokens: list[int], budget: int) -> tuple[int | None, str]:
             return None, "no checkpoint after init"
         return min(positive, key=lambda t: (abs(t - EARLY_TOKENS), t)), "the checkpoint nearest 1M tokens"
     later = [t for t in positive if t >= EARLY_FRACTION * budget]
-    rule = (f"the first checkpoint at or after {EARLY_FRACTION:.0%} of the {budget:,}-token budget (the runs "
-            "are shorter than 1M tokens)")
+    rule = prose("findings", "early_short", fraction=EARLY_FRACTION, budget=budget)
     return (later[0] if later else None), rule
 
 
@@ -114,12 +113,10 @@ def logit_growth(study: Study) -> list[str]:
     """4. Max logit (max over layers and heads, per seed) at each trained arm's first checkpoint after
     init and its final one, and whether Muon ends below AdamW without QK-Norm."""
     title = "### 4. Attention-logit growth"
-    series = study.series("attn", "max_logit", "max", trained=True)
+    series = study.series("attn", "max_logit", trained=True)
     first = {a: int(np.flatnonzero(s.tokens > 0)[0]) for a, s in series.items() if (s.tokens > 0).any()}
     if not first:
-        why = ("the attention rows hold no checkpoint after init" if series else
-               "attention lenses were not recorded in these metrics files (no `attn` rows with `max_logit`)")
-        return block(title, f"Not answered: {why}.")
+        return block(title, prose("findings", "logits_after_init" if series else "no_logits"))
     rows = []
     for arm, i in first.items():
         s = series[arm]
@@ -133,8 +130,7 @@ def logit_growth(study: Study) -> list[str]:
         missing = " and ".join(arm_cell(a) for a in ("adamw", "muon") if a not in first)
         return lines + block(f"Muon vs AdamW without QK-Norm: not answered, no {missing} arm with attention rows.")
     m, a = series["muon"].at(-1), series["adamw"].at(-1)
-    return lines + block(f"Without QK-Norm, the final max logit of `muon` ({pm(m)}) against `adamw` ({pm(a)}) is "
-                         f"{verdict(m, a)}.")
+    return lines + block(prose("findings", "muon_logits", muon=pm(m), adamw=pm(a), verdict=verdict(m, a)))
 
 
 def findings_section(study: Study) -> list[str]:

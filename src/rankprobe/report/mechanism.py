@@ -199,8 +199,7 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
     title, odd = "### 8. Are W_q and W_k closer to orthogonal under Muon?", []
     dev = orth_devs(arms)
     if not dev:
-        return block(title, "Not answered: the `weights` rows carry no `orth_dev` (written before the lens, or "
-                     "`probe.weights` off)."), odd
+        return block(title, prose("mechanism", "no_orth")), odd
     rows = [[*arm_cells(k), pm(q.at(-1), 3), pm(k.at(-1), 3), pm(final(null), 3), pm(prs[a].at(-1))]
             for a, (q, k, null) in dev.items()]
     header = ["arm", "seeds", "tokens", "W_q orth_dev", "W_k orth_dev", "Gaussian null", "final key PR"]
@@ -221,8 +220,7 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
         lines += [] if others else [f"- {arm_cell(m)}: no other arm of its setting (QK-Norm, variant) has weight rows."]
     lines += [""] if muons else []
     if len(dev) < 3:
-        return lines + block(f"Whether orthogonality predicts key PR: cannot be assessed, {len(dev)} arm(s) with "
-                             "weight rows; a rank correlation needs at least 3."), odd
+        return lines + block(prose("mechanism", "orth_few", n=len(dev))), odd
     rho = spearman([final_orth(q, k).mean() for q, k, _ in dev.values()], [prs[a].at(-1).mean for a in dev])
     said = "every arm ties on one side" if not math.isfinite(rho) else f"ρ = {rho:+.2f} over {len(dev)} arms"
     return lines + block(prose("mechanism", "orth_spearman", rho=said)) + update_shape(arms, prs), odd

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rankprobe.report.fmt import table
+from rankprobe.report.fmt import prose, table
 from rankprobe.runfolder import end_of, header, run_rows, status_of, write_atomic
 
 
@@ -59,12 +59,7 @@ def write_scan(out_dir: Path, param: str, paths: list[Path]) -> Path:
     arms = sorted({r["arm"] for r in rows})
     lines = [
         f"# Scan of `{param}`", "",
-        f"{len(rows)} run(s) of arm {', '.join(f'`{a}`' for a in arms)}, one per value; everything else as in "
-        "each run's config.json. The best value is the lowest final validation loss among the runs that "
-        "finished (diverged runs are listed, never chosen). Key PR is the mean over layers at the headline "
-        f"tap (`{rows[0]['tap'] if rows else 'norm'}`) at the last checkpoint. The W_k step is "
-        "‖ΔW_k‖/‖W_k‖ of one optimizer step (`update` rows), the mean over layers and the checkpoints "
-        "after init: how far a step moves the key projection at that value.", "",
+        prose("scan", n=len(rows), arms=", ".join(f"`{a}`" for a in arms), tap=rows[0]["tap"] if rows else "norm"), "",
         *table([f"`{param}`", "status", "tokens", "final val loss", "key PR", "max attention logit", "W_k step"],
                [[r["value"] + (" **(best)**" if r is best else ""), r["status"], f"{r['tokens']:,}",
                  _fmt(r["val_loss"], 4), _fmt(r["key_pr"], 2), _fmt(r["max_logit"], 2),

@@ -106,6 +106,10 @@ def verdict(a: Estimate, b: Estimate, higher: str = "higher", lower: str = "lowe
 # seed aggregation
 
 
+MAX_OVER_LAYERS = frozenset({"max_logit", "spectral_norm"})
+"""keys whose layers reduce by the max (the largest layer is what can blow up); every other by the mean"""
+
+
 def _finite_reduce(x: np.ndarray, axis, how: str = "mean") -> np.ndarray:
     """Mean or max over `axis` of the finite entries; NaN (without a warning) where there are none."""
     ok = np.isfinite(x)
@@ -186,12 +190,14 @@ def _has(rows: list[list[list[dict]]], key: str) -> bool:
     return any(key in r for seed in rows for ckpt in seed for r in ckpt)
 
 
-def arm_series(runs: list[Run], kind: str, key: str, reduce: str = "mean", **match) -> ArmSeries | None:
-    """`key` of one arm's `kind` rows matching `match` (e.g. matrix="k"); None when the runs have no such
-    rows at a checkpoint common to all of them."""
+def arm_series(runs: list[Run], kind: str, key: str, reduce: str | None = None, **match) -> ArmSeries | None:
+    """`key` of one arm's `kind` rows matching `match` (e.g. matrix="k"), its layers reduced by `reduce`
+    (default: by the key, MAX_OVER_LAYERS); None when the runs have no such rows at a checkpoint common
+    to all of them."""
     rows, tokens = _stack(runs, kind, match)
     if not tokens.size or not _has(rows, key):
         return None
+    reduce = reduce or ("max" if key in MAX_OVER_LAYERS else "mean")
     return ArmSeries(runs[0].arm, [r.seed for r in runs], tokens, _grid(rows, key), reduce, runs[0].reference)
 
 
@@ -272,11 +278,10 @@ class Study:
         """'key PR', 'key erank', 'query stable rank', ..."""
         return f"{TENSOR_NAME.get(self.tensor, self.tensor)} {METRIC_NAME.get(self.metric, self.metric)}"
 
-    def series(self, kind: str, key: str, reduce: str = "mean", trained: bool = False,
-               **match) -> dict[str, ArmSeries]:
+    def series(self, kind: str, key: str, trained: bool = False, **match) -> dict[str, ArmSeries]:
         """`arm_series` for every finished arm (only the trained ones if `trained`) that has the rows."""
         groups = self.arms if trained else self.groups
-        found = {a: arm_series(g, kind, key, reduce, **match) for a, g in groups.items()}
+        found = {a: arm_series(g, kind, key, **match) for a, g in groups.items()}
         return {a: s for a, s in found.items() if s is not None}
 
     def headlines(self) -> list[Headline]:
