@@ -87,9 +87,8 @@ def final_ranking(study: Study, prs: dict[str, ArmSeries]) -> tuple[list[str], l
     if not dead:
         lines.append("Dead layers are counted for PR only (`probe.dead_pr` is a PR value).")
     rows = [[*arm_cells(prs[a]), pm(prs[a].at(-1)), *([pm(dead[a], 1)] if dead else [])] for a in ranked]
-    header = ["arm", "seeds", "tokens", f"mean {label}", *([f"layers with PR < {dead_pr:g} (per-seed count)"]
-                                                          if dead else [])]
-    return lines + ["", *block(table(header, rows))], ranked
+    dead_column = [f"layers with PR < {dead_pr:g} (per-seed count)"] if dead else []
+    return lines + ["", *block(table(["arm", "seeds", "tokens", f"mean {label}", *dead_column], rows))], ranked
 
 
 def loss_agreement(study: Study, prs: dict[str, ArmSeries], ranked: list[str]) -> list[str]:

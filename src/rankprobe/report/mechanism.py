@@ -155,9 +155,8 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
             word = "before" if align_at < collapse_at else "with" if align_at == collapse_at else "after"
         timing[arm] = word
         summary.append(f"{arm_cell(arm)}: aligned {_when(align_at)}, collapsed {_when(collapse_at)}: **{word}**.")
-    lines += block([f"- {s}" for s in summary])
-    return lines + (block(table(["arm", "tokens", "key PR", "axis_ratio", "alignment index"], rows)) if rows
-                    else []), timing
+    trajectories = block(table(["arm", "tokens", "key PR", "axis_ratio", "alignment index"], rows)) if rows else []
+    return lines + block([f"- {s}" for s in summary]) + trajectories, timing
 
 
 def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str) -> tuple[list[str], list[str]]:

@@ -10,11 +10,6 @@ from rankprobe.report.fmt import prose, table
 from rankprobe.runfolder import end_of, header, run_rows, status_of, write_atomic
 
 
-def _last(rows: list[dict], kind: str) -> dict | None:
-    found = [r for r in rows if r.get("kind") == kind]
-    return found[-1] if found else None
-
-
 def scan_rows(param: str, paths: list[Path]) -> list[dict]:
     """Per metrics file: the scanned value, status, tokens, final val loss, mean key PR at the
     headline tap and max attention logit at the last checkpoint, and W_k's mean relative step (None
@@ -24,7 +19,7 @@ def scan_rows(param: str, paths: list[Path]) -> list[dict]:
         rows = run_rows(path.parent)
         run = header(rows) or {}
         value = path.parent.name.split("=", 1)[-1]
-        end, ev = end_of(rows), _last(rows, "eval")
+        end, ev = end_of(rows), next((r for r in reversed(rows) if r.get("kind") == "eval"), None)
         tap = run.get("config", {}).get("probe", {}).get("tap", "norm")
         last_tokens = ev["tokens"] if ev else None
         keys = [r["pr"] for r in rows if r.get("kind") == "probe" and r.get("tensor") == "k"

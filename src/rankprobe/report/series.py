@@ -107,7 +107,7 @@ def verdict(a: Estimate, b: Estimate, higher: str = "higher", lower: str = "lowe
 
 
 MAX_OVER_LAYERS = frozenset({"max_logit", "spectral_norm"})
-"""keys whose layers reduce by the max (the largest layer is what can blow up); every other by the mean"""
+"""the keys whose layers reduce by the max (see the module's docstring); every other key by the mean"""
 
 
 def _finite_reduce(x: np.ndarray, axis, how: str = "mean") -> np.ndarray:
