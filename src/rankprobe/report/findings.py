@@ -43,26 +43,26 @@ def early_common(prs: list[ArmSeries], runs: list[Run]) -> tuple[int | None, str
     return early_checkpoint(common, max(budgets + [int(p.tokens[-1]) for p in prs]))
 
 
-def optimizers(arms: dict[str, list[Run]]) -> list[str]:
-    """The arms' optimizers, in arm order, each once."""
-    return list(dict.fromkeys(g[0].optimizer for g in arms.values()))
+def qk_pairs(arms: dict[str, list[Run]]) -> list[tuple[str, str]]:
+    """(`o`, `o+qknorm`): the arm names without and with QK-Norm of each of the arms' optimizers `o`, in arm
+    order (either arm may be absent)."""
+    return [(o, f"{o}+qknorm") for o in dict.fromkeys(g[0].optimizer for g in arms.values())]
 
 
 def early_effect(study: Study, prs: dict[str, ArmSeries]) -> list[str]:
     """1. For every optimizer `o` with both arms `o` and `o+qknorm`: the key metric at the early checkpoint."""
     lines, skipped = ["### 1. Early effect of QK-Norm", ""], []
-    for opt in optimizers(study.arms):
-        on, off = f"{opt}+qknorm", opt
+    for off, on in qk_pairs(study.arms):
         if on not in prs or off not in prs:
             missing = " and ".join(arm_cell(a) for a in (off, on) if a not in prs)
-            skipped.append(f"`{opt}`: no finished {missing} arm to compare")
+            skipped.append(f"`{off}`: no finished {missing} arm to compare")
             continue
         tokens, rule = early_common([prs[on], prs[off]], study.arms[on] + study.arms[off])
         if tokens is None:
-            skipped.append(f"`{opt}`: {rule}; no checkpoint common to both arms qualifies")
+            skipped.append(f"`{off}`: {rule}; no checkpoint common to both arms qualifies")
             continue
         a, b = prs[on].at_tokens(tokens), prs[off].at_tokens(tokens)
-        lines += block(prose("findings", "early", opt=opt, tokens=tokens, rule=rule, label=study.label, on=pm(a),
+        lines += block(prose("findings", "early", opt=off, tokens=tokens, rule=rule, label=study.label, on=pm(a),
                              off=pm(b), diff=a.mean - b.mean,
                              verdict=verdict(a, b, "higher with QK-Norm", "lower with QK-Norm")))
     skipped += [] if study.arms else ["no finished trained arm"]

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from rankprobe.report.findings import early_common, optimizers
+from rankprobe.report.findings import early_common, qk_pairs
 from rankprobe.report.fmt import arm_cell, arm_cells, block, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import (
@@ -164,7 +164,7 @@ def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str
     uncentred key PR, and whether the arm with the higher sphere_r has the lower PR. Returns (lines, the
     pairs where QK-Norm raised sphere_r, resolved, without lowering PR, resolved)."""
     title, odd, rows, verdicts = "### 7. Does QK-Norm put keys in a cap of the sphere?", [], [], []
-    pairs = [(o, o + "+qknorm") for o in optimizers(arms) if o in arms and o + "+qknorm" in arms]
+    pairs = [(off, on) for off, on in qk_pairs(arms) if off in arms and on in arms]
     if not pairs:
         return block(title, "Not answered: no optimizer has both an arm without and one with QK-Norm."), odd
     ends = {}  # arm -> the final Estimate of each key (n/a where its rows lack it), for arms with sphere_r
