@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from rankprobe.report.fmt import arm_cell, arm_cells, block, pm, prose, table
+from rankprobe.report.fmt import ARM_COLUMNS, arm_cell, arm_cells, block, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import ArmSeries, Study, estimate, spearman, verdict
 
@@ -88,7 +88,7 @@ def final_ranking(study: Study, prs: dict[str, ArmSeries]) -> tuple[list[str], l
         lines.append("Dead layers are counted for PR only (`probe.dead_pr` is a PR value).")
     rows = [[*arm_cells(prs[a]), pm(prs[a].at(-1)), *([pm(dead[a], 1)] if dead else [])] for a in ranked]
     dead_column = [f"layers with PR < {dead_pr:g} (per-seed count)"] if dead else []
-    return lines + ["", *block(table(["arm", "seeds", "tokens", f"mean {label}", *dead_column], rows))], ranked
+    return lines + ["", *block(table([*ARM_COLUMNS, f"mean {label}", *dead_column], rows))], ranked
 
 
 def loss_agreement(study: Study, prs: dict[str, ArmSeries], ranked: list[str]) -> list[str]:

@@ -33,6 +33,10 @@ def arm_cell(arm: str, reference: bool = False) -> str:
     return f"`{arm}`" + (" (pretrained)" if reference else "")
 
 
+ARM_COLUMNS = ["arm", "seeds", "tokens"]
+"""the headers of `arm_cells`"""
+
+
 def arm_cells(s: ArmSeries, seeds: str | None = None) -> list[str]:
     """An arm's first cells in a table: the arm, its seeds (`seeds`, default the count) and the tokens of
     its final checkpoint; a pretrained reference has no seeds and no training tokens."""

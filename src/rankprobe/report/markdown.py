@@ -15,7 +15,7 @@ from pathlib import Path
 from rankprobe.config import flatten
 from rankprobe.report.figures import arm_figure
 from rankprobe.report.findings import findings_section
-from rankprobe.report.fmt import arm_cells, fmt_tokens, n_seeds, pm, prose, section, table
+from rankprobe.report.fmt import ARM_COLUMNS, arm_cells, fmt_tokens, n_seeds, pm, prose, section, table
 from rankprobe.report.mechanism import mechanism_section
 from rankprobe.report.metrics import METRIC_NAME, Run, arm_key
 from rankprobe.report.series import TENSOR_NAME, Estimate, Headline, Study, final, mean_ci
@@ -109,7 +109,7 @@ def _headline_rows(heads: list[Headline], dead: bool, diverged: list[Run]) -> li
 def _headline_section(study: Study, diverged: list[Run]) -> list[str]:
     heads, metric, dead = study.headlines(), study.metric, study.metric == "pr"
     name = METRIC_NAME[metric]
-    header = ["arm", "seeds", "tokens", f"mean {study.label}", "isotropic null", f"weakest layer: {name}",
+    header = [*ARM_COLUMNS, f"mean {study.label}", "isotropic null", f"weakest layer: {name}",
               *([f"dead layers (PR < {study.dead_pr:g})"] if dead else []), "val loss"]
     reading = prose("headline", "reading_pr") if dead else prose("headline", "reading", name=name)
     text = (f"Headline tap: `{study.tap}`, {prose('tap').get(study.tap, 'see docs/metrics.md')}. "
@@ -136,7 +136,7 @@ def _lens_section(study: Study, title: str, key: str, columns: list[tuple]) -> l
     rows = [[*arm_cells(next(s[arm] for s in series if arm in s)), pm(study.prs[arm].at(-1)),
              *(pm(final(s.get(arm)), c[-1]) for s, c in zip(series, columns))]
             for arm in study.groups if any(arm in s for s in series)]
-    header = ["arm", "seeds", "tokens", f"mean {study.label}", *(c[0] for c in columns)]
+    header = [*ARM_COLUMNS, f"mean {study.label}", *(c[0] for c in columns)]
     return section(title, prose("lenses", key), header, rows)
 
 

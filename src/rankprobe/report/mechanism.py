@@ -24,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 
 from rankprobe.report.findings import early_common, qk_pairs
-from rankprobe.report.fmt import arm_cell, arm_cells, block, pm, prose, table
+from rankprobe.report.fmt import ARM_COLUMNS, arm_cell, arm_cells, block, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import (
     NO_VALUE, ArmSeries, Estimate, Study, arm_series, estimate, final, resolved_above, spearman, verdict,
@@ -201,7 +201,7 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
         return block(title, prose("mechanism", "no_orth")), odd
     rows = [[*arm_cells(k), pm(q.at(-1), 3), pm(k.at(-1), 3), pm(final(null), 3), pm(prs[a].at(-1))]
             for a, (q, k, null) in dev.items()]
-    header = ["arm", "seeds", "tokens", "W_q orth_dev", "W_k orth_dev", "Gaussian null", "final key PR"]
+    header = [*ARM_COLUMNS, "W_q orth_dev", "W_k orth_dev", "Gaussian null", "final key PR"]
     lines = block(title, prose("mechanism", "orthogonality"), table(header, rows))
     muons = [a for a in dev if arms[a][0].optimizer == "muon"]
     if not muons:
@@ -244,7 +244,7 @@ def update_shape(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> list[
         rows.append([*arm_cells(size), pm(_over_training(size), 1, style="e"), pm(_over_training(shape), 3),
                      pm(_over_training(null), 3), pm(first, 1), pm(final(rank), 1), pm(prs[arm].at(-1))])
     return block(prose("mechanism", "update_shape"),
-                 table(["arm", "seeds", "tokens", "‖ΔW_k‖/‖W_k‖ per step", "ΔW_k orth_dev", "Gaussian null",
+                 table([*ARM_COLUMNS, "‖ΔW_k‖/‖W_k‖ per step", "ΔW_k orth_dev", "Gaussian null",
                         "W_k stable rank at init", "final W_k stable rank", "final key PR"], rows)) if rows else []
 
 
