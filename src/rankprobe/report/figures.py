@@ -25,7 +25,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from rankprobe.report.fmt import fmt_tokens, n_seeds
 from rankprobe.report.mechanism import ALIGN_MARGIN, alignment_index, final_orth, orth_devs
 from rankprobe.report.metrics import arm_key
-from rankprobe.report.series import TENSOR_NAME, ArmSeries, Study, arm_pr, arm_series, mean_ci
+from rankprobe.report.series import TENSOR_NAME, ArmSeries, Study, arm_series, mean_ci
 from rankprobe.runfolder import atomic_file
 
 ARM_COLOURS = {"adamw": "#1f77b4", "adamw+qknorm": "#17becf", "muon": "#d62728", "muon+qknorm": "#ff7f0e"}
@@ -34,6 +34,9 @@ _REFERENCE_COLOURS = ["#000000", "#7f7f7f", "#8c564b", "#bcbd22"]
 DPI = 120
 NULL_STYLE = {"color": "black", "linestyle": (0, (10, 3)), "linewidth": 0.9}  # long dashes
 REFERENCE_STYLE = {"linestyle": "-.", "linewidth": 1.6}
+CEILING_STYLE = {"linestyle": ":", "linewidth": 1.2}  # head_dim, and 1 for normalised entropy
+THRESHOLD_STYLE = {"color": "dimgray", "linestyle": "--", "linewidth": 1.0}  # dead PR, aligned index
+POINT_STYLE = {"linestyle": "none", "markeredgecolor": "black", "markeredgewidth": 0.6}  # seed means with bars
 
 
 def arm_colour(arm: str, arms: list[str], references=()) -> str:
@@ -115,25 +118,11 @@ def arm_line(ax, x, mean, half, colour: str, arm: str, label: str) -> None:
         ax.fill_between(x, mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
 
 
-def trajectory_lines(ax, study: Study, series: dict[str, ArmSeries]) -> np.ndarray | None:
-    """Trained arms as seed-mean lines with 95% bands vs tokens, references as dash-dot horizontal
-    lines at their one value; returns the tokens drawn (None when no trained arm has data)."""
-    tokens = []
-    for arm, s in series.items():
-        mean, half = s.trajectory()
-        c = colour(study, arm)
-        if s.reference:
-            ax.axhline(float(mean[-1]), color=c, **REFERENCE_STYLE, label=series_label(s))
-            continue
-        arm_line(ax, s.tokens, mean, half, c, arm, series_label(s))
-        tokens.append(s.tokens)
-    return np.concatenate(tokens).astype(float) if tokens else None
-
-
-def layer_lines(ax, study: Study, series: dict[str, ArmSeries]) -> None:
+def layer_figure(study: Study, series: dict[str, ArmSeries], ylabel: str, title: str, path: Path, style) -> Path:
     """Each arm's values per layer at its final checkpoint, band across seeds; a reference with another
     layer count at relative depth, its layer i at i·(L−1)/(L_ref−1) (L: the trained arms' layer count),
-    so first and last layers line up."""
+    so first and last layers line up; `style(ax)` adds guides and axis limits."""
+    fig, ax = new_axes()
     sizes = {arm: s.values.shape[2] for arm, s in series.items()}
     n_layer = max([n for a, n in sizes.items() if not series[a].reference] or sizes.values())
     for arm, s in series.items():
@@ -149,26 +138,30 @@ def layer_lines(ax, study: Study, series: dict[str, ArmSeries]) -> None:
     ax.set_xticks(range(0, n_layer, max(1, n_layer // 16)))
     ax.set_xlim(-0.3, n_layer - 0.7)
     ax.set_xlabel("layer (0 = nearest the embedding)")
+    style(ax)
+    return finish(fig, ax, ylabel, title, path)
 
 
-def grid_figure(grid: np.ndarray, vmax: float, xticks: list[str], xlabel: str, title: str, cbar: str):
-    """A (rows = layers) × (columns) heatmap on [0, vmax], annotated when small enough to read."""
+def grid_figure(path: Path, grid: np.ndarray, head_dim: int, label: str, xticks: list[str], xlabel: str,
+                title: str) -> Path:
+    """A (rows = layers) × (columns) heatmap of `label` on [0, head_dim], annotated when small enough to read."""
     n_layer, n_col = grid.shape
     fig, ax = new_axes(max(5.0, 1.6 + 0.55 * n_col), max(3.5, 1.4 + 0.3 * n_layer))
-    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=head_dim,
+                   interpolation="nearest")
     if n_layer * n_col <= 400:
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                        color="black" if v > 0.6 * vmax else "white")
+                        color="black" if v > 0.6 * head_dim else "white")
     step = max(1, n_col // 32)
     ax.set_xticks(range(0, n_col, step), xticks[::step], rotation=45 if n_col > 6 else 0, fontsize=8)
     ax.set_yticks(range(0, n_layer, max(1, n_layer // 24)))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label=cbar)
-    return fig
+    fig.colorbar(im, ax=ax, label=f"{label} (0 to head_dim = {head_dim})")
+    return save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,18 +184,18 @@ def _guides(ax, study: Study) -> None:
     """head_dim (dotted; a reference with another head_dim gets its own, in its colour), the null of the
     trained arms' probe sets (long dashes), the dead threshold (PR only); y from 0 to above them all."""
     head_dim = study.head_dim
-    ax.axhline(head_dim, color="black", linestyle=":", linewidth=1.2, label=f"head_dim = {head_dim}")
+    ax.axhline(head_dim, color="black", **CEILING_STYLE, label=f"head_dim = {head_dim}")
     tops = [head_dim]
     for arm, pr in study.prs.items():
         d = max(r.head_dim for r in study.groups[arm])
         if pr.reference and d != head_dim:
-            ax.axhline(d, color=colour(study, arm), linestyle=":", linewidth=1.2, label=f"head_dim = {d} ({arm})")
+            ax.axhline(d, color=colour(study, arm), **CEILING_STYLE, label=f"head_dim = {d} ({arm})")
             tops.append(d)
         tops.append(float(np.nanmax(pr.values, initial=0.0)))
     for value, n in _nulls(list(study.prs.values())):
         ax.axhline(value, **NULL_STYLE, label=f"isotropic null, {n:,} tokens ({value:.1f})")
     if study.metric == "pr":
-        ax.axhline(study.dead_pr, color="dimgray", linestyle="--", linewidth=1.0, label=f"dead below {study.dead_pr:g}")
+        ax.axhline(study.dead_pr, **THRESHOLD_STYLE, label=f"dead below {study.dead_pr:g}")
     ax.set_ylim(0, max(tops) * 1.06)
 
 
@@ -211,16 +204,22 @@ def _title(study: Study, what: str) -> str:
 
 
 def trajectory_figure(study: Study, series: dict[str, ArmSeries], ylabel: str, title: str, path: Path,
-                      style=None) -> Path | None:
-    """Seed-mean lines of `series` vs tokens with 95% bands (references dash-dot), `style(ax)` adding
-    guides and axis limits; None without a trained arm."""
+                      style) -> Path | None:
+    """Trained arms as seed-mean lines with 95% bands vs tokens, references as dash-dot horizontal lines
+    at their one value, `style(ax)` adding guides and axis limits; None without a trained arm."""
     fig, ax = new_axes()
-    tokens = trajectory_lines(ax, study, series)
-    if tokens is None:
+    tokens = []
+    for arm, s in series.items():
+        mean, half = s.trajectory()
+        if s.reference:
+            ax.axhline(float(mean[-1]), color=colour(study, arm), **REFERENCE_STYLE, label=series_label(s))
+            continue
+        arm_line(ax, s.tokens, mean, half, colour(study, arm), arm, series_label(s))
+        tokens.append(s.tokens)
+    if not tokens:
         return None
-    token_axis(ax, tokens)
-    if style is not None:
-        style(ax)
+    token_axis(ax, np.concatenate(tokens).astype(float))
+    style(ax)
     return finish(fig, ax, ylabel, title, path)
 
 
@@ -233,11 +232,9 @@ def pr_trajectory(study: Study, out_dir: Path) -> Path | None:
 def layer_comparison(study: Study, out_dir: Path) -> Path:
     """layer_comparison.png: the metric per layer at each arm's final checkpoint, band across seeds;
     pretrained references dash-dot (at relative depth when their layer count differs)."""
-    fig, ax = new_axes()
-    layer_lines(ax, study, study.prs)
-    _guides(ax, study)
-    return finish(fig, ax, f"{study.label} (mean over heads)", _title(study, "per layer at the final checkpoint"),
-                  out_dir / "layer_comparison.png")
+    return layer_figure(study, study.prs, f"{study.label} (mean over heads)",
+                        _title(study, "per layer at the final checkpoint"), out_dir / "layer_comparison.png",
+                        lambda ax: _guides(ax, study))
 
 
 def heatmaps(study: Study, out_dir: Path) -> list[Path]:
@@ -248,21 +245,19 @@ def heatmaps(study: Study, out_dir: Path) -> list[Path]:
     for arm, pr in study.prs.items():
         seeds = n_seeds(pr.n_seeds)
         if not pr.reference:
-            fig = grid_figure(pr.values.mean(axis=0).T, study.head_dim,
-                              ["init" if t == 0 else fmt_tokens(t) for t in pr.tokens], "checkpoint (training tokens)",
-                              f"{arm}: {label} by layer and checkpoint\n(tap={study.tap}, mean of {seeds})",
-                              f"{label} (0 to head_dim = {study.head_dim})")
-            paths.append(save(fig, out_dir / arm_figure("heatmap", arm)))
+            paths.append(grid_figure(out_dir / arm_figure("heatmap", arm), pr.values.mean(axis=0).T, study.head_dim,
+                                     label, ["init" if t == 0 else fmt_tokens(t) for t in pr.tokens],
+                                     "checkpoint (training tokens)",
+                                     f"{arm}: {label} by layer and checkpoint\n(tap={study.tap}, mean of {seeds})"))
         if pr.heads is not None:
             grid = pr.heads.mean(axis=0)  # (L, H)
             head_dim = max(r.head_dim for r in study.groups[arm]) or study.head_dim
             when = ("pretrained, as loaded" if pr.reference
                     else f"at {fmt_tokens(pr.tokens[-1])} tokens, mean of {seeds}")
-            fig = grid_figure(grid, head_dim, [str(h) for h in range(grid.shape[1])],
-                              f"{TENSOR_NAME.get(study.tensor, study.tensor)} head",
-                              f"{arm}: {label} per head (tap={study.tap})\n{when}",
-                              f"{label} (0 to head_dim = {head_dim})")
-            paths.append(save(fig, out_dir / arm_figure("heads", arm)))
+            paths.append(grid_figure(out_dir / arm_figure("heads", arm), grid, head_dim, label,
+                                     [str(h) for h in range(grid.shape[1])],
+                                     f"{TENSOR_NAME.get(study.tensor, study.tensor)} head",
+                                     f"{arm}: {label} per head (tap={study.tap})\n{when}"))
     return paths
 
 
@@ -300,8 +295,7 @@ def loss_curves(study: Study, out_dir: Path) -> Path | None:
         if val is not None:
             vmean, vhalf = val.trajectory()
             ax.errorbar(val.tokens, vmean, yerr=np.nan_to_num(vhalf), color=c, marker=marker(arm), markersize=5,
-                        linestyle="none", markeredgecolor="black", markeredgewidth=0.6, capsize=2,
-                        label=f"{arm} val")
+                        **POINT_STYLE, capsize=2, label=f"{arm} val")
             drawn.append(val.tokens)
     if drawn:
         token_axis(ax, np.concatenate(drawn).astype(float))
@@ -314,10 +308,10 @@ def attention_entropy(study: Study, out_dir: Path) -> Path | None:
     """attention_entropy.png: normalised attention entropy (mean over layers, heads and query rows) vs
     tokens; 1 = uniform over the visible keys, 0 = every query reads one key."""
     def style(ax):
-        ax.axhline(1.0, color="black", linestyle=":", linewidth=1.2, label="uniform over visible keys")
+        ax.axhline(1.0, color="black", **CEILING_STYLE, label="uniform over visible keys")
         ax.set_ylim(0, 1.04)
 
-    return trajectory_figure(study, study.series("attn", "entropy_norm", "mean"),
+    return trajectory_figure(study, study.series("attn", "entropy_norm"),
                              "attention entropy / log(visible keys), mean over layers",
                              f"Normalised attention entropy on the probe set ({BAND})",
                              out_dir / "attention_entropy.png", style)
@@ -326,7 +320,7 @@ def attention_entropy(study: Study, out_dir: Path) -> Path | None:
 def max_logit(study: Study, out_dir: Path) -> Path | None:
     """max_logit.png: the largest scaled pre-softmax logit q·k/√D (max over layers and heads) vs tokens,
     on a log axis when it spans more than LOG_RANGE× and stays positive."""
-    series = study.series("attn", "max_logit", "max")
+    series = study.series("attn", "max_logit")
 
     def style(ax):
         means = np.concatenate([s.trajectory()[0] for s in series.values()])
@@ -348,11 +342,9 @@ def weight_spectra(study: Study, out_dir: Path) -> Path | None:
     series = study.series("weights", "stable_rank", matrix="k")
     if all(s.reference for s in series.values()):
         return None
-    fig, ax = new_axes()
-    layer_lines(ax, study, series)
-    ax.set_ylim(bottom=0)
-    return finish(fig, ax, "W_k stable rank", f"Stable rank of W_k per layer at the final checkpoint ({BAND})",
-                  out_dir / "weight_spectra.png")
+    return layer_figure(study, series, "W_k stable rank",
+                        f"Stable rank of W_k per layer at the final checkpoint ({BAND})",
+                        out_dir / "weight_spectra.png", lambda ax: ax.set_ylim(bottom=0))
 
 
 def axis_alignment(study: Study, out_dir: Path) -> Path | None:
@@ -362,8 +354,7 @@ def axis_alignment(study: Study, out_dir: Path) -> Path | None:
 
     def style(ax):
         ax.axhline(0.0, **NULL_STYLE, label="random-rotation null")
-        ax.axhline(ALIGN_MARGIN, color="dimgray", linestyle="--", linewidth=1.0,
-                   label=f"aligned above {ALIGN_MARGIN:g}")
+        ax.axhline(ALIGN_MARGIN, **THRESHOLD_STYLE, label=f"aligned above {ALIGN_MARGIN:g}")
 
     return trajectory_figure(study, {a: s for a, s in found.items() if s is not None},
                              "key alignment index, mean over layers",
@@ -381,10 +372,10 @@ def orthogonality_pr(study: Study, out_dir: Path) -> Path | None:
     for arm, (q, k, _) in devs.items():
         dev = final_orth(q, k)
         x, xh = mean_ci(dev)
-        y, yh = arm_pr(study.arms[arm], study.tap, "k", "pr").trajectory()
+        y, yh = study.key_prs[arm].trajectory()
         ax.errorbar(float(x), float(y[-1]), xerr=np.nan_to_num(float(xh)), yerr=np.nan_to_num(float(yh[-1])),
-                    color=colour(study, arm), marker=marker(arm), markersize=7, markeredgecolor="black",
-                    markeredgewidth=0.6, capsize=3, linestyle="none", label=f"{arm} ({n_seeds(dev.size)})")
+                    color=colour(study, arm), marker=marker(arm), markersize=7, **POINT_STYLE, capsize=3,
+                    label=f"{arm} ({n_seeds(dev.size)})")
     for value in sorted({round(float(null.at(-1).mean), 3) for _, _, null in devs.values() if null is not None}):
         ax.axvline(value, **NULL_STYLE, label=f"Gaussian null ({value:.3f})")
     ax.set_xlabel("orth_dev of W_q and W_k, mean over layers (0 = orthogonal up to scale)")

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
+from rankprobe.report.fmt import ARM_COLUMNS, arm_cell, arm_cells, block, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import ArmSeries, Study, estimate, spearman, verdict
 
@@ -31,8 +31,7 @@ def early_checkpoint(tokens: list[int], budget: int) -> tuple[int | None, str]:
             return None, "no checkpoint after init"
         return min(positive, key=lambda t: (abs(t - EARLY_TOKENS), t)), "the checkpoint nearest 1M tokens"
     later = [t for t in positive if t >= EARLY_FRACTION * budget]
-    rule = (f"the first checkpoint at or after {EARLY_FRACTION:.0%} of the {budget:,}-token budget (the runs "
-            "are shorter than 1M tokens)")
+    rule = prose("findings", "early_short", fraction=EARLY_FRACTION, budget=budget)
     return (later[0] if later else None), rule
 
 
@@ -44,27 +43,28 @@ def early_common(prs: list[ArmSeries], runs: list[Run]) -> tuple[int | None, str
     return early_checkpoint(common, max(budgets + [int(p.tokens[-1]) for p in prs]))
 
 
-def optimizers(arms: dict[str, list[Run]]) -> list[str]:
-    """The arms' optimizers, in arm order, each once."""
-    return list(dict.fromkeys(g[0].optimizer for g in arms.values()))
+def qk_pairs(arms: dict[str, list[Run]]) -> list[tuple[str, str]]:
+    """(`o`, `o+qknorm`): the arm names without and with QK-Norm of each of the arms' optimizers `o`, in arm
+    order (either arm may be absent)."""
+    return [(o, f"{o}+qknorm") for o in dict.fromkeys(g[0].optimizer for g in arms.values())]
 
 
 def early_effect(study: Study, prs: dict[str, ArmSeries]) -> list[str]:
     """1. For every optimizer `o` with both arms `o` and `o+qknorm`: the key metric at the early checkpoint."""
     lines, skipped = ["### 1. Early effect of QK-Norm", ""], []
-    for opt in optimizers(study.arms):
-        on, off = f"{opt}+qknorm", opt
+    for off, on in qk_pairs(study.arms):
         if on not in prs or off not in prs:
             missing = " and ".join(arm_cell(a) for a in (off, on) if a not in prs)
-            skipped.append(f"`{opt}`: no finished {missing} arm to compare")
+            skipped.append(f"`{off}`: no finished {missing} arm to compare")
             continue
         tokens, rule = early_common([prs[on], prs[off]], study.arms[on] + study.arms[off])
         if tokens is None:
-            skipped.append(f"`{opt}`: {rule}; no checkpoint common to both arms qualifies")
+            skipped.append(f"`{off}`: {rule}; no checkpoint common to both arms qualifies")
             continue
         a, b = prs[on].at_tokens(tokens), prs[off].at_tokens(tokens)
-        lines += [prose("findings", "early", opt=opt, tokens=tokens, rule=rule, label=study.label, on=pm(a), off=pm(b),
-                        diff=a.mean - b.mean, verdict=verdict(a, b, "higher with QK-Norm", "lower with QK-Norm")), ""]
+        lines += block(prose("findings", "early", opt=off, tokens=tokens, rule=rule, label=study.label, on=pm(a),
+                             off=pm(b), diff=a.mean - b.mean,
+                             verdict=verdict(a, b, "higher with QK-Norm", "lower with QK-Norm")))
     skipped += [] if study.arms else ["no finished trained arm"]
     return lines + [f"Not answered for {s}." for s in skipped] + ([""] if skipped else [])
 
@@ -76,7 +76,7 @@ def final_ranking(study: Study, prs: dict[str, ArmSeries]) -> tuple[list[str], l
     dead = {a: estimate((pr.values[:, -1, :] < dead_pr).sum(axis=1)) for a, pr in prs.items() if pr.metric == "pr"}
     ranked = sorted(prs, key=lambda a: -prs[a].at(-1).mean)
     if not ranked:
-        return lines + ["No finished trained arm.", ""], ranked
+        return lines + block("No finished trained arm."), ranked
     best = prs[ranked[0]].at(-1)
     if len(ranked) == 1:
         lines.append(f"Only one arm, `{ranked[0]}`: mean {label} {pm(best)}; there is no ranking to report.")
@@ -86,16 +86,14 @@ def final_ranking(study: Study, prs: dict[str, ArmSeries]) -> tuple[list[str], l
                            second_value=pm(second), verdict=verdict(best, second)))
     if not dead:
         lines.append("Dead layers are counted for PR only (`probe.dead_pr` is a PR value).")
-    rows = [[*arm_cells(prs[a]), pm(prs[a].at(-1))]
-            + ([pm(dead[a], 1)] if dead else []) for a in ranked]
-    header = ["arm", "seeds", "tokens", f"mean {label}"] + (
-        [f"layers with PR < {dead_pr:g} (per-seed count)"] if dead else [])
-    return lines + ["", *table(header, rows), ""], ranked
+    rows = [[*arm_cells(prs[a]), pm(prs[a].at(-1)), *([pm(dead[a], 1)] if dead else [])] for a in ranked]
+    dead_column = [f"layers with PR < {dead_pr:g} (per-seed count)"] if dead else []
+    return lines + ["", *block(table([*ARM_COLUMNS, f"mean {label}", *dead_column], rows))], ranked
 
 
 def loss_agreement(study: Study, prs: dict[str, ArmSeries], ranked: list[str]) -> list[str]:
     """3. Spearman's rho between the arms' final key metric and their negative final val loss."""
-    lines = ["### 3. Does validation loss agree with the ranking?", ""]
+    title = "### 3. Does validation loss agree with the ranking?"
     val_loss = {a: estimate([r.final_val_loss() for r in g]).mean for a, g in study.arms.items()}
     by_metric = [a for a in ranked if math.isfinite(val_loss.get(a, math.nan))]
     by_loss = sorted(by_metric, key=lambda a: val_loss[a])
@@ -103,23 +101,21 @@ def loss_agreement(study: Study, prs: dict[str, ArmSeries], ranked: list[str]) -
              f"by final val loss (lowest first): {', '.join(map(arm_cell, by_loss)) or 'none'}.")
     if len(by_metric) < 3:
         why = f"{len(by_metric)} arm(s) with a final val loss; a rank correlation needs at least 3"
-        return lines + [f"Cannot be assessed: {why}. {order}", ""]
+        return block(title, f"Cannot be assessed: {why}. {order}")
     rho = spearman([prs[a].at(-1).mean for a in by_metric], [-val_loss[a] for a in by_metric])
     if not math.isfinite(rho):
-        return lines + [f"Cannot be assessed: every arm ties on one of the two. {order}", ""]
-    return lines + [prose("findings", "loss_spearman", rho=rho, n=len(by_metric), order=order), ""]
+        return block(title, f"Cannot be assessed: every arm ties on one of the two. {order}")
+    return block(title, prose("findings", "loss_spearman", rho=rho, n=len(by_metric), order=order))
 
 
 def logit_growth(study: Study) -> list[str]:
     """4. Max logit (max over layers and heads, per seed) at each trained arm's first checkpoint after
     init and its final one, and whether Muon ends below AdamW without QK-Norm."""
-    lines = ["### 4. Attention-logit growth", ""]
-    series = study.series("attn", "max_logit", "max", trained=True)
+    title = "### 4. Attention-logit growth"
+    series = study.series("attn", "max_logit", trained=True)
     first = {a: int(np.flatnonzero(s.tokens > 0)[0]) for a, s in series.items() if (s.tokens > 0).any()}
     if not first:
-        why = ("the attention rows hold no checkpoint after init" if series else
-               "attention lenses were not recorded in these metrics files (no `attn` rows with `max_logit`)")
-        return lines + [f"Not answered: {why}.", ""]
+        return block(title, prose("findings", "logits_after_init" if series else "no_logits"))
     rows = []
     for arm, i in first.items():
         s = series[arm]
@@ -127,15 +123,13 @@ def logit_growth(study: Study) -> list[str]:
         growth = b.mean / a.mean if a.mean else math.nan
         rows.append([arm_cell(arm), f"{int(s.tokens[i]):,}", pm(a), f"{int(s.tokens[-1]):,}", pm(b),
                      f"{growth:.2f}×" if math.isfinite(growth) else "n/a"])
-    lines += [prose("findings", "logits"), "",
-              *table(["arm", "first tokens", "max logit (first)", "final tokens", "max logit (final)", "growth"],
-                     rows), ""]
+    lines = block(title, prose("findings", "logits"), table(["arm", "first tokens", "max logit (first)",
+                                                             "final tokens", "max logit (final)", "growth"], rows))
     if "muon" not in first or "adamw" not in first:
         missing = " and ".join(arm_cell(a) for a in ("adamw", "muon") if a not in first)
-        return lines + [f"Muon vs AdamW without QK-Norm: not answered, no {missing} arm with attention rows.", ""]
+        return lines + block(f"Muon vs AdamW without QK-Norm: not answered, no {missing} arm with attention rows.")
     m, a = series["muon"].at(-1), series["adamw"].at(-1)
-    return lines + [f"Without QK-Norm, the final max logit of `muon` ({pm(m)}) against `adamw` ({pm(a)}) is "
-                    f"{verdict(m, a)}.", ""]
+    return lines + block(prose("findings", "muon_logits", muon=pm(m), adamw=pm(a), verdict=verdict(m, a)))
 
 
 def findings_section(study: Study) -> list[str]:

@@ -17,14 +17,24 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def block(*parts: str | list[str]) -> list[str]:
+    """Markdown lines: each part (a title or paragraph, or lines such as a table or a list) followed by
+    one blank line."""
+    return [line for part in parts for line in ([part] if isinstance(part, str) else part) + [""]]
+
+
 def section(title: str, text: str, header: list[str], rows: list[list[str]]) -> list[str]:
     """A titled paragraph and its table as lines; [] without rows."""
-    return [title, "", text, "", *table(header, rows), ""] if rows else []
+    return block(title, text, table(header, rows)) if rows else []
 
 
 def arm_cell(arm: str, reference: bool = False) -> str:
     """An arm as a table cell or in prose: '`muon`', or '`hf:qwen3` (pretrained)' for a reference."""
     return f"`{arm}`" + (" (pretrained)" if reference else "")
+
+
+ARM_COLUMNS = ["arm", "seeds", "tokens"]
+"""the headers of `arm_cells`"""
 
 
 def arm_cells(s: ArmSeries, seeds: str | None = None) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from rankprobe.config import flatten
 from rankprobe.report.figures import arm_figure
 from rankprobe.report.findings import findings_section
-from rankprobe.report.fmt import arm_cells, fmt_tokens, n_seeds, pm, prose, section, table
+from rankprobe.report.fmt import ARM_COLUMNS, arm_cells, fmt_tokens, n_seeds, pm, prose, section, table
 from rankprobe.report.mechanism import mechanism_section
 from rankprobe.report.metrics import METRIC_NAME, Run, arm_key
 from rankprobe.report.series import TENSOR_NAME, Estimate, Headline, Study, final, mean_ci
@@ -24,17 +24,18 @@ from rankprobe.runfolder import PHASE_FIELDS, write_atomic
 # the config values the summary names, as {train_batch_size}, {model_seq_len}, ... in prose.toml
 _SUMMARY_KEYS = ("train.batch_size", "model.seq_len", "data.corpus", "model.n_layer", "model.d_model", "model.n_head",
                  "model.head_dim")
-# the lens tables: (title, prose key, columns: (title, kind, key, reduce over layers, row filter, digits))
+# the lens tables: (title, prose key, columns: (title, kind, key, row filter, digits)); layers reduce by
+# the key (series.MAX_OVER_LAYERS)
 LENSES = [
     ("## Attention at the final checkpoint", "attention", [
-        ("attention entropy (normalised, mean)", "attn", "entropy_norm", "mean", {}, 3),
-        ("attention entropy (nats, mean)", "attn", "entropy", "mean", {}, 3),
-        ("max logit (max over layers, heads)", "attn", "max_logit", "max", {}, 2)]),
+        ("attention entropy (normalised, mean)", "attn", "entropy_norm", {}, 3),
+        ("attention entropy (nats, mean)", "attn", "entropy", {}, 3),
+        ("max logit (max over layers, heads)", "attn", "max_logit", {}, 2)]),
     ("## Weights at the final checkpoint", "weights", [
-        ("W_q stable rank (mean)", "weights", "stable_rank", "mean", {"matrix": "q"}, 2),
-        ("W_k stable rank (mean)", "weights", "stable_rank", "mean", {"matrix": "k"}, 2),
-        ("W_q spectral norm (max)", "weights", "spectral_norm", "max", {"matrix": "q"}, 3),
-        ("W_k spectral norm (max)", "weights", "spectral_norm", "max", {"matrix": "k"}, 3)]),
+        ("W_q stable rank (mean)", "weights", "stable_rank", {"matrix": "q"}, 2),
+        ("W_k stable rank (mean)", "weights", "stable_rank", {"matrix": "k"}, 2),
+        ("W_q spectral norm (max)", "weights", "spectral_norm", {"matrix": "q"}, 3),
+        ("W_k spectral norm (max)", "weights", "spectral_norm", {"matrix": "k"}, 3)]),
 ]
 
 
@@ -108,7 +109,7 @@ def _headline_rows(heads: list[Headline], dead: bool, diverged: list[Run]) -> li
 def _headline_section(study: Study, diverged: list[Run]) -> list[str]:
     heads, metric, dead = study.headlines(), study.metric, study.metric == "pr"
     name = METRIC_NAME[metric]
-    header = ["arm", "seeds", "tokens", f"mean {study.label}", "isotropic null", f"weakest layer: {name}",
+    header = [*ARM_COLUMNS, f"mean {study.label}", "isotropic null", f"weakest layer: {name}",
               *([f"dead layers (PR < {study.dead_pr:g})"] if dead else []), "val loss"]
     reading = prose("headline", "reading_pr") if dead else prose("headline", "reading", name=name)
     text = (f"Headline tap: `{study.tap}`, {prose('tap').get(study.tap, 'see docs/metrics.md')}. "
@@ -131,11 +132,11 @@ def _headline_section(study: Study, diverged: list[Run]) -> list[str]:
 def _lens_section(study: Study, title: str, key: str, columns: list[tuple]) -> list[str]:
     """A lens table: per finished arm with any of the columns' rows, the arm's headline mean, then each
     column's value at the last checkpoint common to its seeds."""
-    series = [study.series(kind, name, how, **match) for _, kind, name, how, match, _ in columns]
+    series = [study.series(kind, name, **match) for _, kind, name, match, _ in columns]
     rows = [[*arm_cells(next(s[arm] for s in series if arm in s)), pm(study.prs[arm].at(-1)),
              *(pm(final(s.get(arm)), c[-1]) for s, c in zip(series, columns))]
             for arm in study.groups if any(arm in s for s in series)]
-    header = ["arm", "seeds", "tokens", f"mean {study.label}", *(c[0] for c in columns)]
+    header = [*ARM_COLUMNS, f"mean {study.label}", *(c[0] for c in columns)]
     return section(title, prose("lenses", key), header, rows)
 
 

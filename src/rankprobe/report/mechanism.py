@@ -23,12 +23,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from rankprobe.report.findings import early_common, optimizers
-from rankprobe.report.fmt import arm_cell, arm_cells, pm, prose, table
+from rankprobe.report.findings import early_common, qk_pairs
+from rankprobe.report.fmt import ARM_COLUMNS, arm_cell, arm_cells, block, pm, prose, table
 from rankprobe.report.metrics import Run
 from rankprobe.report.series import (
-    NO_VALUE, ArmSeries, Estimate, Study, arm_pr, arm_series, estimate, final, resolution, resolved_above, spearman,
-    verdict,
+    NO_VALUE, ArmSeries, Estimate, Study, arm_series, estimate, final, resolution, resolved_above, spearman, verdict,
 )
 
 COORDINATE, ROTATION, UNCLASSIFIED = "coordinate-wise", "rotation-equivariant", "unclassified"
@@ -56,10 +55,6 @@ def setting(arm: str, runs: list[Run]) -> tuple[bool, str]:
     return runs[0].qk_norm, arm.partition("@")[2]
 
 
-def _setting_words(qk: bool, variant: str) -> str:
-    return ("With QK-Norm" if qk else "Without QK-Norm") + (f", arms `@{variant}`" if variant else "")
-
-
 def _when(tokens: int | None) -> str:
     return "never" if tokens is None else f"first at {tokens:,} tokens"
 
@@ -68,6 +63,13 @@ def _first(s: ArmSeries, mask: np.ndarray) -> int | None:
     """Tokens of the first checkpoint of `s` where `mask` (over its checkpoints) holds; None if none."""
     hits = np.flatnonzero(mask)
     return int(s.tokens[hits[0]]) if hits.size else None
+
+
+def collapsed(pr: ArmSeries) -> np.ndarray:
+    """(C,) whether the seed-mean key PR is below COLLAPSE_FRACTION of its value at init, per checkpoint
+    (never, without an init checkpoint)."""
+    mean = pr.trajectory()[0]
+    return mean < COLLAPSE_FRACTION * mean[0] if pr.tokens[0] == 0 else np.zeros(mean.shape, dtype=bool)
 
 
 def alignment_index(runs: list[Run], tap: str) -> ArmSeries | None:
@@ -107,34 +109,34 @@ def class_split(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tuple[
     order = sorted(arms, key=lambda a: ([COORDINATE, ROTATION, UNCLASSIFIED].index(cls[a]), -prs[a].at(-1).mean))
     rows = [[arm_cell(a), cls[a], str(prs[a].n_seeds), f"{int(prs[a].tokens[-1]):,}",
              pm(prs[a].at(0)) if prs[a].tokens[0] == 0 else "n/a", pm(prs[a].at(-1))] for a in order]
-    lines = ["### 5. Coordinate-wise against rotation-equivariant optimizers", "", prose("mechanism", "classes"), "",
-             *table(["arm", "class", "seeds", "tokens", "key PR at init", "final key PR"], rows), ""]
+    lines = block("### 5. Coordinate-wise against rotation-equivariant optimizers", prose("mechanism", "classes"),
+                  table(["arm", "class", "seeds", "tokens", "key PR at init", "final key PR"], rows))
     groups: dict[tuple[bool, str], list[str]] = {}
     for a in arms:
         groups.setdefault(setting(a, arms[a]), []).append(a)
-    for key in sorted(groups):
-        group, words = groups[key], _setting_words(*key)
+    for (qk, variant), group in sorted(groups.items()):
+        words = ("With QK-Norm" if qk else "Without QK-Norm") + (f", arms `@{variant}`" if variant else "")
         coord = [a for a in group if cls[a] == COORDINATE]
         rot = [a for a in group if cls[a] == ROTATION]
         if not coord or not rot:
             missing = "coordinate-wise" if not coord else "rotation-equivariant"
-            lines += [f"{words}: cannot be answered, no {missing} arm.", ""]
+            lines += block(f"{words}: cannot be answered, no {missing} arm.")
             continue
         hi = max(coord, key=lambda a: prs[a].at(-1).mean)
         lo = min(rot, key=lambda a: prs[a].at(-1).mean)
         a, b = prs[hi].at(-1), prs[lo].at(-1)
         reading = ("split_holds" if resolved_above(b, a) else "split_contradicted" if resolved_above(a, b)
                    else "split_with" if a.mean < b.mean else "split_against")
-        lines += [prose("mechanism", "split", setting=words, hi=hi, lo=lo, a=pm(a), b=pm(b), verdict=verdict(a, b),
-                        reading=prose("mechanism", reading)), ""]
+        lines += block(prose("mechanism", "split", setting=words, hi=hi, lo=lo, a=pm(a), b=pm(b), verdict=verdict(a, b),
+                             reading=prose("mechanism", reading)))
     return lines, cls
 
 
 def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str) -> tuple[list[str], dict]:
     """6. Per arm, the first checkpoint where the alignment index exceeds ALIGN_MARGIN against the first
     where key PR has collapsed, with the per-checkpoint trajectories. Returns (lines, arm -> timing word)."""
-    lines = ["### 6. Does axis alignment come before the collapse?", "",
-             prose("mechanism", "alignment", margin=ALIGN_MARGIN, fraction=COLLAPSE_FRACTION), ""]
+    lines = block("### 6. Does axis alignment come before the collapse?",
+                  prose("mechanism", "alignment", margin=ALIGN_MARGIN, fraction=COLLAPSE_FRACTION))
     timing, summary, rows = {}, [], []
     for arm, group in arms.items():
         idx = alignment_index(group, tap)
@@ -144,9 +146,7 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
         pr, ratio = prs[arm], arm_series(group, "probe", "axis_ratio", tap=tap, tensor="k")
         rows += [[arm_cell(arm), f"{int(t):,}", pm(pr.at_tokens(int(t))), pm(ratio.at(c), 3), pm(idx.at(c), 3)]
                  for c, t in enumerate(idx.tokens) if t in pr.tokens]  # skipping checkpoints whose key rows lack PR
-        align_at, mean = _first(idx, idx.trajectory()[0] > ALIGN_MARGIN), pr.trajectory()[0]
-        # collapsed: the seed-mean key PR below COLLAPSE_FRACTION of its value at init
-        collapse_at = _first(pr, mean < COLLAPSE_FRACTION * mean[0]) if pr.tokens[0] == 0 else None
+        align_at, collapse_at = _first(idx, idx.trajectory()[0] > ALIGN_MARGIN), _first(pr, collapsed(pr))
         if collapse_at is None:
             word = "no collapse" + ("" if align_at is None else ", aligned anyway")
         elif align_at is None:
@@ -155,20 +155,18 @@ def alignment_timing(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap:
             word = "before" if align_at < collapse_at else "with" if align_at == collapse_at else "after"
         timing[arm] = word
         summary.append(f"{arm_cell(arm)}: aligned {_when(align_at)}, collapsed {_when(collapse_at)}: **{word}**.")
-    lines += [f"- {s}" for s in summary] + [""]
-    if rows:
-        lines += [*table(["arm", "tokens", "key PR", "axis_ratio", "alignment index"], rows), ""]
-    return lines, timing
+    trajectories = block(table(["arm", "tokens", "key PR", "axis_ratio", "alignment index"], rows)) if rows else []
+    return lines + block([f"- {s}" for s in summary]) + trajectories, timing
 
 
 def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str) -> tuple[list[str], list[str]]:
     """7. For every optimizer with arms `o` and `o+qknorm`: final sphere_r (and its null), centred and
     uncentred key PR, and whether the arm with the higher sphere_r has the lower PR. Returns (lines, the
     pairs where QK-Norm raised sphere_r, resolved, without lowering PR, resolved)."""
-    lines, odd, rows, verdicts = ["### 7. Does QK-Norm put keys in a cap of the sphere?", ""], [], [], []
-    pairs = [(o, o + "+qknorm") for o in optimizers(arms) if o in arms and o + "+qknorm" in arms]
+    title, odd, rows, verdicts = "### 7. Does QK-Norm put keys in a cap of the sphere?", [], [], []
+    pairs = [(off, on) for off, on in qk_pairs(arms) if off in arms and on in arms]
     if not pairs:
-        return lines + ["Not answered: no optimizer has both an arm without and one with QK-Norm.", ""], odd
+        return block(title, "Not answered: no optimizer has both an arm without and one with QK-Norm."), odd
     ends = {}  # arm -> the final Estimate of each key (n/a where its rows lack it), for arms with sphere_r
     for arm in (a for p in pairs for a in p):
         got = {k: final(arm_series(arms[arm], "probe", k, tap=tap, tensor="k"))
@@ -188,30 +186,26 @@ def sphere_pairs(arms: dict[str, list[Run]], prs: dict[str, ArmSeries], tap: str
         n_track += (ra.mean - rb.mean) * (pa.mean - pb.mean) < 0
         if resolved_above(ra, rb) and not resolved_above(pb, pa):
             odd.append(f"QK-Norm raises `{off}`'s sphere_r (resolved) without a resolved drop in its key PR")
-    lines += [prose("mechanism", "sphere"), "", *table(["arm", "final sphere_r", "null 1/√n", "key PR (centred)",
-                                                        "key PR (uncentred)"], rows), ""]
-    lines += [f"- {v}" for v in verdicts] + [""]
-    lines += [prose("mechanism", "sphere_track", n=n_track, pairs=len(pairs)), ""]
-    return lines, odd
+    header = ["arm", "final sphere_r", "null 1/√n", "key PR (centred)", "key PR (uncentred)"]
+    return block(title, prose("mechanism", "sphere"), table(header, rows), [f"- {v}" for v in verdicts],
+                 prose("mechanism", "sphere_track", n=n_track, pairs=len(pairs))), odd
 
 
 def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tuple[list[str], list[str]]:
     """8. Final orth_dev of W_q and W_k (mean over layers) per arm, Muon against each other arm of its
     `setting` (W_k), and Spearman's ρ over arms between the q/k mean orth_dev and key PR. Returns
     (lines, arms more orthogonal than Muon, resolved)."""
-    lines, odd = ["### 8. Are W_q and W_k closer to orthogonal under Muon?", ""], []
+    title, odd = "### 8. Are W_q and W_k closer to orthogonal under Muon?", []
     dev = orth_devs(arms)
     if not dev:
-        return lines + ["Not answered: the `weights` rows carry no `orth_dev` (written before the lens, or "
-                        "`probe.weights` off).", ""], odd
-    rows = [[*arm_cells(k), pm(q.at(-1), 3), pm(k.at(-1), 3),
-             pm(final(null), 3), pm(prs[a].at(-1))] for a, (q, k, null) in dev.items()]
-    lines += [prose("mechanism", "orthogonality"), "",
-              *table(["arm", "seeds", "tokens", "W_q orth_dev", "W_k orth_dev", "Gaussian null", "final key PR"],
-                     rows), ""]
+        return block(title, prose("mechanism", "no_orth")), odd
+    rows = [[*arm_cells(k), pm(q.at(-1), 3), pm(k.at(-1), 3), pm(final(null), 3), pm(prs[a].at(-1))]
+            for a, (q, k, null) in dev.items()]
+    header = [*ARM_COLUMNS, "W_q orth_dev", "W_k orth_dev", "Gaussian null", "final key PR"]
+    lines = block(title, prose("mechanism", "orthogonality"), table(header, rows))
     muons = [a for a in dev if arms[a][0].optimizer == "muon"]
     if not muons:
-        lines += ["Muon against the others: not answered, no `muon` arm with weight rows.", ""]
+        lines += block("Muon against the others: not answered, no `muon` arm with weight rows.")
     for m in muons:
         others = [a for a in dev if a != m and setting(a, arms[a]) == setting(m, arms[m])]
         for a in others:
@@ -226,11 +220,10 @@ def orthogonality(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> tupl
         lines += [] if others else [f"- {arm_cell(m)}: no other arm of its setting (QK-Norm, variant) has weight rows."]
     lines += [""] if muons else []
     if len(dev) < 3:
-        return lines + [f"Whether orthogonality predicts key PR: cannot be assessed, {len(dev)} arm(s) with "
-                        "weight rows; a rank correlation needs at least 3.", "", *update_shape(arms, prs)], odd
+        return lines + block(prose("mechanism", "orth_few", n=len(dev))) + update_shape(arms, prs), odd
     rho = spearman([final_orth(q, k).mean() for q, k, _ in dev.values()], [prs[a].at(-1).mean for a in dev])
     said = "every arm ties on one side" if not math.isfinite(rho) else f"ρ = {rho:+.2f} over {len(dev)} arms"
-    return lines + [prose("mechanism", "orth_spearman", rho=said), "", *update_shape(arms, prs)], odd
+    return lines + block(prose("mechanism", "orth_spearman", rho=said)) + update_shape(arms, prs), odd
 
 
 def _over_training(s: ArmSeries | None) -> Estimate:
@@ -251,9 +244,9 @@ def update_shape(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> list[
         first = NO_VALUE if rank is None or rank.tokens[0] != 0 else rank.at(0)
         rows.append([*arm_cells(size), pm(_over_training(size), 1, style="e"), pm(_over_training(shape), 3),
                      pm(_over_training(null), 3), pm(first, 1), pm(final(rank), 1), pm(prs[arm].at(-1))])
-    return [prose("mechanism", "update_shape"), "",
-            *table(["arm", "seeds", "tokens", "‖ΔW_k‖/‖W_k‖ per step", "ΔW_k orth_dev", "Gaussian null",
-                    "W_k stable rank at init", "final W_k stable rank", "final key PR"], rows), ""] if rows else []
+    return block(prose("mechanism", "update_shape"),
+                 table([*ARM_COLUMNS, "‖ΔW_k‖/‖W_k‖ per step", "ΔW_k orth_dev", "Gaussian null",
+                        "W_k stable rank at init", "final W_k stable rank", "final key PR"], rows)) if rows else []
 
 
 def _warmup_groups(arms: dict[str, list[Run]]) -> list[list[str]]:
@@ -274,19 +267,19 @@ def _warmup(group: list[Run]) -> float:
 
 def warmup_effect(arms: dict[str, list[Run]], prs: dict[str, ArmSeries]) -> list[str]:
     """9. For arms differing only in warmup: key PR at the checkpoint common to them nearest 1M tokens."""
-    lines = ["### 9. Warmup and the early dip", ""]
+    lines = block("### 9. Warmup and the early dip")
     groups = _warmup_groups(arms)
     if not groups:
-        return lines + [prose("mechanism", "no_warmup"), ""]
+        return lines + block(prose("mechanism", "no_warmup"))
     for g in groups:
         tokens, rule = early_common([prs[a] for a in g], [r for a in g for r in arms[a]])
         if tokens is None:
-            lines += [f"{', '.join(map(arm_cell, g))}: not answered, {rule}.", ""]
+            lines += block(f"{', '.join(map(arm_cell, g))}: not answered, {rule}.")
             continue
         parts = [f"{arm_cell(a)} (warmup_frac {_warmup(arms[a]):g}) {pm(prs[a].at_tokens(tokens))}" for a in g]
         short, long_ = prs[g[0]].at_tokens(tokens), prs[g[-1]].at_tokens(tokens)
-        lines += [prose("mechanism", "warmup", tokens=tokens, rule=rule, parts="; ".join(parts),
-                        verdict=verdict(short, long_)), ""]
+        lines += block(prose("mechanism", "warmup", tokens=tokens, rule=rule, parts="; ".join(parts),
+                             verdict=verdict(short, long_)))
     return lines
 
 
@@ -295,20 +288,20 @@ def unexplained(prs: dict[str, ArmSeries], cls: dict[str, str], timing: dict[str
     them, orthogonality spreads them) does not explain, from the answers above."""
     items, by_timing = [], {}
     for arm, pr in prs.items():
-        collapsed = pr.tokens[0] == 0 and pr.at(-1).mean < COLLAPSE_FRACTION * pr.at(0).mean
+        ended = bool(collapsed(pr)[-1])
         if cls[arm] == UNCLASSIFIED:
             items.append(f"{arm_cell(arm)} is unclassified (its optimizer is in no class), so no prediction is made")
-        elif collapsed == (cls[arm] == ROTATION):  # the class predicted the other outcome
-            items.append(f"{arm_cell(arm)} is {cls[arm]} but ends with key PR {'below' if collapsed else 'above'} "
+        elif ended == (cls[arm] == ROTATION):  # the class predicted the other outcome
+            items.append(f"{arm_cell(arm)} is {cls[arm]} but ends with key PR {'below' if ended else 'above'} "
                          f"{COLLAPSE_FRACTION:g} of its init value ({pm(pr.at(-1))} against {pm(pr.at(0))})")
         if timing.get(arm) in prose("unexplained"):
             by_timing.setdefault(timing[arm], []).append(arm_cell(arm))
     items += [f"{'Every arm' if len(cells) == len(prs) > 1 else ', '.join(cells)} {prose('unexplained', t)}"
               for t, cells in by_timing.items()] + odd
-    lines = ["### 10. What still goes unexplained", ""]
+    title = "### 10. What still goes unexplained"
     if not items:
-        return lines + [prose("mechanism", "nothing_unexplained"), ""]
-    return lines + [f"- {i}." for i in items] + ["", prose("mechanism", "unexplained_note"), ""]
+        return block(title, prose("mechanism", "nothing_unexplained"))
+    return block(title, [f"- {i}." for i in items], prose("mechanism", "unexplained_note"))
 
 
 def mechanism_section(study: Study) -> list[str]:
@@ -318,7 +311,7 @@ def mechanism_section(study: Study) -> list[str]:
     if not any("axis_ratio" in r for g in arms.values() for run in g for r in run.rows.get("probe", [])
                if r.get("tap") == tap and r.get("tensor") == "k"):
         return []
-    prs = {a: arm_pr(g, tap, "k", "pr") for a, g in arms.items()}
+    prs = study.key_prs
     split, cls = class_split(arms, prs)
     timing_lines, timing = alignment_timing(arms, prs, tap)
     sphere, odd_sphere = sphere_pairs(arms, prs, tap)

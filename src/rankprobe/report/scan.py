@@ -6,13 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rankprobe.report.fmt import table
+from rankprobe.report.fmt import prose, table
 from rankprobe.runfolder import end_of, header, run_rows, status_of, write_atomic
-
-
-def _last(rows: list[dict], kind: str) -> dict | None:
-    found = [r for r in rows if r.get("kind") == kind]
-    return found[-1] if found else None
 
 
 def scan_rows(param: str, paths: list[Path]) -> list[dict]:
@@ -24,7 +19,7 @@ def scan_rows(param: str, paths: list[Path]) -> list[dict]:
         rows = run_rows(path.parent)
         run = header(rows) or {}
         value = path.parent.name.split("=", 1)[-1]
-        end, ev = end_of(rows), _last(rows, "eval")
+        end, ev = end_of(rows), next((r for r in reversed(rows) if r.get("kind") == "eval"), None)
         tap = run.get("config", {}).get("probe", {}).get("tap", "norm")
         last_tokens = ev["tokens"] if ev else None
         keys = [r["pr"] for r in rows if r.get("kind") == "probe" and r.get("tensor") == "k"
@@ -59,12 +54,7 @@ def write_scan(out_dir: Path, param: str, paths: list[Path]) -> Path:
     arms = sorted({r["arm"] for r in rows})
     lines = [
         f"# Scan of `{param}`", "",
-        f"{len(rows)} run(s) of arm {', '.join(f'`{a}`' for a in arms)}, one per value; everything else as in "
-        "each run's config.json. The best value is the lowest final validation loss among the runs that "
-        "finished (diverged runs are listed, never chosen). Key PR is the mean over layers at the headline "
-        f"tap (`{rows[0]['tap'] if rows else 'norm'}`) at the last checkpoint. The W_k step is "
-        "‖ΔW_k‖/‖W_k‖ of one optimizer step (`update` rows), the mean over layers and the checkpoints "
-        "after init: how far a step moves the key projection at that value.", "",
+        prose("scan", n=len(rows), arms=", ".join(f"`{a}`" for a in arms), tap=rows[0]["tap"] if rows else "norm"), "",
         *table([f"`{param}`", "status", "tokens", "final val loss", "key PR", "max attention logit", "W_k step"],
                [[r["value"] + (" **(best)**" if r is best else ""), r["status"], f"{r['tokens']:,}",
                  _fmt(r["val_loss"], 4), _fmt(r["key_pr"], 2), _fmt(r["max_logit"], 2),

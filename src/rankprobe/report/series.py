@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from scipy import stats
@@ -106,6 +106,10 @@ def verdict(a: Estimate, b: Estimate, higher: str = "higher", lower: str = "lowe
 # seed aggregation
 
 
+MAX_OVER_LAYERS = frozenset({"max_logit", "spectral_norm"})
+"""the keys whose layers reduce by the max (see the module's docstring); every other key by the mean"""
+
+
 def _finite_reduce(x: np.ndarray, axis, how: str = "mean") -> np.ndarray:
     """Mean or max over `axis` of the finite entries; NaN (without a warning) where there are none."""
     ok = np.isfinite(x)
@@ -186,12 +190,14 @@ def _has(rows: list[list[list[dict]]], key: str) -> bool:
     return any(key in r for seed in rows for ckpt in seed for r in ckpt)
 
 
-def arm_series(runs: list[Run], kind: str, key: str, reduce: str = "mean", **match) -> ArmSeries | None:
-    """`key` of one arm's `kind` rows matching `match` (e.g. matrix="k"); None when the runs have no such
-    rows at a checkpoint common to all of them."""
+def arm_series(runs: list[Run], kind: str, key: str, reduce: str | None = None, **match) -> ArmSeries | None:
+    """`key` of one arm's `kind` rows matching `match` (e.g. matrix="k"), its layers reduced by `reduce`
+    (default: by the key, MAX_OVER_LAYERS); None when the runs have no such rows at a checkpoint common
+    to all of them."""
     rows, tokens = _stack(runs, kind, match)
     if not tokens.size or not _has(rows, key):
         return None
+    reduce = reduce or ("max" if key in MAX_OVER_LAYERS else "mean")
     return ArmSeries(runs[0].arm, [r.seed for r in runs], tokens, _grid(rows, key), reduce, runs[0].reference)
 
 
@@ -259,16 +265,23 @@ class Study:
         """Every finished arm: trained ones, then references."""
         return {**self.arms, **self.refs}
 
+    @cached_property
+    def key_prs(self) -> dict[str, ArmSeries]:
+        """Each trained arm's key PR at the headline tap, whatever tensor and metric the headline uses: the
+        quantity of the mechanism questions and figures."""
+        if (self.tensor, self.metric) == ("k", "pr"):
+            return {a: self.prs[a] for a in self.arms}
+        return {a: arm_pr(g, self.tap, "k", "pr") for a, g in self.arms.items()}
+
     @property
     def label(self) -> str:
         """'key PR', 'key erank', 'query stable rank', ..."""
         return f"{TENSOR_NAME.get(self.tensor, self.tensor)} {METRIC_NAME.get(self.metric, self.metric)}"
 
-    def series(self, kind: str, key: str, reduce: str = "mean", trained: bool = False,
-               **match) -> dict[str, ArmSeries]:
+    def series(self, kind: str, key: str, trained: bool = False, **match) -> dict[str, ArmSeries]:
         """`arm_series` for every finished arm (only the trained ones if `trained`) that has the rows."""
         groups = self.arms if trained else self.groups
-        found = {a: arm_series(g, kind, key, reduce, **match) for a, g in groups.items()}
+        found = {a: arm_series(g, kind, key, **match) for a, g in groups.items()}
         return {a: s for a, s in found.items() if s is not None}
 
     def headlines(self) -> list[Headline]:
