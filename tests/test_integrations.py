@@ -54,6 +54,14 @@ class _Batches:
         return twin
 
 
+def _tiny_llama(transformers):
+    """A 2-layer LlamaForCausalLM (4 heads, 2 key/value heads) over 64 tokens, seeded."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_transformers_trainer_callback(tmp_path, background):
     """`rows` and metrics.jsonl hold every measured step, also when each measurement's rows arrive with the
@@ -62,10 +70,7 @@ def test_transformers_trainer_callback(tmp_path, background):
     pytest.importorskip("accelerate")
     from rankprobe.integrations.hf_callback import RankProbeCallback
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = _tiny_llama(transformers)
     data = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": x, "labels": x} for x in data]
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=4,
@@ -148,10 +153,7 @@ def test_transformers_rows_carry_the_tokens_their_weights_were_trained_on(tmp_pa
     pytest.importorskip("accelerate")
     from rankprobe.integrations.hf_callback import RankProbeCallback
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = _tiny_llama(transformers)
     data = torch.randint(0, 64, (12, 16), generator=torch.Generator().manual_seed(0))
     for probe_tokens in (None, data[:4]):
         callback = RankProbeCallback(every=1, weights=False, probe_tokens=probe_tokens)
@@ -175,10 +177,7 @@ def test_one_callback_measures_a_second_training_too(tmp_path):
     from rankprobe.integrations.lightning_callback import RankProbeCallback as LightningCallback
     from rankprobe.model import Transformer
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = _tiny_llama(transformers)
     data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
     hf = HFCallback(every=2, weights=False)
     for run in ("a", "b"):
