@@ -17,7 +17,7 @@ The components add up to about what `probe_lenses` costs; the rest is hooks and 
 
 `token_blocks` times `moment_sums` by the GEMM's split of the tokens, and `fused_sums` its eager passes
 against its fused form (torch.compile) on every tap's shape and dtype: what decides
-`spectra.CUDA_TOKEN_BLOCKS` and `spectra.CUDA_FUSED`.
+`spectra.CUDA_TOKEN_BLOCKS` and `spectra.FUSED`.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def fused_sums(model, probe_set: torch.Tensor, batch_size: int, amp, measure: Ca
     (`measure`, under `amp` as in the hooks), `compile_s` of the first fused call and one eager one
     (mostly the compile), and the largest difference of the fused sums from the eager ones relative to
     each sum's largest entry (float64 round-off, ~1e-15, is expected); then the totals over the pass,
-    and `cuda_fused`, the default on CUDA (`spectra.CUDA_FUSED`) when measured."""
+    and `default_fused`, moment_sums' default (`spectra.FUSED`) when measured."""
     adapter = adapter_for(model)
     seen: dict = {}
     with amp:
@@ -165,4 +165,4 @@ def fused_sums(model, probe_set: torch.Tensor, batch_size: int, amp, measure: Ca
                      "compile_s": time.perf_counter() - t0, "max_rel_diff": diff,
                      "eager_s": measure(lambda: run(False)), "fused_s": measure(lambda: run(True))})
     return {"shapes": rows, **{k: sum(r[k] for r in rows) for k in ("eager_s", "fused_s", "compile_s")},
-            "cuda_fused": spectra.CUDA_FUSED}
+            "default_fused": spectra.FUSED}

@@ -676,12 +676,15 @@ def render(R) -> str:
     return "\n".join(out) + "\n"
 
 
+_FUSED_WORDS = {False: "eager", True: "fused", None: "fused on CUDA"}  # spectra.FUSED's settings
+
+
 def fused_line(F: dict) -> str:
     """The Markdown line of `probe_parts.fused_sums`: eager against fused `moment_sums`, per tap shape."""
     each = "; ".join(f"{'×'.join(map(str, r['shape']))} {r['dtype']} ×{r['calls']}: {r['eager_s']:.3f} → "
                      f"{r['fused_s']:.3f} s" for r in F["shapes"])
     return (f"- the float64 sums of every tap's batches (`moment_sums`), eager passes against the fused form "
-            f"(torch.compile; the default on CUDA when measured: {'fused' if F['cuda_fused'] else 'eager'}): "
+            f"(torch.compile; the default when measured: {_FUSED_WORDS[F['default_fused']]}): "
             f"**{F['eager_s']:.3f} → {F['fused_s']:.3f} s** ({each}); first calls {F['compile_s']:.1f} s; "
             f"largest difference {max(r['max_rel_diff'] for r in F['shapes']):.1e} of each sum's largest entry")
 

@@ -49,3 +49,18 @@ def test_monitor_overhead_smoke_in_the_background_counts_the_waits_and_the_last_
     assert set(arm["split"]) == {"capture_s", "statistics_s", "spectra_s", "attention_s", "weights_s", "wait_s"}
     assert arm["flush_s"] >= 0 and R["loop"]["fixed_batch_flush_s"] >= 0
     assert set(R["loop"]["fixed_batch_probe_split"]) == {"lenses_s", "weights_s", "wait_s"}
+
+
+def test_monitor_overhead_smoke_with_the_fused_sums(tmp_path, monkeypatch):
+    """--fused-sums on makes the hooks' moment sums the compiled ones (spectra.FUSED), recorded in the
+    results; the measured steps are the same."""
+    from rankprobe.probes import spectra
+
+    monkeypatch.setattr(spectra, "FUSED", spectra.FUSED)  # the script sets the package's default: restore it
+    monkeypatch.setattr(spectra, "_fused_shapes", set())
+    out = tmp_path / "smoke.json"
+    runpy.run_path(str(SCRIPT), run_name="bench")["main"](["--smoke", "--sections", "loop", "--fused-sums", "on",
+                                                           "--json", str(out)])
+    R = json.loads(out.read_text())
+    assert R["fused_sums"] is True and R["loop"]["train_forward"]["measured_at"] == [0, 2, 4]
+    assert {shape[1:] for shape, *_ in spectra._fused_shapes} == {(2, 32)}  # the tiny shape's taps (H, D)

@@ -101,9 +101,10 @@ class HeadBatch:
 
 
 CUDA_TOKEN_BLOCKS = 8  # moment_sums' default split of the tokens on CUDA (96 GEMM batches at seed-22l)
-# moment_sums' default on CUDA: the eager passes until benchmarks/throughput.py --sections probes shows
-# the fused one faster on a GPU (`probe.moment_sums_fused`); on the CPU the default stays eager.
-CUDA_FUSED = False
+FUSED: bool | None = False
+"""moment_sums' default form: False the eager passes, True the fused (compiled) ones, None fused on CUDA
+only. False until benchmarks/throughput.py --sections probes shows the fused form faster on a GPU
+(`probe.moment_sums_fused`); benchmarks/monitor_overhead.py --fused-sums sets it to compare."""
 
 
 def moment_sums(x: torch.Tensor, chunks: int | None = None,
@@ -124,7 +125,7 @@ def moment_sums(x: torch.Tensor, chunks: int | None = None,
     registers, so the float64 traffic is A written once and read once by the GEMM, about 2 volumes
     instead of 10, plus a read of x (2 bytes an element in bf16) per kernel: one on the CPU (C++); on a
     GPU likely two or three (a row kernel for A, the column sums of x³ and x⁴). Equal to the eager
-    passes up to float64 round-off (summation order). Default: on CUDA when `CUDA_FUSED`, else eager;
+    passes up to float64 round-off (summation order). Default: `FUSED` (None: on CUDA only);
     the first call of each shape and dtype compiles (seconds).
 
     `chunks` C splits the N vectors into C blocks that the GEMM takes as C·H batches, summed after:
@@ -139,7 +140,7 @@ def moment_sums(x: torch.Tensor, chunks: int | None = None,
     if C * M != N:
         raise ValueError(f"chunks={C} does not divide N={N}")
     if fused is None:
-        fused = x.is_cuda and CUDA_FUSED
+        fused = x.is_cuda if FUSED is None else FUSED
     a, pow3, pow4 = fused_operand(x, C) if fused else eager_operand(x, C)
     flat = a.view(C * H, M, W)
     g = torch.bmm(flat.transpose(1, 2), flat).view(C, H, W, W).sum(0)  # (H, W, W)
