@@ -164,14 +164,15 @@ def test_fused_sums_traced_into_a_compiled_caller():
         torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
 
 
-def test_fused_sums_past_the_recompile_limit_run_eagerly(monkeypatch):
+def test_fused_sums_past_the_recompile_limit_run_eagerly():
     """A shape beyond Dynamo's recompile limit runs the eager passes: no compile, no Dynamo warning,
-    the same sums."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", len(spectra._fused_shapes))
+    the same sums. (torch's own `config.patch`: pytest's monkeypatch deletes a torch config entry on
+    undo, which broke every later compile in the worker.)"""
     x = torch.randn(96, 2, 5)
     before = compiled_graphs()
-    got = moment_sums(x, 2, fused=True)
-    assert compiled_graphs() == before
+    with torch._dynamo.config.patch(recompile_limit=len(spectra._fused_shapes)):
+        got = moment_sums(x, 2, fused=True)
+    assert compiled_graphs() == before and torch._dynamo.config.recompile_limit > 0
     for a, b in zip(got, moment_sums(x, 2, fused=False)):
         assert torch.equal(a, b)
 
