@@ -517,6 +517,27 @@ def env(device, args) -> dict:
             "command": "PYTHONPATH=src python " + " ".join([sys.argv[0], *sys.argv[1:]])}
 
 
+def set_inductor(settings: list[str]) -> dict:
+    """Apply `--inductor KEY=VALUE` settings to torch._inductor.config; {key: value} as set. A key Inductor
+    does not have, or a value that is not a Python literal, stops the benchmark before it measures."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    out = {}
+    for item in settings:
+        key, eq, text = item.partition("=")
+        if not eq or not hasattr(inductor_config, key):
+            raise SystemExit(f"--inductor {item!r}: expected KEY=VALUE with KEY a torch._inductor.config setting")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--inductor {item!r}: VALUE must be a Python literal (True, 3, 'max-autotune')") from None
+        setattr(inductor_config, key, value)
+        out[key] = value
+    return out
+
+
 def matmul_ceiling(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -592,6 +613,8 @@ def render(R) -> str:
     out = [GENERATED, "", "## Measured", "",
            f"Card: **{E['card']}** · torch {E['torch']} · CUDA {E['cuda']} · transformers {E['transformers']} · "
            f"Python {E['python']} · {E['date']}", "", f"Command: `{E['command']}`", ""]
+    if E.get("inductor"):
+        out += ["Inductor settings: " + ", ".join(f"`{k} = {v!r}`" for k, v in E["inductor"].items()), ""]
     if E.get("matmul_tflops"):
         out += [f"MFU is against 989 TFLOP/s (H100/H200 SXM dense bf16). An 8192³ bf16 matmul ran at "
                 f"{E['matmul_tflops']:.0f} TFLOP/s on this card, {E['matmul_tflops'] / 989:.0%} of that peak.", ""]
@@ -714,13 +737,18 @@ def main(argv=None) -> None:
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compiled arms; the test suite's smoke run passes aot_eager, "
                          "which traces and differentiates the same graphs without Inductor's C++ build on the CPU")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (a Python literal) before anything compiles, to compare "
+                         "Inductor settings side by side, e.g. coordinate_descent_tuning=True; repeatable, recorded")
     ap.add_argument("--render", default="", help="only rebuild the Markdown from a --json file of an earlier run")
     args = ap.parse_args(argv)
     if args.render:
         write_report(Path(args.out or "BENCHMARKS.md"), render(json.loads(Path(args.render).read_text())))
         return
     sections = set(args.sections.split(","))
+    inductor = set_inductor(args.inductor)
     b = Bench(args)
+    b.R["env"]["inductor"] = inductor
     dev, R = b.device, b.R
     R["env"]["matmul_tflops"] = (matmul_ceiling(dev) or 0) / 1e12 or None
     seed, wide = (SMOKE, SMOKE_WIDE) if args.smoke else (SEED_22L, WIDE)

@@ -22,11 +22,12 @@ def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
     md.write_text("# kept\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--smoke", "--json", str(out),
-                          "--out", str(md), "--sections", "seed,opt,eager,probes", "--compile-backend", "aot_eager"],
+                          "--out", str(md), "--sections", "seed,opt,eager,probes", "--compile-backend", "aot_eager",
+                          "--inductor", "coordinate_descent_tuning=False"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     R = json.loads(out.read_text())
-    assert not R["skipped"]
+    assert not R["skipped"] and R["env"]["inductor"] == {"coordinate_descent_tuning": False}
     arms = {(r["impl"], r["mode"], r["optimizer"]) for r in R["train"]}
     for impl in ("rankprobe", "hf"):
         for mode in ("compile", "eager"):
@@ -59,3 +60,23 @@ def test_throughput_smoke_measures_its_sections_and_renders(tmp_path):
                                "--out", str(tmp_path / "again.md")], capture_output=True, text=True, env=env)
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     assert (tmp_path / "again.md").read_text().split("Command:")[1] == text.split("Command:")[1]
+
+
+def test_throughput_inductor_settings_are_applied_and_checked(monkeypatch):
+    """--inductor KEY=VALUE sets torch._inductor.config before anything compiles (to compare settings
+    side by side on a card); an unknown key or a value that is no literal stops it in one line."""
+    import runpy
+
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling modules, as when run as a script
+    set_inductor = runpy.run_path(str(ROOT / "benchmarks" / "throughput.py"), run_name="bench")["set_inductor"]
+    before = inductor_config.coordinate_descent_tuning
+    with inductor_config.patch(coordinate_descent_tuning=before):  # restored on exit
+        assert set_inductor([f"coordinate_descent_tuning={not before}"]) == {"coordinate_descent_tuning": not before}
+        assert inductor_config.coordinate_descent_tuning is (not before)
+    assert inductor_config.coordinate_descent_tuning is before
+    for bad, says in (("no_such_setting=1", "KEY a torch._inductor.config setting"),
+                      ("coordinate_descent_tuning", "KEY=VALUE"), ("coordinate_descent_tuning=yes please", "literal")):
+        with pytest.raises(SystemExit, match=says):
+            set_inductor([bad])
