@@ -93,6 +93,27 @@ def test_transformers_trainer_callback(tmp_path, background):
     _same([r for r in fixed.rows if r["step"] == 4], Monitor(model, weights=False).probe(probe_set))
 
 
+def _lightning_module(L, optimizer=torch.optim.SGD):
+    """A LightningModule around a 2-layer RankProbe model over 64 tokens (its `model` attribute)."""
+    from rankprobe.config import load
+    from rankprobe.model import Transformer
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = Transformer(load("demo", {"model.n_layer": "2", "model.d_model": "32", "model.n_head": "2",
+                                                   "model.head_dim": "16", "model.seq_len": "16",
+                                                   "model.vocab_size": "64"}).model)
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0], batch[0])
+
+        def configure_optimizers(self):
+            return optimizer(self.parameters(), lr=1e-2)
+
+    return Module()
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_lightning_callback(tmp_path, background):
     """Each measured step's scalars reach the logger at that step, also when its rows arrive a measurement
@@ -103,25 +124,10 @@ def test_lightning_callback(tmp_path, background):
     from rankprobe.monitor import flat_scalars
     from lightning.pytorch.loggers import CSVLogger
 
-    from rankprobe.config import load
     from rankprobe.integrations.lightning_callback import RankProbeCallback
-    from rankprobe.model import Transformer
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            cfg = load("demo", {"model.n_layer": "2", "model.d_model": "32", "model.n_head": "2",
-                                "model.head_dim": "16", "model.seq_len": "16", "model.vocab_size": "64"})
-            self.model = Transformer(cfg.model)
-
-        def training_step(self, batch, batch_idx):
-            return self.model(batch[0], batch[0])
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
     torch.manual_seed(0)
-    module = Module()
+    module = _lightning_module(L, torch.optim.AdamW)
     data = torch.randint(0, 64, (24, 16), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
     seen = _Batches(module.model)
@@ -172,10 +178,8 @@ def test_one_callback_measures_a_second_training_too(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     L = pytest.importorskip("lightning")
-    from rankprobe.config import load
     from rankprobe.integrations.hf_callback import RankProbeCallback as HFCallback
     from rankprobe.integrations.lightning_callback import RankProbeCallback as LightningCallback
-    from rankprobe.model import Transformer
 
     model = _tiny_llama(transformers)
     data = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
@@ -187,20 +191,7 @@ def test_one_callback_measures_a_second_training_too(tmp_path):
                              callbacks=[hf]).train()
     assert [r["step"] for r in hf.rows if r["kind"] == "attn" and r["layer"] == 0] == [0, 0]
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = Transformer(load("demo", {"model.n_layer": "2", "model.d_model": "32", "model.n_head": "2",
-                                                   "model.head_dim": "16", "model.seq_len": "16",
-                                                   "model.vocab_size": "64"}).model)
-
-        def training_step(self, batch, batch_idx):
-            return self.model(batch[0], batch[0])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=1e-2)
-
-    module, lit = Module(), LightningCallback(every=2, module="model", weights=False)
+    module, lit = _lightning_module(L), LightningCallback(every=2, module="model", weights=False)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
     for _ in range(2):
         L.Trainer(max_steps=1, accelerator="cpu", callbacks=[lit], enable_checkpointing=False, logger=False,
@@ -241,3 +232,26 @@ def test_monitor_rows_equal_rankprobe_probe_of_the_saved_checkpoint(tmp_path):
     assert len(ours) == len(probed)
     for a, b in zip(ours, probed):
         assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_lightning_rows_carry_tokens_per_step(tmp_path, background):
+    """With `tokens_per_step` a row of step s says s × tokens_per_step tokens (the tokens its weights were
+    trained on), also when its rows arrive a measurement later; the metrics.jsonl holds the same. A
+    count that is not a positive int is refused in one line."""
+    L = pytest.importorskip("lightning")
+    from rankprobe.errors import UserError
+    from rankprobe.integrations.lightning_callback import RankProbeCallback
+
+    data = torch.randint(0, 64, (20, 16), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+    callback = RankProbeCallback(every=2, module="model", weights=False, tokens_per_step=64, out=tmp_path / "rp",
+                                 background=background)
+    L.Trainer(max_steps=5, accelerator="cpu", callbacks=[callback], enable_checkpointing=False, logger=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(_lightning_module(L), loader)
+    assert sorted({(r["step"], r["tokens"]) for r in callback.rows}) == [(0, 0), (2, 128), (4, 256)]
+    written = [json.loads(x) for x in (tmp_path / "rp" / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert sorted({(r["step"], r["tokens"]) for r in written}) == [(0, 0), (2, 128), (4, 256)]
+    for bad in (0, -64, 64.0, True, "64"):
+        with pytest.raises(UserError, match="tokens_per_step must be a positive int"):
+            RankProbeCallback(tokens_per_step=bad)

@@ -10,6 +10,10 @@ scalars (`rankprobe/k_pr/L03`, …) go to the Trainer's loggers, each at the ste
 at: with the Monitor's `background` (the default on CUDA) a measurement's rows arrive at the next one,
 and the last ones at the end of training (`Monitor.flush`). With `out` the rows also go to
 out/metrics.jsonl and the Monitor's sinks (main process only).
+
+Lightning does not count tokens: give `tokens_per_step` (the tokens of one optimizer step over all
+ranks, accumulation included) and each row's `tokens` is `global_step × tokens_per_step`, the tokens
+its weights were trained on; without it `tokens` is null (docs/metrics.md, "Monitor folders").
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ from collections.abc import Callable
 
 import lightning as L
 
+from ..errors import UserError
 from ..monitor import Monitor, scalars_by_step
 
 
 class RankProbeCallback(L.Callback):
     """every, taps, attention, weights, out, sinks, …: as `Monitor`. `rows`: every row measured so far."""
 
-    def __init__(self, every: int = 100, module: str | Callable | None = None, **monitor_kwargs):
+    def __init__(self, every: int = 100, module: str | Callable | None = None, tokens_per_step: int | None = None,
+                 **monitor_kwargs):
+        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or not isinstance(tokens_per_step, int)
+                                            or tokens_per_step <= 0):
+            raise UserError(f"RankProbeCallback: tokens_per_step must be a positive int, got {tokens_per_step!r}")
         self.every, self.module, self.kwargs = every, module, monitor_kwargs
+        self.tokens_per_step = tokens_per_step
         self.monitor: Monitor | None = None
         self.rows: list[dict] = []
         self._open_step: int | None = None
@@ -47,8 +57,8 @@ class RankProbeCallback(L.Callback):
         # under gradient accumulation the step closes on the batch that moved global_step on
         if self._open_step is None or trainer.global_step == self._open_step:
             return
-        self._open_step = None
-        self._log(trainer, self.monitor.finish())
+        step, self._open_step = self._open_step, None
+        self._log(trainer, self.monitor.finish(None if self.tokens_per_step is None else step * self.tokens_per_step))
 
     def _log(self, trainer, rows: list[dict]) -> None:
         """Keep `rows` and log their scalars at each row's own step (never the step they arrived at)."""
