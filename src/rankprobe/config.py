@@ -108,7 +108,7 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     corpus: str = "embedded"
-    """'embedded' (the shipped Austen + Melville corpus) or a path: .txt file, folder of .txt, .jsonl"""
+    """'embedded' (the shipped Austen + Melville corpus) or a path: a .txt or .jsonl file, or a folder (every .txt, .md and .jsonl under it)"""
     jsonl_field: str = "text"
     """field holding the text in JSONL records"""
     tokenizer: str = "bpe"
