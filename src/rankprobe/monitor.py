@@ -132,7 +132,7 @@ class Monitor:
                `patterns` (and `heads`); wrapped in DDP, FSDP2's fully_shard or torch.compile or not.
     patterns   `Patterns` for a model without a built-in adapter (module names; fused QKV allowed);
                with `heads`, `kv_heads` (default heads), `head_dim` (default: from the projection)
-               and `attention` (an AttentionSpec; default causal, scale 1/sqrt(head_dim)).
+               and `attention_spec` (an AttentionSpec; default causal, scale 1/sqrt(head_dim)).
     every      the cadence of `watch` / `start`: steps 0, every, 2·every, …
     taps       tap names to report ("proj", "norm", "rope"; default all). Attention uses rope.
     attention  the attention lens (entropy, max logit); weights: the weight spectra (rank 0's).
