@@ -50,6 +50,12 @@ def test_bad_config_values_are_one_line_and_create_nothing(tiny, tmp_path, capsy
     assert not (tmp_path / "new").exists()
 
 
+def test_an_empty_config_name_is_refused_not_read_as_the_defaults(tiny, tmp_path, capsys):
+    """`rankprobe train "$CONFIG"` with CONFIG unset: the defaults would train silently in its place."""
+    refused(capsys, ["train", "", "--out", str(tmp_path / "r"), *flags(tiny)], "the config is an empty string")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_toml_that_sets_a_table_to_a_number_cannot_take_an_override(tmp_path, capsys):
     toml = tmp_path / "bad.toml"
     toml.write_text("model = 5\n")

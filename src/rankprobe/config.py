@@ -456,6 +456,8 @@ def preset_names() -> list[str]:
 
 def read_toml(source: str) -> dict:
     """Read a preset name or a TOML path into nested data."""
+    if not source.strip():  # `rankprobe train "$CONFIG"` with CONFIG unset must not train the defaults
+        raise ConfigError(f"the config is an empty string; give a TOML file or a preset ({', '.join(preset_names())})")
     path = Path(source)
     if path.suffix != ".toml" and not path.exists():
         if source not in preset_names():
@@ -493,5 +495,5 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
 
 def load(source: str | None = None, overrides: dict[str, str] | None = None) -> Config:
     """A preset name or TOML file (None = defaults) plus dotted overrides -> validated Config."""
-    data = read_toml(source) if source else {}
+    data = read_toml(source) if source is not None else {}
     return from_dict(apply_overrides(data, overrides or {}))
