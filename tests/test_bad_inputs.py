@@ -48,6 +48,13 @@ def test_a_corpus_must_be_a_regular_file(tmp_path):
         sock.close()
 
 
+def test_an_empty_corpus_name_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("text that is no corpus of the user's choosing\n")
+    with pytest.raises(DataError, match="the corpus is an empty string"):
+        load_corpus("")
+
+
 def test_an_hf_config_too_big_for_memory_is_refused_before_it_is_built(tmp_path):
     pytest.importorskip("transformers")
     from rankprobe.probes.hf import hf_config
