@@ -30,6 +30,26 @@ class System:
 
 
 # ---------------------------------------------------------------------------------------------
+# 3. usage mistakes argparse catches
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "the following arguments are required: COMMAND"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+    (["train"], "the following arguments are required: CONFIG"),
+    (["sweep", "demo", "--workers", "x"], "argument --workers: invalid int value: 'x'"),
+    (["export", "runs", "--to", "xlsx"], "argument --to: invalid choice: 'xlsx'"),
+    (["train", "demo", "--resume", "--force"], "argument --force: not allowed with argument --resume"),
+], ids=["no-command", "unknown-command", "no-config", "bad-int", "bad-choice", "exclusive"])
+def test_a_usage_mistake_is_one_line_too(capsys, argv, needle):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("rankprobe: error: ") and needle in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. inputs that never end
 
 

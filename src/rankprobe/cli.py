@@ -65,9 +65,17 @@ def _parallel_options(parser: argparse.ArgumentParser, what: str) -> None:
                              "(default: 1); their set-up, compiling and probes then overlap the others' training")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `rankprobe: error:` line (exit 2) like every other bad input,
+    not the usage block followed by a second line. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"rankprobe: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     presets = ", ".join(preset_names())
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rankprobe", allow_abbrev=False,
         description="Train LLaMA-style decoders under optimizer × QK-Norm arms and probe the rank of attention keys.",
     )
