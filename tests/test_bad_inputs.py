@@ -119,6 +119,19 @@ def test_a_json_line_nested_too_deep_is_a_bad_row_not_a_crash(finished, copy_of,
     refused(capsys, ["report", str(run)], "line 2: corrupt metrics row")
 
 
+@pytest.mark.parametrize("text", ["", "\x00\x00\x00", "precious notes, no metrics\n"], ids=["empty", "torn", "not-json"])
+def test_a_report_with_no_readable_run_is_the_error_alone(tmp_path, capsys, text):
+    """A warning per file (no run row, a torn last line) before the error would print three lines, not one."""
+    (tmp_path / METRICS).write_text(text)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        refused(capsys, ["report", str(tmp_path)], "no readable runs under")
+    assert not said, [str(w.message) for w in said]
+    assert sorted(os.listdir(tmp_path)) == [METRICS]
+
+
 def test_a_report_that_cannot_be_written_is_one_line(finished, copy_of, capsys):
     run = copy_of(finished)
     (run / "report.md").mkdir()  # as root, a read-only folder is still writable: a folder in the way fails the same
