@@ -280,6 +280,16 @@ def test_a_scan_over_the_corpus_reads_each_value_and_stays_in_its_folder(tiny, t
     assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("command", [["sweep", "demo"], ["scan", "demo", "--param", "optim.lr", "--values", "1e-3"]])
+def test_a_sweep_into_the_folder_of_a_single_run_is_refused_before_training(tiny, finished, copy_of, capsys, command):
+    """Else its arms train inside the other run's folder (for hours, at full size) and the report then
+    refuses the two runs of one arm."""
+    run = copy_of(finished)
+    before = sorted(os.listdir(run))
+    refused(capsys, [*command, "--out", str(run), *flags(tiny)], "holds a single run (metrics.jsonl)")
+    assert sorted(os.listdir(run)) == before
+
+
 def test_a_grid_whose_runs_would_share_a_folder_is_refused(tiny, tmp_path):
     from rankprobe.sweep import run_scan
 
