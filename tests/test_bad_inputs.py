@@ -174,13 +174,21 @@ def _pickle_only(p):
     torch.save({"x": System()}, p / "pytorch_model.bin")  # and an unsafe one at that
 
 
+def _config_says(**change):
+    def damage(p):
+        (p / "config.json").write_text(json.dumps({**json.loads((p / "config.json").read_text()), **change}))
+    return damage
+
+
 @pytest.mark.parametrize("damage, needle", [
     (_unknown_with_auto_map, "model_type 'evil' is not supported"),
+    (_config_says(num_hidden_layers=2), "lack 9 tensor(s) of the model its config.json describes"),  # not random ones
+    (_config_says(num_hidden_layers=0), "describes a model of no layers"),
     (lambda p: (p / "config.json").write_text("[1, 2]"), "config.json is not a Hugging Face model config (a list"),
     (lambda p: (p / "model.safetensors").unlink(), "no weights"),
     (_truncated, "cannot load the model in"),
     (_pickle_only, "pytorch_model.bin"),
-], ids=["auto-map", "list", "no-weights", "truncated", "pickle"])
+], ids=["auto-map", "more-layers", "no-layers", "list", "no-weights", "truncated", "pickle"])
 def test_probe_maps_every_loading_failure_to_one_line(hf_llama, tmp_path, capsys, damage, needle):
     model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
     damage(model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -28,6 +29,7 @@ from .families import FAMILIES, SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
 from .series import Checkpoint, find_checkpoints, sha256_files, weight_files
 
+log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -45,19 +47,29 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    quiet = hf_logging.is_progress_bar_enabled()
+    quiet, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     if quiet:  # one bar of our own over the probe, not one per checkpoint's shards
         hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its table of missing and unexpected tensors: said below in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, config=config)
+        model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, config=config,
+                                                           output_loading_info=True)
     except Exception as e:  # transformers, safetensors and the unpickler each raise their own types
         names = ", ".join(f.name for f in files[:3])
         pickled = " (pickle weights are read with weights_only: save them as safetensors)" \
             if all(f.suffix == ".bin" for f in files) else ""
         raise DataError(f"cannot load the model in {path} from {names}: {_one_line(e)}{pickled}") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if quiet:
             hf_logging.enable_progress_bar()
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:  # transformers fills them at random: the probe would measure an untrained model as this one
+        raise DataError(f"the weights in {path} lack {len(missing)} tensor(s) of the model its config.json "
+                        f"describes ({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''})")
+    if unexpected:
+        log.warning("%s: %d tensor(s) of the weights are not in the model its config.json describes, and are "
+                    "ignored (%s%s)", path, len(unexpected), ", ".join(unexpected[:2]), ", ..." if len(unexpected) > 2 else "")
     return model.to(device).eval()
 
 
@@ -100,6 +112,8 @@ def _check_size(path: Path, c) -> None:
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
     L, d = number("num_hidden_layers", "n_layer", "num_layers"), number("hidden_size", "n_embd", "d_model")
+    if L == 0:
+        raise DataError(f"{path}/config.json describes a model of no layers (num_hidden_layers 0): nothing to probe")
     if L is None or d is None:
         return
     ff, vocab = number("intermediate_size", "n_inner", "ffn_hidden_size") or 4 * d, number("vocab_size") or 0
