@@ -184,11 +184,12 @@ def _config_says(**change):
     (_unknown_with_auto_map, "model_type 'evil' is not supported"),
     (_config_says(num_hidden_layers=2), "lack 9 tensor(s) of the model its config.json describes"),  # not random ones
     (_config_says(num_hidden_layers=0), "describes a model of no layers"),
+    (_config_says(rms_norm_eps=float("nan")), "every key statistic is NaN or infinite"),  # not rows of nulls
     (lambda p: (p / "config.json").write_text("[1, 2]"), "config.json is not a Hugging Face model config (a list"),
     (lambda p: (p / "model.safetensors").unlink(), "no weights"),
     (_truncated, "cannot load the model in"),
     (_pickle_only, "pytorch_model.bin"),
-], ids=["auto-map", "more-layers", "no-layers", "list", "no-weights", "truncated", "pickle"])
+], ids=["auto-map", "more-layers", "no-layers", "nan-activations", "list", "no-weights", "truncated", "pickle"])
 def test_probe_maps_every_loading_failure_to_one_line(hf_llama, tmp_path, capsys, damage, needle):
     model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
     damage(model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict
@@ -266,6 +267,10 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
         elif not run_folder and hf_model_config(model) != cfg["model"]:
             raise DataError(f"{ckpt.path} is another model than {checkpoints[0].path}: a series is one model")
         probe_rows, attn_rows = probe_lenses(model, tokens, batch_size, progress=bar.update)
+        finite = [r.get("pr") is not None and math.isfinite(r["pr"]) for r in probe_rows]
+        if probe_rows and not any(finite):  # else rows of nulls, and exit 0
+            raise DataError(f"{ckpt.path}: every key statistic is NaN or infinite: the model's activations are not "
+                            "finite" + (" (try --dtype fp32)" if dtype != "fp32" else " (check its config.json)"))
         at = {"step": ckpt.step, "tokens": ckpt.tokens}
         rows += [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
         rows += [("weights", at | r) for r in weight_lenses(model)]
