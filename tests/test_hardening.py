@@ -266,3 +266,44 @@ def test_the_digest_sees_values_dtypes_shapes_and_order_but_not_itself():
     for other in ({"a": torch.zeros(2), "n": 1}, {"a": torch.ones(2).half(), "n": 1}, {"a": torch.ones(1, 2), "n": 1},
                   {"n": 1, "a": torch.ones(2)}, {"a": torch.ones(2), "n": 1.0}):
         assert digest(other) != digest(base), other
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the Python API: Monitor's arguments
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from rankprobe.model import Transformer
+
+    return Transformer(load("demo", {"model.n_layer": "1", "model.d_model": "32", "model.n_head": "2",
+                                     "model.head_dim": "16", "model.seq_len": "16", "model.vocab_size": "300"}).model)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"every": float("nan")}, "the cadence must be a whole number"),  # never due: nothing measured
+    ({"every": 1.5}, "the cadence must be a whole number"),
+    ({"every": "10"}, "the cadence must be a whole number"),  # was a TypeError
+    ({"batch_size": 0}, "sequences per forward"),
+    ({"taps": ["nrom"]}, "unknown tap(s) nrom"),  # a misspelt tap measured nothing
+    ({"taps": 5}, "a list of tap names"),
+    ({"heads": 3}, "do not split into 3 heads"),  # 32 features: heads of 10 would misread every head
+    ({"heads": 0}, "a number of heads, 1 or more"),  # was a ZeroDivisionError
+], ids=["every-nan", "every-float", "every-str", "batch-0", "tap-misspelt", "taps-int", "heads-3", "heads-0"])
+def test_bad_monitor_arguments_are_a_user_error(tiny_model, kwargs, needle):
+    from rankprobe import Monitor, Patterns
+    from rankprobe.errors import UserError
+
+    if "heads" in kwargs:
+        kwargs = {**kwargs, "patterns": Patterns(layers="blocks.*.attn", q="wq", k="wk", v="wv", o="wo")}
+    with pytest.raises(UserError) as e:
+        Monitor(tiny_model, **kwargs)
+    assert needle in str(e.value)
+
+
+def test_one_tap_may_be_named_as_a_string(tiny_model):
+    from rankprobe import Monitor
+
+    tokens = torch.randint(0, 300, (2, 16))
+    rows = Monitor(tiny_model, taps="norm", weights=False).probe(tokens)  # not the letters n, o, r, m
+    assert {r["tap"] for r in rows if r["kind"] == "probe"} == {"norm"}
