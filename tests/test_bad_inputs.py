@@ -299,6 +299,14 @@ def test_a_sweep_into_the_folder_of_a_single_run_is_refused_before_training(tiny
     assert sorted(os.listdir(run)) == before
 
 
+@pytest.mark.parametrize("param", ["sweep.seeds", "name", "arm"])
+def test_a_scan_over_a_setting_no_run_reads_is_refused(tiny, tmp_path, capsys, param):
+    """Scanning sweep.seeds trained the same seed-0 run twice: two "seeds" that agree exactly."""
+    refused(capsys, ["scan", "demo", "--param", param, "--values", "1,2", "--out", str(tmp_path / "scan"),
+                     *flags(tiny)], f"--param {param}: a single run does not read it")
+    assert not (tmp_path / "scan").exists()
+
+
 def test_a_grid_whose_runs_would_share_a_folder_is_refused(tiny, tmp_path):
     from rankprobe.sweep import run_scan
 

@@ -402,6 +402,9 @@ def scan_configs(cfg: Config, param: str, values: list[str]) -> list[Config]:
 
     if not values:
         raise UserError("scan needs at least one value (--values 1e-3,3e-3,1e-2)")
+    if param in ("name", "arm", "out") or param.startswith("sweep."):  # identical runs, read as an effect of none
+        raise ConfigError(f"--param {param}: a single run does not read it, so every run of the scan would be the "
+                          "same (scan train.seed for seeds)")
     out = []
     for value in values:
         data = apply_overrides(to_dict(cfg), {param: value})
