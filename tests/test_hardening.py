@@ -307,3 +307,17 @@ def test_one_tap_may_be_named_as_a_string(tiny_model):
     tokens = torch.randint(0, 300, (2, 16))
     rows = Monitor(tiny_model, taps="norm", weights=False).probe(tokens)  # not the letters n, o, r, m
     assert {r["tap"] for r in rows if r["kind"] == "probe"} == {"norm"}
+
+
+def test_a_monitor_never_writes_into_a_run_it_did_not_write(tiny_model, finished, copy_of):
+    """Its rows were appended after the run's `end` and read as that run's (a second run row is ignored)."""
+    from rankprobe import Monitor
+
+    run = copy_of(finished)
+    before = files(run)
+    with pytest.raises(FolderError, match="holds a run a Monitor did not write"):
+        Monitor(tiny_model, out=run)
+    assert files(run) == before
+    mine = run.parent / "mine"
+    Monitor(tiny_model, out=mine).close()
+    Monitor(tiny_model, out=mine).close()  # a Monitor's own file goes on, as a resumed loop's does

@@ -36,11 +36,12 @@ import torch
 from .config import UserError
 from .deferred import Deferred
 from .dist import Dist, reduce_probe_stats, shard_rows
+from .errors import FolderError
 from .probes.adapters import TAPS, AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
 from .probes.capture import Key, adapter_for, covariance_sink
 from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows_start, weight_lenses_start
 from .probes.spectra import CovStats
-from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable
+from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, header, run_rows
 from .sinks import open_sinks, scalars
 
 __all__ = ["Monitor", "Patterns", "AttentionSpec", "unwrap", "current_dist", "flat_scalars", "scalars_by_step"]
@@ -230,6 +231,11 @@ class Monitor:
         if not self.dist.is_main:
             return NullWriter()
         folder = Path(out)
+        rows = run_rows(folder)
+        if rows and ((header(rows) or {}).get("source") or {}).get("kind") != "monitor":
+            # a trained or probed run's file: this model's rows would read as that run's, after its end
+            raise FolderError(f"Monitor(out={str(folder)!r}): the folder holds a run a Monitor did not write "
+                              f"({METRICS}); give out= a folder of its own")
         ensure_writable(folder)
         run = name or folder.name
         a = self.adapter
