@@ -49,6 +49,23 @@ def test_a_usage_mistake_is_one_line_too(capsys, argv, needle):
     assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("rankprobe: error: ") and needle in err[0], err
 
 
+def test_a_misspelt_option_is_named_not_the_value_after_it(tiny, tmp_path, capsys):
+    """`--resum` took the next flag as its value, and the error named the `1` after that."""
+    refused(capsys, ["train", "demo", "--out", str(tmp_path / "r"), "--resum", *flags(tiny)],
+            "unknown config key resum")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content", [b"\xaf\x00garbage", b"not json", b"[1]"], ids=["binary", "text", "list"])
+def test_the_internal_arm_command_refuses_a_file_that_is_no_config(tmp_path, capsys, monkeypatch, content):
+    import rankprobe.sweep
+
+    monkeypatch.setattr(rankprobe.sweep, "die_with_parent", lambda: None)  # not this test process
+    (tmp_path / "cfg.json").write_bytes(content)
+    refused(capsys, ["_arm", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "r")], "is not a resolved config")
+    assert not (tmp_path / "r").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. inputs that never end
 

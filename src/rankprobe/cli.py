@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .coerce import unknown_key
 from .config import all_keys, field_docs, load, preset_names
 from .errors import ConfigError, UserError
 from .runfolder import EXIT_DIVERGED
@@ -36,6 +37,8 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r} (overrides look like --model.n_layer 22)")
         key, eq, value = arg[2:].partition("=")
+        if key not in all_keys():  # now, before a misspelt option (--resum) takes the next flag as its value
+            raise unknown_key(key, all_keys())
         if not eq:
             if i + 1 >= len(args):
                 raise ConfigError(f"override --{key} needs a value")
@@ -203,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import die_with_parent
 
             die_with_parent()
-            text = sys.stdin.read() if args.config == "-" else Path(args.config).read_text()
-            return _train(from_dict(json.loads(text)), args)
+            try:
+                data = json.loads(sys.stdin.read() if args.config == "-" else Path(args.config).read_text())
+            except ValueError as e:  # UnicodeDecodeError too: the sweep writes JSON, not whatever was given
+                raise ConfigError(f"_arm: {args.config} is not a resolved config in JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"_arm: {args.config} is not a resolved config (a JSON table)")
+            return _train(from_dict(data), args)
         overrides = parse_overrides(rest)
         if args.command == "scan":
             return _scan(load(args.config, overrides), args)
