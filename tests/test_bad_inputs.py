@@ -92,6 +92,17 @@ def test_an_empty_corpus_name_is_refused_not_read_as_the_current_folder(tmp_path
         load_corpus("")
 
 
+def test_a_config_must_be_a_regular_file(tmp_path, capsys):
+    """A FIFO blocked `rankprobe train` for ever; /dev/zero filled the memory, then read as out of memory."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", tmp_path):
+        t0 = time.monotonic()
+        refused(capsys, ["train", str(path), "--out", str(tmp_path / "r")], "is not a TOML file")
+        assert time.monotonic() - t0 < 5
+    assert not (tmp_path / "r").exists()
+
+
 def test_an_hf_config_too_big_for_memory_is_refused_before_it_is_built(tmp_path):
     pytest.importorskip("transformers")
     from rankprobe.probes.hf import hf_config

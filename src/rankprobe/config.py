@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import stat
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -454,6 +455,9 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # far above any config; a bound on what a path that is no config can make us read
+
+
 def read_toml(source: str) -> dict:
     """Read a preset name or a TOML path into nested data."""
     if not source.strip():  # `rankprobe train "$CONFIG"` with CONFIG unset must not train the defaults
@@ -465,9 +469,16 @@ def read_toml(source: str) -> dict:
         text = (resources.files("rankprobe") / "presets" / f"{source}.toml").read_text()
     else:
         try:
-            text = path.read_text(encoding="utf-8")
+            st = path.stat()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {source}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {source}: {e}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:  # a FIFO blocks, /dev/zero fills memory
+            raise ConfigError(f"config file {source} is not a TOML file (a folder, pipe, device or over "
+                              f"{MAX_CONFIG_BYTES // 2**20} MiB)")
+        try:
+            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config file {source}: {e}") from None
     try:
