@@ -103,6 +103,22 @@ def test_a_config_must_be_a_regular_file(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_tokenizer_file_and_a_metrics_file_must_be_regular_files(tmp_path):
+    """A FIFO blocked training (data.tokenizer) or `rankprobe report` (a metrics.jsonl) for ever."""
+    from rankprobe.data.tokenizer import load_tiktoken
+    from rankprobe.runfolder import read_rows
+
+    fifo = tmp_path / METRICS
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(DataError, match="is not a .tiktoken file"):
+            load_tiktoken(path)
+    with pytest.raises(UserError, match="is not a regular file"):
+        read_rows(fifo)
+    assert time.monotonic() - t0 < 5
+
+
 def test_an_hf_config_too_big_for_memory_is_refused_before_it_is_built(tmp_path):
     pytest.importorskip("transformers")
     from rankprobe.probes.hf import hf_config
