@@ -104,8 +104,10 @@ def test_a_config_must_be_a_regular_file(tmp_path, capsys):
 
 
 def test_a_tokenizer_file_and_a_metrics_file_must_be_regular_files(tmp_path):
-    """A FIFO blocked training (data.tokenizer) or `rankprobe report` (a metrics.jsonl) for ever."""
+    """A FIFO blocked training (data.tokenizer), `rankprobe report` (a metrics.jsonl) or `rankprobe probe`
+    (a run folder's config.json) for ever."""
     from rankprobe.data.tokenizer import load_tiktoken
+    from rankprobe.probes.hf import probe_checkpoint
     from rankprobe.runfolder import read_rows
 
     fifo = tmp_path / METRICS
@@ -116,7 +118,10 @@ def test_a_tokenizer_file_and_a_metrics_file_must_be_regular_files(tmp_path):
             load_tiktoken(path)
     with pytest.raises(UserError, match="is not a regular file"):
         read_rows(fifo)
-    assert time.monotonic() - t0 < 5
+    os.mkfifo(tmp_path / "config.json")  # a run folder's, for `rankprobe probe`
+    with pytest.raises(DataError, match="is not a Hugging Face model folder"):
+        probe_checkpoint([str(tmp_path)], tmp_path / "out")
+    assert time.monotonic() - t0 < 5 and not (tmp_path / "out").exists()
 
 
 def test_an_hf_config_too_big_for_memory_is_refused_before_it_is_built(tmp_path):

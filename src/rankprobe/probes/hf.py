@@ -173,6 +173,8 @@ def run_config(run_dir: Path) -> dict:
 
 def is_run_folder(path: str | Path) -> bool:
     """True for a RankProbe run folder (its config.json has a `model` table), False for HF folders."""
+    if not (Path(path) / "config.json").is_file():  # a FIFO under the name would block the read for ever
+        return False
     try:
         cfg = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError, RecursionError):
