@@ -349,3 +349,18 @@ def test_a_monitor_never_writes_into_a_run_it_did_not_write(tiny_model, finished
     mine = run.parent / "mine"
     Monitor(tiny_model, out=mine).close()
     Monitor(tiny_model, out=mine).close()  # a Monitor's own file goes on, as a resumed loop's does
+
+
+@pytest.mark.parametrize("tokens, needle", [
+    (torch.zeros(0, 16, dtype=torch.long), "a non-empty (N, T) tensor"),  # measured nothing, said nowhere
+    (torch.randint(0, 300, (16,)), "a non-empty (N, T) tensor"),
+    (torch.rand(2, 16), "a non-empty (N, T) tensor"),
+    (torch.full((2, 16), 300), "ids must lie in [0, 300)"),  # a device-side assert on CUDA
+], ids=["empty", "1-d", "float", "past-vocab"])
+def test_monitor_probe_tokens_are_checked(tiny_model, tokens, needle):
+    from rankprobe import Monitor
+    from rankprobe.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        Monitor(tiny_model, weights=False).probe(tokens)
+    assert needle in str(e.value)

@@ -141,6 +141,20 @@ def _count(n) -> bool:
     return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
 
 
+def _check_tokens(tokens, model) -> None:
+    """Probe tokens are a non-empty (N, T) integer tensor of ids the model embeds: an empty one measured
+    nothing and said so nowhere, an id past the vocabulary is a device-side assert on CUDA."""
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.numel() == 0 \
+            or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        what = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise UserError(f"Monitor.probe(tokens): a non-empty (N, T) tensor of integer token ids; got {what}")
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else getattr(model, "tok_emb", None)
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise UserError(f"Monitor.probe(tokens): ids must lie in [0, {vocab}), the model's vocabulary; got "
+                        f"{int(tokens.min())}..{int(tokens.max())}")
+
+
 def _check_arguments(every, taps, batch_size) -> set[str] | None:
     """Monitor's cadence, taps and batch size, refused in one line (a NaN `every` was never due, a tap
     name misspelt or a string's letters matched no row: each measured nothing, silently); the taps as a set."""
@@ -275,6 +289,8 @@ class Monitor:
         run here (collectives included); the returned function decomposes them on the CPU, on any thread."""
         if self._eager:  # the open step's hooks would add this pass to that step's statistics
             raise RuntimeError(f"Monitor.probe while step {self._step} is still open; call finish first")
+        if not sharded:  # the user's tokens (the trainer's are its own probe set, sharded already)
+            _check_tokens(tokens, self.adapter.model)
         shard = tokens if sharded else shard_rows(self.dist, tokens, "the probe tokens")
         if self.dist.active and not sharded and _fsdp_sharded(self.adapter.model):
             _same_forward_count(self.dist, tokens.size(0), self.batch_size)
