@@ -235,6 +235,20 @@ def test_resume_never_cuts_back_a_metrics_file_that_is_a_link(tiny, cutoff, copy
     assert elsewhere.read_bytes() == before
 
 
+def test_export_keeps_a_run_name_from_a_metrics_file_inside_its_folder(finished, copy_of, tmp_path):
+    """A metrics file is input (a published run, an edited one): its run name made a TensorBoard path."""
+    pytest.importorskip("tensorboard")
+    run = copy_of(finished)
+    lines = (run / METRICS).read_text().splitlines()
+    row = json.loads(lines[0])
+    row["run"] = "../../escaped"
+    lines[0] = json.dumps(row)
+    (run / METRICS).write_text("\n".join(lines) + "\n")
+    assert main(["export", str(run), "--to", "tensorboard", "--out", str(tmp_path / "out" / "inner")]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["inner"]
+    assert os.listdir(tmp_path / "out" / "inner" / "tensorboard") == ["%2E.%2F..%2Fescaped"]
+
+
 def test_run_names_built_from_values_stay_one_folder(tiny):
     cfg = load("demo", tiny)
     names = [c.name for c in scan_configs(cfg, "data.corpus", ["../../x", "/etc/passwd", "a\\b"])]

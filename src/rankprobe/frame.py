@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from .config import UserError
-from .runfolder import METRICS_NAMES, read_rows
+from .runfolder import METRICS_NAMES, read_rows, safe_name
 from .sinks import LONG_COLUMNS, TensorBoardSink, long_records
 
 FORMATS = ("csv", "parquet", "tensorboard")
@@ -104,7 +104,7 @@ def export(folder: str | Path, to: str, out: str | Path | None = None) -> Path:
         for path in files:
             rows = read_rows(path)
             name = rows[0].get("run") if rows and rows[0].get("kind") == "run" else path.parent.name
-            sink = TensorBoardSink(target / str(name))
+            sink = TensorBoardSink(target / (safe_name(str(name)) or "run"))  # a name from a file: '../x' stays inside
             for row in rows:
                 sink(row.get("kind", ""), row)
             sink.close()
