@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import flags, refused
+from conftest import files, flags, refused
 from rankprobe.cli import main
 from rankprobe.config import load
 from rankprobe.data.corpus import load_corpus
@@ -249,6 +249,16 @@ def test_probe_maps_every_loading_failure_to_one_line(hf_llama, tmp_path, capsys
 
 def test_the_undamaged_model_probes(hf_llama, tmp_path):  # so the refusals above are the damage's doing
     assert main(["probe", str(hf_llama), "--out", str(tmp_path / "out"), "--seq-len", "16", "--tokens", "64"]) == 0
+
+
+def test_probe_into_the_model_folder_itself_never_overwrites_its_config(hf_llama, tmp_path, capsys):
+    """`--out MODEL` wrote RankProbe's config.json over the model's own, exit 0: the model was gone."""
+    model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
+    before = files(model)
+    for force in ([], ["--force"]):
+        refused(capsys, ["probe", str(model), "--out", str(model), "--seq-len", "16", "--tokens", "64", *force],
+                "holds config.json but no RankProbe run")
+    assert files(model) == before
 
 
 def _tokenizer_of_unknown_type(p):

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
-from ..runfolder import MetricsWriter, RunHeader, ensure_writable, first_missing, remove_unused, write_json
+from ..errors import FolderError
+from ..runfolder import (MetricsWriter, RunHeader, ensure_writable, first_missing, is_run, remove_unused,
+                         write_json)
 from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
@@ -248,6 +250,10 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     out_dir = Path(out_dir)
     if (out_dir / "metrics.jsonl").exists() and not force:
         raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass --force to replace it")
+    mine = [n for n in ("config.json", "env.json") if (out_dir / n).exists()]
+    if mine and not is_run(out_dir):  # --out MODEL_FOLDER would overwrite the model's own config.json
+        raise FolderError(f"{out_dir} holds {', '.join(mine)} but no RankProbe run, and a probe writes files of those "
+                          "names; give --out a folder of its own")
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise DataError("tokens must be a non-empty (N, T) tensor of token ids")
     run_folder = is_run_folder(checkpoints[0].path)
