@@ -331,7 +331,9 @@ def tiny_model():
     ({"taps": 5}, "a list of tap names"),
     ({"heads": 3}, "do not split into 3 heads"),  # 32 features: heads of 10 would misread every head
     ({"heads": 0}, "a number of heads, 1 or more"),  # was a ZeroDivisionError
-], ids=["every-nan", "every-float", "every-str", "batch-0", "tap-misspelt", "taps-int", "heads-3", "heads-0"])
+    ({"sinks": ("tensorboard",)}, "needs out=FOLDER"),  # without out the sinks were dropped, silently
+], ids=["every-nan", "every-float", "every-str", "batch-0", "tap-misspelt", "taps-int", "heads-3", "heads-0",
+        "sinks-no-out"])
 def test_bad_monitor_arguments_are_a_user_error(tiny_model, kwargs, needle):
     from rankprobe import Monitor, Patterns
     from rankprobe.errors import UserError

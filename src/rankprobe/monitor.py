@@ -241,6 +241,9 @@ class Monitor:
 
     def _open(self, out, sinks, name, arm, seed):
         if out is None:
+            if sinks:  # they would be dropped unopened: no TensorBoard, no CSV, no callable ever called
+                raise UserError(f"Monitor(sinks={tuple(sinks)!r}) needs out=FOLDER: the rows reach sinks only "
+                                "when they are written there")
             return None
         if not self.dist.is_main:
             return NullWriter()
