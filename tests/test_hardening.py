@@ -249,6 +249,15 @@ def test_export_keeps_a_run_name_from_a_metrics_file_inside_its_folder(finished,
     assert os.listdir(tmp_path / "out" / "inner" / "tensorboard") == ["%2E.%2F..%2Fescaped"]
 
 
+@pytest.mark.parametrize("to", ["csv", "tensorboard"])
+def test_an_export_refused_for_a_corrupt_row_creates_no_folder(finished, copy_of, tmp_path, capsys, to):
+    run = copy_of(finished)
+    with open(run / METRICS, "a") as f:
+        f.write("garbage\n{}\n")  # a corrupt row that is not the last
+    refused(capsys, ["export", str(run), "--to", to, "--out", str(tmp_path / "out")], "corrupt metrics row")
+    assert not (tmp_path / "out").exists()
+
+
 def test_run_names_built_from_values_stay_one_folder(tiny):
     cfg = load("demo", tiny)
     names = [c.name for c in scan_configs(cfg, "data.corpus", ["../../x", "/etc/passwd", "a\\b"])]

@@ -98,11 +98,11 @@ def export(folder: str | Path, to: str, out: str | Path | None = None) -> Path:
         raise UserError(f"--to {to}: one of {', '.join(FORMATS)}")
     files = metrics_files(folder)  # refuse a wrong folder before creating anything
     out = Path(out or folder)
-    out.mkdir(parents=True, exist_ok=True)
     if to == "tensorboard":
+        runs = [(path, read_rows(path)) for path in files]  # a corrupt file refused before anything is written
+        out.mkdir(parents=True, exist_ok=True)
         target = out / "tensorboard"
-        for path in files:
-            rows = read_rows(path)
+        for path, rows in runs:
             name = rows[0].get("run") if rows and rows[0].get("kind") == "run" else path.parent.name
             sink = TensorBoardSink(target / (safe_name(str(name)) or "run"))  # a name from a file: '../x' stays inside
             for row in rows:
@@ -110,6 +110,7 @@ def export(folder: str | Path, to: str, out: str | Path | None = None) -> Path:
             sink.close()
         return target
     df = load(folder)
+    out.mkdir(parents=True, exist_ok=True)
     target = out / f"metrics.{to}"
     if to == "csv":
         df.to_csv(target, index=False)
