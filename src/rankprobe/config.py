@@ -470,15 +470,11 @@ def read_toml(source: str) -> dict:
     else:
         try:
             st = path.stat()
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:  # a FIFO blocks, /dev/zero fills memory
+                raise ConfigError(f"config file {source} is not a TOML file (a folder, pipe, device or over 16 MiB)")
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {source}") from None
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {source}: {e}") from None
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:  # a FIFO blocks, /dev/zero fills memory
-            raise ConfigError(f"config file {source} is not a TOML file (a folder, pipe, device or over "
-                              f"{MAX_CONFIG_BYTES // 2**20} MiB)")
-        try:
-            text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read config file {source}: {e}") from None
     try:

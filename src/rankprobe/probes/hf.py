@@ -71,8 +71,9 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
         raise DataError(f"the weights in {path} lack {len(missing)} tensor(s) of the model its config.json "
                         f"describes ({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''})")
     if unexpected:
+        more = ", ..." if len(unexpected) > 2 else ""
         log.warning("%s: %d tensor(s) of the weights are not in the model its config.json describes, and are "
-                    "ignored (%s%s)", path, len(unexpected), ", ".join(unexpected[:2]), ", ..." if len(unexpected) > 2 else "")
+                    "ignored (%s%s)", path, len(unexpected), ", ".join(unexpected[:2]), more)
     return model.to(device).eval()
 
 
