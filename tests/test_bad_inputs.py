@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import flags, refused
+from conftest import files, flags, refused
 from rankprobe.cli import main
 from rankprobe.config import load
 from rankprobe.data.corpus import load_corpus
@@ -27,6 +27,43 @@ class System:
 
     def __reduce__(self):
         return (os.system, ("true",))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. usage mistakes argparse catches
+
+
+@pytest.mark.parametrize("argv, needle", [
+    ([], "the following arguments are required: COMMAND"),
+    (["nonsense"], "invalid choice: 'nonsense'"),
+    (["train"], "the following arguments are required: CONFIG"),
+    (["sweep", "demo", "--workers", "x"], "argument --workers: invalid int value: 'x'"),
+    (["export", "runs", "--to", "xlsx"], "argument --to: invalid choice: 'xlsx'"),
+    (["train", "demo", "--resume", "--force"], "argument --force: not allowed with argument --resume"),
+], ids=["no-command", "unknown-command", "no-config", "bad-int", "bad-choice", "exclusive"])
+def test_a_usage_mistake_is_one_line_too(capsys, argv, needle):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("rankprobe: error: ") and needle in err[0], err
+
+
+def test_a_misspelt_option_is_named_not_the_value_after_it(tiny, tmp_path, capsys):
+    """`--resum` took the next flag as its value, and the error named the `1` after that."""
+    refused(capsys, ["train", "demo", "--out", str(tmp_path / "r"), "--resum", *flags(tiny)],
+            "unknown config key resum")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("content", [b"\xaf\x00garbage", b"not json", b"[1]"], ids=["binary", "text", "list"])
+def test_the_internal_arm_command_refuses_a_file_that_is_no_config(tmp_path, capsys, monkeypatch, content):
+    import rankprobe.sweep
+
+    monkeypatch.setattr(rankprobe.sweep, "die_with_parent", lambda: None)  # not this test process
+    (tmp_path / "cfg.json").write_bytes(content)
+    refused(capsys, ["_arm", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "r")], "is not a resolved config")
+    assert not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,6 +83,45 @@ def test_a_corpus_must_be_a_regular_file(tmp_path):
             assert time.monotonic() - t0 < 5
     finally:
         sock.close()
+
+
+def test_an_empty_corpus_name_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("text that is no corpus of the user's choosing\n")
+    with pytest.raises(DataError, match="the corpus is an empty string"):
+        load_corpus("")
+
+
+def test_a_config_must_be_a_regular_file(tmp_path, capsys):
+    """A FIFO blocked `rankprobe train` for ever; /dev/zero filled the memory, then read as out of memory."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", tmp_path):
+        t0 = time.monotonic()
+        refused(capsys, ["train", str(path), "--out", str(tmp_path / "r")], "is not a TOML file")
+        assert time.monotonic() - t0 < 5
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_tokenizer_file_and_a_metrics_file_must_be_regular_files(tmp_path):
+    """A FIFO blocked training (data.tokenizer), `rankprobe report` (a metrics.jsonl) or `rankprobe probe`
+    (a run folder's config.json) for ever."""
+    from rankprobe.data.tokenizer import load_tiktoken
+    from rankprobe.probes.hf import probe_checkpoint
+    from rankprobe.runfolder import read_rows
+
+    fifo = tmp_path / METRICS
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(DataError, match="is not a .tiktoken file"):
+            load_tiktoken(path)
+    with pytest.raises(UserError, match="is not a regular file"):
+        read_rows(fifo)
+    os.mkfifo(tmp_path / "config.json")  # a run folder's, for `rankprobe probe`
+    with pytest.raises(DataError, match="is not a Hugging Face model folder"):
+        probe_checkpoint([str(tmp_path)], tmp_path / "out")
+    assert time.monotonic() - t0 < 5 and not (tmp_path / "out").exists()
 
 
 def test_an_hf_config_too_big_for_memory_is_refused_before_it_is_built(tmp_path):
@@ -92,6 +168,19 @@ def test_a_json_line_nested_too_deep_is_a_bad_row_not_a_crash(finished, copy_of,
     refused(capsys, ["report", str(run)], "line 2: corrupt metrics row")
 
 
+@pytest.mark.parametrize("text", ["", "\x00\x00\x00", "precious notes, no metrics\n"], ids=["empty", "torn", "not-json"])
+def test_a_report_with_no_readable_run_is_the_error_alone(tmp_path, capsys, text):
+    """A warning per file (no run row, a torn last line) before the error would print three lines, not one."""
+    (tmp_path / METRICS).write_text(text)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        refused(capsys, ["report", str(tmp_path)], "no readable runs under")
+    assert not said, [str(w.message) for w in said]
+    assert sorted(os.listdir(tmp_path)) == [METRICS]
+
+
 def test_a_report_that_cannot_be_written_is_one_line(finished, copy_of, capsys):
     run = copy_of(finished)
     (run / "report.md").mkdir()  # as root, a read-only folder is still writable: a folder in the way fails the same
@@ -134,13 +223,22 @@ def _pickle_only(p):
     torch.save({"x": System()}, p / "pytorch_model.bin")  # and an unsafe one at that
 
 
+def _config_says(**change):
+    def damage(p):
+        (p / "config.json").write_text(json.dumps({**json.loads((p / "config.json").read_text()), **change}))
+    return damage
+
+
 @pytest.mark.parametrize("damage, needle", [
     (_unknown_with_auto_map, "model_type 'evil' is not supported"),
+    (_config_says(num_hidden_layers=2), "lack 9 tensor(s) of the model its config.json describes"),  # not random ones
+    (_config_says(num_hidden_layers=0), "describes a model of no layers"),
+    (_config_says(rms_norm_eps=float("nan")), "every key statistic is NaN or infinite"),  # not rows of nulls
     (lambda p: (p / "config.json").write_text("[1, 2]"), "config.json is not a Hugging Face model config (a list"),
     (lambda p: (p / "model.safetensors").unlink(), "no weights"),
     (_truncated, "cannot load the model in"),
     (_pickle_only, "pytorch_model.bin"),
-], ids=["auto-map", "list", "no-weights", "truncated", "pickle"])
+], ids=["auto-map", "more-layers", "no-layers", "nan-activations", "list", "no-weights", "truncated", "pickle"])
 def test_probe_maps_every_loading_failure_to_one_line(hf_llama, tmp_path, capsys, damage, needle):
     model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
     damage(model)
@@ -151,6 +249,16 @@ def test_probe_maps_every_loading_failure_to_one_line(hf_llama, tmp_path, capsys
 
 def test_the_undamaged_model_probes(hf_llama, tmp_path):  # so the refusals above are the damage's doing
     assert main(["probe", str(hf_llama), "--out", str(tmp_path / "out"), "--seq-len", "16", "--tokens", "64"]) == 0
+
+
+def test_probe_into_the_model_folder_itself_never_overwrites_its_config(hf_llama, tmp_path, capsys):
+    """`--out MODEL` wrote RankProbe's config.json over the model's own, exit 0: the model was gone."""
+    model = Path(shutil.copytree(hf_llama, tmp_path / "model"))
+    before = files(model)
+    for force in ([], ["--force"]):
+        refused(capsys, ["probe", str(model), "--out", str(model), "--seq-len", "16", "--tokens", "64", *force],
+                "holds config.json but no RankProbe run")
+    assert files(model) == before
 
 
 def _tokenizer_of_unknown_type(p):
@@ -238,6 +346,24 @@ def test_a_scan_over_the_corpus_reads_each_value_and_stays_in_its_folder(tiny, t
     refused(capsys, ["scan", "demo", "--param", "data.corpus", "--values", "../../x", "--out", str(scan),
                      *flags(tiny)], "corpus not found: ../../x")
     assert not (tmp_path / "deep").exists() and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", [["sweep", "demo"], ["scan", "demo", "--param", "optim.lr", "--values", "1e-3"]])
+def test_a_sweep_into_the_folder_of_a_single_run_is_refused_before_training(tiny, finished, copy_of, capsys, command):
+    """Else its arms train inside the other run's folder (for hours, at full size) and the report then
+    refuses the two runs of one arm."""
+    run = copy_of(finished)
+    before = sorted(os.listdir(run))
+    refused(capsys, [*command, "--out", str(run), *flags(tiny)], "holds a single run (metrics.jsonl)")
+    assert sorted(os.listdir(run)) == before
+
+
+@pytest.mark.parametrize("param", ["sweep.seeds", "name", "arm"])
+def test_a_scan_over_a_setting_no_run_reads_is_refused(tiny, tmp_path, capsys, param):
+    """Scanning sweep.seeds trained the same seed-0 run twice: two "seeds" that agree exactly."""
+    refused(capsys, ["scan", "demo", "--param", param, "--values", "1,2", "--out", str(tmp_path / "scan"),
+                     *flags(tiny)], f"--param {param}: a single run does not read it")
+    assert not (tmp_path / "scan").exists()
 
 
 def test_a_grid_whose_runs_would_share_a_folder_is_refused(tiny, tmp_path):

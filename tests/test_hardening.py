@@ -50,6 +50,12 @@ def test_bad_config_values_are_one_line_and_create_nothing(tiny, tmp_path, capsy
     assert not (tmp_path / "new").exists()
 
 
+def test_an_empty_config_name_is_refused_not_read_as_the_defaults(tiny, tmp_path, capsys):
+    """`rankprobe train "$CONFIG"` with CONFIG unset: the defaults would train silently in its place."""
+    refused(capsys, ["train", "", "--out", str(tmp_path / "r"), *flags(tiny)], "the config is an empty string")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_toml_that_sets_a_table_to_a_number_cannot_take_an_override(tmp_path, capsys):
     toml = tmp_path / "bad.toml"
     toml.write_text("model = 5\n")
@@ -159,6 +165,34 @@ def test_resuming_a_finished_run_under_other_settings_names_them(tiny, finished,
     assert files(run) == before
 
 
+def test_a_corpus_edited_since_the_checkpoint_is_never_resumed_on(tiny, tmp_path, capsys):
+    """The settings name the same path, so every config check passes: the run went on on other text (and a
+    tokenizer trained on it) under its old `run` row, and exited 0."""
+    from conftest import Crash
+    from rankprobe.data.corpus import load_corpus
+    from rankprobe.loop import Checkpointer
+    from rankprobe.train import train
+
+    corpus, text = tmp_path / "mine.txt", load_corpus("embedded").text
+    corpus.write_text(text[:30_000])
+    mine = {**tiny, "data.corpus": str(corpus), "data.cache_dir": str(tmp_path / "cache")}
+    run, save = tmp_path / "run", Checkpointer.save
+
+    def save_then_crash(self, step, *args):
+        save(self, step, *args)
+        if step > 0:
+            raise Crash
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Checkpointer, "save", save_then_crash)
+        with pytest.raises(Crash):
+            train(load("demo", mine), run)
+    corpus.write_text(text[50_000:80_000])
+    before = files(run)
+    refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags(mine)], "began on other data")
+    assert files(run) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. files: no link followed, no folder outside the one asked for, no user file overwritten
 
@@ -199,6 +233,29 @@ def test_resume_never_cuts_back_a_metrics_file_that_is_a_link(tiny, cutoff, copy
     before = elsewhere.read_bytes()
     refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags(tiny)], "is a link")
     assert elsewhere.read_bytes() == before
+
+
+def test_export_keeps_a_run_name_from_a_metrics_file_inside_its_folder(finished, copy_of, tmp_path):
+    """A metrics file is input (a published run, an edited one): its run name made a TensorBoard path."""
+    pytest.importorskip("tensorboard")
+    run = copy_of(finished)
+    lines = (run / METRICS).read_text().splitlines()
+    row = json.loads(lines[0])
+    row["run"] = "../../escaped"
+    lines[0] = json.dumps(row)
+    (run / METRICS).write_text("\n".join(lines) + "\n")
+    assert main(["export", str(run), "--to", "tensorboard", "--out", str(tmp_path / "out" / "inner")]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["inner"]
+    assert os.listdir(tmp_path / "out" / "inner" / "tensorboard") == ["%2E.%2F..%2Fescaped"]
+
+
+@pytest.mark.parametrize("to", ["csv", "tensorboard"])
+def test_an_export_refused_for_a_corrupt_row_creates_no_folder(finished, copy_of, tmp_path, capsys, to):
+    run = copy_of(finished)
+    with open(run / METRICS, "a") as f:
+        f.write("garbage\n{}\n")  # a corrupt row that is not the last
+    refused(capsys, ["export", str(run), "--to", to, "--out", str(tmp_path / "out")], "corrupt metrics row")
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_names_built_from_values_stay_one_folder(tiny):
@@ -260,3 +317,75 @@ def test_the_digest_sees_values_dtypes_shapes_and_order_but_not_itself():
     for other in ({"a": torch.zeros(2), "n": 1}, {"a": torch.ones(2).half(), "n": 1}, {"a": torch.ones(1, 2), "n": 1},
                   {"n": 1, "a": torch.ones(2)}, {"a": torch.ones(2), "n": 1.0}):
         assert digest(other) != digest(base), other
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the Python API: Monitor's arguments
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from rankprobe.model import Transformer
+
+    return Transformer(load("demo", {"model.n_layer": "1", "model.d_model": "32", "model.n_head": "2",
+                                     "model.head_dim": "16", "model.seq_len": "16", "model.vocab_size": "300"}).model)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"every": float("nan")}, "the cadence must be a whole number"),  # never due: nothing measured
+    ({"every": 1.5}, "the cadence must be a whole number"),
+    ({"every": "10"}, "the cadence must be a whole number"),  # was a TypeError
+    ({"batch_size": 0}, "sequences per forward"),
+    ({"taps": ["nrom"]}, "unknown tap(s) nrom"),  # a misspelt tap measured nothing
+    ({"taps": 5}, "a list of tap names"),
+    ({"heads": 3}, "do not split into 3 heads"),  # 32 features: heads of 10 would misread every head
+    ({"heads": 0}, "a number of heads, 1 or more"),  # was a ZeroDivisionError
+    ({"sinks": ("tensorboard",)}, "needs out=FOLDER"),  # without out the sinks were dropped, silently
+], ids=["every-nan", "every-float", "every-str", "batch-0", "tap-misspelt", "taps-int", "heads-3", "heads-0",
+        "sinks-no-out"])
+def test_bad_monitor_arguments_are_a_user_error(tiny_model, kwargs, needle):
+    from rankprobe import Monitor, Patterns
+    from rankprobe.errors import UserError
+
+    if "heads" in kwargs:
+        kwargs = {**kwargs, "patterns": Patterns(layers="blocks.*.attn", q="wq", k="wk", v="wv", o="wo")}
+    with pytest.raises(UserError) as e:
+        Monitor(tiny_model, **kwargs)
+    assert needle in str(e.value)
+
+
+def test_one_tap_may_be_named_as_a_string(tiny_model):
+    from rankprobe import Monitor
+
+    tokens = torch.randint(0, 300, (2, 16))
+    rows = Monitor(tiny_model, taps="norm", weights=False).probe(tokens)  # not the letters n, o, r, m
+    assert {r["tap"] for r in rows if r["kind"] == "probe"} == {"norm"}
+
+
+def test_a_monitor_never_writes_into_a_run_it_did_not_write(tiny_model, finished, copy_of):
+    """Its rows were appended after the run's `end` and read as that run's (a second run row is ignored)."""
+    from rankprobe import Monitor
+
+    run = copy_of(finished)
+    before = files(run)
+    with pytest.raises(FolderError, match="holds a run a Monitor did not write"):
+        Monitor(tiny_model, out=run)
+    assert files(run) == before
+    mine = run.parent / "mine"
+    Monitor(tiny_model, out=mine).close()
+    Monitor(tiny_model, out=mine).close()  # a Monitor's own file goes on, as a resumed loop's does
+
+
+@pytest.mark.parametrize("tokens, needle", [
+    (torch.zeros(0, 16, dtype=torch.long), "a non-empty (N, T) tensor"),  # measured nothing, said nowhere
+    (torch.randint(0, 300, (16,)), "a non-empty (N, T) tensor"),
+    (torch.rand(2, 16), "a non-empty (N, T) tensor"),
+    (torch.full((2, 16), 300), "ids must lie in [0, 300)"),  # a device-side assert on CUDA
+], ids=["empty", "1-d", "float", "past-vocab"])
+def test_monitor_probe_tokens_are_checked(tiny_model, tokens, needle):
+    from rankprobe import Monitor
+    from rankprobe.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        Monitor(tiny_model, weights=False).probe(tokens)
+    assert needle in str(e.value)

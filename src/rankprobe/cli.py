@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .coerce import unknown_key
 from .config import all_keys, field_docs, load, preset_names
 from .errors import ConfigError, UserError
 from .runfolder import EXIT_DIVERGED
@@ -36,6 +37,8 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r} (overrides look like --model.n_layer 22)")
         key, eq, value = arg[2:].partition("=")
+        if key not in all_keys():  # now, before a misspelt option (--resum) takes the next flag as its value
+            raise unknown_key(key, all_keys())
         if not eq:
             if i + 1 >= len(args):
                 raise ConfigError(f"override --{key} needs a value")
@@ -65,9 +68,17 @@ def _parallel_options(parser: argparse.ArgumentParser, what: str) -> None:
                              "(default: 1); their set-up, compiling and probes then overlap the others' training")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one `rankprobe: error:` line (exit 2) like every other bad input,
+    not the usage block followed by a second line. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"rankprobe: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     presets = ", ".join(preset_names())
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rankprobe", allow_abbrev=False,
         description="Train LLaMA-style decoders under optimizer × QK-Norm arms and probe the rank of attention keys.",
     )
@@ -195,8 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import die_with_parent
 
             die_with_parent()
-            text = sys.stdin.read() if args.config == "-" else Path(args.config).read_text()
-            return _train(from_dict(json.loads(text)), args)
+            try:
+                data = json.loads(sys.stdin.read() if args.config == "-" else Path(args.config).read_text())
+            except ValueError as e:  # UnicodeDecodeError too: the sweep writes JSON, not whatever was given
+                raise ConfigError(f"_arm: {args.config} is not a resolved config in JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"_arm: {args.config} is not a resolved config (a JSON table)")
+            return _train(from_dict(data), args)
         overrides = parse_overrides(rest)
         if args.command == "scan":
             return _scan(load(args.config, overrides), args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import stat
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -454,8 +455,13 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".toml"))
 
 
+MAX_CONFIG_BYTES = 16 * 2**20  # far above any config; a bound on what a path that is no config can make us read
+
+
 def read_toml(source: str) -> dict:
     """Read a preset name or a TOML path into nested data."""
+    if not source.strip():  # `rankprobe train "$CONFIG"` with CONFIG unset must not train the defaults
+        raise ConfigError(f"the config is an empty string; give a TOML file or a preset ({', '.join(preset_names())})")
     path = Path(source)
     if path.suffix != ".toml" and not path.exists():
         if source not in preset_names():
@@ -463,6 +469,9 @@ def read_toml(source: str) -> dict:
         text = (resources.files("rankprobe") / "presets" / f"{source}.toml").read_text()
     else:
         try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:  # a FIFO blocks, /dev/zero fills memory
+                raise ConfigError(f"config file {source} is not a TOML file (a folder, pipe, device or over 16 MiB)")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {source}") from None
@@ -493,5 +502,5 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
 
 def load(source: str | None = None, overrides: dict[str, str] | None = None) -> Config:
     """A preset name or TOML file (None = defaults) plus dotted overrides -> validated Config."""
-    data = read_toml(source) if source else {}
+    data = read_toml(source) if source is not None else {}
     return from_dict(apply_overrides(data, overrides or {}))

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from .config import UserError
-from .runfolder import METRICS_NAMES, read_rows
+from .runfolder import METRICS_NAMES, read_rows, safe_name
 from .sinks import LONG_COLUMNS, TensorBoardSink, long_records
 
 FORMATS = ("csv", "parquet", "tensorboard")
@@ -98,18 +98,19 @@ def export(folder: str | Path, to: str, out: str | Path | None = None) -> Path:
         raise UserError(f"--to {to}: one of {', '.join(FORMATS)}")
     files = metrics_files(folder)  # refuse a wrong folder before creating anything
     out = Path(out or folder)
-    out.mkdir(parents=True, exist_ok=True)
     if to == "tensorboard":
+        runs = [(path, read_rows(path)) for path in files]  # a corrupt file refused before anything is written
+        out.mkdir(parents=True, exist_ok=True)
         target = out / "tensorboard"
-        for path in files:
-            rows = read_rows(path)
+        for path, rows in runs:
             name = rows[0].get("run") if rows and rows[0].get("kind") == "run" else path.parent.name
-            sink = TensorBoardSink(target / str(name))
+            sink = TensorBoardSink(target / (safe_name(str(name)) or "run"))  # a name from a file: '../x' stays inside
             for row in rows:
                 sink(row.get("kind", ""), row)
             sink.close()
         return target
     df = load(folder)
+    out.mkdir(parents=True, exist_ok=True)
     target = out / f"metrics.{to}"
     if to == "csv":
         df.to_csv(target, index=False)

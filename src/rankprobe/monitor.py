@@ -24,6 +24,7 @@ holds the rows a single process would compute on all ranks' tokens; rank 0 alone
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -35,11 +36,12 @@ import torch
 from .config import UserError
 from .deferred import Deferred
 from .dist import Dist, reduce_probe_stats, shard_rows
-from .probes.adapters import AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
+from .errors import FolderError
+from .probes.adapters import TAPS, AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
 from .probes.capture import Key, adapter_for, covariance_sink
 from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows_start, weight_lenses_start
 from .probes.spectra import CovStats
-from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable
+from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, header, run_rows
 from .sinks import open_sinks, scalars
 
 __all__ = ["Monitor", "Patterns", "AttentionSpec", "unwrap", "current_dist", "flat_scalars", "scalars_by_step"]
@@ -121,8 +123,56 @@ def _same_forward_count(d: Dist, n: int, batch_size: int) -> None:
 
 def _head_dim(module, heads: int, kv_heads: int, patterns: Patterns) -> int:
     """Head width from a projection's output features: q is H·D wide, a fused QKV (H + 2·Hkv)·D."""
+    for name, n in (("heads", heads), ("kv_heads", kv_heads)):
+        if not _count(n):
+            raise UserError(f"Monitor({name}={n!r}): a number of heads, 1 or more")
+    if heads % kv_heads:
+        raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): heads must be a multiple of kv_heads")
     out = module.weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
-    return out // (heads + 2 * kv_heads if patterns.qkv else heads)
+    width = heads + 2 * kv_heads if patterns.qkv else heads
+    if out % width:  # a head width rounded down would reshape into the wrong heads, or fail mid-step
+        raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): the projection's {out} output features do not "
+                        f"split into {width} heads of one width; give the model's own head counts")
+    return out // width
+
+
+def _count(n) -> bool:
+    """`n` is a whole number >= 1 (not a bool, a float or a string)."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+
+
+def _check_tokens(tokens, model) -> None:
+    """Probe tokens are a non-empty (N, T) integer tensor of ids the model embeds: an empty one measured
+    nothing and said so nowhere, an id past the vocabulary is a device-side assert on CUDA."""
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.numel() == 0 \
+            or tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        what = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise UserError(f"Monitor.probe(tokens): a non-empty (N, T) tensor of integer token ids; got {what}")
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else getattr(model, "tok_emb", None)
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise UserError(f"Monitor.probe(tokens): ids must lie in [0, {vocab}), the model's vocabulary; got "
+                        f"{int(tokens.min())}..{int(tokens.max())}")
+
+
+def _check_arguments(every, taps, batch_size) -> set[str] | None:
+    """Monitor's cadence, taps and batch size, refused in one line (a NaN `every` was never due, a tap
+    name misspelt or a string's letters matched no row: each measured nothing, silently); the taps as a set."""
+    if not _count(every):
+        raise UserError(f"Monitor(every={every!r}): the cadence must be a whole number of steps, at least 1")
+    if not _count(batch_size):
+        raise UserError(f"Monitor(batch_size={batch_size!r}): sequences per forward, a whole number >= 1")
+    if taps is None:
+        return None
+    taps = {taps} if isinstance(taps, str) else taps
+    try:
+        taps = set(taps)
+    except TypeError:
+        raise UserError(f"Monitor(taps={taps!r}): a list of tap names ({', '.join(TAPS)})") from None
+    if not taps <= set(TAPS):
+        raise UserError(f"Monitor(taps=...): unknown tap(s) {', '.join(sorted(map(str, taps - set(TAPS))))} "
+                        f"(one of {', '.join(TAPS)})")
+    return taps
 
 
 class Monitor:
@@ -134,7 +184,7 @@ class Monitor:
                with `heads`, `kv_heads` (default heads), `head_dim` (default: from the projection)
                and `attention_spec` (an AttentionSpec; default causal, scale 1/sqrt(head_dim)).
     every      the cadence of `watch` / `start`: steps 0, every, 2·every, …
-    taps       tap names to report ("proj", "norm", "rope"; default all). Attention uses rope.
+    taps       tap names to report ("proj", "norm", "rope", one or a list; default all). Attention uses rope.
     attention  the attention lens (entropy, max logit); weights: the weight spectra (rank 0's).
     out        a folder: rows go to out/metrics.jsonl (rank 0) and to `sinks` there ("tensorboard",
                "wandb", "csv", or callables (kind, row)). `name`, `arm`, `seed` fill its run row.
@@ -154,8 +204,7 @@ class Monitor:
                  out: str | Path | None = None, sinks=(), name: str | None = None, arm: str = "monitor",
                  seed: int = 0, batch_size: int = 8, dist: Dist | None = None, train_forward: bool = True,
                  background: bool | None = None):
-        if every < 1:
-            raise UserError(f"Monitor(every={every}): the cadence must be at least 1 step")
+        taps = _check_arguments(every, taps, batch_size)
         if patterns is not None:
             if heads is None:
                 raise UserError("Monitor(patterns=...) needs heads= (and kv_heads= under grouped-query attention)")
@@ -168,7 +217,7 @@ class Monitor:
             self.adapter = adapter_for(model)
         self.train_forward = train_forward
         self.every, self.attention, self.weights, self.batch_size = every, attention, weights, batch_size
-        self.taps = None if taps is None else set(taps)
+        self.taps = taps
         self.dist = dist or current_dist()
         self.writer = self._open(out, sinks, name, arm, seed)
         self._handles: list = []
@@ -192,10 +241,18 @@ class Monitor:
 
     def _open(self, out, sinks, name, arm, seed):
         if out is None:
+            if sinks:  # they would be dropped unopened: no TensorBoard, no CSV, no callable ever called
+                raise UserError(f"Monitor(sinks={tuple(sinks)!r}) needs out=FOLDER: the rows reach sinks only "
+                                "when they are written there")
             return None
         if not self.dist.is_main:
             return NullWriter()
         folder = Path(out)
+        rows = run_rows(folder)
+        if rows and ((header(rows) or {}).get("source") or {}).get("kind") != "monitor":
+            # a trained or probed run's file: this model's rows would read as that run's, after its end
+            raise FolderError(f"Monitor(out={str(folder)!r}): the folder holds a run a Monitor did not write "
+                              f"({METRICS}); give out= a folder of its own")
         ensure_writable(folder)
         run = name or folder.name
         a = self.adapter
@@ -235,6 +292,8 @@ class Monitor:
         run here (collectives included); the returned function decomposes them on the CPU, on any thread."""
         if self._eager:  # the open step's hooks would add this pass to that step's statistics
             raise RuntimeError(f"Monitor.probe while step {self._step} is still open; call finish first")
+        if not sharded:  # the user's tokens (the trainer's are its own probe set, sharded already)
+            _check_tokens(tokens, self.adapter.model)
         shard = tokens if sharded else shard_rows(self.dist, tokens, "the probe tokens")
         if self.dist.active and not sharded and _fsdp_sharded(self.adapter.model):
             _same_forward_count(self.dist, tokens.size(0), self.batch_size)

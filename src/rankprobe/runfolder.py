@@ -232,6 +232,8 @@ def read_rows(path: str | Path) -> list[dict]:
     """The rows of one metrics.jsonl (or .jsonl.gz / .jsonl.xz); see `parse_rows`."""
     path = Path(path)
     try:
+        if not path.is_file():  # a FIFO under the name would block the reader for ever
+            raise MetricsError(f"metrics file {path} is not a regular file")
         data = path.read_bytes()
         if path.suffix == ".gz":
             data = gzip.decompress(data)

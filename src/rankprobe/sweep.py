@@ -35,7 +35,7 @@ from .config import Config, arm_label, parse_arm, to_dict
 from .errors import ConfigError, FolderError, MetricsError, UserError
 from .data.tokens import prepare
 from .runfolder import (CHECKPOINT, ENDED, EXIT_DIVERGED, METRICS, ensure_writable, first_missing, folder_lock,
-                        header, parse_rows, remove_unused, run_rows, safe_name, status_of)
+                        header, metrics_file, parse_rows, remove_unused, run_rows, safe_name, status_of)
 from .train import device_memory, preflight, train
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,10 @@ def _sweep_folder(grid: list[Config], out_dir: Path, workers: int = 0, gpus: int
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"two runs of this grid would share the folder {twice[0]}; list each arm and value once")
+    single = metrics_file(out_dir)
+    if single is not None:  # its arms would train inside another run's folder, and the report then refuse the mix
+        raise FolderError(f"{out_dir} holds a single run ({single.name}); a sweep or scan puts one folder per "
+                          "run under its --out: use another folder")
     for c in grid:
         preflight(c)
     per_gpu = -(-workers // gpus) if gpus else 1
@@ -398,6 +402,9 @@ def scan_configs(cfg: Config, param: str, values: list[str]) -> list[Config]:
 
     if not values:
         raise UserError("scan needs at least one value (--values 1e-3,3e-3,1e-2)")
+    if param in ("name", "arm", "out") or param.startswith("sweep."):  # identical runs, read as an effect of none
+        raise ConfigError(f"--param {param}: a single run does not read it, so every run of the scan would be the "
+                          "same (scan train.seed for seeds)")
     out = []
     for value in values:
         data = apply_overrides(to_dict(cfg), {param: value})

@@ -27,7 +27,7 @@ import torch
 from .checkpoint import (check_config, check_metrics, check_state, config_differences, load_checkpoint,
                          rewind_metrics)
 from .config import Config, arm_label, to_dict
-from .errors import ConfigError, FolderError, UserError
+from .errors import ConfigError, DataError, FolderError, UserError
 from .data.tokens import TokenData, prepare
 from .dist import Dist, device_for, on_main
 from .model import state_bytes
@@ -213,6 +213,8 @@ def _run(cfg: Config, run_dir: Path, data: TokenData | None, state: dict | None,
     model, timing = step_fn.model, new_timing((state or {}).get("timing"))
     probe_set = data.probe_tokens(cfg.probe.tokens, cfg.model.seq_len)
     header = _header(cfg, step_fn, data, sched, dist, int(probe_set.numel()))
+    if state is not None:  # on rank 0, its refusal raised on every rank (no rank left in a collective)
+        on_main(dist, lambda: _check_same_data(run_dir, header.data or {}))
     out = _open_metrics(cfg, run_dir, state, header) if dist.is_main else NullWriter()
     prober = Prober(cfg, model, data, probe_set, device, step_fn.amp, out, timing, dist,
                     (state or {}).get("pending_rows", "[]"))
@@ -311,6 +313,18 @@ def _open_metrics(cfg: Config, run_dir: Path, state: dict | None, run_row: RunHe
     log.info("%s: resuming at step %d (%d tokens); %d rows logged after that checkpoint are redone",
              cfg.name, state["step"], state["tokens_seen"], dropped)
     return MetricsWriter(metrics_path, mirrors)
+
+
+def _check_same_data(run_dir: Path, now: dict) -> None:
+    """Refuse to resume on other tokens than the run began on: a corpus edited since (or a tokenizer
+    file replaced) passes every config check, since the settings name the same paths, and the run
+    would go on on other text under its old `run` row."""
+    then = (header(run_rows(run_dir)) or {}).get("data") or {}
+    for key in ("corpus_sha256", "tokenizer", "train_tokens", "val_tokens", "probe_tokens"):
+        if key in then and then[key] != now.get(key):
+            raise DataError(f"{run_dir} began on other data than data.* gives now ({key}: {str(then[key])[:16]} "
+                            f"there, {str(now.get(key))[:16]} now): the corpus or tokenizer changed since; restore "
+                            "it, or start over with --force")
 
 
 def _diverged(out: MetricsWriter, cfg: Config, step: int, loss: float, reason: str, tokens_per_step: int,

@@ -52,6 +52,8 @@ def load_corpus(spec: str, jsonl_field: str = "text") -> Corpus:
     """'embedded', a text file, a .jsonl file (one object per line) or a folder of .txt/.md/.jsonl."""
     if spec == EMBEDDED:
         return Corpus(documents=(_embedded_text(),), source=f"{EMBEDDED}:{EMBEDDED_FILE}")
+    if not spec.strip():  # Path("") is the current folder: an unset variable would train on whatever lies there
+        raise DataError("the corpus is an empty string (use 'embedded', a .txt/.jsonl file or a folder)")
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"corpus not found: {spec} (use 'embedded', a .txt/.jsonl file or a folder)")

@@ -204,7 +204,10 @@ def _parse_tiktoken(path: Path, raw: bytes) -> dict[bytes, int]:
 def load_tiktoken(path: Path) -> Tokenizer:
     """GPT-2 (r50k_base) from its .tiktoken ranks file: 50,257 ids, <|endoftext|> = 50256."""
     try:
-        raw = path.read_bytes()
+        if path.exists() and not path.is_dir() and (not path.is_file() or path.stat().st_size > 64 * 2**20):
+            raise DataError(f"tokenizer file {path} is not a .tiktoken file (a pipe, a device or over 64 MiB; "
+                            "GPT-2's is 1.6 MB)")
+        raw = path.read_bytes()  # a FIFO blocked here for ever, /dev/zero filled the memory
     except FileNotFoundError:
         raise DataError(
             f"tokenizer file not found: {path} (data.tokenizer is 'bpe' or a GPT-2 .tiktoken file)"

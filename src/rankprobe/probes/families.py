@@ -96,7 +96,7 @@ class HFAdapter(ModuleAdapter):
     def __init__(self, model: nn.Module, model_type: str, family: Family):
         c = text_config(model.config)
         p = family.patterns
-        attn0 = model.get_submodule(p.layers.replace("*", "0"))
+        attn0 = match_layers(model, p.layers)[0]  # DataError for a model of no layers (num_hidden_layers 0)
         H, Hkv, D, layout = _heads(model_type, c, attn0)
         if layout:
             p = replace(p, fused=layout)

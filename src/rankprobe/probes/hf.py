@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
+import math
 import os
 import time
 from dataclasses import asdict
@@ -21,13 +23,16 @@ from pathlib import Path
 import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
-from ..runfolder import MetricsWriter, RunHeader, ensure_writable, first_missing, remove_unused, write_json
+from ..errors import FolderError
+from ..runfolder import (MetricsWriter, RunHeader, ensure_writable, first_missing, is_run, remove_unused,
+                         write_json)
 from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
 from .series import Checkpoint, find_checkpoints, sha256_files, weight_files
 
+log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
                    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -45,19 +50,30 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    quiet = hf_logging.is_progress_bar_enabled()
+    quiet, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     if quiet:  # one bar of our own over the probe, not one per checkpoint's shards
         hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its table of missing and unexpected tensors: said below in one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, config=config)
+        model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, config=config,
+                                                           output_loading_info=True)
     except Exception as e:  # transformers, safetensors and the unpickler each raise their own types
         names = ", ".join(f.name for f in files[:3])
         pickled = " (pickle weights are read with weights_only: save them as safetensors)" \
             if all(f.suffix == ".bin" for f in files) else ""
         raise DataError(f"cannot load the model in {path} from {names}: {_one_line(e)}{pickled}") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if quiet:
             hf_logging.enable_progress_bar()
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if missing:  # transformers fills them at random: the probe would measure an untrained model as this one
+        raise DataError(f"the weights in {path} lack {len(missing)} tensor(s) of the model its config.json "
+                        f"describes ({', '.join(missing[:2])}{', ...' if len(missing) > 2 else ''})")
+    if unexpected:
+        more = ", ..." if len(unexpected) > 2 else ""
+        log.warning("%s: %d tensor(s) of the weights are not in the model its config.json describes, and are "
+                    "ignored (%s%s)", path, len(unexpected), ", ".join(unexpected[:2]), more)
     return model.to(device).eval()
 
 
@@ -100,6 +116,8 @@ def _check_size(path: Path, c) -> None:
         return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
     L, d = number("num_hidden_layers", "n_layer", "num_layers"), number("hidden_size", "n_embd", "d_model")
+    if L == 0:
+        raise DataError(f"{path}/config.json describes a model of no layers (num_hidden_layers 0): nothing to probe")
     if L is None or d is None:
         return
     ff, vocab = number("intermediate_size", "n_inner", "ffn_hidden_size") or 4 * d, number("vocab_size") or 0
@@ -158,6 +176,8 @@ def run_config(run_dir: Path) -> dict:
 
 def is_run_folder(path: str | Path) -> bool:
     """True for a RankProbe run folder (its config.json has a `model` table), False for HF folders."""
+    if not (Path(path) / "config.json").is_file():  # a FIFO under the name would block the read for ever
+        return False
     try:
         cfg = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError, RecursionError):
@@ -231,6 +251,10 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     out_dir = Path(out_dir)
     if (out_dir / "metrics.jsonl").exists() and not force:
         raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass --force to replace it")
+    mine = [n for n in ("config.json", "env.json") if (out_dir / n).exists()]
+    if mine and not is_run(out_dir):  # --out MODEL_FOLDER would overwrite the model's own config.json
+        raise FolderError(f"{out_dir} holds {', '.join(mine)} but no RankProbe run, and a probe writes files of those "
+                          "names; give --out a folder of its own")
     if tokens.ndim != 2 or tokens.numel() == 0:
         raise DataError("tokens must be a non-empty (N, T) tensor of token ids")
     run_folder = is_run_folder(checkpoints[0].path)
@@ -252,6 +276,10 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
         elif not run_folder and hf_model_config(model) != cfg["model"]:
             raise DataError(f"{ckpt.path} is another model than {checkpoints[0].path}: a series is one model")
         probe_rows, attn_rows = probe_lenses(model, tokens, batch_size, progress=bar.update)
+        finite = [r.get("pr") is not None and math.isfinite(r["pr"]) for r in probe_rows]
+        if probe_rows and not any(finite):  # else rows of nulls, and exit 0
+            raise DataError(f"{ckpt.path}: every key statistic is NaN or infinite: the model's activations are not "
+                            "finite" + (" (try --dtype fp32)" if dtype != "fp32" else " (check its config.json)"))
         at = {"step": ckpt.step, "tokens": ckpt.tokens}
         rows += [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
         rows += [("weights", at | r) for r in weight_lenses(model)]

@@ -83,7 +83,6 @@ def _load_run(path: Path) -> Run | None:
     for row in read_metrics(path):
         by_kind.setdefault(str(row.get("kind")), []).append(row)
     if not by_kind.get("run"):
-        warnings.warn(f"{path}: no `run` row; skipped", stacklevel=3)
         return None
     return Run(path, by_kind["run"][0], by_kind)
 
@@ -101,9 +100,16 @@ def find_runs(root: str | Path) -> list[Run]:
         raise UserError(f"no such directory: {root}")
     if not paths:
         raise UserError(f"no metrics.jsonl files under {root}")
-    runs = [r for r in map(_load_run, paths) if r is not None]
-    if not runs:
+    with warnings.catch_warnings(record=True) as said:  # a torn last line, say
+        warnings.simplefilter("always")
+        loaded = {p: _load_run(p) for p in paths}
+    runs = [r for r in loaded.values() if r is not None]
+    if not runs:  # the error alone: the warnings of each file before it would make it several lines
         raise UserError(f"no readable runs under {root} (metrics files lack a `run` row)")
+    for w in said:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for p in (p for p, r in loaded.items() if r is None):
+        warnings.warn(f"{p}: no `run` row; skipped", stacklevel=2)
     return sorted(runs, key=lambda r: (r.reference, arm_key(r.arm), r.seed, r.name))
 
 
