@@ -79,16 +79,11 @@ class Crash(BaseException):
     """What a kill right after a checkpoint leaves, raised in-process (fast, and deterministic)."""
 
 
-@pytest.fixture(scope="session")
-def cutoff(tiny, tmp_path_factory):
-    """A tiny run folder cut off after its checkpoint at step 4: rows up to there, checkpoint.pt, no `end` row."""
-    from rankprobe.checkpoint import load_checkpoint
-    from rankprobe.config import load
+def train_until_first_checkpoint(cfg, run) -> None:
+    """Train `cfg` into `run` and stop it as a kill would right after its first checkpoint past step 0."""
     from rankprobe.loop import Checkpointer
-    from rankprobe.runfolder import CHECKPOINT
     from rankprobe.train import train
 
-    run = tmp_path_factory.mktemp("cutoff") / "run"
     save = Checkpointer.save
 
     def save_then_crash(self, step, *args):
@@ -99,7 +94,18 @@ def cutoff(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Checkpointer, "save", save_then_crash)
         with pytest.raises(Crash):
-            train(load("demo", tiny), run)
+            train(cfg, run)
+
+
+@pytest.fixture(scope="session")
+def cutoff(tiny, tmp_path_factory):
+    """A tiny run folder cut off after its checkpoint at step 4: rows up to there, checkpoint.pt, no `end` row."""
+    from rankprobe.checkpoint import load_checkpoint
+    from rankprobe.config import load
+    from rankprobe.runfolder import CHECKPOINT
+
+    run = tmp_path_factory.mktemp("cutoff") / "run"
+    train_until_first_checkpoint(load("demo", tiny), run)
     assert load_checkpoint(run / CHECKPOINT)["step"] == 4
     return run
 

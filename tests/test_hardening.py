@@ -168,25 +168,14 @@ def test_resuming_a_finished_run_under_other_settings_names_them(tiny, finished,
 def test_a_corpus_edited_since_the_checkpoint_is_never_resumed_on(tiny, tmp_path, capsys):
     """The settings name the same path, so every config check passes: the run went on on other text (and a
     tokenizer trained on it) under its old `run` row, and exited 0."""
-    from conftest import Crash
+    from conftest import train_until_first_checkpoint
     from rankprobe.data.corpus import load_corpus
-    from rankprobe.loop import Checkpointer
-    from rankprobe.train import train
 
     corpus, text = tmp_path / "mine.txt", load_corpus("embedded").text
     corpus.write_text(text[:30_000])
     mine = {**tiny, "data.corpus": str(corpus), "data.cache_dir": str(tmp_path / "cache")}
-    run, save = tmp_path / "run", Checkpointer.save
-
-    def save_then_crash(self, step, *args):
-        save(self, step, *args)
-        if step > 0:
-            raise Crash
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Checkpointer, "save", save_then_crash)
-        with pytest.raises(Crash):
-            train(load("demo", mine), run)
+    run = tmp_path / "run"
+    train_until_first_checkpoint(load("demo", mine), run)
     corpus.write_text(text[50_000:80_000])
     before = files(run)
     refused(capsys, ["train", "demo", "--out", str(run), "--resume", *flags(mine)], "began on other data")
