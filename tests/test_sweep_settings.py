@@ -50,3 +50,28 @@ def test_bad_settings_fail_with_one_line(settings, message):
 def test_bad_variant_names_are_refused(label):
     with pytest.raises(ConfigError, match="cannot read arm"):
         parse_arm(label)
+
+
+def test_train_takes_its_arms_settings_and_the_command_line_wins(capsys):
+    """`rankprobe train PRESET --optim.name lion` is the preset's lion arm as its sweep makes it (the
+    settings by optimizer, then label), not lion at the defaults; an override given on the command
+    line wins over the settings; the change is said in one line."""
+    from rankprobe.cli import _arm_settings
+
+    def train_config(overrides):
+        return _arm_settings(load("demo", overrides), overrides)
+
+    common = {"sweep.settings": SETTINGS, "optim.name": "lion"}
+    lion = train_config(common)
+    assert (lion.optim.hidden_lr, lion.optim.warmup_frac) == (1e-5, 0.02)
+    sweep_arm = next(a for a in arms(load("demo", {**common, "sweep.arms": "lion"})))
+    assert config_differences(to_dict(lion), to_dict(sweep_arm)) == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rankprobe: arm lion takes the preset's sweep.settings: optim.hidden_lr = 1e-05, "
+                   "optim.warmup_frac = 0.02"]
+    assert train_config({**common, "model.qk_norm": "true"}).optim.hidden_lr == 2e-5  # the label's own
+    mine = train_config({**common, "optim.hidden_lr": "3e-4"})
+    assert (mine.optim.hidden_lr, mine.optim.warmup_frac) == (3e-4, 0.02)
+    plain = load("demo", {"optim.name": "lion"})
+    assert _arm_settings(plain, {"optim.name": "lion"}) is plain  # no settings: unchanged, nothing said
+    assert capsys.readouterr().err.count("\n") == 2

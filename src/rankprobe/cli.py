@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(load("demo", overrides), Path(args.out), force=False)
         cfg = load(args.config, overrides)
         if args.command == "train":
-            return _train(cfg, args)
+            return _train(_arm_settings(cfg, overrides), args)
         return _sweep(cfg, Path(args.out or cfg.out), force=args.force, workers=args.workers, gpus=args.gpus,
                       per_gpu=args.per_gpu)
     except UserError as e:
@@ -243,6 +243,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rankprobe: interrupted", file=sys.stderr)
         return 130
+
+
+def _arm_settings(cfg, overrides: dict[str, str]):
+    """The run `train` makes of a preset with `sweep.settings` is its arm as a sweep makes it: the
+    settings of its arm (by optimizer and label) apply, and the command line's own overrides win over
+    them. Said in one line when they change something, so nobody trains a preset's arm at another rate
+    unknowingly."""
+    from .config import arm_label, flatten, to_dict
+    from .sweep import with_settings
+
+    label = cfg.arm or arm_label(cfg.optim.name, cfg.model.qk_norm, cfg.optim.qk_clip)
+    armed = with_settings(cfg, label, keep=overrides)
+    before, after = flatten(to_dict(cfg)), flatten(to_dict(armed))
+    changed = [f"{k} = {after[k]!r}" for k in after if k in before and before[k] != after[k]]
+    if changed:
+        print(f"rankprobe: arm {label} takes the preset's sweep.settings: {', '.join(changed)}", file=sys.stderr)
+    return armed
 
 
 def _train(cfg, args) -> int:

@@ -46,21 +46,31 @@ def arms(cfg: Config) -> list[Config]:
     given (e.g. a fifth arm 'muon+qkclip'), else the optimizers × qk_norm grid. `sweep.settings` then
     sets each arm's own keys: those of its optimizer, then of its label without the @variant, then of
     its whole label (each overriding the one before), validated like any override."""
-    from .config import apply_overrides, from_dict
-
     labels = cfg.sweep.arms or [arm_label(o, q) for o in cfg.sweep.optimizers for q in cfg.sweep.qk_norm]
     out = []
     for label in labels:
         opt, qk_norm, qk_clip = parse_arm(label)
         base = replace(cfg, optim=replace(cfg.optim, name=opt, qk_clip=qk_clip),
                        model=replace(cfg.model, qk_norm=qk_norm))
-        data = to_dict(base)
-        for key in dict.fromkeys((opt, label.partition("@")[0], label)):
-            apply_overrides(data, cfg.sweep.settings.get(key, {}))
-        arm = from_dict(data)
+        arm = with_settings(base, label)
         for seed in cfg.sweep.seeds:
             out.append(replace(arm, name=f"{label}-s{seed}", arm=label, train=replace(arm.train, seed=seed)))
     return out
+
+
+def with_settings(cfg: Config, label: str, keep: dict[str, str] | None = None) -> Config:
+    """`cfg` with `sweep.settings` of arm `label` applied: those of its optimizer, then of its label
+    without the @variant, then of its whole label (each overriding the one before), validated like any
+    override; then `keep` (a command line's overrides, which win over the settings)."""
+    from .config import apply_overrides, from_dict
+
+    if not cfg.sweep.settings:
+        return cfg
+    data = to_dict(cfg)
+    for key in dict.fromkeys((cfg.optim.name, label.partition("@")[0], label)):
+        apply_overrides(data, cfg.sweep.settings.get(key, {}))
+    apply_overrides(data, keep or {})
+    return from_dict(data)
 
 
 def is_finished(run_dir: Path) -> bool:
