@@ -75,3 +75,17 @@ def test_train_takes_its_arms_settings_and_the_command_line_wins(capsys):
     plain = load("demo", {"optim.name": "lion"})
     assert _arm_settings(plain, {"optim.name": "lion"}) is plain  # no settings: unchanged, nothing said
     assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_a_scan_of_a_presets_arm_starts_from_its_settings(capsys):
+    """`rankprobe scan PRESET --optim.name lion --param optim.warmup_frac` scans lion's arm (its own rate),
+    and the scanned key wins over the settings (scanning optim.hidden_lr itself scans the rate)."""
+    from rankprobe.cli import _arm_settings
+    from rankprobe.sweep import scan_configs
+
+    overrides = {"sweep.settings": SETTINGS, "optim.name": "lion"}
+    cfg = _arm_settings(load("demo", overrides), overrides)
+    warm = scan_configs(cfg, "optim.warmup_frac", ["0.01", "0.05"])
+    assert [(c.optim.hidden_lr, c.optim.warmup_frac) for c in warm] == [(1e-5, 0.01), (1e-5, 0.05)]
+    rates = scan_configs(cfg, "optim.hidden_lr", ["3e-4", "1e-3"])
+    assert [(c.optim.hidden_lr, c.optim.warmup_frac) for c in rates] == [(3e-4, 0.02), (1e-3, 0.02)]

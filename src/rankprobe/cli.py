@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"_arm: {args.config} is not a resolved config (a JSON table)")
             return _train(from_dict(data), args)
         overrides = parse_overrides(rest)
-        if args.command == "scan":
-            return _scan(load(args.config, overrides), args)
+        if args.command == "scan":  # each value a run of the preset's arm, as `train` makes it
+            return _scan(_arm_settings(load(args.config, overrides), overrides), args)
         if args.command == "demo":
             return _sweep(load("demo", overrides), Path(args.out), force=False)
         cfg = load(args.config, overrides)
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _arm_settings(cfg, overrides: dict[str, str]):
-    """The run `train` makes of a preset with `sweep.settings` is its arm as a sweep makes it: the
+    """The run `train` (or each run of a `scan`) makes of a preset with `sweep.settings` is its arm as a
+    sweep makes it: the
     settings of its arm (by optimizer and label) apply, and the command line's own overrides win over
     them. Said in one line when they change something, so nobody trains a preset's arm at another rate
     unknowingly."""
