@@ -31,14 +31,14 @@ EXIT_USAGE = 2
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """['--model.n_layer', '22', '--train.seed=3'] -> {'model.n_layer': '22', 'train.seed': '3'}."""
     out: dict[str, str] = {}
-    i = 0
+    valid, i = all_keys(), 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r} (overrides look like --model.n_layer 22)")
         key, eq, value = arg[2:].partition("=")
-        if key not in all_keys():  # now, before a misspelt option (--resum) takes the next flag as its value
-            raise unknown_key(key, all_keys())
+        if key not in valid:  # now, before a misspelt option (--resum) takes the next flag as its value
+            raise unknown_key(key, valid)
         if not eq:
             if i + 1 >= len(args):
                 raise ConfigError(f"override --{key} needs a value")
