@@ -101,10 +101,11 @@ class HeadBatch:
 
 
 CUDA_TOKEN_BLOCKS = 8  # moment_sums' default split of the tokens on CUDA (96 GEMM batches at seed-22l)
-FUSED: bool | None = False
+FUSED: bool | None = None
 """moment_sums' default form: False the eager passes, True the fused (compiled) ones, None fused on CUDA
-only. False until benchmarks/throughput.py --sections probes shows the fused form faster on a GPU
-(`probe.moment_sums_fused`); benchmarks/monitor_overhead.py --fused-sums sets it to compare."""
+only. On an H200 the fused form took the probe set's sums from 0.303 to 0.149 s (BENCHMARKS.md,
+"Probes"); on the CPU it is 1.4–1.7× faster too but compiles each tap shape (seconds), more than a short
+CPU run gains. benchmarks/monitor_overhead.py --fused-sums sets it to compare."""
 
 
 def moment_sums(x: torch.Tensor, chunks: int | None = None,
