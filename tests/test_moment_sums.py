@@ -3,6 +3,8 @@ straightforward float64 computation in numpy, sample by sample, on random and st
 fused form (torch.compile, Inductor's C++ kernels on the CPU) against the eager passes and the same
 reference."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -174,6 +176,27 @@ def test_fused_sums_past_the_recompile_limit_run_eagerly():
         got = moment_sums(x, 2, fused=True)
     assert compiled_graphs() == before and torch._dynamo.config.recompile_limit > 0
     for a, b in zip(got, moment_sums(x, 2, fused=False)):
+        assert torch.equal(a, b)
+
+
+def test_fused_sums_run_eagerly_where_they_cannot_compile(monkeypatch):
+    """Where Inductor cannot build its kernels (here a C++ compiler that does not exist, as on a node
+    without one; on a GPU, one Triton does not support), the sums are the eager passes' with one warning
+    naming the cause, and later calls do not try again: no compile, no warning."""
+    monkeypatch.setattr(spectra, "_fused_failure", None)  # this module's state, restored after the test
+    x = torch.randn(97, 3, 5, dtype=torch.float64)  # a shape no other test compiles
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        with pytest.warns(RuntimeWarning, match=r"fused moment sums could not be compiled .*C\+\+ compiler"):
+            got = moment_sums(x, 1, fused=True)
+    for a, b in zip(got, moment_sums(x, 1, fused=False)):
+        assert torch.equal(a, b)
+    before = compiled_graphs()
+    y = torch.randn(53, 2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = moment_sums(y, 1, fused=True)
+    assert compiled_graphs() == before
+    for a, b in zip(again, moment_sums(y, 1, fused=False)):
         assert torch.equal(a, b)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -184,6 +185,7 @@ def _compiled_operand():
 
 
 _fused_shapes: set[tuple] = set()  # the (shape, dtype, device, chunks) the compiled operand has seen
+_fused_failure: str | None = None  # why compiling the fused operand failed here; then every call runs eagerly
 
 
 def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,17 +195,34 @@ def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Ten
     shape runs `eager_operand` (Dynamo would run it uncompiled, with a warning). The Monitor's measured
     steps run under `set_stance("force_eager")`, which would silently run the compiled operand eagerly
     too, so it is called under the default stance. Inside a region Dynamo is tracing (a hook on a model
-    compiled whole), the eager passes are traced into that region's graph instead."""
-    if torch.compiler.is_compiling():
+    compiled whole), the eager passes are traced into that region's graph instead.
+
+    Where the kernels cannot be compiled (a GPU Triton does not support, no working C or C++ compiler,
+    no Triton), the first failure warns once and this process runs `eager_operand` from then on: the
+    same sums, slower. Running out of memory is not such a failure and is raised."""
+    global _fused_failure
+    if torch.compiler.is_compiling() or _fused_failure is not None:
         return eager_operand(x, chunks)
     x = x.detach()  # requires_grad is part of what Dynamo guards on
     key = (tuple(x.shape), x.dtype, x.device, chunks)
-    if key not in _fused_shapes:
+    new = key not in _fused_shapes
+    if new:
         if len(_fused_shapes) >= torch._dynamo.config.recompile_limit:
             return eager_operand(x, chunks)
         _fused_shapes.add(key)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False), torch.compiler.set_stance("default"):
-        return _compiled_operand()(x, chunks)
+        try:
+            return _compiled_operand()(x, chunks)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if not new:  # a shape that compiled before: not a compiler problem
+                raise
+            _fused_failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    warnings.warn(f"rankprobe: the fused moment sums could not be compiled ({_fused_failure}); the eager "
+                  "passes run instead: the same sums, slower (rankprobe.probes.spectra.FUSED = False "
+                  "skips the attempt)", RuntimeWarning, stacklevel=2)
+    return eager_operand(x, chunks)
 
 
 def sum_squares(t: torch.Tensor, dims: tuple[int, ...], fused: bool | None = None) -> torch.Tensor:
