@@ -185,8 +185,8 @@ def shard_rows(d: Dist, x: torch.Tensor, what: str) -> torch.Tensor:
 
 def reduce_probe_stats(d: Dist, cov: dict, attn) -> None:
     """Merge every rank's probe statistics into the whole probe set's, in place: CovStats n and every
-    field of `CovStats.sums()` and the attention entropy sums and row counts by SUM, the max logits by
-    MAX. The keys are walked in sorted order, the same on every rank."""
+    field of `CovStats.sums()` and the attention entropy sums, log-key sums and row counts by SUM, the
+    max logits and sequence lengths by MAX. The keys are walked in sorted order, the same on every rank."""
     if not d.active:
         return
     keys = sorted(cov)
@@ -195,11 +195,12 @@ def reduce_probe_stats(d: Dist, cov: dict, attn) -> None:
     layers = sorted(attn.layers)
     stats = [attn.layers[i] for i in layers]
     rows = torch.tensor([s["rows"] for s in stats], dtype=torch.float64, device=n.device)
+    lengths = torch.tensor([s["T"] for s in stats], dtype=torch.float64, device=n.device)
     sums = [t for k in keys for t in cov[k].sums()]
-    sums += [s[f] for s in stats for f in ("entropy", "entropy_norm")]
+    sums += [s[f] for s in stats for f in ("entropy", "entropy_norm", "log_keys")]
     all_reduce_(d, [n, rows, *sums], "sum")
-    all_reduce_(d, [s["max_logit"] for s in stats], "max")
+    all_reduce_(d, [lengths, *(s["max_logit"] for s in stats)], "max")
     for k, v in zip(keys, n.tolist()):
         cov[k].n = int(v)
-    for s, v in zip(stats, rows.tolist()):
-        s["rows"] = int(v)
+    for s, v, t in zip(stats, rows.tolist(), lengths.tolist()):
+        s["rows"], s["T"] = int(v), int(t)

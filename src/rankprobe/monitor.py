@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from .config import UserError
 from .deferred import Deferred
 from .dist import Dist, reduce_probe_stats, shard_rows
-from .errors import FolderError
+from .errors import FolderError, UserError
 from .probes.adapters import TAPS, AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
+from .probes import padding
 from .probes.capture import Key, adapter_for, covariance_sink
 from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows_start, weight_lenses_start
 from .probes.spectra import CovStats
@@ -221,6 +221,8 @@ class Monitor:
         self.dist = dist or current_dist()
         self.writer = self._open(out, sinks, name, arm, seed)
         self._handles: list = []
+        self._padding: torch.Tensor | None = None  # the measured forward's padding mask (probes/padding.py)
+        self._mask_position = padding.mask_argument(self.adapter.model)
         self._eager = False  # this monitor holds torch.compile aside (_EAGER) for its open step
         self._step: int | None = None
         if background is None:
@@ -339,8 +341,8 @@ class Monitor:
         if not self.due(step):
             return False
         self._step, self._cov, self._attn = step, {}, AttentionStats()
-        cov = covariance_sink(self._cov)
-        att = attention_sink(self.adapter, self._attn) if self.attention else None
+        cov = covariance_sink(self._cov, lambda x: x if self._padding is None else padding.select(x, self._padding))
+        att = attention_sink(self.adapter, self._attn, lambda: self._padding) if self.attention else None
         wanted = self.taps
 
         def sink(key: Key, x: torch.Tensor) -> None:
@@ -353,16 +355,22 @@ class Monitor:
         self._eager = True  # the step is open from here until _close
         try:
             self._handles = self.adapter.attach(sink)
+            self._handles.append(self.adapter.model.register_forward_pre_hook(self._read_padding, with_kwargs=True))
+            self.adapter.padding = lambda: self._padding
         except BaseException:
             self._close()
             raise
         return True
 
+    def _read_padding(self, module, args, kwargs) -> None:
+        """Before each forward of a measured step: its padding mask (probes/padding.py)."""
+        self._padding = padding.forward_mask(args, kwargs, self._mask_position, self.attention)
+
     def _close(self) -> None:
         """Remove the hooks and give torch.compile its previous stance back."""
         for h in self._handles:
             h.remove()
-        self._handles = []
+        self._handles, self.adapter.padding, self._padding = [], None, None
         if self._eager:
             _EAGER.exit()
             self._eager = False

@@ -10,7 +10,8 @@ With `probe_tokens` the callback instead probes that fixed batch after every `ev
 step 0). Rows go to out/metrics.jsonl and the given sinks on the main process (sink "wandb" logs
 into the run the Trainer's `report_to="wandb"` opened, when there is one). With the Monitor's
 `background` (the default on CUDA) a measurement's rows arrive at the next one and the last ones in
-`on_train_end` (`Monitor.flush`); each row carries the step it was measured at.
+`on_train_end` (`Monitor.flush`); each row carries the step it was measured at. Batches a padding collator pads are
+measured on their tokens alone, from the `attention_mask` the Trainer passes (docs/api.md).
 """
 
 from __future__ import annotations

@@ -122,6 +122,7 @@ class TapAdapter:
     head_dim: int
     has_qk_norm: bool = False
     max_positions: int | None = None
+    padding: Callable[[], torch.Tensor | None] | None = None  # the Monitor's padding mask of the current forward
 
     def attach(self, sink: Sink, taps=None) -> list:
         raise NotImplementedError

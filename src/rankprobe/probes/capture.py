@@ -74,23 +74,27 @@ def feed(model, tokens: torch.Tensor, batch_size: int, sink: Sink, taps=None,
         module.train(was_training)
 
 
-def covariance_sink(stats: dict[Key, CovStats]) -> Sink:
-    """A sink that accumulates each tap's activations into `stats[key]`, created on first sight.
+def covariance_sink(stats: dict[Key, CovStats],
+                    select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Sink:
+    """A sink that accumulates each tap's activations into `stats[key]`, created on first sight;
+    `select`, when given, maps a tap's (B, T, H, D) activations to the (N, H, D) vectors that count
+    (the Monitor's padded batches: probes/padding.py).
 
     A tap that hands over the very tensor an earlier tap of the same forward did (unmodified) reuses
     its sums: with QK-Norm off, RankProbe's norm taps see the proj taps' tensors (an identity between
     them), 2 of the 7 taps of a layer."""
-    recent: list[tuple[torch.Tensor, int, tuple]] = []  # (tensor, its version, its sums), the last few
+    recent: list[tuple[torch.Tensor, int, tuple]] = []  # (tensor, its version, (count, sums)), the last few
 
     def sink(key: Key, x: torch.Tensor) -> None:
         if key not in stats:
             stats[key] = CovStats(x.size(-2), x.size(-1), device=x.device)
         s = stats[key]
-        sums = next((found for t, version, found in recent if t is x and version == x._version), None)
-        if sums is None:
-            sums = moment_sums(x.detach().reshape(-1, *s.sum.shape))
-            recent[:] = recent[-3:] + [(x, x._version, sums)]  # q, k, v and one more: a layer's reuse distance
-        s.add_sums(x.numel() // s.sum.numel(), *sums)
+        found = next((got for t, version, got in recent if t is x and version == x._version), None)
+        if found is None:
+            vectors = (x.detach() if select is None else select(x.detach())).reshape(-1, *s.sum.shape)
+            found = (vectors.size(0), *moment_sums(vectors))
+            recent[:] = recent[-3:] + [(x, x._version, found)]  # q, k, v and one more: a layer's reuse distance
+        s.add_sums(*found)
     return sink
 
 

@@ -141,7 +141,8 @@ class HFAdapter(ModuleAdapter):
         spec, name = self.specs[layer], f"{self.model_type} layer {layer}"
 
         def call(module, query, key, value, attention_mask, **kwargs):  # query (B, H, T, D), key (B, Hkv, T, D)
-            _check_call(name, spec, module, query.size(-2), attention_mask, kwargs, impl)
+            keep = self.padding() if self.padding is not None else None
+            _check_call(name, spec, module, query.size(-2), attention_mask, kwargs, impl, keep)
             q(query.transpose(1, 2))
             k(key.transpose(1, 2))
             return inner(module, query, key, value, attention_mask, **kwargs)
@@ -196,8 +197,11 @@ def _intercept(module, query, key, value, attention_mask, **kwargs):
     return _ACTIVE[id(module)](module, query, key, value, attention_mask, **kwargs)
 
 
-def _check_call(name: str, spec: AttentionSpec, module, T: int, mask, kwargs, impl: str) -> None:
-    """Refuse, rather than measure something else, when the kernel call differs from `spec`."""
+def _check_call(name: str, spec: AttentionSpec, module, T: int, mask, kwargs, impl: str,
+                keep: torch.Tensor | None = None) -> None:
+    """Refuse, rather than measure something else, when the kernel call differs from `spec`: with
+    `keep` (B, T), the Monitor's padding mask of a padded batch, the model must mask exactly the
+    padding, on top of `spec`, for every query that is a token (probes/padding.py)."""
     scaling = kwargs.get("scaling")
     scaling = module.head_dim ** -0.5 if scaling is None and hasattr(module, "head_dim") else scaling
     if scaling is None or not math.isclose(scaling, spec.scale, rel_tol=1e-6):
@@ -211,9 +215,13 @@ def _check_call(name: str, spec: AttentionSpec, module, T: int, mask, kwargs, im
     if mask is not None and not isinstance(mask, torch.Tensor):
         raise DataError(f"{name}: cannot check the {impl} attention mask; load the model with sdpa or eager")
     if mask is not None and mask.ndim == 2:  # flash attention's padding mask
-        if not bool(mask.all()):
-            raise DataError(f"{name}: padded sequences are not supported by the attention lens")
+        if not torch.equal(mask.bool(), keep if keep is not None else torch.ones_like(mask, dtype=torch.bool)):
+            raise DataError(f"{name}: the model's padding mask is not the attention_mask it was called with "
+                            "(padded sequences are measured from the training forward of a Monitor only)")
         mask = None
+    elif mask is None and keep is not None:
+        raise DataError(f"{name}: the model's attention ignores the padding of its attention_mask; the attention "
+                        "lens would not measure what it computes")
     if mask is None and "flash" in impl:  # causal, and the window is the sliding_window checked above
         return
     if mask is None:  # SDPA's is_causal
@@ -222,7 +230,13 @@ def _check_call(name: str, spec: AttentionSpec, module, T: int, mask, kwargs, im
         return
     want = spec.visible(T, device=mask.device)
     seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    if not torch.equal(seen[..., -T:, -T:], want.expand_as(seen[..., -T:, -T:])):
+    seen = seen[..., -T:, -T:]
+    if keep is not None:  # tokens see tokens only; what padding's own rows see does not matter
+        want = want & keep[:, None, None, :]
+        seen = seen | ~keep[:, None, :, None]
+        want = want | ~keep[:, None, :, None]
+    if not torch.equal(seen, want.expand_as(seen)):
         kind = "sliding-window causal" if spec.window else "causal"
-        raise DataError(f"{name}: the model's attention mask is not the {kind} mask the attention lens assumes "
-                        "(padding is not supported)")
+        raise DataError(f"{name}: the model's attention mask is not the {kind} mask the attention lens assumes"
+                        + (" for the padding of its attention_mask" if keep is not None else
+                           " (padded sequences are measured from the training forward of a Monitor only)"))

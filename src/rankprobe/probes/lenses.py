@@ -161,8 +161,8 @@ class AttentionStats:
         s = self.layers.setdefault(layer, {
             "entropy": torch.zeros(H, dtype=torch.float64, device=q.device),
             "entropy_norm": torch.zeros(H, dtype=torch.float64, device=q.device),
-            "max_logit": torch.full((H,), -math.inf, device=q.device), "rows": 0, "T": T,
-            "entropy_max": _mean_log_keys(T, W),
+            "log_keys": torch.zeros((), dtype=torch.float64, device=q.device),  # Σ log(visible keys) over rows
+            "max_logit": torch.full((H,), -math.inf, device=q.device), "rows": 0, "T": 0,
         })
         kernel = _LSE_KERNELS.get(q.device.type) if self.fused and W is None and spec.softcap is None else None
         if W is not None or spec.softcap is not None:
@@ -180,7 +180,23 @@ class AttentionStats:
         s["entropy"] += ent.sum((0, 2))
         s["entropy_norm"] += (ent / log_keys).sum((0, 2))
         s["max_logit"] = torch.maximum(s["max_logit"], row_max.amax((0, 2)))
+        s["log_keys"] += B * (T - 1) * _mean_log_keys(T, W)
         s["rows"] += B * (T - 1)
+        s["T"] = max(s["T"], T)
+
+    def add_padded(self, layer: int, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float,
+                   window: int | None = None, softcap: float | None = None) -> None:
+        """`add` for a padded batch: `keep` (B, T) marks each sequence's tokens, one contiguous run per
+        row (left or right padding; probes/padding.py checks). Each row's tokens are measured as a
+        sequence of their own, which is what the model's padding and causal masks let its queries see;
+        rows of equal length go in one call. A sequence of one token adds nothing (no entropy to
+        measure), as row t = 0 adds nothing to the means of a full sequence."""
+        lengths = keep.sum(1)
+        for n in sorted(set(lengths.tolist()) - {0, 1}):
+            rows = (lengths == n).nonzero().squeeze(1)
+            kept = keep[rows]
+            self.add(layer, q[rows][kept].unflatten(0, (len(rows), n)), k[rows][kept].unflatten(0, (len(rows), n)),
+                     scale, window, softcap)
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
         """(lse, expected logit, row max), each (B, H, T), from float32 scores formed chunk by chunk
@@ -226,13 +242,14 @@ class AttentionStats:
             return []
         stats = [self.layers[layer] for layer in layers]
         values = torch.stack([torch.stack([s["entropy"] / max(s["rows"], 1), s["entropy_norm"] / max(s["rows"], 1),
-                                           s["max_logit"].double()]) for s in stats]).cpu()  # (layers, 3, H): one transfer
+                                           s["max_logit"].double(), (s["log_keys"] / max(s["rows"], 1)).expand_as(s["entropy"])])
+                              for s in stats]).cpu()  # (layers, 4, H): one transfer
         out = []
-        for layer, s, (ent, norm, mx) in zip(layers, stats, values.tolist()):
+        for layer, s, (ent, norm, mx, (entropy_max, *_)) in zip(layers, stats, values.tolist()):
             out.append({
                 "layer": layer, "entropy": sum(ent) / len(ent), "entropy_heads": ent,
                 "entropy_norm": sum(norm) / len(norm), "entropy_norm_heads": norm,
-                "entropy_max": s["entropy_max"], "max_logit": max(mx), "max_logit_heads": mx,
+                "entropy_max": entropy_max, "max_logit": max(mx), "max_logit_heads": mx,
                 "n_rows": s["rows"], "seq_len": s["T"],
             })
         return out
@@ -277,9 +294,11 @@ def _sharpened_lse(q: torch.Tensor, k: torch.Tensor, scale: float,
 _LSE_KERNELS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"cuda": _lse_cuda, "cpu": _lse_cpu}
 
 
-def _attention_sink(adapter, stats: AttentionStats) -> Sink:
+def _attention_sink(adapter, stats: AttentionStats,
+                    padding: Callable[[], torch.Tensor | None] | None = None) -> Sink:
     """Pairs each layer's rope-tap q and k (in whichever order the model computes them) and adds
-    them to `stats` with what that layer computes (its AttentionSpec)."""
+    them to `stats` with what that layer computes (its AttentionSpec). `padding()`, when given, is
+    the current forward's padding mask (None: every token counts; `AttentionStats.add_padded`)."""
     pending: dict[int, dict[str, torch.Tensor]] = {}
 
     def sink(key: Key, x: torch.Tensor) -> None:
@@ -290,7 +309,11 @@ def _attention_sink(adapter, stats: AttentionStats) -> Sink:
         got[tensor] = x
         if len(got) == 2:
             spec = adapter.attention(layer)
-            stats.add(layer, got["q"], got["k"], spec.scale, spec.window, spec.softcap)
+            keep = padding() if padding is not None else None
+            if keep is None:
+                stats.add(layer, got["q"], got["k"], spec.scale, spec.window, spec.softcap)
+            else:
+                stats.add_padded(layer, got["q"], got["k"], keep, spec.scale, spec.window, spec.softcap)
             del pending[layer]
 
     return sink
