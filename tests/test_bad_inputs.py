@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from rankprobe.cli import main
 from rankprobe.config import load
 from rankprobe.data.corpus import load_corpus
 from rankprobe.errors import DataError, UserError
+from rankprobe.files import memory_bound, read_regular
 from rankprobe.runfolder import METRICS
 
 
@@ -68,6 +70,72 @@ def test_the_internal_arm_command_refuses_a_file_that_is_no_config(tmp_path, cap
 
 # ---------------------------------------------------------------------------------------------
 # 4. inputs that never end
+
+
+class Refused(Exception):
+    """The error class a caller of read_regular chooses; no relative of OSError or UserError."""
+
+
+def _within_seconds(fn, seconds: float = 5.0) -> Exception | None:
+    """What fn() raised, or None; fails if it has not returned within `seconds` (a reader blocked on a
+    FIFO never would: the thread is a daemon, so it cannot hold the test process open)."""
+    raised = []
+
+    def call():
+        try:
+            fn()
+        except Exception as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the read blocked"
+    return raised[0] if raised else None
+
+
+def test_read_regular_returns_a_files_exact_bytes_and_refuses_anything_else_at_once(tmp_path):
+    """rankprobe.files.read_regular, the one reader of files a user names: a regular file's bytes, exactly;
+    a FIFO with no writer, a socket, a device, a folder, a missing name and a file over the limit each raise
+    the caller's class with the caller's words, at once."""
+    data = os.urandom(4096) + b"\x00\xff\n"
+    good = tmp_path / "good.bin"
+    good.write_bytes(data)
+    (tmp_path / "link").symlink_to(good)
+    (tmp_path / "empty").write_bytes(b"")
+    assert read_regular(good, "test file", Refused) == data
+    assert read_regular(tmp_path / "link", "test file", Refused, limit=len(data)) == data  # the limit is inclusive
+    assert read_regular(tmp_path / "empty", "test file", Refused) == b""
+    os.mkfifo(tmp_path / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():  # Linux: MemTotal counts the same pages sysconf gives
+        kb = next(int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemTotal"))
+        assert memory_bound() == kb * 1024 // 8
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(memory_bound() + 1)  # a hole: no disk used, and never read
+    cases = [
+        (tmp_path / "fifo", {}, f"test file {tmp_path / 'fifo'} is not a regular file but a pipe (FIFO)"),
+        (tmp_path / "sock", {"expect": "a TOML file"},
+         f"test file {tmp_path / 'sock'} is not a TOML file but a socket"),
+        ("/dev/zero", {"hint": "give a file"},
+         "test file /dev/zero is not a regular file but a character device (give a file)"),
+        (tmp_path, {}, f"test file {tmp_path} is not a regular file but a folder"),
+        (tmp_path / "nope", {"hint": "or a preset"}, f"test file not found: {tmp_path / 'nope'} (or a preset)"),
+        (good / "x", {}, f"cannot read test file {good / 'x'}: Not a directory"),
+        (good, {"limit": len(data) - 1},
+         f"test file {good} is {len(data)} bytes, more than {len(data) - 1} bytes"),
+        (sparse, {}, f"test file {sparse} is {(memory_bound() + 1) / 2**30:.1f} GiB, more than an eighth of this "
+                     f"machine's memory ({memory_bound() / 2**30:.1f} GiB)"),
+    ]
+    try:
+        for path, options, message in cases:
+            error = _within_seconds(lambda: read_regular(path, "test file", Refused, **options))
+            assert type(error) is Refused and str(error) == message, (path, error)
+    finally:
+        sock.close()
 
 
 def test_a_corpus_must_be_a_regular_file(tmp_path):

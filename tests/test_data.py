@@ -161,7 +161,7 @@ def test_gpt2_known_answer(sample_text):
 def test_tiktoken_bad_files(tmp_path):
     with _error("tokenizer file not found"):
         get_tokenizer(str(tmp_path / "gpt2.tiktoken"), None, 0, tmp_path)
-    with _error("cannot read tokenizer file"):
+    with _error("is not a .tiktoken file but a folder"):
         get_tokenizer(str(tmp_path), None, 0, tmp_path)
     garbage = tmp_path / "garbage.tiktoken"
     garbage.write_bytes(bytes(range(256)) * 4)

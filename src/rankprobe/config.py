@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import stat
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 # The errors live in rankprobe.errors; importing them from here keeps working.
 from .coerce import coerce, unknown_key
 from .errors import ConfigError, DataError, UserError  # noqa: F401
+from .files import read_regular
 from .runfolder import check_name
 
 
@@ -398,8 +398,6 @@ def _build(cls, data: dict, prefix: str = ""):
             kwargs[key] = _build(tp, value, dotted + ".")
         else:
             kwargs[key] = coerce(value, tp, dotted)
-    if cls is Config:
-        return Config(**kwargs)
     return cls(**kwargs)
 
 
@@ -466,19 +464,13 @@ def read_toml(source: str) -> dict:
     if path.suffix != ".toml" and not path.exists():
         if source not in preset_names():
             raise ConfigError(f"config {source!r} is neither a file nor a preset ({', '.join(preset_names())})")
-        text = (resources.files("rankprobe") / "presets" / f"{source}.toml").read_text()
-    else:
-        try:
-            st = path.stat()
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:  # a FIFO blocks, /dev/zero fills memory
-                raise ConfigError(f"config file {source} is not a TOML file (a folder, pipe, device or over 16 MiB)")
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {source}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read config file {source}: {e}") from None
+        raw = (resources.files("rankprobe") / "presets" / f"{source}.toml").read_bytes()
+    else:  # a FIFO would block for ever, /dev/zero fill the memory: read_regular refuses them
+        raw = read_regular(path, "config file", ConfigError, expect="a TOML file", limit=MAX_CONFIG_BYTES)
     try:
-        return tomllib.loads(text)
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read config file {source}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {source} is not valid TOML: {e}") from None
 

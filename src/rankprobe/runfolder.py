@@ -26,19 +26,21 @@ import lzma
 import math
 import os
 import tempfile
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import ConfigError, FolderError, MetricsError
+from .files import read_regular
 
 METRICS = "metrics.jsonl"
 METRICS_NAMES = (METRICS, f"{METRICS}.gz", f"{METRICS}.xz")
 """a run's metrics, plain or compressed for publishing; a folder holding both reads the plain one"""
+_DECOMPRESS = {".gz": gzip.decompress, ".xz": lzma.decompress}
 CHECKPOINT = "checkpoint.pt"
 LOCK = ".rankprobe.lock"
 CONFIG = "config.json"
@@ -105,8 +107,7 @@ class RunHeader:
 def check_name(name: str, key: str = "name") -> None:
     """`name` becomes a folder under `out`: it must be one plain path component, so that no run ever
     writes outside the folder it was given."""
-    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
-            or any(ord(c) < 32 for c in name)):
+    if not name or name in (".", "..") or any(c in "/\\" or ord(c) < 32 for c in name):  # NUL is below 32
         raise ConfigError(f"{key} must be a plain folder name (no '/', '\\', '..', or control characters); "
                           f"got {name!r}")
 
@@ -208,11 +209,9 @@ def row_problem(row: dict, untimed: bool = False) -> str | None:
 
 def _config_problem(config: dict) -> str | None:
     """A run row's `config` must have the config tree's shape where it has its keys (older runs lack some)."""
-    import typing
+    from .config import Config, all_keys  # here: config imports this module
 
-    from .config import Config, all_keys
-
-    sections = {name: tp for name, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp)}
+    sections = {name: tp for name, tp in typing.get_type_hints(Config).items() if is_dataclass(tp)}
     for name, value in config.items():
         if name in sections and not isinstance(value, dict):
             return f"`config.{name}` is {json.dumps(value)[:40]}, not a table"
@@ -229,16 +228,12 @@ def _config_problem(config: dict) -> str | None:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """The rows of one metrics.jsonl (or .jsonl.gz / .jsonl.xz); see `parse_rows`."""
+    """The rows of one metrics.jsonl (or .jsonl.gz / .jsonl.xz), a regular file (`read_regular`); see `parse_rows`."""
     path = Path(path)
+    data = read_regular(path, "metrics file", MetricsError)  # a FIFO under the name would block for ever
     try:
-        if not path.is_file():  # a FIFO under the name would block the reader for ever
-            raise MetricsError(f"metrics file {path} is not a regular file")
-        data = path.read_bytes()
-        if path.suffix == ".gz":
-            data = gzip.decompress(data)
-        elif path.suffix == ".xz":
-            data = lzma.decompress(data)
+        if path.suffix in _DECOMPRESS:
+            data = _DECOMPRESS[path.suffix](data)
         return parse_rows(data, path)
     except (OSError, UnicodeDecodeError, EOFError, lzma.LZMAError) as e:  # a bad gzip is OSError or EOFError
         raise MetricsError(f"cannot read metrics file {path}: {e}") from None
@@ -402,8 +397,7 @@ def is_run(folder: str | Path) -> bool:
     path = metrics_file(folder)
     if path is None:
         return False
-    with warnings.catch_warnings():  # a torn last line is the reader's to report, once
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):  # a torn last line is the reader's to report, once
         rows = read_rows(path)
     if header(rows) is not None:
         return True

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import os
-import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from rankprobe.errors import DataError
+from rankprobe.files import read_regular
 
 EMBEDDED = "embedded"
 EMBEDDED_FILE = "austen-moby.txt.xz"
@@ -96,38 +95,6 @@ def _folder_documents(root: Path, jsonl_field: str) -> list[str]:
     return docs
 
 
-def max_corpus_bytes() -> int:
-    """The largest corpus file read: an eighth of the machine's memory (the text is held several times
-    over while it is decoded, split and tokenized)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
-
-
-def _read_bytes(path: Path) -> bytes:
-    """A corpus file's bytes. Only a regular file of a size that fits is read: a FIFO, a socket or a
-    device such as /dev/zero would block forever or never end. It is opened non-blocking so that even
-    opening a FIFO with no writer returns at once."""
-    try:
-        _regular(path, os.stat(path))  # a socket cannot even be opened
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise DataError(f"cannot read corpus file {path}: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        _regular(path, st)  # what was opened, in case the name changed hands in between
-        if st.st_size > max_corpus_bytes():
-            raise DataError(f"corpus file {path} is {st.st_size / 2**30:.1f} GiB, more than an eighth of this "
-                            f"machine's memory ({max_corpus_bytes() / 2**30:.1f} GiB); use a smaller corpus")
-        try:
-            return f.read(st.st_size)  # a file growing while read is cut where it stood
-        except OSError as e:
-            raise DataError(f"cannot read corpus file {path}: {e.strerror or e}") from None
-
-
-def _regular(path: Path, st: os.stat_result) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"corpus file {path} is not a regular file (a pipe, socket or device); give a file")
-
-
 def _decode(path: Path, raw: bytes) -> str:
     nul = raw.find(b"\x00", 0, BINARY_SNIFF_BYTES)
     if nul >= 0:
@@ -141,7 +108,8 @@ def _decode(path: Path, raw: bytes) -> str:
 
 
 def _read_text(path: Path) -> str:
-    return _decode(path, _read_bytes(path))
+    # only a regular file of at most an eighth of the memory: a FIFO or /dev/zero would never end
+    return _decode(path, read_regular(path, "corpus file", DataError))
 
 
 def _jsonl_documents(path: Path, jsonl_field: str) -> list[str]:

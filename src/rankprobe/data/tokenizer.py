@@ -25,6 +25,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rankprobe.config import ConfigError, DataError
 from rankprobe.data.corpus import Corpus
+from rankprobe.files import read_regular
 from rankprobe.runfolder import write_atomic
 
 EOT = "<|endoftext|>"
@@ -35,6 +36,7 @@ GPT2_N_RANKS = 50256  # mergeable ranks; <|endoftext|> is id 50256 on top
 # tiktoken's own r50k_base pattern (tiktoken_ext/openai_public.py), written out so no network is needed.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT2_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken's r50k hash
+MAX_TIKTOKEN_BYTES = 64 * 2**20  # GPT-2's file is 1.6 MB: a bound on what a path that is none can make us read
 
 # A cut just before a newline that follows a non-space character is a pre-token boundary for both the
 # HF ByteLevel and the r50k regex: no pre-token joins a non-space character to the whitespace after it,
@@ -203,17 +205,9 @@ def _parse_tiktoken(path: Path, raw: bytes) -> dict[bytes, int]:
 
 def load_tiktoken(path: Path) -> Tokenizer:
     """GPT-2 (r50k_base) from its .tiktoken ranks file: 50,257 ids, <|endoftext|> = 50256."""
-    try:
-        if path.exists() and not path.is_dir() and (not path.is_file() or path.stat().st_size > 64 * 2**20):
-            raise DataError(f"tokenizer file {path} is not a .tiktoken file (a pipe, a device or over 64 MiB; "
-                            "GPT-2's is 1.6 MB)")
-        raw = path.read_bytes()  # a FIFO blocked here for ever, /dev/zero filled the memory
-    except FileNotFoundError:
-        raise DataError(
-            f"tokenizer file not found: {path} (data.tokenizer is 'bpe' or a GPT-2 .tiktoken file)"
-        ) from None
-    except OSError as e:
-        raise DataError(f"cannot read tokenizer file {path}: {e.strerror or e}") from None
+    # a FIFO would block for ever, /dev/zero fill the memory: only a regular file of a bounded size is read
+    raw = read_regular(path, "tokenizer file", DataError, expect="a .tiktoken file", limit=MAX_TIKTOKEN_BYTES,
+                       hint="data.tokenizer is 'bpe' or a GPT-2 .tiktoken file; GPT-2's is 1.6 MB")
     ranks = _parse_tiktoken(path, raw)
     if len(ranks) != GPT2_N_RANKS or set(ranks.values()) != set(range(GPT2_N_RANKS)):
         raise DataError(
