@@ -170,13 +170,32 @@ def test_fused_sums_past_the_recompile_limit_run_eagerly():
     """A shape beyond Dynamo's recompile limit runs the eager passes: no compile, no Dynamo warning,
     the same sums. (torch's own `config.patch`: pytest's monkeypatch deletes a torch config entry on
     undo, which broke every later compile in the worker.)"""
+    moment_sums(torch.randn(80, 2, 6), 1, fused=True)  # at least one family compiled in this worker
     x = torch.randn(96, 2, 5)
     before = compiled_graphs()
-    with torch._dynamo.config.patch(recompile_limit=len(spectra._fused_shapes)):
+    with torch._dynamo.config.patch(recompile_limit=len(spectra._fused_rows)):
         got = moment_sums(x, 2, fused=True)
     assert compiled_graphs() == before and torch._dynamo.config.recompile_limit > 0
     for a, b in zip(got, moment_sums(x, 2, fused=False)):
         assert torch.equal(a, b)
+
+
+def test_fused_sums_compile_each_family_at_most_twice_whatever_the_rows(monkeypatch):
+    """A training forward of padded or variable-length batches hands over a new number of rows N at
+    nearly every measured step: the first N of a family of tap shapes gets a graph for it, the second
+    one graph for any N, and no later N compiles again; every N gives the eager passes' sums."""
+    monkeypatch.setattr(spectra, "_fused_rows", {})  # this module's state, restored after the test
+    monkeypatch.setattr(spectra, "_fused_any_rows", set())
+    before = compiled_graphs()
+    for i, n in enumerate((40, 56, 72, 88, 41, 7)):
+        x = torch.randn(n, 3, 5).to(torch.bfloat16)
+        fused = moment_sums(x, 1, fused=True)
+        if i == 1:
+            settled = compiled_graphs()
+            assert settled - before <= 2
+        check(as_fields(fused, 5), {k: v.numpy() for k, v in as_fields(moment_sums(x, 1, fused=False), 5).items()},
+              rtol=1e-13)
+    assert compiled_graphs() == settled and spectra._fused_any_rows == set(spectra._fused_rows)
 
 
 def test_fused_sums_run_eagerly_where_they_cannot_compile(monkeypatch):

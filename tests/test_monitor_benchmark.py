@@ -57,10 +57,10 @@ def test_monitor_overhead_smoke_with_the_fused_sums(tmp_path, monkeypatch):
     from rankprobe.probes import spectra
 
     monkeypatch.setattr(spectra, "FUSED", spectra.FUSED)  # the script sets the package's default: restore it
-    monkeypatch.setattr(spectra, "_fused_shapes", set())
+    monkeypatch.setattr(spectra, "_fused_rows", {})
     out = tmp_path / "smoke.json"
     runpy.run_path(str(SCRIPT), run_name="bench")["main"](["--smoke", "--sections", "loop", "--fused-sums", "on",
                                                            "--json", str(out)])
     R = json.loads(out.read_text())
     assert R["fused_sums"] is True and R["loop"]["train_forward"]["measured_at"] == [0, 2, 4]
-    assert {shape[1:] for shape, *_ in spectra._fused_shapes} == {(2, 32)}  # the tiny shape's taps (H, D)
+    assert {family[:2] for family in spectra._fused_rows} == {(2, 32)}  # the tiny shape's taps (H, D)

@@ -128,7 +128,7 @@ def moment_sums(x: torch.Tensor, chunks: int | None = None,
     instead of 10, plus a read of x (2 bytes an element in bf16) per kernel: one on the CPU (C++); on a
     GPU likely two or three (a row kernel for A, the column sums of x³ and x⁴). Equal to the eager
     passes up to float64 round-off (summation order). Default: `FUSED` (None: on CUDA only);
-    the first call of each shape and dtype compiles (seconds).
+    a tap shape compiles (seconds) at its first call and, for any other N, once more (`fused_operand`).
 
     `chunks` C splits the N vectors into C blocks that the GEMM takes as C·H batches, summed after:
     for a long N (32,768 at seed-22l) and few heads the GEMM otherwise runs on too few thread blocks
@@ -178,21 +178,38 @@ def operand_math(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tens
 
 @functools.cache
 def _compiled_operand():
-    # Compiled on first use, never at import. Static shapes: a pass has a few (N, H, D, dtype) per model
-    # (q and k/v widths, the last batch's N), each compiled once; `fused_operand` keeps their count
-    # within Dynamo's recompile limit.
+    # Compiled on first use, never at import; static shapes: kernels Inductor specializes to one N.
     return torch.compile(operand_math, dynamic=False, fullgraph=True)
 
 
-_fused_shapes: set[tuple] = set()  # the (shape, dtype, device, chunks) the compiled operand has seen
+def _operand_any_rows(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`operand_math` under a code object of its own, so that Dynamo keeps its graphs (compiled for any
+    number of rows N) apart from the static ones."""
+    return operand_math(x, chunks)
+
+
+@functools.cache
+def _compiled_any_rows():
+    return torch.compile(_operand_any_rows, fullgraph=True)
+
+
+# Per family of tap shapes (H, D, dtype, device, chunks): the N its static graph was compiled for, and
+# the families that met a second N and have a graph for any N too. A probe pass meets one N per family
+# (two with a short last batch); a training forward of padded or variable-length batches a new N at
+# nearly every measured step, which would compile every time and soon pass Dynamo's recompile limit.
+_fused_rows: dict[tuple, int] = {}
+_fused_any_rows: set[tuple] = set()
+_fused_compiled: set[tuple] = set()  # (family, static) of the graphs that ran: a later error is not the compiler's
 _fused_failure: str | None = None  # why compiling the fused operand failed here; then every call runs eagerly
 
 
 def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`eager_operand` by the compiled `operand_math`. Called with grad mode and autocast fixed, so that
+    """`eager_operand` by the compiled `operand_math`: the first N of each family of tap shapes
+    (`_fused_rows`) by a graph for that N, any other N by one graph for any N (compiled at the family's
+    second N), so a family compiles at most twice. Called with grad mode and autocast fixed, so that
     those settings of the caller (a training forward's hooks, a probe pass under no_grad) do not make
-    Dynamo compile each shape again. Past `torch._dynamo.config.recompile_limit` distinct shapes, a new
-    shape runs `eager_operand` (Dynamo would run it uncompiled, with a warning). The Monitor's measured
+    Dynamo compile each shape again. Past `torch._dynamo.config.recompile_limit` families, a new one
+    runs `eager_operand` (Dynamo would run it uncompiled, with a warning). The Monitor's measured
     steps run under `set_stance("force_eager")`, which would silently run the compiled operand eagerly
     too, so it is called under the default stance. Inside a region Dynamo is tracing (a hook on a model
     compiled whole), the eager passes are traced into that region's graph instead.
@@ -204,21 +221,28 @@ def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Ten
     if torch.compiler.is_compiling() or _fused_failure is not None:
         return eager_operand(x, chunks)
     x = x.detach()  # requires_grad is part of what Dynamo guards on
-    key = (tuple(x.shape), x.dtype, x.device, chunks)
-    new = key not in _fused_shapes
-    if new:
-        if len(_fused_shapes) >= torch._dynamo.config.recompile_limit:
-            return eager_operand(x, chunks)
-        _fused_shapes.add(key)
+    family, limit = (*x.shape[1:], x.dtype, x.device, chunks), torch._dynamo.config.recompile_limit
+    if family not in _fused_rows and len(_fused_rows) < limit:
+        _fused_rows[family] = x.size(0)
+    static = _fused_rows.get(family) == x.size(0)
+    if family not in _fused_rows or not static and family not in _fused_any_rows and len(_fused_any_rows) >= limit:
+        return eager_operand(x, chunks)
+    if not static:
+        _fused_any_rows.add(family)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+    graph = (family, static)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False), torch.compiler.set_stance("default"):
         try:
-            return _compiled_operand()(x, chunks)
+            out = (_compiled_operand() if static else _compiled_any_rows())(x, chunks)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
-            if not new:  # a shape that compiled before: not a compiler problem
+            if graph in _fused_compiled:  # a graph that ran before: not a compiler problem
                 raise
             _fused_failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        else:
+            _fused_compiled.add(graph)
+            return out
     warnings.warn(f"rankprobe: the fused moment sums could not be compiled ({_fused_failure}); the eager "
                   "passes run instead: the same sums, slower (rankprobe.probes.spectra.FUSED = False "
                   "skips the attempt)", RuntimeWarning, stacklevel=2)
