@@ -172,6 +172,47 @@ def test_transformers_rows_carry_the_tokens_their_weights_were_trained_on(tmp_pa
         assert steps == [(s, 64 * s) for s in range(3 if probe_tokens is None else 4)], steps
 
 
+def test_transformers_trainer_with_a_padding_collator_measures_the_tokens_alone(tmp_path):
+    """Sequences of different lengths, padded per batch by the collator: each measured step's rows count
+    exactly the tokens of its batch (the Trainer's attention_mask), and equal a fixed-batch probe of
+    the model as it was, fed those sequences one by one without padding."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from rankprobe.integrations.hf_callback import RankProbeCallback
+
+    model = _tiny_llama(transformers)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(1, 64, (int(n),), generator=g) for n in torch.randint(4, 17, (8,), generator=g)]
+
+    def pad(batch):  # right padding with token 0, masked; labels -100 there
+        T = max(len(b["input_ids"]) for b in batch)
+        ids, mask = torch.zeros(len(batch), T, dtype=torch.long), torch.zeros(len(batch), T, dtype=torch.long)
+        for i, b in enumerate(batch):
+            ids[i, : len(b["input_ids"])], mask[i, : len(b["input_ids"])] = b["input_ids"], 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    seen = _Batches(model)
+    masks = []
+    model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw["attention_mask"].clone()) if m.training else None,
+                                    with_kwargs=True)
+    callback = RankProbeCallback(every=1, weights=False)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                          remove_unused_columns=False)
+    transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": x} for x in data], data_collator=pad,
+                         callbacks=[callback]).train()
+    for step in (0, 1):
+        rows = [r for r in callback.rows if r["step"] == step]
+        keep = masks[step].bool()
+        assert not keep.all() and {r["n"] for r in rows if r["kind"] == "probe"} == {int(keep.sum())}
+        twin = seen.model_at(step)
+        alone = Monitor(twin, every=1, weights=False, background=False)
+        with alone.watch(0):
+            for ids, k in zip(seen.inputs[step], keep):
+                twin(input_ids=ids[k][None])
+        _same(rows, alone.last)
+
+
 def test_one_callback_measures_a_second_training_too(tmp_path):
     """`on_train_end` closes the callback's Monitor (final since the background mode); a second
     `Trainer.train()` / `fit()` with the same callback measures again with a fresh one."""
