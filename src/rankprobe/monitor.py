@@ -346,6 +346,8 @@ class Monitor:
         wanted = self.taps
 
         def sink(key: Key, x: torch.Tensor) -> None:
+            if torch._C._current_graph_task_id() != -1:
+                return  # activation checkpointing's second forward, inside backward: counted once already
             if wanted is None or key[0] in wanted:
                 cov(key, x)
             if att is not None:

@@ -1,6 +1,7 @@
-"""The Monitor on padded batches (probes/padding.py): a Hugging Face model called with an attention_mask
-is measured on its tokens alone, exactly as on the same sequences one by one without padding; what
-cannot be measured that way is refused in one line."""
+"""What a training forward hands the Monitor besides plain batches. Padded batches (probes/padding.py):
+a Hugging Face model called with an attention_mask is measured on its tokens alone, exactly as on the
+same sequences one by one without padding, and what cannot be measured that way is refused in one
+line. Activation checkpointing: the forward that backward runs again is not measured twice."""
 
 import pytest
 import torch
@@ -94,3 +95,24 @@ def test_what_padding_cannot_say_is_refused_in_one_line():
     rows = measure(model, [dict(input_ids=ids, position_ids=packed)], attention=False)
     assert rows and all(k[0] == "probe" for k in rows) and rows[("probe", "proj", "k", 0)]["n"] == 2 * LONG
 
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointings_second_forward_is_not_measured_again(reentrant):
+    """With activation checkpointing, backward runs each layer's forward again, hooks included: the
+    measured step's rows are those of the same step without checkpointing, not its tokens twice."""
+    model = llama("sdpa").train()
+    ids = torch.randint(1, V, (2, LONG), generator=torch.Generator().manual_seed(2))
+
+    def rows() -> dict:
+        m = Monitor(model, every=1, weights=False, background=False)
+        with m.watch(0):
+            model(input_ids=ids, labels=ids).loss.backward()
+        m.close()
+        return {(r["kind"], r.get("tap"), r.get("tensor"), r["layer"]): r for r in m.last}
+
+    plain = rows()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = rows()
+    assert plain[("probe", "proj", "k", 0)]["n"] == 2 * LONG
+    assert_rows_equal(checkpointed, plain)
