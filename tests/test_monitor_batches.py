@@ -10,6 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from rankprobe import Monitor  # noqa: E402
 from rankprobe.errors import UserError  # noqa: E402
+from rankprobe.probes.families import SUPPORTED  # noqa: E402
+from test_families import config  # noqa: E402
 
 V, LONG, SHORT = 64, 12, 7
 METRICS = ("n", "pr", "erank", "stable_rank", "rankme", "entropy", "entropy_norm", "max_logit", "entropy_max",
@@ -46,7 +48,7 @@ def padded(a: torch.Tensor, b: torch.Tensor, left: bool) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def assert_rows_equal(got: dict, want: dict, skip_taps=()) -> None:
+def assert_rows_equal(got: dict, want: dict, skip_taps=(), rel=1e-7) -> None:
     assert set(got) == set(want)
     compared = 0
     for key, row in got.items():
@@ -54,7 +56,7 @@ def assert_rows_equal(got: dict, want: dict, skip_taps=()) -> None:
             continue
         for m in METRICS:
             if m in row:
-                assert row[m] == pytest.approx(want[key][m], rel=1e-7, abs=1e-9), (key, m)
+                assert row[m] == pytest.approx(want[key][m], rel=rel, abs=1e-9), (key, m)
                 compared += 1
     assert compared > 50
 
@@ -77,6 +79,20 @@ def test_padded_batches_measure_the_tokens_as_the_sequences_alone(impl):
     assert_rows_equal(measure(model, [dict(input_ids=ids, attention_mask=mask)]), alone, skip_taps=("rope",))
     positions = (mask.cumsum(1) - 1).clamp_min(0)
     assert_rows_equal(measure(model, [dict(input_ids=ids, attention_mask=mask, position_ids=positions)]), alone)
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_every_family_measures_a_right_padded_batch_as_its_sequences_alone(name):
+    """Each supported family's own attention masks the padding as the Monitor measures it (its mask is
+    checked against the padding: probes/families.py): every row equals the sequences fed one by one."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config(name)).eval()
+    g = torch.Generator().manual_seed(1)
+    vocab = model.get_input_embeddings().num_embeddings
+    a, b = torch.randint(1, vocab, (SHORT,), generator=g), torch.randint(1, vocab, (LONG,), generator=g)
+    alone = measure(model, [dict(input_ids=a[None]), dict(input_ids=b[None])])
+    ids, mask = padded(a, b, left=False)
+    assert_rows_equal(measure(model, [dict(input_ids=ids, attention_mask=mask)]), alone, rel=1e-5)
 
 
 def test_what_padding_cannot_say_is_refused_in_one_line():
