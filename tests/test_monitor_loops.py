@@ -1,0 +1,226 @@
+"""The Monitor inside users' own loops, on models it has no adapter for (`Patterns`): fused QKV
+layouts, multi-query and grouped-query attention, QK-Norm and rotary modules, a custom logit scale,
+gradient accumulation and autocast. Every number is checked against float64 by hand from what the
+model itself recorded (numpy eigenvalues, an explicit causal softmax), and what the Monitor cannot
+measure right is refused in one line."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rankprobe import AttentionSpec, Monitor, Patterns
+from rankprobe.config import DataError, UserError
+
+T, E = 12, 32
+
+
+def _rotate(x):
+    """A rotary embedding on (B, T, H, D): the model's own, which the Monitor never sees as a function."""
+    D = x.size(-1)
+    pos = torch.arange(x.size(1), dtype=torch.float32)[:, None] * (1.0 / 100 ** (torch.arange(0, D, 2) / D))
+    cos, sin = pos.cos()[None, :, None, :], pos.sin()[None, :, None, :]
+    a, b = x[..., ::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+
+
+class Rope(nn.Module):
+    def __init__(self, bhtd=False):
+        super().__init__()
+        self.bhtd = bhtd
+
+    def forward(self, x):  # x (B, H, T, D) when bhtd, else (B, T, H, D)
+        return _rotate(x.transpose(1, 2)).transpose(1, 2) if self.bhtd else _rotate(x)
+
+
+class Attn(nn.Module):
+    """Causal attention with H query heads and Hkv key heads of width D, q/k/v from separate
+    projections or one fused QKV in `layout`; optional QK-Norm and rotary modules. It records its own
+    q, k, v (B, T, H, D) at every stage in `self.seen` when `record` is on."""
+
+    def __init__(self, H, Hkv, D, layout=None, qk_norm=False, rope=False, bhtd=False, scale=None):
+        super().__init__()
+        self.H, self.Hkv, self.D, self.layout, self.bhtd, self.scale = H, Hkv, D, layout, bhtd, scale
+        if layout is None:
+            self.wq, self.wk, self.wv = nn.Linear(E, H * D), nn.Linear(E, Hkv * D), nn.Linear(E, Hkv * D)
+        else:
+            self.c_attn = nn.Linear(E, (H + 2 * Hkv) * D)
+        self.q_norm = nn.RMSNorm(D) if qk_norm else None
+        self.k_norm = nn.RMSNorm(D) if qk_norm else None
+        self.q_rope, self.k_rope = (Rope(bhtd), Rope(bhtd)) if rope else (None, None)
+        self.wo = nn.Linear(H * D, E)
+        self.record, self.seen = False, []
+
+    def qkv(self, x):
+        B, T_, _ = x.shape
+        H, Hkv, D = self.H, self.Hkv, self.D
+        if self.layout is None:
+            return self.wq(x).view(B, T_, H, D), self.wk(x).view(B, T_, Hkv, D), self.wv(x).view(B, T_, Hkv, D)
+        y = self.c_attn(x)
+        if self.layout == "blocks":
+            q, k, v = y[..., : H * D], y[..., H * D : (H + Hkv) * D], y[..., (H + Hkv) * D :]
+            return q.reshape(B, T_, H, D), k.reshape(B, T_, Hkv, D), v.reshape(B, T_, Hkv, D)
+        if self.layout == "heads":  # per head [q k v]
+            y = y.view(B, T_, H, 3, D)
+            return y[:, :, :, 0], y[:, :, :, 1], y[:, :, :, 2]
+        g = y.view(B, T_, Hkv, H // Hkv + 2, D)  # per key group [its queries | k | v]
+        return g[:, :, :, : H // Hkv].reshape(B, T_, H, D), g[:, :, :, -2], g[:, :, :, -1]
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)  # (B, T, H, D)
+        rec = {"proj": (q, k, v)}
+        if self.bhtd:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        back = (lambda t: t.transpose(1, 2)) if self.bhtd else (lambda t: t)  # noqa: E731
+        rec["norm"] = (back(q), back(k))
+        if self.q_rope is not None:
+            q, k = self.q_rope(q), self.k_rope(k)
+        rec["rope"] = (back(q), back(k))
+        if self.record:
+            self.seen.append({s: tuple(t.detach().double().clone() for t in ts) for s, ts in rec.items()})
+        q, k, v = back(q).transpose(1, 2), back(k).transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        rep = self.H // self.Hkv
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.wo(y.transpose(1, 2).flatten(2))
+
+
+class Net(nn.Module):
+    def __init__(self, n_layer=2, **kw):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, E)
+        self.layers = nn.ModuleList(nn.ModuleDict({"attn": Attn(**kw), "ln": nn.LayerNorm(E)}) for _ in range(n_layer))
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for blk in self.layers:
+            x = x + blk["attn"](blk["ln"](x))
+        return x.pow(2).mean()
+
+    def recording(self, on=True):
+        for blk in self.layers:
+            blk["attn"].record = on
+            if on:
+                blk["attn"].seen.clear()
+        return self
+
+
+def _tokens(n=6, seed=1):
+    return torch.randint(0, 50, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _pr(xs):
+    """Per head, the participation ratio (Σλ)²/Σλ² of the centred covariance of xs [(B, T, H, D)], float64."""
+    x = np.concatenate([t.reshape(-1, *t.shape[2:]).numpy() for t in xs])  # (N, H, D)
+    out = []
+    for h in range(x.shape[1]):
+        c = x[:, h] - x[:, h].mean(0)
+        lam = np.linalg.eigvalsh(c.T @ c / len(c))
+        out.append(lam.sum() ** 2 / (lam**2).sum())
+    return np.array(out)
+
+
+def _entropy(qs, ks, scale):
+    """Per head, the mean causal attention entropy over rows t ≥ 1 and the max logit, by explicit softmax."""
+    ent, mx, rows = 0.0, -np.inf, 0
+    for q, k in zip(qs, ks):
+        q, k = q.numpy(), k.numpy()
+        k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)  # query head h reads key head h // (H / Hkv)
+        s = np.einsum("bthd,bjhd->bhtj", q, k) * scale
+        s = np.where(np.tril(np.ones((q.shape[1],) * 2, bool)), s, -np.inf)
+        mx = np.maximum(mx, s.max((0, 2, 3)))
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        h = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)).sum(-1)  # (B, H, T)
+        ent, rows = ent + h[:, :, 1:].sum((0, 2)), rows + h.shape[0] * (h.shape[2] - 1)
+    return ent / rows, mx
+
+
+def _check(model, rows, spec_scale, taps=("proj", "norm", "rope")):
+    """Every probe row of `rows` and every attn row against float64 by hand from the model's records."""
+    probe = {(r["tap"], r["tensor"], r["layer"]): r for r in rows if r["kind"] == "probe"}
+    attn = {r["layer"]: r for r in rows if r["kind"] == "attn"}
+    for i, blk in enumerate(model.layers):
+        seen = blk["attn"].seen
+        assert seen, "the model ran no recorded forward"
+        for tap in taps:
+            for j, tensor in enumerate("qkv" if tap == "proj" else "qk"):
+                got = probe[(tap, tensor, i)]
+                want = _pr([s[tap][j] for s in seen])
+                assert got["n"] == sum(s[tap][j].shape[0] * s[tap][j].shape[1] for s in seen)
+                np.testing.assert_allclose(got["pr_heads"], want, rtol=1e-6, err_msg=f"{tap} {tensor} {i}")
+        ent, mx = _entropy([s["rope"][0] for s in seen], [s["rope"][1] for s in seen], spec_scale)
+        np.testing.assert_allclose(attn[i]["entropy_heads"], ent, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(attn[i]["max_logit_heads"], mx, rtol=1e-4, atol=1e-4)
+
+
+def _measure(model, mon, batches=(_tokens(),), step=0):
+    model.recording()
+    with mon.watch(step):
+        for x in batches:  # gradient accumulation: every micro-batch of the step
+            model(x).backward()
+    model.recording(False)
+    return mon.last
+
+
+LAYOUTS = [  # (fused layout or None, H, Hkv)
+    (None, 4, 4), (None, 4, 2), (None, 4, 1),
+    ("blocks", 4, 4), ("blocks", 4, 2), ("blocks", 4, 1),
+    ("heads", 4, 4), ("groups", 4, 2), ("groups", 4, 1),
+]
+
+
+@pytest.mark.parametrize("layout,H,Hkv", LAYOUTS)
+def test_fused_and_grouped_layouts_equal_float64_by_hand(layout, H, Hkv):
+    model = Net(H=H, Hkv=Hkv, D=8, layout=layout)
+    names = dict(qkv="c_attn", fused=layout) if layout else dict(q="wq", k="wk", v="wv")
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", o="wo", **names), heads=H, kv_heads=Hkv,
+                  every=1, weights=False)
+    _check(model, _measure(model, mon), 8 ** -0.5)
+
+
+NORMED = dict(q_norm="q_norm", k_norm="k_norm", q_rope="q_rope", k_rope="k_rope")
+
+
+def test_qk_norm_rotary_modules_and_a_custom_scale_equal_float64_by_hand():
+    model = Net(H=4, Hkv=2, D=8, qk_norm=True, rope=True, scale=0.5)
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo", **NORMED),
+                  heads=4, kv_heads=2, attention_spec=AttentionSpec(scale=0.5), every=1, weights=False)
+    rows = _measure(model, mon, batches=(_tokens(3, 1), _tokens(4, 2)))  # two micro-batches
+    _check(model, rows, 0.5)
+
+
+def test_norm_and_rotary_modules_on_heads_first_tensors():
+    model = Net(H=4, Hkv=4, D=8, qk_norm=True, rope=True, bhtd=True)
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo", norm_layout="bhtd",
+                                           rope_layout="bhtd", **NORMED), heads=4, every=1, weights=False)
+    _check(model, _measure(model, mon), 8 ** -0.5)
+
+
+def test_a_tap_in_another_layout_than_its_patterns_say_is_refused_not_measured():
+    # rotary modules on (B, H, T, D) read as (B, T, H, D): 4 "tokens" of 12 "heads" were measured
+    model = Net(H=4, Hkv=4, D=8, qk_norm=True, rope=True, bhtd=True)
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo", norm_layout="bhtd",
+                                           **NORMED), heads=4, every=1, weights=False)
+    with pytest.raises(DataError, match="q_rope.*12 heads.*4 heads of 8.*rope_layout"):
+        _measure(model, mon)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("layout", ["blocks", "groups"])
+def test_fused_qkv_with_qk_norm_and_rotary_modules_under_bf16_autocast(layout):
+    # the fused hook read the layout variable the norm/rope loop rebinds: DataError mid-step
+    model = Net(H=4, Hkv=2, D=8, layout=layout, qk_norm=True, rope=True)
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", qkv="c_attn", fused=layout, o="wo", **NORMED), heads=4,
+                  kv_heads=2, every=1, weights=False)
+    model.recording()
+    with mon.watch(0), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(_tokens()).backward()
+    model.recording(False)
+    _check(model, mon.last, 8 ** -0.5)
