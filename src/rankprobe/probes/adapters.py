@@ -30,6 +30,7 @@ from ..config import DataError
 Key = tuple[str, str, int]  # (tap, tensor, layer), as in Transformer.tap_modules
 Sink = Callable[[Key, torch.Tensor], None]  # receives (B, T, H, D) activations
 TAPS = ("proj", "norm", "rope")
+LAYOUTS = ("bthd", "bhtd", "flat")  # of a norm or rotary module's output: (B, T, H, D), (B, H, T, D), (B, T, H·D)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Patterns:
     ("transformer.h.*.attn"). Give q, k, v (projections whose output is (B, T, H·D) or (B, T, H, D))
     or `qkv` with its `fused` layout (a key of FUSED). q_norm / k_norm, when given, are modules whose
     output is the normed q / k in `norm_layout` ("bthd", "bhtd" or "flat" = (B, T, H·D)); q_rope /
-    k_rope modules whose output (B, T, H, D) is post-rotary. `o` is the output projection (weight
+    k_rope modules whose output is the post-rotary q / k in `rope_layout` (the same three). `o` is the output projection (weight
     lenses), `w` the q, k, v projections for them where the taps are not the projections themselves.
     `conv1d`: weights are stored (in, out), as GPT-2's Conv1D."""
 
@@ -76,6 +77,7 @@ class Patterns:
     norm_layout: str = "bthd"
     q_rope: str | None = None
     k_rope: str | None = None
+    rope_layout: str = "bthd"
     o: str | None = None
     w: tuple[str, str, str] | None = None
     conv1d: bool = False
@@ -182,6 +184,12 @@ class ModuleAdapter(TapAdapter):
         self.specs = list(spec) if isinstance(spec, list) else [spec] * self.n_layer
         if len(self.specs) != self.n_layer:
             raise DataError(f"{len(self.specs)} attention specs for {self.n_layer} layers")
+        for field in ("norm_layout", "rope_layout"):  # any other string would read as bthd
+            if getattr(patterns, field) not in LAYOUTS:
+                raise DataError(f"Patterns({field}={getattr(patterns, field)!r}): one of {', '.join(LAYOUTS)}")
+        if patterns.qkv is not None and patterns.fused == "heads" and self.kv_heads != heads:
+            raise DataError(f"Patterns(fused='heads') holds [q k v] per head, so kv_heads = heads; got heads={heads}, "
+                            f"kv_heads={self.kv_heads} (fused='groups' is [queries | k | v] per key group)")
         self.has_qk_norm = patterns.q_norm is not None
         self.max_positions = max_positions
         self._forward = forward
@@ -212,8 +220,14 @@ class ModuleAdapter(TapAdapter):
     def attach(self, sink: Sink, taps=None) -> list:
         """Hooks that call `sink((tap, tensor, layer), x)` with x (B, T, H, D) at every tap (or only
         the keys in `taps`); returns the handles to remove."""
-        def emit_for(layer: int, tensor: str, stages: tuple[str, ...]):
+        def emit_for(layer: int, tensor: str, stages: tuple[str, ...], where: str = "its projection"):
+            heads = self.heads if tensor == "q" else self.kv_heads
+
             def emit(x: torch.Tensor) -> None:
+                if tuple(x.shape[-2:]) != (heads, self.head_dim):  # e.g. (B, H, T, D) read as (B, T, H, D)
+                    raise DataError(f"layer {layer}: {tensor} from {where} reads as {x.size(-2)} heads of "
+                                    f"{x.size(-1)}, not {heads} heads of {self.head_dim}; check heads, kv_heads "
+                                    "and head_dim, and Patterns' norm_layout / rope_layout (bthd, bhtd or flat)")
                 for tap in stages:
                     if taps is None or (tap, tensor, layer) in taps:
                         sink((tap, tensor, layer), x)
@@ -235,11 +249,12 @@ class ModuleAdapter(TapAdapter):
     def _attach_layers(self, handles: list, emit_for: Callable, after_proj: tuple, after_norm: tuple) -> None:
         p, D = self.p, self.head_dim
         for i, attn in enumerate(self.layers):
-            q, k, v = (emit_for(i, t, after_proj if t != "v" else ("proj",)) for t in "qkv")
+            q, k, v = (emit_for(i, t, after_proj if t != "v" else ("proj",), repr(p.qkv or getattr(p, t)))
+                       for t in "qkv")
             if p.qkv:
-                H, Hkv, layout = self.heads, self.kv_heads, p.fused
+                H, Hkv = self.heads, self.kv_heads
 
-                def fused(_m, _i, out, q=q, k=k, v=v):
+                def fused(_m, _i, out, q=q, k=k, v=v, layout=p.fused):  # bound now: the loop below rebinds names
                     qs, ks, vs = split_fused(out, layout, H, Hkv, D)
                     q(qs), k(ks), v(vs)
                 handles.append(self.sub(attn, p.qkv).register_forward_hook(fused))
@@ -247,11 +262,11 @@ class ModuleAdapter(TapAdapter):
                 for name, emit in ((p.q, q), (p.k, k), (p.v, v)):
                     handles.append(self.sub(attn, name).register_forward_hook(
                         lambda _m, _i, out, emit=emit: emit(_heads(out, D))))
-            stages = [(p.q_norm, p.k_norm, after_norm, p.norm_layout)] if p.q_norm else []
-            stages += [(p.q_rope, p.k_rope, ("rope",), "bthd")] if p.q_rope else []
-            for qn, kn, at, layout in stages:
+            stages = [("norm", p.q_norm, p.k_norm, after_norm, p.norm_layout)] if p.q_norm else []
+            stages += [("rope", p.q_rope, p.k_rope, ("rope",), p.rope_layout)] if p.q_rope else []
+            for stage, qn, kn, at, layout in stages:
                 for name, tensor in ((qn, "q"), (kn, "k")):
-                    emit = emit_for(i, tensor, at)
+                    emit = emit_for(i, tensor, at, f"{tensor}_{stage} {name!r}")
                     handles.append(self.sub(attn, name).register_forward_hook(
                         lambda _m, _i, out, emit=emit, layout=layout: emit(_heads(out, D, layout))))
             handles += self.attach_rope(i, attn, emit_for(i, "q", ("rope",)), emit_for(i, "k", ("rope",)))
