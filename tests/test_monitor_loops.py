@@ -224,3 +224,46 @@ def test_fused_qkv_with_qk_norm_and_rotary_modules_under_bf16_autocast(layout):
         model(_tokens()).backward()
     model.recording(False)
     _check(model, mon.last, 8 ** -0.5)
+
+
+class _Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_head_width_is_read_through_w_for_identity_taps_and_a_wrong_one_is_refused_at_once():
+    model = Net(H=4, Hkv=2, D=8)
+    for blk in model.layers:  # identity taps after the projections, as RankProbe's own model has
+        a = blk["attn"]
+        a.hq, a.hk = _Identity(), _Identity()
+        a.wq.register_forward_hook(lambda m, i, out, a=a: a.hq(out))
+        a.wk.register_forward_hook(lambda m, i, out, a=a: a.hk(out))
+    taps = Patterns(layers="layers.*.attn", q="hq", k="hk", v="wv", o="wo", w=("wq", "wk", "wv"))
+    mon = Monitor(model, patterns=taps, heads=4, kv_heads=2, every=1, weights=False)  # was AttributeError: no weight
+    assert mon.adapter.head_dim == 8
+    _check(model, _measure(model, mon), 8 ** -0.5)
+    with pytest.raises(UserError, match="'hq' has no .*give head_dim="):
+        Monitor(model, patterns=Patterns(layers="layers.*.attn", q="hq", k="hk", v="wv", o="wo"), heads=4)
+    for layout, names in ((None, dict(q="wq", k="wk", v="wv")), ("blocks", dict(qkv="c_attn"))):
+        # a head_dim given that does not fit: 8 heads of 4 measured as if 4, or a split failing mid-step
+        model = Net(H=4, Hkv=4, D=8, layout=layout)
+        with pytest.raises(UserError, match="head_dim=4.* output features, not .* heads × 4"):
+            Monitor(model, patterns=Patterns(layers="layers.*.attn", o="wo", **names), heads=4, head_dim=4)
+
+
+def test_fused_heads_layout_under_grouped_query_attention_is_refused_at_once():
+    with pytest.raises(DataError, match="fused='heads'.*kv_heads = heads"):
+        Monitor(Net(H=4, Hkv=4, D=8, layout="heads"), patterns=Patterns(layers="layers.*.attn", qkv="c_attn",
+                                                                         fused="heads", o="wo"), heads=4, kv_heads=2)
+    with pytest.raises(DataError, match="rope_layout='bhdt'"):
+        Monitor(Net(H=4, Hkv=4, D=8), patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv",
+                                                        rope_layout="bhdt"), heads=4)
+
+
+@pytest.mark.parametrize("n_layer,shared", [(2, 1), (3, 2)])
+def test_layers_sharing_one_module_are_refused_not_merged_into_one(n_layer, shared):
+    # named_modules lists a shared module once: layer 0 took every use's activations, the rest vanished
+    model = Net(n_layer=n_layer, H=4, Hkv=4, D=8)
+    model.layers[shared] = model.layers[0]
+    with pytest.raises(DataError, match=f"layers 0 and {shared} are one module"):
+        Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo"), heads=4)

@@ -121,16 +121,34 @@ def _same_forward_count(d: Dist, n: int, batch_size: int) -> None:
                         f"sequences a multiple of {d.world_size * batch_size}")
 
 
-def _head_dim(module, heads: int, kv_heads: int, patterns: Patterns) -> int:
-    """Head width from a projection's output features: q is H·D wide, a fused QKV (H + 2·Hkv)·D."""
+def _head_dim(layer, heads: int, kv_heads: int, patterns: Patterns, head_dim: int | None) -> int:
+    """Head width from the first layer's q (or fused QKV) projection: q is H·D wide, a fused QKV
+    (H + 2·Hkv)·D; a `head_dim` given must agree with it. A q tap without a weight (an identity tap)
+    is read through `patterns.w`; without either, `head_dim` must be given."""
     for name, n in (("heads", heads), ("kv_heads", kv_heads)):
         if not _count(n):
             raise UserError(f"Monitor({name}={n!r}): a number of heads, 1 or more")
+    if head_dim is not None and not _count(head_dim):
+        raise UserError(f"Monitor(head_dim={head_dim!r}): the width of one head, a whole number >= 1")
     if heads % kv_heads:
         raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): heads must be a multiple of kv_heads")
-    out = module.weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
+    name = patterns.qkv or patterns.q
+    weight = getattr(ModuleAdapter.sub(layer, name), "weight", None)
+    if not isinstance(weight, torch.Tensor) and patterns.w and not patterns.qkv:
+        name = patterns.w[0]
+        weight = getattr(ModuleAdapter.sub(layer, name), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        if head_dim is not None:
+            return head_dim
+        raise UserError(f"Monitor(patterns=...): {name!r} has no (out, in) weight to read the head width from; "
+                        "give head_dim=")
+    out = weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
     width = heads + 2 * kv_heads if patterns.qkv else heads
-    if out % width:  # a head width rounded down would reshape into the wrong heads, or fail mid-step
+    # a head width that does not fit reshapes into the wrong heads, or fails mid-step
+    if head_dim is not None and out != width * head_dim:
+        raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}, head_dim={head_dim}): {name!r} has {out} output "
+                        f"features, not {width} heads × {head_dim}; give the model's own head counts and width")
+    if out % width:
         raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): the projection's {out} output features do not "
                         f"split into {width} heads of one width; give the model's own head counts")
     return out // width
@@ -209,8 +227,7 @@ class Monitor:
             if heads is None:
                 raise UserError("Monitor(patterns=...) needs heads= (and kv_heads= under grouped-query attention)")
             inner = unwrap(model)
-            proj = ModuleAdapter.sub(match_layers(inner, patterns.layers)[0], patterns.qkv or patterns.q)
-            head_dim = head_dim or _head_dim(proj, heads, kv_heads or heads, patterns)
+            head_dim = _head_dim(match_layers(inner, patterns.layers)[0], heads, kv_heads or heads, patterns, head_dim)
             self.adapter: TapAdapter = ModuleAdapter(inner, patterns, heads, head_dim, kv_heads,
                                                      attention=attention_spec)
         else:

@@ -145,12 +145,18 @@ def match_layers(model: nn.Module, pattern: str) -> list[nn.Module]:
         raise DataError(f"layer pattern {pattern!r} needs exactly one '*' for the layer index")
     rx = re.compile(fnmatch.translate(pattern).replace(".*", r"(\d+)", 1))
     found = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # a shared module under each of its names
         m = rx.fullmatch(name)
         if m:
             found[int(m.group(1))] = module
     if not found or sorted(found) != list(range(len(found))):
         raise DataError(f"no attention layers 0..L-1 match {pattern!r} in {type(model).__name__}")
+    first: dict[int, int] = {}
+    for i in range(len(found)):
+        j = first.setdefault(id(found[i]), i)
+        if j != i:  # its hooks would fire once per use, every use counted as one layer
+            raise DataError(f"{pattern!r}: layers {j} and {i} are one module (shared weights), whose activations "
+                            "the taps cannot tell apart; RankProbe measures models whose layers are distinct modules")
     return [found[i] for i in range(len(found))]
 
 
