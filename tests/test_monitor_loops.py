@@ -32,8 +32,9 @@ class Rope(nn.Module):
         super().__init__()
         self.bhtd = bhtd
 
-    def forward(self, x):  # x (B, H, T, D) when bhtd, else (B, T, H, D)
-        return _rotate(x.transpose(1, 2)).transpose(1, 2) if self.bhtd else _rotate(x)
+    def forward(self, x, y=None):  # x (B, H, T, D) when bhtd, else (B, T, H, D); both of (q, k) when y is given
+        one = (lambda t: _rotate(t.transpose(1, 2)).transpose(1, 2)) if self.bhtd else _rotate  # noqa: E731
+        return one(x) if y is None else (one(x), one(y))
 
 
 class Attn(nn.Module):
@@ -50,7 +51,10 @@ class Attn(nn.Module):
             self.c_attn = nn.Linear(E, (H + 2 * Hkv) * D)
         self.q_norm = nn.RMSNorm(D) if qk_norm else None
         self.k_norm = nn.RMSNorm(D) if qk_norm else None
-        self.q_rope, self.k_rope = (Rope(bhtd), Rope(bhtd)) if rope else (None, None)
+        # rope: True, a module each for q and k; "twice", one module called for q, then k; "pair", one module (q, k)
+        self.rope = rope
+        self.q_rope, self.k_rope = (Rope(bhtd), Rope(bhtd)) if rope is True else (None, None)
+        self.rotary = Rope(bhtd) if rope in ("twice", "pair") else None
         self.wo = nn.Linear(H * D, E)
         self.record, self.seen = False, []
 
@@ -78,8 +82,10 @@ class Attn(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         back = (lambda t: t.transpose(1, 2)) if self.bhtd else (lambda t: t)  # noqa: E731
         rec["norm"] = (back(q), back(k))
-        if self.q_rope is not None:
+        if self.rope is True:
             q, k = self.q_rope(q), self.k_rope(k)
+        elif self.rope:
+            q, k = (self.rotary(q), self.rotary(k)) if self.rope == "twice" else self.rotary(q, k)
         rec["rope"] = (back(q), back(k))
         if self.record:
             self.seen.append({s: tuple(t.detach().double().clone() for t in ts) for s, ts in rec.items()})
@@ -267,3 +273,43 @@ def test_layers_sharing_one_module_are_refused_not_merged_into_one(n_layer, shar
     model.layers[shared] = model.layers[0]
     with pytest.raises(DataError, match=f"layers 0 and {shared} are one module"):
         Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo"), heads=4)
+
+
+def test_one_rotary_module_returning_q_and_k_equals_float64_by_hand():
+    model = Net(H=4, Hkv=2, D=8, rope="pair")
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo", q_rope="rotary",
+                                           k_rope="rotary"), heads=4, every=1, weights=False)
+    _check(model, _measure(model, mon), 8 ** -0.5)
+
+
+def test_one_rotary_module_called_for_q_then_k_is_refused_not_measured():
+    # both hooks fired on both calls: each rope tap got q and k, and attention paired q with q, k with k
+    model = Net(H=4, Hkv=4, D=8, rope="twice")
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo", q_rope="rotary",
+                                           k_rope="rotary"), heads=4, every=1, weights=False)
+    with pytest.raises(DataError, match="one module 'rotary', which returned one tensor"):
+        _measure(model, mon)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_module_shared_by_every_layer_is_refused_at_once():
+    model = Net(H=4, Hkv=4, D=8, rope=True)
+    for blk in model.layers[1:]:  # one rotary module for every layer, as a model-level rotary often is
+        blk["attn"].q_rope, blk["attn"].k_rope = model.layers[0]["attn"].q_rope, model.layers[0]["attn"].k_rope
+    with pytest.raises(DataError, match="layer 1's q_rope='q_rope' is the module already tapped as layer 0's"):
+        Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", q_rope="q_rope",
+                                         k_rope="k_rope"), heads=4)
+
+
+def test_key_heads_of_separate_projections_are_read_from_w_k():
+    # without kv_heads, W_k and W_v of a grouped-query model were split into 4 heads of 4, not 2 of 8
+    model = Net(H=4, Hkv=2, D=8)
+    taps = Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo")
+    rows = Monitor(model, patterns=taps, heads=4, every=1).probe(_tokens())
+    w = {r["matrix"]: r for r in rows if r["kind"] == "weights" and r["layer"] == 1}
+    wk = model.layers[1]["attn"].wk.weight.detach().double().numpy().reshape(2, 8, E)  # (heads, D, in)
+    s = [np.linalg.svd(h, compute_uv=False) for h in wk]
+    np.testing.assert_allclose(w["k"]["stable_rank_heads"], [(x**2).sum() / x[0] ** 2 for x in s], rtol=1e-6)
+    assert len(w["q"]["stable_rank_heads"]) == 4 and len(w["v"]["stable_rank_heads"]) == 2
+    with pytest.raises(UserError, match=r"kv_heads=4.*'wk' has 16 output features, 2 key heads"):
+        Monitor(model, patterns=taps, heads=4, kv_heads=4)

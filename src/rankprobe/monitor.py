@@ -132,17 +132,13 @@ def _head_dim(layer, heads: int, kv_heads: int, patterns: Patterns, head_dim: in
         raise UserError(f"Monitor(head_dim={head_dim!r}): the width of one head, a whole number >= 1")
     if heads % kv_heads:
         raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): heads must be a multiple of kv_heads")
-    name = patterns.qkv or patterns.q
-    weight = getattr(ModuleAdapter.sub(layer, name), "weight", None)
-    if not isinstance(weight, torch.Tensor) and patterns.w and not patterns.qkv:
-        name = patterns.w[0]
-        weight = getattr(ModuleAdapter.sub(layer, name), "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+    name, weight = _weight(layer, patterns, 0)
+    if weight is None:
         if head_dim is not None:
             return head_dim
         raise UserError(f"Monitor(patterns=...): {name!r} has no (out, in) weight to read the head width from; "
                         "give head_dim=")
-    out = weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
+    out = weight.shape[0]
     width = heads + 2 * kv_heads if patterns.qkv else heads
     # a head width that does not fit reshapes into the wrong heads, or fails mid-step
     if head_dim is not None and out != width * head_dim:
@@ -152,6 +148,35 @@ def _head_dim(layer, heads: int, kv_heads: int, patterns: Patterns, head_dim: in
         raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): the projection's {out} output features do not "
                         f"split into {width} heads of one width; give the model's own head counts")
     return out // width
+
+
+def _weight(layer, patterns: Patterns, i: int) -> tuple[str, torch.Tensor | None]:
+    """The name and (out, in) weight of the q (i = 0) or k (i = 1) projection, through `patterns.w` when
+    the tap is an identity module; None when neither has one."""
+    name = patterns.qkv or (patterns.q, patterns.k)[i]
+    weight = getattr(ModuleAdapter.sub(layer, name), "weight", None)
+    if not isinstance(weight, torch.Tensor) and patterns.w and not patterns.qkv:
+        name = patterns.w[i]
+        weight = getattr(ModuleAdapter.sub(layer, name), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return name, None
+    return name, weight.t() if patterns.conv1d else weight  # Conv1D stores (in, out)
+
+
+def _kv_heads(layer, heads: int, kv_heads: int | None, head_dim: int, patterns: Patterns) -> int | None:
+    """Key heads from a separate k projection's width (a fused QKV's follow from `kv_heads`): without
+    `kv_heads`, a grouped-query model's W_k and W_v were split into `heads` heads of the wrong width."""
+    name, weight = (None, None) if patterns.qkv else _weight(layer, patterns, 1)
+    if weight is None:
+        return kv_heads
+    out = weight.shape[0]
+    if out % head_dim or heads % (out // head_dim):
+        raise UserError(f"Monitor(heads={heads}, head_dim={head_dim}): {name!r} has {out} output features, not a "
+                        f"number of key heads of width {head_dim} that divides {heads}")
+    if kv_heads is not None and kv_heads != out // head_dim:
+        raise UserError(f"Monitor(kv_heads={kv_heads}): {name!r} has {out} output features, {out // head_dim} key "
+                        f"heads of width {head_dim}")
+    return out // head_dim
 
 
 def _count(n) -> bool:
@@ -227,7 +252,9 @@ class Monitor:
             if heads is None:
                 raise UserError("Monitor(patterns=...) needs heads= (and kv_heads= under grouped-query attention)")
             inner = unwrap(model)
-            head_dim = _head_dim(match_layers(inner, patterns.layers)[0], heads, kv_heads or heads, patterns, head_dim)
+            layer0 = match_layers(inner, patterns.layers)[0]
+            head_dim = _head_dim(layer0, heads, kv_heads or heads, patterns, head_dim)
+            kv_heads = _kv_heads(layer0, heads, kv_heads, head_dim, patterns)
             self.adapter: TapAdapter = ModuleAdapter(inner, patterns, heads, head_dim, kv_heads,
                                                      attention=attention_spec)
         else:

@@ -197,6 +197,7 @@ class ModuleAdapter(TapAdapter):
             raise DataError(f"Patterns(fused='heads') holds [q k v] per head, so kv_heads = heads; got heads={heads}, "
                             f"kv_heads={self.kv_heads} (fused='groups' is [queries | k | v] per key group)")
         self.has_qk_norm = patterns.q_norm is not None
+        self._check_distinct()
         self.max_positions = max_positions
         self._forward = forward
         for attn in self.layers:  # every named module must exist: fail now, not in the middle of a probe
@@ -271,11 +272,34 @@ class ModuleAdapter(TapAdapter):
             stages = [("norm", p.q_norm, p.k_norm, after_norm, p.norm_layout)] if p.q_norm else []
             stages += [("rope", p.q_rope, p.k_rope, ("rope",), p.rope_layout)] if p.q_rope else []
             for stage, qn, kn, at, layout in stages:
-                for name, tensor in ((qn, "q"), (kn, "k")):
-                    emit = emit_for(i, tensor, at, f"{tensor}_{stage} {name!r}")
+                eq, ek = (emit_for(i, t, at, f"{t}_{stage} {n!r}") for t, n in (("q", qn), ("k", kn)))
+                if self.sub(attn, qn) is self.sub(attn, kn):  # one module for both: it must return (q, k)
+                    handles.append(self.sub(attn, qn).register_forward_hook(_pair_hook(eq, ek, D, layout, stage, qn)))
+                    continue
+                for name, emit in ((qn, eq), (kn, ek)):
                     handles.append(self.sub(attn, name).register_forward_hook(
                         lambda _m, _i, out, emit=emit, layout=layout: emit(_heads(out, D, layout))))
             handles += self.attach_rope(i, attn, emit_for(i, "q", ("rope",)), emit_for(i, "k", ("rope",)))
+
+    def _check_distinct(self) -> None:
+        """Every tapped module hooked once: a module serving two taps (a rotary module shared by all
+        layers, say) would hand each of them the other's activations. The exception: q_norm / k_norm
+        (or q_rope / k_rope) naming one module, which must return (q, k) (`_pair_hook`: a module called
+        once for q and once for k is refused at the first measured forward)."""
+        p, seen = self.p, {}
+        for i, attn in enumerate(self.layers):
+            for role in ("qkv", "q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope"):
+                name = getattr(p, role)
+                if name is None:
+                    continue
+                module = self.sub(attn, name)
+                if role[0] == "k" and role != "k" and module is self.sub(attn, getattr(p, "q" + role[1:])):
+                    continue  # a pair module (_pair_hook)
+                where = f"layer {i}'s {role}={name!r}"
+                if seen.setdefault(id(module), where) != where:
+                    raise DataError(f"{where} is the module already tapped as {seen[id(module)]}: its hooks would "
+                                    "see the activations of both; give each tap a module of its own (an identity "
+                                    "module after each call will do)")
 
     def attach_rope(self, layer: int, attn: nn.Module, q: Callable, k: Callable) -> list:
         """Hooks for rope taps that no module outputs (probes/families.py); none here."""
@@ -296,6 +320,18 @@ class ModuleAdapter(TapAdapter):
                 qs, ks, vs = (w(self.sub(attn, n)) for n in (p.w or (p.q, p.k, p.v)))
             out.append({"q": (qs, H), "k": (ks, Hkv), "v": (vs, Hkv), "o": (w(self.sub(attn, p.o)), H)})
         return out
+
+
+def _pair_hook(q: Callable, k: Callable, D: int, layout: str, stage: str, name: str) -> Callable:
+    """The forward hook of one module named as both q_{stage} and k_{stage}: its output must be (q, k)."""
+    def hook(_m, _i, out) -> None:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise DataError(f"q_{stage} and k_{stage} are one module {name!r}, which returned one tensor: called "
+                            "once for q and once for k, its hooks cannot tell them apart; give each its own "
+                            "module (an identity module after each call will do), or have it return (q, k)")
+        q(_heads(out[0], D, layout))
+        k(_heads(out[1], D, layout))
+    return hook
 
 
 def whole(w: torch.Tensor) -> torch.Tensor:
