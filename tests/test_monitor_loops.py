@@ -63,7 +63,12 @@ class Attn(nn.Module):
         H, Hkv, D = self.H, self.Hkv, self.D
         if self.layout is None:
             return self.wq(x).view(B, T_, H, D), self.wk(x).view(B, T_, Hkv, D), self.wv(x).view(B, T_, Hkv, D)
-        y = self.c_attn(x)
+        return self.split(self.c_attn(x))
+
+    def split(self, y):
+        """A fused QKV output (B, T, (H + 2·Hkv)·D) -> q, k, v (B, T, heads, D), as this model slices it."""
+        B, T_, _ = y.shape
+        H, Hkv, D = self.H, self.Hkv, self.D
         if self.layout == "blocks":
             q, k, v = y[..., : H * D], y[..., H * D : (H + Hkv) * D], y[..., (H + Hkv) * D :]
             return q.reshape(B, T_, H, D), k.reshape(B, T_, Hkv, D), v.reshape(B, T_, Hkv, D)
@@ -313,3 +318,18 @@ def test_key_heads_of_separate_projections_are_read_from_w_k():
     assert len(w["q"]["stable_rank_heads"]) == 4 and len(w["v"]["stable_rank_heads"]) == 2
     with pytest.raises(UserError, match=r"kv_heads=4.*'wk' has 16 output features, 2 key heads"):
         Monitor(model, patterns=taps, heads=4, kv_heads=4)
+
+
+@pytest.mark.parametrize("layout,H,Hkv", [("blocks", 4, 2), ("heads", 4, 4), ("groups", 4, 2), ("groups", 4, 1)])
+def test_weight_heads_of_a_fused_qkv_are_the_heads_the_model_slices(layout, H, Hkv):
+    model = Net(H=H, Hkv=Hkv, D=8, layout=layout)
+    rows = Monitor(model, patterns=Patterns(layers="layers.*.attn", qkv="c_attn", fused=layout, o="wo"), heads=H,
+                   kv_heads=Hkv).probe(_tokens(2))
+    w = {r["matrix"]: r for r in rows if r["kind"] == "weights" and r["layer"] == 0}
+    attn = model.layers[0]["attn"]
+    # the model's own slicing applied to W^T as if it were (1, E, out) activations: head h's rows of W
+    blocks = attn.split(attn.c_attn.weight.detach().double().t()[None])
+    for name, x in zip("qkv", blocks):  # x (1, E, heads, D)
+        s = [np.linalg.svd(x[0, :, h].t().numpy(), compute_uv=False) for h in range(x.size(2))]
+        np.testing.assert_allclose(w[name]["stable_rank_heads"], [(v**2).sum() / v[0] ** 2 for v in s], rtol=1e-6)
+        np.testing.assert_allclose(w[name]["spectral_norm_heads"], [v[0] for v in s], rtol=1e-6)
