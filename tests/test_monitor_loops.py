@@ -265,7 +265,7 @@ def test_head_width_is_read_through_w_for_identity_taps_and_a_wrong_one_is_refus
 def test_fused_heads_layout_under_grouped_query_attention_is_refused_at_once():
     with pytest.raises(DataError, match="fused='heads'.*kv_heads = heads"):
         Monitor(Net(H=4, Hkv=4, D=8, layout="heads"), patterns=Patterns(layers="layers.*.attn", qkv="c_attn",
-                                                                         fused="heads", o="wo"), heads=4, kv_heads=2)
+                                                                         fused="heads"), heads=4, kv_heads=2)
     with pytest.raises(DataError, match="rope_layout='bhdt'"):
         Monitor(Net(H=4, Hkv=4, D=8), patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv",
                                                         rope_layout="bhdt"), heads=4)
@@ -333,3 +333,15 @@ def test_weight_heads_of_a_fused_qkv_are_the_heads_the_model_slices(layout, H, H
         s = [np.linalg.svd(x[0, :, h].t().numpy(), compute_uv=False) for h in range(x.size(2))]
         np.testing.assert_allclose(w[name]["stable_rank_heads"], [(v**2).sum() / v[0] ** 2 for v in s], rtol=1e-6)
         np.testing.assert_allclose(w[name]["spectral_norm_heads"], [v[0] for v in s], rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout,Hkv", [("blocks", 1), ("blocks", 2), ("groups", 1)])
+def test_key_heads_of_a_fused_qkv_are_read_from_w_o(layout, Hkv):
+    # without kv_heads, multi-query [q | k | v] of 4 heads of 8 (48 features) read as 4 + 2·4 heads of 4
+    model = Net(H=4, Hkv=Hkv, D=8, layout=layout)
+    taps = Patterns(layers="layers.*.attn", qkv="c_attn", fused=layout, o="wo")
+    mon = Monitor(model, patterns=taps, heads=4, every=1, weights=False)
+    assert (mon.adapter.head_dim, mon.adapter.kv_heads) == (8, Hkv)
+    _check(model, _measure(model, mon), 8 ** -0.5)
+    with pytest.raises(UserError, match=r"give the model's own head counts"):
+        Monitor(model, patterns=taps, heads=4, kv_heads=Hkv + 1 if Hkv == 1 else 1)

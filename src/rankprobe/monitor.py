@@ -24,7 +24,6 @@ holds the rows a single process would compute on all ranks' tokens; rank 0 alone
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from .dist import Dist, reduce_probe_stats, shard_rows
 from .errors import FolderError, UserError
 from .probes.adapters import TAPS, AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
 from .probes import padding
+from .probes.widths import head_shape, whole_count as _count
 from .probes.capture import Key, adapter_for, covariance_sink
 from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows_start, weight_lenses_start
 from .probes.spectra import CovStats
@@ -121,69 +121,6 @@ def _same_forward_count(d: Dist, n: int, batch_size: int) -> None:
                         f"sequences a multiple of {d.world_size * batch_size}")
 
 
-def _head_dim(layer, heads: int, kv_heads: int, patterns: Patterns, head_dim: int | None) -> int:
-    """Head width from the first layer's q (or fused QKV) projection: q is H·D wide, a fused QKV
-    (H + 2·Hkv)·D; a `head_dim` given must agree with it. A q tap without a weight (an identity tap)
-    is read through `patterns.w`; without either, `head_dim` must be given."""
-    for name, n in (("heads", heads), ("kv_heads", kv_heads)):
-        if not _count(n):
-            raise UserError(f"Monitor({name}={n!r}): a number of heads, 1 or more")
-    if head_dim is not None and not _count(head_dim):
-        raise UserError(f"Monitor(head_dim={head_dim!r}): the width of one head, a whole number >= 1")
-    if heads % kv_heads:
-        raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): heads must be a multiple of kv_heads")
-    name, weight = _weight(layer, patterns, 0)
-    if weight is None:
-        if head_dim is not None:
-            return head_dim
-        raise UserError(f"Monitor(patterns=...): {name!r} has no (out, in) weight to read the head width from; "
-                        "give head_dim=")
-    out = weight.shape[0]
-    width = heads + 2 * kv_heads if patterns.qkv else heads
-    # a head width that does not fit reshapes into the wrong heads, or fails mid-step
-    if head_dim is not None and out != width * head_dim:
-        raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}, head_dim={head_dim}): {name!r} has {out} output "
-                        f"features, not {width} heads × {head_dim}; give the model's own head counts and width")
-    if out % width:
-        raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): the projection's {out} output features do not "
-                        f"split into {width} heads of one width; give the model's own head counts")
-    return out // width
-
-
-def _weight(layer, patterns: Patterns, i: int) -> tuple[str, torch.Tensor | None]:
-    """The name and (out, in) weight of the q (i = 0) or k (i = 1) projection, through `patterns.w` when
-    the tap is an identity module; None when neither has one."""
-    name = patterns.qkv or (patterns.q, patterns.k)[i]
-    weight = getattr(ModuleAdapter.sub(layer, name), "weight", None)
-    if not isinstance(weight, torch.Tensor) and patterns.w and not patterns.qkv:
-        name = patterns.w[i]
-        weight = getattr(ModuleAdapter.sub(layer, name), "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        return name, None
-    return name, weight.t() if patterns.conv1d else weight  # Conv1D stores (in, out)
-
-
-def _kv_heads(layer, heads: int, kv_heads: int | None, head_dim: int, patterns: Patterns) -> int | None:
-    """Key heads from a separate k projection's width (a fused QKV's follow from `kv_heads`): without
-    `kv_heads`, a grouped-query model's W_k and W_v were split into `heads` heads of the wrong width."""
-    name, weight = (None, None) if patterns.qkv else _weight(layer, patterns, 1)
-    if weight is None:
-        return kv_heads
-    out = weight.shape[0]
-    if out % head_dim or heads % (out // head_dim):
-        raise UserError(f"Monitor(heads={heads}, head_dim={head_dim}): {name!r} has {out} output features, not a "
-                        f"number of key heads of width {head_dim} that divides {heads}")
-    if kv_heads is not None and kv_heads != out // head_dim:
-        raise UserError(f"Monitor(kv_heads={kv_heads}): {name!r} has {out} output features, {out // head_dim} key "
-                        f"heads of width {head_dim}")
-    return out // head_dim
-
-
-def _count(n) -> bool:
-    """`n` is a whole number >= 1 (not a bool, a float or a string)."""
-    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
-
-
 def _check_tokens(tokens, model) -> None:
     """Probe tokens are a non-empty (N, T) integer tensor of ids the model embeds: an empty one measured
     nothing and said so nowhere, an id past the vocabulary is a device-side assert on CUDA."""
@@ -252,9 +189,7 @@ class Monitor:
             if heads is None:
                 raise UserError("Monitor(patterns=...) needs heads= (and kv_heads= under grouped-query attention)")
             inner = unwrap(model)
-            layer0 = match_layers(inner, patterns.layers)[0]
-            head_dim = _head_dim(layer0, heads, kv_heads or heads, patterns, head_dim)
-            kv_heads = _kv_heads(layer0, heads, kv_heads, head_dim, patterns)
+            head_dim, kv_heads = head_shape(match_layers(inner, patterns.layers)[0], patterns, heads, kv_heads, head_dim)
             self.adapter: TapAdapter = ModuleAdapter(inner, patterns, heads, head_dim, kv_heads,
                                                      attention=attention_spec)
         else:
