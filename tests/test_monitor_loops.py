@@ -62,7 +62,9 @@ class Attn(nn.Module):
         B, T_, _ = x.shape
         H, Hkv, D = self.H, self.Hkv, self.D
         if self.layout is None:
-            return self.wq(x).view(B, T_, H, D), self.wk(x).view(B, T_, Hkv, D), self.wv(x).view(B, T_, Hkv, D)
+            q = self.wq(x)
+            k = q if self.wk is self.wq else self.wk(x)  # shared-QK attention: one call
+            return q.view(B, T_, H, D), k.view(B, T_, Hkv, D), self.wv(x).view(B, T_, Hkv, D)
         return self.split(self.c_attn(x))
 
     def split(self, y):
@@ -345,3 +347,12 @@ def test_key_heads_of_a_fused_qkv_are_read_from_w_o(layout, Hkv):
     _check(model, _measure(model, mon), 8 ** -0.5)
     with pytest.raises(UserError, match=r"give the model's own head counts"):
         Monitor(model, patterns=taps, heads=4, kv_heads=Hkv + 1 if Hkv == 1 else 1)
+
+
+def test_one_projection_for_q_and_k_called_once_is_measured_as_both():
+    model = Net(H=4, Hkv=4, D=8)
+    for blk in model.layers:  # shared-QK attention: k is q
+        blk["attn"].wk = blk["attn"].wq
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo"), heads=4,
+                  every=1, weights=False)
+    _check(model, _measure(model, mon), 8 ** -0.5)

@@ -282,24 +282,22 @@ class ModuleAdapter(TapAdapter):
             handles += self.attach_rope(i, attn, emit_for(i, "q", ("rope",)), emit_for(i, "k", ("rope",)))
 
     def _check_distinct(self) -> None:
-        """Every tapped module hooked once: a module serving two taps (a rotary module shared by all
-        layers, say) would hand each of them the other's activations. The exception: q_norm / k_norm
-        (or q_rope / k_rope) naming one module, which must return (q, k) (`_pair_hook`: a module called
-        once for q and once for k is refused at the first measured forward)."""
+        """No tapped module serves two layers (a rotary module shared by all layers, say): each call's
+        hooks would hand its activations to every layer's taps. Within a layer one module may serve
+        several taps: a shared q/k projection called once, or q_norm / k_norm (q_rope / k_rope) naming one
+        module, which must return (q, k) (`_pair_hook` refuses one called once for q and once for k)."""
         p, seen = self.p, {}
         for i, attn in enumerate(self.layers):
             for role in ("qkv", "q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope"):
                 name = getattr(p, role)
                 if name is None:
                     continue
-                module = self.sub(attn, name)
-                if role[0] == "k" and role != "k" and module is self.sub(attn, getattr(p, "q" + role[1:])):
-                    continue  # a pair module (_pair_hook)
-                where = f"layer {i}'s {role}={name!r}"
-                if seen.setdefault(id(module), where) != where:
-                    raise DataError(f"{where} is the module already tapped as {seen[id(module)]}: its hooks would "
-                                    "see the activations of both; give each tap a module of its own (an identity "
-                                    "module after each call will do)")
+                where = (i, f"layer {i}'s {role}={name!r}")
+                j, there = seen.setdefault(id(self.sub(attn, name)), where)
+                if j != i:
+                    raise DataError(f"{where[1]} is the module already tapped as {there}: its hooks would hand "
+                                    "every layer's activations to both; give each layer a module of its own (an "
+                                    "identity module after each call will do)")
 
     def attach_rope(self, layer: int, attn: nn.Module, q: Callable, k: Callable) -> list:
         """Hooks for rope taps that no module outputs (probes/families.py); none here."""
