@@ -356,3 +356,32 @@ def test_one_projection_for_q_and_k_called_once_is_measured_as_both():
     mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", q="wq", k="wk", v="wv", o="wo"), heads=4,
                   every=1, weights=False)
     _check(model, _measure(model, mon), 8 ** -0.5)
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_every_forward_of_a_measured_step_counts_and_the_step_survives_errors_and_dtype_moves():
+    model = Net(H=4, Hkv=2, D=8, layout="groups", rope="pair")
+    taps = Patterns(layers="layers.*.attn", qkv="c_attn", fused="groups", o="wo", q_rope="rotary", k_rope="rotary")
+    mon = Monitor(model, patterns=taps, heads=4, every=2, weights=False)
+    assert mon.finish() == [] and _hooks(model) == 0  # finish without start: nothing
+    with pytest.raises(ValueError, match="boom"), mon.watch(0):
+        model(_tokens())
+        raise ValueError("boom")  # the user's step fails half-way: no hook is left behind
+    assert _hooks(model) == 0 and not mon._eager
+    assert mon.start(1) is False and _hooks(model) == 0  # not due: nothing attached
+    mon.start(2)
+    with pytest.raises(RuntimeError, match="still open"):
+        mon.start(2)
+    mon.finish()
+    model.double()  # moved after the Monitor was made: the same modules, measured in their new dtype
+    model.recording()
+    with mon.watch(4):
+        model(_tokens(3, 1)).backward()
+        with torch.no_grad():
+            model(_tokens(2, 2))  # an extra forward inside the measured step counts like a micro-batch
+    model.recording(False)
+    _check(model, mon.last, 8 ** -0.5)
+    assert {r["n"] for r in mon.last if r["kind"] == "probe"} == {5 * T}
