@@ -15,6 +15,7 @@ from torch import nn
 from rankprobe import AttentionSpec, Monitor, Patterns
 from rankprobe.config import DataError, UserError
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # the attention check stays quiet where the lens is right
 T, E = 12, 32
 
 
@@ -91,6 +92,8 @@ class Attn(nn.Module):
         rec["norm"] = (back(q), back(k))
         if self.rope is True:
             q, k = self.q_rope(q), self.k_rope(k)
+        elif self.rope == "inline":  # a function inside forward: no module to tap
+            q, k = (_rotate(t.transpose(1, 2)).transpose(1, 2) if self.bhtd else _rotate(t) for t in (q, k))
         elif self.rope:
             q, k = (self.rotary(q), self.rotary(k)) if self.rope == "twice" else self.rotary(q, k)
         rec["rope"] = (back(q), back(k))
@@ -385,3 +388,15 @@ def test_every_forward_of_a_measured_step_counts_and_the_step_survives_errors_an
     model.recording(False)
     _check(model, mon.last, 8 ** -0.5)
     assert {r["n"] for r in mon.last if r["kind"] == "probe"} == {5 * T}
+
+
+@pytest.mark.parametrize("what", ["rotary inside forward", "another logit scale"])
+def test_an_attention_lens_that_is_not_the_models_attention_is_warned_about(what):
+    # the lens measured pre-rotary logits, or logits at 1/sqrt(D), and said nothing
+    rope, scale = ("inline", None) if what.startswith("rotary") else (False, 1.0)
+    model = Net(H=4, Hkv=2, D=8, layout="blocks", rope=rope, scale=scale)
+    taps = Patterns(layers="layers.*.attn", qkv="c_attn", o="wo")
+    mon = Monitor(model, patterns=taps, heads=4, kv_heads=2, every=1, weights=False)
+    with pytest.warns(RuntimeWarning, match=r"layer \d's attention output .* differs by .* attn rows do not"):
+        _measure(model, mon)
+    assert mon._check.warned == {0, 1}

@@ -37,6 +37,7 @@ from .dist import Dist, reduce_probe_stats, shard_rows
 from .errors import FolderError, UserError
 from .probes.adapters import TAPS, AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
 from .probes import padding
+from .probes.agreement import AttentionCheck
 from .probes.widths import head_shape, whole_count as _count
 from .probes.capture import Key, adapter_for, covariance_sink
 from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows_start, weight_lenses_start
@@ -192,8 +193,10 @@ class Monitor:
             head_dim, kv_heads = head_shape(match_layers(inner, patterns.layers)[0], patterns, heads, kv_heads, head_dim)
             self.adapter: TapAdapter = ModuleAdapter(inner, patterns, heads, head_dim, kv_heads,
                                                      attention=attention_spec)
+            # the lens's q·k is only as right as the patterns: checked against the model's attention output
+            self._check: AttentionCheck | None = AttentionCheck(self.adapter, lambda: self._padding)
         else:
-            self.adapter = adapter_for(model)
+            self.adapter, self._check = adapter_for(model), None
         self.train_forward = train_forward
         self.every, self.attention, self.weights, self.batch_size = every, attention, weights, batch_size
         self.taps = taps
@@ -322,6 +325,7 @@ class Monitor:
         self._step, self._cov, self._attn = step, {}, AttentionStats()
         cov = covariance_sink(self._cov, lambda x: x if self._padding is None else padding.select(x, self._padding))
         att = attention_sink(self.adapter, self._attn, lambda: self._padding) if self.attention else None
+        check = self._check if self.attention and self._check is not None else None
         wanted = self.taps
 
         def sink(key: Key, x: torch.Tensor) -> None:
@@ -331,11 +335,13 @@ class Monitor:
                 cov(key, x)
             if att is not None:
                 att(key, x)
+            if check is not None:
+                check.sink(key, x)
 
         _EAGER.enter()
         self._eager = True  # the step is open from here until _close
         try:
-            self._handles = self.adapter.attach(sink)
+            self._handles = self.adapter.attach(sink) + (check.attach() if check is not None else [])
             self._handles.append(self.adapter.model.register_forward_pre_hook(self._read_padding, with_kwargs=True))
             self.adapter.padding = lambda: self._padding
         except BaseException:
