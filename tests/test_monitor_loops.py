@@ -4,8 +4,6 @@ gradient accumulation and autocast. Every number is checked against float64 by h
 model itself recorded (numpy eigenvalues, an explicit causal softmax), and what the Monitor cannot
 measure right is refused in one line."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,8 @@ from torch import nn
 from rankprobe import AttentionSpec, Monitor, Patterns
 from rankprobe.config import DataError, UserError
 
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # the attention check stays quiet where the lens is right
+# the attention check (probes/agreement.py) must stay quiet wherever the lens is right
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 T, E = 12, 32
 
 
@@ -233,8 +232,8 @@ def test_a_tap_in_another_layout_than_its_patterns_say_is_refused_not_measured()
 def test_fused_qkv_with_qk_norm_and_rotary_modules_under_bf16_autocast(layout):
     # the fused hook read the layout variable the norm/rope loop rebinds: DataError mid-step
     model = Net(H=4, Hkv=2, D=8, layout=layout, qk_norm=True, rope=True)
-    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", qkv="c_attn", fused=layout, o="wo", **NORMED), heads=4,
-                  kv_heads=2, every=1, weights=False)
+    taps = Patterns(layers="layers.*.attn", qkv="c_attn", fused=layout, o="wo", **NORMED)
+    mon = Monitor(model, patterns=taps, heads=4, kv_heads=2, every=1, weights=False)
     model.recording()
     with mon.watch(0), torch.autocast("cpu", dtype=torch.bfloat16):
         model(_tokens()).backward()

@@ -190,7 +190,8 @@ class Monitor:
             if heads is None:
                 raise UserError("Monitor(patterns=...) needs heads= (and kv_heads= under grouped-query attention)")
             inner = unwrap(model)
-            head_dim, kv_heads = head_shape(match_layers(inner, patterns.layers)[0], patterns, heads, kv_heads, head_dim)
+            layer0 = match_layers(inner, patterns.layers)[0]
+            head_dim, kv_heads = head_shape(layer0, patterns, heads, kv_heads, head_dim)
             self.adapter: TapAdapter = ModuleAdapter(inner, patterns, heads, head_dim, kv_heads,
                                                      attention=attention_spec)
             # the lens's q·k is only as right as the patterns: checked against the model's attention output

@@ -62,7 +62,8 @@ class Patterns:
     ("transformer.h.*.attn"). Give q, k, v (projections whose output is (B, T, H·D) or (B, T, H, D))
     or `qkv` with its `fused` layout (a key of FUSED). q_norm / k_norm, when given, are modules whose
     output is the normed q / k in `norm_layout` ("bthd", "bhtd" or "flat" = (B, T, H·D)); q_rope /
-    k_rope modules whose output is the post-rotary q / k in `rope_layout` (the same three). `o` is the output projection (weight
+    k_rope modules whose output is the post-rotary q / k in `rope_layout` (the same three). One module
+    named for both q and k of a stage must return (q, k). `o` is the output projection (weight
     lenses), `w` the q, k, v projections for them where the taps are not the projections themselves.
     `conv1d`: weights are stored (in, out), as GPT-2's Conv1D."""
 

@@ -69,9 +69,10 @@ class AttentionCheck:
         low = any(t.dtype not in TOLERANCE for t in (y, *got.values()))
         if err > (LOW_PRECISION_TOLERANCE if low else TOLERANCE[y.dtype]):
             self.warned.add(layer)
-            warnings.warn(f"Monitor: layer {layer}'s attention output (the input of {self.adapter.p.o!r}) differs by "
-                          f"{err:.1%} from softmax({spec.scale:.4g}·q·kᵀ, causal)·v of the taps, so its attn rows do "
-                          "not describe the model's attention: a rotary applied inside forward (tap it as "
+            o = self.adapter.p.o
+            warnings.warn(f"Monitor: layer {layer}'s attention output (the input of {o!r}) differs by {err:.1%} "
+                          f"from softmax({spec.scale:.4g}·q·kᵀ, causal)·v of the taps, so its attn rows do not "
+                          "describe the model's attention: a rotary applied inside forward (tap it as "
                           "Patterns.q_rope / k_rope), another logit scale (attention_spec=), or not causal?",
                           RuntimeWarning, stacklevel=2)
 
