@@ -42,7 +42,7 @@ class Attn(nn.Module):
     projections or one fused QKV in `layout`; optional QK-Norm and rotary modules. It records its own
     q, k, v (B, T, H, D) at every stage in `self.seen` when `record` is on."""
 
-    def __init__(self, H, Hkv, D, layout=None, qk_norm=False, rope=False, bhtd=False, scale=None):
+    def __init__(self, H, Hkv, D, layout=None, qk_norm=False, rope=False, bhtd=False, scale=None, dropout=0.0):
         super().__init__()
         self.H, self.Hkv, self.D, self.layout, self.bhtd, self.scale = H, Hkv, D, layout, bhtd, scale
         if layout is None:
@@ -56,6 +56,7 @@ class Attn(nn.Module):
         self.q_rope, self.k_rope = (Rope(bhtd), Rope(bhtd)) if rope is True else (None, None)
         self.rotary = Rope(bhtd) if rope in ("twice", "pair") else None
         self.wo = nn.Linear(H * D, E)
+        self.attn_dropout = nn.Dropout(dropout)  # nanoGPT's: its p is SDPA's dropout_p in training
         self.record, self.seen = False, []
 
     def qkv(self, x):
@@ -101,7 +102,8 @@ class Attn(nn.Module):
         q, k, v = back(q).transpose(1, 2), back(k).transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         rep = self.H // self.Hkv
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        p = self.attn_dropout.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=p)
         return self.wo(y.transpose(1, 2).flatten(2))
 
 
@@ -399,3 +401,17 @@ def test_an_attention_lens_that_is_not_the_models_attention_is_warned_about(what
     with pytest.warns(RuntimeWarning, match=r"layer \d's attention output .* differs by .* attn rows do not"):
         _measure(model, mon)
     assert mon._check.warned == {0, 1}
+
+
+def test_the_attention_check_stays_quiet_under_attention_dropout_and_speaks_in_eval():
+    model = Net(H=4, Hkv=4, D=8, layout="blocks", dropout=0.5)
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", qkv="c_attn", o="wo"), heads=4, every=1,
+                  weights=False)
+    _measure(model, mon)  # training mode: the output is dropped out, not comparable, so not compared
+    model.eval()
+    _check(model, _measure(model, mon), 8 ** -0.5)  # eval mode: compared, and equal
+    model.train()
+    model.layers[0]["attn"].scale = 0.9  # the lens still assumes 1/sqrt(8); eval mode shows it
+    model.eval()
+    with pytest.warns(RuntimeWarning, match="layer 0's attention output"):
+        _measure(model, mon)
