@@ -408,10 +408,13 @@ def test_the_attention_check_stays_quiet_under_attention_dropout_and_speaks_in_e
     mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", qkv="c_attn", o="wo"), heads=4, every=1,
                   weights=False)
     _measure(model, mon)  # training mode: the output is dropped out, not comparable, so not compared
+    assert mon._check.compared == set()
     model.eval()
     _check(model, _measure(model, mon), 8 ** -0.5)  # eval mode: compared, and equal
-    model.train()
-    model.layers[0]["attn"].scale = 0.9  # the lens still assumes 1/sqrt(8); eval mode shows it
-    model.eval()
+    assert mon._check.compared == {0, 1} and not mon._check.warned
+    model.layers[0]["attn"].scale = 0.9  # the lens still assumes 1/sqrt(8); a new Monitor's check shows it
+    mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", qkv="c_attn", o="wo"), heads=4, every=1,
+                  weights=False)
     with pytest.warns(RuntimeWarning, match="layer 0's attention output"):
         _measure(model, mon)
+    _measure(model, mon)  # each layer is compared once: no second comparison, no second warning

@@ -6,8 +6,10 @@ For a model tapped through `Patterns` they are only as right as the patterns: a 
 `forward` (a function, no module to tap) leaves the rope tap pre-rotary, a logit scale other than
 1/sqrt(D) needs `attention_spec`, a bidirectional model is not causal. Each is a silently wrong
 entropy. The model's own attention output is at hand, though: the input of its output projection
-`o`, (B, T, H·D). So in every measured forward `AttentionCheck` recomputes that output from the taps
-(the lens's softmax times the proj-tap v, float32) and warns once per layer where the two differ.
+`o`, (B, T, H·D). So `AttentionCheck` recomputes that output from the taps (the lens's softmax times
+the proj-tap v, float32) and warns where the two differ, once per layer: at the first measured forward
+where the comparison can hold (what it checks is the model's structure, which does not change between
+steps, and each comparison costs about what the attention lens does).
 
 Skipped where the comparison cannot hold: a layer with a sliding window or soft-cap, a padded batch,
 a layer holding an active dropout in training mode, activation checkpointing's recomputed forward.
@@ -30,11 +32,13 @@ LOW_PRECISION_TOLERANCE = 5e-2
 
 class AttentionCheck:
     """`sink` collects each layer's rope-tap q, k and proj-tap v; `attach` hooks each layer's `o`,
-    whose input is compared with softmax(scale · q·kᵀ, causal)·v. `warned`: the layers warned about."""
+    whose input is compared with softmax(scale · q·kᵀ, causal)·v. `compared`: the layers checked
+    (each once), `warned`: those that differed."""
 
     def __init__(self, adapter: ModuleAdapter, padded=lambda: None):
         self.adapter, self.padded = adapter, padded
         self.got: dict[int, dict[str, torch.Tensor]] = {}
+        self.compared: set[int] = set()
         self.warned: set[int] = set()
 
     def sink(self, key: Key, x: torch.Tensor) -> None:
@@ -51,7 +55,7 @@ class AttentionCheck:
     def _check(self, layer: int, args: tuple) -> None:
         got = self.got.pop(layer, {})
         spec = self.adapter.attention(layer)
-        if len(got) < 3 or layer in self.warned or not args or not isinstance(args[0], torch.Tensor) \
+        if len(got) < 3 or layer in self.compared or not args or not isinstance(args[0], torch.Tensor) \
                 or spec.window is not None or spec.softcap is not None or self.padded() is not None \
                 or torch._C._current_graph_task_id() != -1 or _dropout(self.adapter.layers[layer]):
             return
@@ -66,6 +70,7 @@ class AttentionCheck:
             want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale)
             want = want.transpose(1, 2).reshape(B, T, -1)
             err = float((y.detach().float() - want).norm() / want.norm().clamp_min(1e-30))
+        self.compared.add(layer)
         low = any(t.dtype not in TOLERANCE for t in (y, *got.values()))
         if err > (LOW_PRECISION_TOLERANCE if low else TOLERANCE[y.dtype]):
             self.warned.add(layer)
