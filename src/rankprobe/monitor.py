@@ -24,7 +24,6 @@ holds the rows a single process would compute on all ranks' tokens; rank 0 alone
 
 from __future__ import annotations
 
-import numbers
 import os
 import time
 from collections.abc import Callable
@@ -38,6 +37,8 @@ from .dist import Dist, reduce_probe_stats, shard_rows
 from .errors import FolderError, UserError
 from .probes.adapters import TAPS, AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
 from .probes import padding
+from .probes.agreement import AttentionCheck
+from .probes.widths import head_shape, whole_count as _count
 from .probes.capture import Key, adapter_for, covariance_sink
 from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows_start, weight_lenses_start
 from .probes.spectra import CovStats
@@ -121,26 +122,6 @@ def _same_forward_count(d: Dist, n: int, batch_size: int) -> None:
                         f"sequences a multiple of {d.world_size * batch_size}")
 
 
-def _head_dim(module, heads: int, kv_heads: int, patterns: Patterns) -> int:
-    """Head width from a projection's output features: q is H·D wide, a fused QKV (H + 2·Hkv)·D."""
-    for name, n in (("heads", heads), ("kv_heads", kv_heads)):
-        if not _count(n):
-            raise UserError(f"Monitor({name}={n!r}): a number of heads, 1 or more")
-    if heads % kv_heads:
-        raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): heads must be a multiple of kv_heads")
-    out = module.weight.shape[1 if patterns.conv1d else 0]  # Conv1D stores (in, out)
-    width = heads + 2 * kv_heads if patterns.qkv else heads
-    if out % width:  # a head width rounded down would reshape into the wrong heads, or fail mid-step
-        raise UserError(f"Monitor(heads={heads}, kv_heads={kv_heads}): the projection's {out} output features do not "
-                        f"split into {width} heads of one width; give the model's own head counts")
-    return out // width
-
-
-def _count(n) -> bool:
-    """`n` is a whole number >= 1 (not a bool, a float or a string)."""
-    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
-
-
 def _check_tokens(tokens, model) -> None:
     """Probe tokens are a non-empty (N, T) integer tensor of ids the model embeds: an empty one measured
     nothing and said so nowhere, an id past the vocabulary is a device-side assert on CUDA."""
@@ -209,12 +190,14 @@ class Monitor:
             if heads is None:
                 raise UserError("Monitor(patterns=...) needs heads= (and kv_heads= under grouped-query attention)")
             inner = unwrap(model)
-            proj = ModuleAdapter.sub(match_layers(inner, patterns.layers)[0], patterns.qkv or patterns.q)
-            head_dim = head_dim or _head_dim(proj, heads, kv_heads or heads, patterns)
+            layer0 = match_layers(inner, patterns.layers)[0]
+            head_dim, kv_heads = head_shape(layer0, patterns, heads, kv_heads, head_dim)
             self.adapter: TapAdapter = ModuleAdapter(inner, patterns, heads, head_dim, kv_heads,
                                                      attention=attention_spec)
+            # the lens's q·k is only as right as the patterns: checked against the model's attention output
+            self._check: AttentionCheck | None = AttentionCheck(self.adapter, lambda: self._padding)
         else:
-            self.adapter = adapter_for(model)
+            self.adapter, self._check = adapter_for(model), None
         self.train_forward = train_forward
         self.every, self.attention, self.weights, self.batch_size = every, attention, weights, batch_size
         self.taps = taps
@@ -343,6 +326,7 @@ class Monitor:
         self._step, self._cov, self._attn = step, {}, AttentionStats()
         cov = covariance_sink(self._cov, lambda x: x if self._padding is None else padding.select(x, self._padding))
         att = attention_sink(self.adapter, self._attn, lambda: self._padding) if self.attention else None
+        check = self._check if self.attention and self._check is not None else None
         wanted = self.taps
 
         def sink(key: Key, x: torch.Tensor) -> None:
@@ -352,11 +336,13 @@ class Monitor:
                 cov(key, x)
             if att is not None:
                 att(key, x)
+            if check is not None:
+                check.sink(key, x)
 
         _EAGER.enter()
         self._eager = True  # the step is open from here until _close
         try:
-            self._handles = self.adapter.attach(sink)
+            self._handles = self.adapter.attach(sink) + (check.attach() if check is not None else [])
             self._handles.append(self.adapter.model.register_forward_pre_hook(self._read_padding, with_kwargs=True))
             self.adapter.padding = lambda: self._padding
         except BaseException:

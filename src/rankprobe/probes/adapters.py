@@ -30,6 +30,7 @@ from ..config import DataError
 Key = tuple[str, str, int]  # (tap, tensor, layer), as in Transformer.tap_modules
 Sink = Callable[[Key, torch.Tensor], None]  # receives (B, T, H, D) activations
 TAPS = ("proj", "norm", "rope")
+LAYOUTS = ("bthd", "bhtd", "flat")  # of a norm or rotary module's output: (B, T, H, D), (B, H, T, D), (B, T, H·D)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class Patterns:
     ("transformer.h.*.attn"). Give q, k, v (projections whose output is (B, T, H·D) or (B, T, H, D))
     or `qkv` with its `fused` layout (a key of FUSED). q_norm / k_norm, when given, are modules whose
     output is the normed q / k in `norm_layout` ("bthd", "bhtd" or "flat" = (B, T, H·D)); q_rope /
-    k_rope modules whose output (B, T, H, D) is post-rotary. `o` is the output projection (weight
+    k_rope modules whose output is the post-rotary q / k in `rope_layout` (the same three). One module
+    named for both q and k of a stage must return (q, k). `o` is the output projection (weight
     lenses), `w` the q, k, v projections for them where the taps are not the projections themselves.
     `conv1d`: weights are stored (in, out), as GPT-2's Conv1D."""
 
@@ -76,6 +78,7 @@ class Patterns:
     norm_layout: str = "bthd"
     q_rope: str | None = None
     k_rope: str | None = None
+    rope_layout: str = "bthd"
     o: str | None = None
     w: tuple[str, str, str] | None = None
     conv1d: bool = False
@@ -143,12 +146,18 @@ def match_layers(model: nn.Module, pattern: str) -> list[nn.Module]:
         raise DataError(f"layer pattern {pattern!r} needs exactly one '*' for the layer index")
     rx = re.compile(fnmatch.translate(pattern).replace(".*", r"(\d+)", 1))
     found = {}
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # a shared module under each of its names
         m = rx.fullmatch(name)
         if m:
             found[int(m.group(1))] = module
     if not found or sorted(found) != list(range(len(found))):
         raise DataError(f"no attention layers 0..L-1 match {pattern!r} in {type(model).__name__}")
+    first: dict[int, int] = {}
+    for i in range(len(found)):
+        j = first.setdefault(id(found[i]), i)
+        if j != i:  # its hooks would fire once per use, every use counted as one layer
+            raise DataError(f"{pattern!r}: layers {j} and {i} are one module (shared weights), whose activations "
+                            "the taps cannot tell apart; RankProbe measures models whose layers are distinct modules")
     return [found[i] for i in range(len(found))]
 
 
@@ -182,7 +191,14 @@ class ModuleAdapter(TapAdapter):
         self.specs = list(spec) if isinstance(spec, list) else [spec] * self.n_layer
         if len(self.specs) != self.n_layer:
             raise DataError(f"{len(self.specs)} attention specs for {self.n_layer} layers")
+        for field in ("norm_layout", "rope_layout"):  # any other string would read as bthd
+            if getattr(patterns, field) not in LAYOUTS:
+                raise DataError(f"Patterns({field}={getattr(patterns, field)!r}): one of {', '.join(LAYOUTS)}")
+        if patterns.qkv is not None and patterns.fused == "heads" and self.kv_heads != heads:
+            raise DataError(f"Patterns(fused='heads') holds [q k v] per head, so kv_heads = heads; got heads={heads}, "
+                            f"kv_heads={self.kv_heads} (fused='groups' is [queries | k | v] per key group)")
         self.has_qk_norm = patterns.q_norm is not None
+        self._check_distinct()
         self.max_positions = max_positions
         self._forward = forward
         for attn in self.layers:  # every named module must exist: fail now, not in the middle of a probe
@@ -212,8 +228,14 @@ class ModuleAdapter(TapAdapter):
     def attach(self, sink: Sink, taps=None) -> list:
         """Hooks that call `sink((tap, tensor, layer), x)` with x (B, T, H, D) at every tap (or only
         the keys in `taps`); returns the handles to remove."""
-        def emit_for(layer: int, tensor: str, stages: tuple[str, ...]):
+        def emit_for(layer: int, tensor: str, stages: tuple[str, ...], where: str = "its projection"):
+            heads = self.heads if tensor == "q" else self.kv_heads
+
             def emit(x: torch.Tensor) -> None:
+                if tuple(x.shape[-2:]) != (heads, self.head_dim):  # e.g. (B, H, T, D) read as (B, T, H, D)
+                    raise DataError(f"layer {layer}: {tensor} from {where} reads as {x.size(-2)} heads of "
+                                    f"{x.size(-1)}, not {heads} heads of {self.head_dim}; check heads, kv_heads "
+                                    "and head_dim, and Patterns' norm_layout / rope_layout (bthd, bhtd or flat)")
                 for tap in stages:
                     if taps is None or (tap, tensor, layer) in taps:
                         sink((tap, tensor, layer), x)
@@ -235,11 +257,12 @@ class ModuleAdapter(TapAdapter):
     def _attach_layers(self, handles: list, emit_for: Callable, after_proj: tuple, after_norm: tuple) -> None:
         p, D = self.p, self.head_dim
         for i, attn in enumerate(self.layers):
-            q, k, v = (emit_for(i, t, after_proj if t != "v" else ("proj",)) for t in "qkv")
+            q, k, v = (emit_for(i, t, after_proj if t != "v" else ("proj",), repr(p.qkv or getattr(p, t)))
+                       for t in "qkv")
             if p.qkv:
-                H, Hkv, layout = self.heads, self.kv_heads, p.fused
+                H, Hkv = self.heads, self.kv_heads
 
-                def fused(_m, _i, out, q=q, k=k, v=v):
+                def fused(_m, _i, out, q=q, k=k, v=v, layout=p.fused):  # bound now: the loop below rebinds names
                     qs, ks, vs = split_fused(out, layout, H, Hkv, D)
                     q(qs), k(ks), v(vs)
                 handles.append(self.sub(attn, p.qkv).register_forward_hook(fused))
@@ -247,14 +270,35 @@ class ModuleAdapter(TapAdapter):
                 for name, emit in ((p.q, q), (p.k, k), (p.v, v)):
                     handles.append(self.sub(attn, name).register_forward_hook(
                         lambda _m, _i, out, emit=emit: emit(_heads(out, D))))
-            stages = [(p.q_norm, p.k_norm, after_norm, p.norm_layout)] if p.q_norm else []
-            stages += [(p.q_rope, p.k_rope, ("rope",), "bthd")] if p.q_rope else []
-            for qn, kn, at, layout in stages:
-                for name, tensor in ((qn, "q"), (kn, "k")):
-                    emit = emit_for(i, tensor, at)
+            stages = [("norm", p.q_norm, p.k_norm, after_norm, p.norm_layout)] if p.q_norm else []
+            stages += [("rope", p.q_rope, p.k_rope, ("rope",), p.rope_layout)] if p.q_rope else []
+            for stage, qn, kn, at, layout in stages:
+                eq, ek = (emit_for(i, t, at, f"{t}_{stage} {n!r}") for t, n in (("q", qn), ("k", kn)))
+                if self.sub(attn, qn) is self.sub(attn, kn):  # one module for both: it must return (q, k)
+                    handles.append(self.sub(attn, qn).register_forward_hook(_pair_hook(eq, ek, D, layout, stage, qn)))
+                    continue
+                for name, emit in ((qn, eq), (kn, ek)):
                     handles.append(self.sub(attn, name).register_forward_hook(
                         lambda _m, _i, out, emit=emit, layout=layout: emit(_heads(out, D, layout))))
             handles += self.attach_rope(i, attn, emit_for(i, "q", ("rope",)), emit_for(i, "k", ("rope",)))
+
+    def _check_distinct(self) -> None:
+        """No tapped module serves two layers (a rotary module shared by all layers, say): each call's
+        hooks would hand its activations to every layer's taps. Within a layer one module may serve
+        several taps: a shared q/k projection called once, or q_norm / k_norm (q_rope / k_rope) naming one
+        module, which must return (q, k) (`_pair_hook` refuses one called once for q and once for k)."""
+        p, seen = self.p, {}
+        for i, attn in enumerate(self.layers):
+            for role in ("qkv", "q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope"):
+                name = getattr(p, role)
+                if name is None:
+                    continue
+                where = (i, f"layer {i}'s {role}={name!r}")
+                j, there = seen.setdefault(id(self.sub(attn, name)), where)
+                if j != i:
+                    raise DataError(f"{where[1]} is the module already tapped as {there}: its hooks would hand "
+                                    "every layer's activations to both; give each layer a module of its own (an "
+                                    "identity module after each call will do)")
 
     def attach_rope(self, layer: int, attn: nn.Module, q: Callable, k: Callable) -> list:
         """Hooks for rope taps that no module outputs (probes/families.py); none here."""
@@ -275,6 +319,18 @@ class ModuleAdapter(TapAdapter):
                 qs, ks, vs = (w(self.sub(attn, n)) for n in (p.w or (p.q, p.k, p.v)))
             out.append({"q": (qs, H), "k": (ks, Hkv), "v": (vs, Hkv), "o": (w(self.sub(attn, p.o)), H)})
         return out
+
+
+def _pair_hook(q: Callable, k: Callable, D: int, layout: str, stage: str, name: str) -> Callable:
+    """The forward hook of one module named as both q_{stage} and k_{stage}: its output must be (q, k)."""
+    def hook(_m, _i, out) -> None:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise DataError(f"q_{stage} and k_{stage} are one module {name!r}, which returned one tensor: called "
+                            "once for q and once for k, its hooks cannot tell them apart; give each its own "
+                            "module (an identity module after each call will do), or have it return (q, k)")
+        q(_heads(out[0], D, layout))
+        k(_heads(out[1], D, layout))
+    return hook
 
 
 def whole(w: torch.Tensor) -> torch.Tensor:
