@@ -333,8 +333,8 @@ def load_tokenizer(path: Path):
     """(tokenizer, record for the run row) from the local folder `path`; DataError without one."""
     from transformers import AutoTokenizer
 
-    files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
-    if not any(f.name != "tokenizer_config.json" and f.name != "special_tokens_map.json" for f in files):
+    files = tokenizer_files(path)
+    if not files:
         raise DataError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); save the "
                         "model's tokenizer beside it (tokenizer.save_pretrained)")
     try:
@@ -343,6 +343,27 @@ def load_tokenizer(path: Path):
         raise DataError(f"no usable tokenizer in {path}: {_one_line(e)}") from None
     record = {"class": type(tokenizer).__name__, "name": tokenizer.name_or_path, "sha256": sha256_files(files)}
     return tokenizer, record
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The tokenizer files in `path`; none unless a vocabulary is among them (a config alone is no tokenizer)."""
+    files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+    return files if any(f.name not in ("tokenizer_config.json", "special_tokens_map.json") for f in files) else []
+
+
+def _check_tokenizers(series: list[Checkpoint], holder: Path, record: dict, text: str, tokens: torch.Tensor,
+                      seq_len: int, max_tokens: int) -> None:
+    """The probe text is tokenized once, by `holder`'s tokenizer; a checkpoint saved with a tokenizer of
+    its own that encodes that text otherwise would read the ids as other words: DataError. Identical
+    files (Pythia and the Trainer save the same tokenizer into every checkpoint) are not even loaded."""
+    for ckpt in series:
+        files = tokenizer_files(ckpt.path)
+        if ckpt.path == holder or not files or sha256_files(files) == record["sha256"]:
+            continue
+        own, _ = load_tokenizer(ckpt.path)
+        if not torch.equal(_tokenize(own, text, seq_len, max_tokens), tokens):
+            raise DataError(f"the tokenizer saved in {ckpt.path} encodes the probe text differently from the one in "
+                            f"{holder}: a series is probed on one tokenization; probe them as separate runs")
 
 
 def probe_tokens_from_text(path: str | Path, text: str, seq_len: int, max_tokens: int) -> torch.Tensor:
@@ -427,6 +448,7 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
         tokenizer, tok_record = load_tokenizer(holder)
         text = load_corpus(corpus)
         tokens = _tokenize(tokenizer, text.text, seq_len, n_tokens)
+        _check_tokenizers(series, holder, tok_record, text.text, tokens, seq_len, n_tokens)
         data = {"corpus": text.source, "corpus_sha256": text.sha256, "tokenizer": tok_record,
                 "long_context": bool(limit is not None and seq_len > limit)}
     created = first_missing(out_dir)

@@ -12,12 +12,15 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataError
 
+log = logging.getLogger(__name__)
 STEP_NAME = re.compile(r"(?:checkpoint|global_step|step|iter)[-_]?(\d+)")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -30,61 +33,101 @@ class Checkpoint:
 
 
 def _trainer_state(path: Path) -> dict:
+    """The folder's trainer_state.json, {} when there is none or it is torn; DataError for a state of
+    another shape (a count that is not a whole number, a log entry that is not a table)."""
+    file = path / "trainer_state.json"
     try:
-        return json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
+        state = json.loads(file.read_text())
+    except (OSError, ValueError, RecursionError):
         return {}
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+        raise DataError(f"{file} is not a Trainer state (a table with a list of log entries)")
+    for key in ("global_step", "num_input_tokens_seen"):
+        if state.get(key) is not None and not _count(state[key]):
+            raise DataError(f"{file}: {key} {state[key]!r} is not a whole number of 0 or more")
+    return state
 
 
-def _step_and_tokens(path: Path) -> tuple[int | None, int | None]:
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _step_and_tokens(path: Path, name: str) -> tuple[int | None, int | None]:
+    """(step, tokens seen) from the trainer state, else the step from `name` (the folder as the user
+    named it: a link keeps its own name). A count logged at another step is not this checkpoint's."""
     state = _trainer_state(path)
     step = state.get("global_step")
-    tokens = state.get("num_input_tokens_seen") or next(
-        (e["num_input_tokens_seen"] for e in reversed(state.get("log_history", [])) if e.get("num_input_tokens_seen")),
-        None)
     if step is None:
-        m = STEP_NAME.fullmatch(path.name)
+        m = STEP_NAME.fullmatch(name)
         step = int(m.group(1)) if m else None
+    tokens = state.get("num_input_tokens_seen") or next(  # 0 is the Trainer's default when it does not count
+        (e["num_input_tokens_seen"] for e in reversed(state.get("log_history", []))
+         if e.get("step") == step and _count(e.get("num_input_tokens_seen")) and e["num_input_tokens_seen"]), None)
     return step, tokens
 
 
 def _expand(spec: str) -> list[Path]:
-    """One command-line checkpoint: a folder, a glob, or a folder of checkpoint folders."""
+    """One command-line checkpoint: a folder, a glob, or a folder of checkpoint folders (absolute,
+    links not followed, so a step folder linked into a download cache keeps its name)."""
     matches = sorted(glob.glob(spec)) if glob.has_magic(spec) else [spec]
     if not matches:
         raise DataError(f"no checkpoint folder matches {spec}")
     out = []
-    for m in map(Path, matches):
+    for m in (Path(os.path.abspath(m)) for m in matches):
         if not m.is_dir():
             raise DataError(f"checkpoint {m} is not a folder (a Hugging Face model folder or a RankProbe run)")
-        children = [] if (m / "config.json").is_file() else sorted(
-            c for c in m.iterdir() if c.is_dir() and STEP_NAME.fullmatch(c.name) and (c / "config.json").is_file())
-        out += children or [m]
+        children = sorted(c for c in m.iterdir() if c.is_dir() and STEP_NAME.fullmatch(c.name))
+        if not children:
+            out.append(m)
+            continue
+        # a checkpoint-N still being written (or a broken copy) would otherwise drop out of the trajectory
+        broken = [c.name for c in children if not (c / "config.json").is_file()]
+        if broken:
+            raise DataError(f"{m / broken[0]} has no config.json (a checkpoint not fully written?); remove it or "
+                            "name the checkpoints to probe")
+        if (m / "config.json").is_file():  # trainer.save_model() puts the final model beside its checkpoints
+            log.warning("%s holds a model of its own beside %d checkpoint folders (%s, ...): probing the "
+                        "checkpoints (that model has no step; copy it to a folder of its own to probe it alone)",
+                        m, len(children), children[0].name)
+        out += children
     return out
 
 
 def find_checkpoints(specs: list[str], tokens_per_step: int | None = None) -> list[Checkpoint]:
     """The checkpoints named by `specs`, ordered by step; DataError when a series member's step or
-    token count cannot be told, or two of them share a step."""
-    paths = list(dict.fromkeys(p.resolve() for spec in specs for p in _expand(str(spec))))
+    token count cannot be told, two of them share a step, or the token count goes backwards.
+    `tokens_per_step`, when given, sets every token count (a recorded count that differs is said)."""
     if tokens_per_step is not None and tokens_per_step <= 0:
         raise DataError("--tokens-per-step must be positive")
-    found = []
-    for path in paths:
-        step, tokens = _step_and_tokens(path)
+    paths: dict[Path, Path] = {}  # the folder itself -> the name it was first given under
+    for p in (p for spec in specs for p in _expand(str(spec))):
+        paths.setdefault(p.resolve(), p)
+    found, differ = [], []
+    for real, path in paths.items():
+        step, recorded = _step_and_tokens(path, path.name)
+        if step is None and path.name != real.name:
+            step, recorded = _step_and_tokens(path, real.name)
         if step is None and len(paths) > 1:
             raise DataError(f"cannot tell the training step of {path}: name it checkpoint-N or stepN, "
                             "or keep its trainer_state.json")
         step = step or 0
-        if tokens is None and tokens_per_step is not None:
-            tokens = step * tokens_per_step
+        tokens = recorded if tokens_per_step is None else step * tokens_per_step
+        if recorded is not None and tokens != recorded:
+            differ.append(f"{path.name} {recorded:,}")
         if tokens is None and len(paths) > 1:
             raise DataError(f"{path} does not record the tokens it was trained on; give --tokens-per-step")
         found.append(Checkpoint(path, step, int(tokens or 0)))
+    if differ:
+        log.warning("--tokens-per-step %d sets every token count; the trainer states recorded others (%s)",
+                    tokens_per_step, ", ".join(differ[:3]) + (", ..." if len(differ) > 3 else ""))
     found.sort(key=lambda c: c.step)
     for a, b in zip(found, found[1:]):
         if a.step == b.step:
             raise DataError(f"{a.path} and {b.path} are both at step {a.step}")
+        if b.tokens < a.tokens:
+            raise DataError(f"{b.path} (step {b.step}) records fewer tokens ({b.tokens:,}) than {a.path} (step "
+                            f"{a.step}, {a.tokens:,}): a counter that restarted? give --tokens-per-step")
     return found
 
 
@@ -101,4 +144,4 @@ def sha256_files(files: list[Path]) -> str:
 
 def weight_files(path: Path) -> list[Path]:
     return [f for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES and not f.name.startswith(
-        ("optimizer", "scheduler", "rng_state", "training_args", "checkpoint"))]
+        ("optimizer", "scheduler", "scaler", "rng_state", "training_args", "checkpoint"))]

@@ -1,0 +1,135 @@
+"""`rankprobe probe` on checkpoint series as they lie on real disks: a Trainer output folder that also
+holds its final model, step folders that are links into a download cache, a half-written checkpoint,
+a tokenizer that changes mid-series, trainer states whose token counts cannot be trusted. Tiny random
+Llama folders saved here (test_probe_series's), nothing downloaded."""
+
+import json
+import logging
+import os
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from rankprobe.cli import main  # noqa: E402
+from rankprobe.config import DataError  # noqa: E402
+from rankprobe.probes.series import find_checkpoints  # noqa: E402
+from test_probe_series import V, llama, rows_of, tokenizer  # noqa: E402,F401
+
+ARGS = ["--tokens", "128", "--seq-len", "32", "--batch-size", "4"]
+
+
+def checkpoint(folder, step, seed=0, tokens=None, **state):
+    """A Trainer checkpoint-N folder: a tiny model and its trainer_state.json."""
+    llama(seed).save_pretrained(folder)
+    state = {"global_step": step} | ({"num_input_tokens_seen": tokens} if tokens is not None else {}) | state
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    return folder
+
+
+def test_a_trainer_output_folder_that_holds_its_final_model_is_still_its_series(tmp_path, tokenizer, caplog):
+    """trainer.save_model() writes the final model beside the checkpoint-N folders: the folder is the
+    series of its checkpoints, not one pretrained reference of the model on top."""
+    out = tmp_path / "trainer"
+    for i, step in enumerate((10, 20)):
+        checkpoint(out / f"checkpoint-{step}", step, seed=i, tokens=step * 512)
+    llama(5).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    with caplog.at_level(logging.WARNING):
+        assert main(["probe", str(out), "--out", str(tmp_path / "p"), *ARGS]) == 0
+    run = rows_of(tmp_path / "p")[0]
+    assert run["optimizer"] == "checkpoints" and run["probe_checkpoints"] == [5120, 10240]
+    assert [c["path"] for c in run["checkpoints"]] == [str(out / "checkpoint-10"), str(out / "checkpoint-20")]
+    assert "a model of its own" in caplog.text and "checkpoint-10" in caplog.text
+
+
+def test_step_folders_that_are_links_keep_their_names_and_steps(tmp_path, tokenizer):
+    """Pythia revisions linked from a download cache (step1000 -> snapshots/<hash>): the step is the
+    link's name, and the default output folder sits beside the series, not in the cache."""
+    series = tmp_path / "pythia"
+    series.mkdir()
+    for i, step in enumerate((1000, 2000)):
+        target = tmp_path / "cache" / "snapshots" / f"{i}a5f"
+        llama(i).save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        os.symlink(target, series / f"step{step}")
+    assert main(["probe", str(series), "--tokens-per-step", "100", *ARGS]) == 0
+    run = rows_of(tmp_path / "pythia-probe")[0]
+    assert [c["step"] for c in run["checkpoints"]] == [1000, 2000] and run["probe_checkpoints"] == [100_000, 200_000]
+    assert [c["path"] for c in run["checkpoints"]] == [str(series / "step1000"), str(series / "step2000")]
+    # the same folder named twice (a link and its target) is probed once
+    found = find_checkpoints([str(series / "step1000"), str(tmp_path / "cache" / "snapshots" / "0a5f")], 100)
+    assert [(c.path.name, c.step) for c in found] == [("step1000", 1000)]
+
+
+def test_a_checkpoint_folder_without_a_model_config_is_refused_not_skipped(tmp_path, tokenizer, capsys):
+    out = tmp_path / "trainer"
+    for i, step in enumerate((10, 20, 30)):
+        checkpoint(out / f"checkpoint-{step}", step, seed=i, tokens=step * 512)
+    tokenizer.save_pretrained(out)
+    (out / "checkpoint-20" / "config.json").unlink()  # a checkpoint still being written, or a broken copy
+    assert main(["probe", str(out), "--out", str(tmp_path / "p"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "checkpoint-20" in err[-1] and "config.json" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_tokenizer_that_changes_mid_series_is_refused(tmp_path, tokenizer, capsys):
+    """The probe text is tokenized once; a checkpoint whose own tokenizer encodes it otherwise would be
+    measured on ids that mean other words to it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rankprobe.data.corpus import load_corpus
+
+    other = Tokenizer(models.BPE(unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.ByteLevel()
+    other.train_from_iterator([load_corpus("embedded").text[-40_000:]],
+                              trainers.BpeTrainer(vocab_size=V, special_tokens=["<unk>"]))
+    for i, (step, tok) in enumerate(((1000, tokenizer), (2000, PreTrainedTokenizerFast(tokenizer_object=other)))):
+        llama(i).save_pretrained(tmp_path / "s" / f"step{step}")
+        tok.save_pretrained(tmp_path / "s" / f"step{step}")
+    assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "step2000" in err[-1] and "tokenizer" in err[-1] and "Traceback" not in "\n".join(err)
+    tokenizer.save_pretrained(tmp_path / "s" / "step2000")  # the same tokenizer again: fine
+    assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 0
+
+
+def _state_folder(tmp_path, name, state):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    return str(folder)
+
+
+def test_token_counts_come_from_the_checkpoints_own_step_or_the_flag(tmp_path, caplog):
+    # a count logged at step 20 is not the count at step 25 (logging every 10 steps, saving at 25)
+    history = [{"step": 10, "num_input_tokens_seen": 5120}, {"step": 20, "num_input_tokens_seen": 10240}]
+    a = _state_folder(tmp_path, "checkpoint-10", {"global_step": 10, "log_history": history[:1]})
+    b = _state_folder(tmp_path, "checkpoint-25", {"global_step": 25, "num_input_tokens_seen": 0,
+                                                  "log_history": history})
+    with pytest.raises(DataError, match="checkpoint-25 does not record"):
+        find_checkpoints([a, b])
+    # --tokens-per-step is the user's word for every checkpoint, said when a recorded count disagrees
+    with caplog.at_level(logging.WARNING):
+        found = find_checkpoints([a, b], tokens_per_step=600)
+    assert [(c.step, c.tokens) for c in found] == [(10, 6000), (25, 15000)]
+    assert "checkpoint-10" in caplog.text and "5,120" in caplog.text
+
+
+def test_a_token_count_that_goes_backwards_is_refused(tmp_path):
+    """A resumed run whose counter restarted: drawn against tokens, step 20 would sit before step 10."""
+    a = _state_folder(tmp_path, "checkpoint-10", {"global_step": 10, "num_input_tokens_seen": 5120})
+    b = _state_folder(tmp_path, "checkpoint-20", {"global_step": 20, "num_input_tokens_seen": 2560})
+    with pytest.raises(DataError, match="fewer tokens"):
+        find_checkpoints([a, b])
+
+
+@pytest.mark.parametrize("state", [[1, 2], {"global_step": "ten"}, {"global_step": 10, "num_input_tokens_seen": -5},
+                                   {"global_step": 10, "log_history": [3]}, {"global_step": True}])
+def test_a_trainer_state_of_the_wrong_shape_is_one_line(tmp_path, state):
+    a = _state_folder(tmp_path, "checkpoint-10", state)
+    b = _state_folder(tmp_path, "checkpoint-20", {"global_step": 20, "num_input_tokens_seen": 10240})
+    with pytest.raises(DataError, match="trainer_state.json"):
+        find_checkpoints([a, b], tokens_per_step=512)
