@@ -8,6 +8,7 @@ import logging
 import os
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,3 +134,36 @@ def test_a_trainer_state_of_the_wrong_shape_is_one_line(tmp_path, state):
     b = _state_folder(tmp_path, "checkpoint-20", {"global_step": 20, "num_input_tokens_seen": 10240})
     with pytest.raises(DataError, match="trainer_state.json"):
         find_checkpoints([a, b], tokens_per_step=512)
+
+
+def test_activations_that_overflow_only_in_the_probe_dtype_are_refused_not_nulled(tmp_path, tokenizer, capsys):
+    """A residual stream of ~1e6 is finite in fp32 and inf in fp16 (max 65504): every layer after it would
+    be rows of nulls beside finite ones, an answer of the dtype and not of the model. A head whose keys are
+    all zero (null PR in any dtype) is no overflow and stays a null."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+        vocab_size=V, max_position_embeddings=64))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.k_proj.weight.zero_()  # a dead key projection: PR undefined, keys finite
+        model.model.layers[1].mlp.down_proj.weight.mul_(3e6)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    assert main(["probe", str(tmp_path / "m"), "--out", str(tmp_path / "fp32"), *ARGS]) == 0
+    pr = {(r["tensor"], r["layer"]): r["pr"] for r in rows_of(tmp_path / "fp32") if r["kind"] == "probe"
+          and r["tap"] == "proj"}
+    assert pr[("k", 0)] is None and all(v is not None for (t, layer), v in pr.items() if (t, layer) != ("k", 0))
+    assert main(["probe", str(tmp_path / "m"), "--out", str(tmp_path / "fp16"), "--dtype", "fp16", *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "layer 2" in err[-1] and "fp16" in err[-1] and "--dtype fp32" in err[-1]
+    assert not (tmp_path / "fp16").exists()
+
+
+def test_the_dtype_the_weights_were_saved_in_is_recorded(tmp_path, tokenizer):
+    """bf16 weights probed in fp32 (the default) are upcast exactly; the run row says both."""
+    for i, (step, dtype) in enumerate(((1000, torch.bfloat16), (2000, torch.float32))):
+        llama(i).to(dtype).save_pretrained(tmp_path / "s" / f"step{step}")
+    tokenizer.save_pretrained(tmp_path / "s")
+    assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 0
+    run = rows_of(tmp_path / "p")[0]
+    assert run["dtype"] == "fp32" and [c["weights_dtype"] for c in run["checkpoints"]] == ["bf16", "fp32"]

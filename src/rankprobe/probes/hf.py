@@ -30,7 +30,7 @@ from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
-from .series import Checkpoint, find_checkpoints, sha256_files, weight_files
+from .series import Checkpoint, find_checkpoints, sha256_files, stored_dtype, weight_files
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -276,14 +276,13 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
         elif not run_folder and hf_model_config(model) != cfg["model"]:
             raise DataError(f"{ckpt.path} is another model than {checkpoints[0].path}: a series is one model")
         probe_rows, attn_rows = probe_lenses(model, tokens, batch_size, progress=bar.update)
-        finite = [r.get("pr") is not None and math.isfinite(r["pr"]) for r in probe_rows]
-        if probe_rows and not any(finite):  # else rows of nulls, and exit 0
-            raise DataError(f"{ckpt.path}: every key statistic is NaN or infinite: the model's activations are not "
-                            "finite" + (" (try --dtype fp32)" if dtype != "fp32" else " (check its config.json)"))
+        _check_finite(ckpt.path, probe_rows, dtype)
         at = {"step": ckpt.step, "tokens": ckpt.tokens}
         rows += [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
         rows += [("weights", at | r) for r in weight_lenses(model)]
-        seen.append({"path": str(ckpt.path), **at, "weights_sha256": sha256_files(weight_files(ckpt.path))})
+        files = weight_files(ckpt.path)
+        seen.append({"path": str(ckpt.path), **at, "weights_sha256": sha256_files(files),
+                     "weights_dtype": stored_dtype(files)})
         del model  # one checkpoint in memory at a time
         gc.collect()
         if torch.cuda.is_available():
@@ -307,6 +306,26 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
            "status": "finished"}
     _write(out_dir / "metrics.jsonl", [("run", run)] + rows + [("end", end)])
     return out_dir / "metrics.jsonl"
+
+
+def _check_finite(path: Path, probe_rows: list[dict], dtype: str) -> None:
+    """DataError when the activations are not finite. A tap whose mean is not finite saw inf or NaN (a head
+    of all-zero keys has a null PR but a finite mean of 0). In fp32 only a model that is nothing but
+    NaN is refused (a diverged checkpoint's finite layers are still its answer); in bf16 or fp16 any
+    layer is, since those numbers would be the dtype's range and not the model (fp16 ends at 65504)."""
+    bad = sorted({r["layer"] for r in probe_rows if not all(
+        isinstance(m, (int, float)) and math.isfinite(m) for m in _as_list(r.get("mean_norm")))})
+    finite = [r.get("pr") is not None and math.isfinite(r["pr"]) for r in probe_rows]
+    if probe_rows and not any(finite):  # else rows of nulls, and exit 0
+        raise DataError(f"{path}: every key statistic is NaN or infinite: the model's activations are not "
+                        "finite" + (" (try --dtype fp32)" if dtype != "fp32" else " (check its config.json)"))
+    if bad and dtype != "fp32":
+        raise DataError(f"{path}: the activations of layer {', '.join(map(str, bad))} are not finite in {dtype} "
+                        "(beyond its range, or NaN); probe with --dtype fp32")
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def _write(metrics: Path, rows: list[tuple[str, dict]]) -> None:

@@ -145,3 +145,24 @@ def sha256_files(files: list[Path]) -> str:
 def weight_files(path: Path) -> list[Path]:
     return [f for f in path.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES and not f.name.startswith(
         ("optimizer", "scheduler", "scaler", "rng_state", "training_args", "checkpoint"))]
+
+
+_DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64"}
+
+
+def stored_dtype(files: list[Path]) -> str | None:
+    """The floating dtype the weights were saved in ("bf16", "fp32", "bf16+fp32" when mixed), from the
+    safetensors headers alone (nothing loaded); None for pickle weights, which say it only when loaded."""
+    found = set()
+    for f in files:
+        if f.suffix != ".safetensors":
+            return None
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size)) if 0 < size <= 1 << 27 else {}
+        except (OSError, ValueError):
+            return None  # loading the weights says what is wrong with them
+        found |= {_DTYPE_NAMES[v["dtype"]] for k, v in header.items()
+                  if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") in _DTYPE_NAMES}
+    return "+".join(sorted(found)) or None
