@@ -167,3 +167,26 @@ def test_the_dtype_the_weights_were_saved_in_is_recorded(tmp_path, tokenizer):
     assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 0
     run = rows_of(tmp_path / "p")[0]
     assert run["dtype"] == "fp32" and [c["weights_dtype"] for c in run["checkpoints"]] == ["bf16", "fp32"]
+
+
+def test_force_replaces_an_earlier_probe_never_a_run_it_did_not_write(tmp_path, tokenizer, capsys):
+    """--force is for an earlier probe in --out; a training loop's own run folder (here a Monitor's) keeps its
+    rows, and a second --force probe replaces the first whole."""
+    from rankprobe import Monitor
+    from conftest import files
+
+    model = llama(0)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    monitor = Monitor(model, out=tmp_path / "mine")
+    monitor.probe(torch.randint(0, V, (2, 16)), step=10, tokens_seen=320)
+    monitor.close()
+    before = files(tmp_path / "mine")
+    assert main(["probe", str(tmp_path / "m"), "--out", str(tmp_path / "mine"), "--force", *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "mine" in err[-1] and "--force" in err[-1] and "Traceback" not in "\n".join(err)
+    assert files(tmp_path / "mine") == before
+    for _ in range(2):
+        assert main(["probe", str(tmp_path / "m"), "--out", str(tmp_path / "p"), "--force", *ARGS]) == 0
+    rows = rows_of(tmp_path / "p")
+    assert [r["kind"] for r in rows].count("run") == 1 and rows[-1]["kind"] == "end"

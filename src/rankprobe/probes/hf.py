@@ -251,6 +251,9 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     out_dir = Path(out_dir)
     if (out_dir / "metrics.jsonl").exists() and not force:
         raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass --force to replace it")
+    if (out_dir / "metrics.jsonl").exists() and not _holds_a_probe(out_dir / "metrics.jsonl"):
+        raise FolderError(f"{out_dir} holds a run that `rankprobe probe` did not write (training metrics); --force "
+                          "replaces only an earlier probe: give --out a folder of its own")
     mine = [n for n in ("config.json", "env.json") if (out_dir / n).exists()]
     if mine and not is_run(out_dir):  # --out MODEL_FOLDER would overwrite the model's own config.json
         raise FolderError(f"{out_dir} holds {', '.join(mine)} but no RankProbe run, and a probe writes files of those "
@@ -306,6 +309,21 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
            "status": "finished"}
     _write(out_dir / "metrics.jsonl", [("run", run)] + rows + [("end", end)])
     return out_dir / "metrics.jsonl"
+
+
+def _holds_a_probe(metrics: Path) -> bool:
+    """Whether `metrics` is a probe's (its run row lists the probed `checkpoints`): a training run's or a
+    Monitor's rows, or a file that cannot be read, are not this command's to replace."""
+    import warnings
+
+    from ..runfolder import header, read_rows
+
+    try:
+        with warnings.catch_warnings(action="ignore"):
+            run = header(read_rows(metrics))
+    except UserError:
+        return False
+    return run is not None and isinstance(run.get("checkpoints"), list)
 
 
 def _check_finite(path: Path, probe_rows: list[dict], dtype: str) -> None:
