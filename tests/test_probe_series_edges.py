@@ -190,3 +190,58 @@ def test_force_replaces_an_earlier_probe_never_a_run_it_did_not_write(tmp_path, 
         assert main(["probe", str(tmp_path / "m"), "--out", str(tmp_path / "p"), "--force", *ARGS]) == 0
     rows = rows_of(tmp_path / "p")
     assert [r["kind"] for r in rows].count("run") == 1 and rows[-1]["kind"] == "end"
+
+
+def _model_folder(folder, state=None):
+    """A folder `_expand` takes for a checkpoint (its config.json; no weights needed to find it)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_revisions_in_the_hugging_face_cache_are_named_by_their_refs(tmp_path):
+    """snapshot_download(repo, revision="step1000") keeps snapshots/<commit> and refs/step1000 -> <commit>:
+    the repo's cache folder, or a glob of its snapshots, is the series of its step revisions."""
+    repo = tmp_path / "hub" / "models--EleutherAI--pythia-14m"
+    for step, commit in ((1000, "9e1f"), (143000, "0b2a"), (2000, "77cd")):
+        _model_folder(repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / f"step{step}").write_text(commit)
+    (repo / "refs" / "main").write_text("0b2a")  # the default revision is the last step
+    (repo / "blobs").mkdir()
+    for spec in (repo, repo / "snapshots" / "*"):
+        found = find_checkpoints([str(spec)], tokens_per_step=10)
+        assert [(c.step, c.tokens, c.path.name) for c in found] == [
+            (1000, 10_000, "9e1f"), (2000, 20_000, "77cd"), (143000, 1_430_000, "0b2a")]
+
+
+def test_olmo_revision_names_give_their_step(tmp_path):
+    for name in ("stage1-step1000-tokens5B", "stage1-step2000-tokens9B", "step3000-tokens13B"):
+        _model_folder(tmp_path / "olmo" / name)
+    found = find_checkpoints([str(tmp_path / "olmo")], tokens_per_step=4)
+    assert [(c.step, c.tokens) for c in found] == [(1000, 4000), (2000, 8000), (3000, 12000)]
+    # a later stage restarts its steps: ordered by step it would sit among stage 1, so it is not guessed
+    _model_folder(tmp_path / "olmo" / "stage2-ingredient1-step500-tokens3B")
+    with pytest.raises(DataError, match="stage2-ingredient1-step500"):
+        find_checkpoints([str(tmp_path / "olmo")], tokens_per_step=4)
+
+
+def test_a_glob_of_step_folders_passes_over_an_earlier_probe_beside_them(tmp_path, caplog):
+    """`rankprobe probe pythia/step1000` writes pythia/step1000-probe; `pythia/step*` then matches it too."""
+    for step in (1000, 2000):
+        _model_folder(tmp_path / f"step{step}")
+    probe = _model_folder(tmp_path / "step1000-probe")
+    (probe / "metrics.jsonl").write_text("")
+    with caplog.at_level(logging.WARNING):
+        found = find_checkpoints([str(tmp_path / "step*")], tokens_per_step=1)
+    assert [c.step for c in found] == [1000, 2000] and "step1000-probe" in caplog.text
+
+
+def test_two_checkpoints_with_the_same_weights_are_said(tmp_path, tokenizer, caplog):
+    """A copy saved under two steps would draw a flat stretch of trajectory that training never made."""
+    for step in (1000, 2000):
+        llama(0).save_pretrained(tmp_path / "s" / f"step{step}")
+    tokenizer.save_pretrained(tmp_path / "s")
+    with caplog.at_level(logging.WARNING):
+        assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 0
+    assert "step2000" in caplog.text and "same weights" in caplog.text

@@ -291,6 +291,7 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     bar.close()
+    _say_copies(seen)
     if not run_folder:
         cfg["probe"].update(checkpoints=[c["tokens"] for c in seen], n_checkpoints=len(seen))
     name = name or cfg.get("name") or out_dir.name
@@ -309,6 +310,17 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
            "status": "finished"}
     _write(out_dir / "metrics.jsonl", [("run", run)] + rows + [("end", end)])
     return out_dir / "metrics.jsonl"
+
+
+def _say_copies(seen: list[dict]) -> None:
+    """A warning for checkpoints holding the very same weights as an earlier one: a copy saved under two
+    steps draws a flat stretch of trajectory that training never made."""
+    first: dict[str, dict] = {}
+    for c in seen:
+        earlier = first.setdefault(c["weights_sha256"], c)
+        if earlier is not c:
+            log.warning("%s (step %d) holds the same weights as %s (step %d): a copy?", c["path"], c["step"],
+                        earlier["path"], earlier["step"])
 
 
 def _holds_a_probe(metrics: Path) -> bool:

@@ -2,9 +2,11 @@
 
 A series is given as folders, globs, or a parent folder whose children are checkpoints: Hugging Face
 Trainer `checkpoint-N` folders (their `trainer_state.json` holds `global_step` and, when the run
-counted them, `num_input_tokens_seen`) and Pythia-style `step1000` names. The step comes from the
-trainer state, else from the folder name; the token count from the trainer state, else from
-`--tokens-per-step` × step. A single checkpoint without either sits at step 0, tokens 0, as before.
+counted them, `num_input_tokens_seen`), Pythia-style `step1000` names, OLMo's `stage1-step1000-tokens5B`,
+and a Hugging Face cache folder of revisions (snapshots/<commit>, named by refs/step1000). The step
+comes from the trainer state, else from the folder's name (a link's own, then its target's, then the
+cache's refs); the token count from the trainer state, or `--tokens-per-step` × step when given. A
+single checkpoint without either sits at step 0, tokens 0, as before.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from ..config import DataError
 
 log = logging.getLogger(__name__)
 STEP_NAME = re.compile(r"(?:checkpoint|global_step|step|iter)[-_]?(\d+)")
+# OLMo's revisions (stage1-step1000-tokens5B). A later stage restarts its steps: ordered by step, its
+# checkpoints would sit among stage 1's, so those names are recognised only to be refused.
+OLMO_NAME = re.compile(r"(?:stage1-)?step(\d+)-tokens\d+[KMBT]?")
+LATER_STAGE = re.compile(r"stage(?!1-)\d+-.*step\d+.*")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -53,14 +59,32 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _step_and_tokens(path: Path, name: str) -> tuple[int | None, int | None]:
-    """(step, tokens seen) from the trainer state, else the step from `name` (the folder as the user
-    named it: a link keeps its own name). A count logged at another step is not this checkpoint's."""
+def name_step(name: str) -> int | None:
+    """The step a checkpoint's name gives (checkpoint-N, stepN, iter_N, OLMo's stage1-stepN-tokensNB)."""
+    m = STEP_NAME.fullmatch(name) or OLMO_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _cache_refs(path: Path) -> list[str]:
+    """The revisions naming `path` when it is a snapshot of the Hugging Face cache: snapshot_download(repo,
+    revision="step1000") keeps the files in snapshots/<commit> and the name in refs/step1000."""
+    if path.parent.name != "snapshots":
+        return []
+    try:
+        return sorted(r.name for r in (path.parent.parent / "refs").iterdir()
+                      if r.is_file() and r.stat().st_size < 256 and r.read_text().strip() == path.name)
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def _step_and_tokens(path: Path, names: list[str]) -> tuple[int | None, int | None]:
+    """(step, tokens seen) from the trainer state, else the step from the first of `names` that gives one
+    (the folder as the user named it: a link keeps its own name). A count logged at another step is not
+    this checkpoint's."""
     state = _trainer_state(path)
     step = state.get("global_step")
     if step is None:
-        m = STEP_NAME.fullmatch(name)
-        step = int(m.group(1)) if m else None
+        step = next((s for s in map(name_step, names) if s is not None), None)
     tokens = state.get("num_input_tokens_seen") or next(  # 0 is the Trainer's default when it does not count
         (e["num_input_tokens_seen"] for e in reversed(state.get("log_history", []))
          if e.get("step") == step and _count(e.get("num_input_tokens_seen")) and e["num_input_tokens_seen"]), None)
@@ -77,7 +101,14 @@ def _expand(spec: str) -> list[Path]:
     for m in (Path(os.path.abspath(m)) for m in matches):
         if not m.is_dir():
             raise DataError(f"checkpoint {m} is not a folder (a Hugging Face model folder or a RankProbe run)")
-        children = sorted(c for c in m.iterdir() if c.is_dir() and STEP_NAME.fullmatch(c.name))
+        if glob.has_magic(spec) and (m / "metrics.jsonl").is_file():  # `probe DIR/step1000` wrote step1000-probe
+            log.warning("%s holds RankProbe metrics, not a checkpoint: passed over", m)
+            continue
+        children = sorted(c for c in m.iterdir() if c.is_dir() and (
+            name_step(c.name) is not None or LATER_STAGE.fullmatch(c.name)))
+        if not children and (m / "snapshots").is_dir() and not (m / "config.json").is_file():  # a cached repo
+            children = sorted(c for c in (m / "snapshots").iterdir()
+                              if c.is_dir() and any(name_step(r) is not None for r in _cache_refs(c)))
         if not children:
             out.append(m)
             continue
@@ -105,9 +136,10 @@ def find_checkpoints(specs: list[str], tokens_per_step: int | None = None) -> li
         paths.setdefault(p.resolve(), p)
     found, differ = [], []
     for real, path in paths.items():
-        step, recorded = _step_and_tokens(path, path.name)
-        if step is None and path.name != real.name:
-            step, recorded = _step_and_tokens(path, real.name)
+        step, recorded = _step_and_tokens(path, [path.name, real.name, *_cache_refs(real)])
+        if LATER_STAGE.fullmatch(path.name) and len(paths) > 1:
+            raise DataError(f"{path} is a later training stage, whose steps start again: probe each stage as a "
+                            "series of its own")
         if step is None and len(paths) > 1:
             raise DataError(f"cannot tell the training step of {path}: name it checkpoint-N or stepN, "
                             "or keep its trainer_state.json")
