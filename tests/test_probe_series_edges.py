@@ -245,3 +245,22 @@ def test_two_checkpoints_with_the_same_weights_are_said(tmp_path, tokenizer, cap
     with caplog.at_level(logging.WARNING):
         assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 0
     assert "step2000" in caplog.text and "same weights" in caplog.text
+
+
+def test_a_checkpoint_with_only_a_tokenizer_json_is_probed_with_it_not_its_parents(tmp_path, tokenizer):
+    """tokenizer.json without tokenizer_config.json (saved by `tokenizers` itself) is the model's own: a
+    tokenizer in the folder above (another model's) must not be taken instead."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rankprobe.data.corpus import load_corpus
+
+    llama(0).save_pretrained(tmp_path / "m")
+    tokenizer.backend_tokenizer.save(str(tmp_path / "m" / "tokenizer.json"))
+    other = Tokenizer(models.BPE(unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.ByteLevel()
+    other.train_from_iterator([load_corpus("embedded").text[-20_000:]],
+                              trainers.BpeTrainer(vocab_size=V, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=other).save_pretrained(tmp_path)
+    assert main(["probe", str(tmp_path / "m"), "--out", str(tmp_path / "p"), *ARGS]) == 0
+    assert rows_of(tmp_path / "p")[0]["data"]["tokenizer"]["name"] == str(tmp_path / "m")

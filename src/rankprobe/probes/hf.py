@@ -491,9 +491,9 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
             if not allow_long_context:
                 raise UserError(f"--seq-len {seq_len} is longer than the {limit} positions {first.name} was built "
                                 "for; lower --seq-len, or pass --allow-long-context to probe past them")
-        # HF Trainer saves the tokenizer into each checkpoint, or only beside them in the output folder
-        holder = next((p for p in [c.path for c in series] + [first.parent]
-                       if (p / "tokenizer_config.json").is_file()), first)
+        # HF Trainer saves the tokenizer into each checkpoint, or only beside them in the output folder; a
+        # checkpoint's own vocabulary wins over the folder above (tokenizer.json may come without a config)
+        holder = next((p for p in [c.path for c in series] + [first.parent] if tokenizer_files(p)), first)
         tokenizer, tok_record = load_tokenizer(holder)
         text = load_corpus(corpus)
         tokens = _tokenize(tokenizer, text.text, seq_len, n_tokens)
