@@ -264,3 +264,36 @@ def test_a_checkpoint_with_only_a_tokenizer_json_is_probed_with_it_not_its_paren
     PreTrainedTokenizerFast(tokenizer_object=other).save_pretrained(tmp_path)
     assert main(["probe", str(tmp_path / "m"), "--out", str(tmp_path / "p"), *ARGS]) == 0
     assert rows_of(tmp_path / "p")[0]["data"]["tokenizer"]["name"] == str(tmp_path / "m")
+
+
+def test_an_interrupted_series_probe_resumes_where_it_stopped(tmp_path, tokenizer, monkeypatch, capsys):
+    """The third checkpoint of three is broken: the first two are kept, and the same command after the
+    repair probes only the third, writing exactly the rows a probe from scratch writes."""
+    import rankprobe.probes.hf as hf
+
+    series = tmp_path / "s"
+    for i, step in enumerate((10, 20, 30)):
+        checkpoint(series / f"checkpoint-{step}", step, seed=i, tokens=step * 512)
+    tokenizer.save_pretrained(series)
+    weights = series / "checkpoint-30" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    probed = []
+    real = hf.probe_lenses
+    monkeypatch.setattr(hf, "probe_lenses", lambda model, *a, **k: probed.append(model.name_or_path) or real(
+        model, *a, **k))
+    argv = ["probe", str(series), "--out", str(tmp_path / "p"), *ARGS]
+    assert main(argv) == 2
+    assert "checkpoint-30" in capsys.readouterr().err and not (tmp_path / "p" / "metrics.jsonl").exists()
+    weights.write_bytes(whole)
+    probed.clear()
+    assert main(argv) == 0
+    assert [p.rsplit("/", 1)[-1] for p in probed] == ["checkpoint-30"]
+    assert sorted(os.listdir(tmp_path / "p")) == ["config.json", "env.json", "metrics.jsonl"]
+    # the same series from scratch, into a folder of its own
+    probed.clear()
+    assert main([*argv[:-len(ARGS)], "--out", str(tmp_path / "fresh"), *ARGS]) == 0 and len(probed) == 3
+    measured = lambda folder: [r for r in rows_of(folder) if r["kind"] in ("probe", "attn", "weights")]  # noqa: E731
+    assert measured(tmp_path / "p") == measured(tmp_path / "fresh")
+    run, fresh = rows_of(tmp_path / "p")[0], rows_of(tmp_path / "fresh")[0]
+    assert run["checkpoints"] == fresh["checkpoints"] and run["config"] == fresh["config"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict
@@ -30,6 +29,8 @@ from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
+from .partial import Kept, probe_key
+from .probe_checks import check_finite, holds_a_probe, say_copies
 from .series import Checkpoint, find_checkpoints, sha256_files, stored_dtype, weight_files
 
 log = logging.getLogger(__name__)
@@ -220,8 +221,16 @@ def _load(ckpt: Checkpoint, run_folder: bool, device, dtype: torch.dtype):
     return load_hf(ckpt.path, dtype=dtype, device=device)
 
 
-def _identity(path: Path, model, tokens: torch.Tensor, name: str | None, arm: str | None, series: bool) -> tuple:
-    """(config, arm, optimizer, qk_norm, seed, source) of the run row, from the first checkpoint."""
+def _identity(path: Path, model, tokens: torch.Tensor, name: str | None, arm: str | None, series: bool) -> dict:
+    """The run row's cfg, arm, optimizer, qk_norm, seed, source, n_params and env, from the first
+    checkpoint probed (kept with its rows, so a resumed probe need not load it again)."""
+    found = {"n_params": sum(p.numel() for p in model.parameters()), "env": env_info(next(model.parameters()).device)}
+    keys = ("cfg", "arm", "optimizer", "qk_norm", "seed", "source")
+    return found | dict(zip(keys, _described(path, model, tokens, name, arm, series)))
+
+
+def _described(path: Path, model, tokens: torch.Tensor, name: str | None, arm: str | None, series: bool) -> tuple:
+    """(config, arm, optimizer, qk_norm, seed, source) of the run row."""
     if is_run_folder(path):
         cfg = run_config(path)
         qk_norm = bool(cfg["model"]["qk_norm"])
@@ -251,7 +260,7 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     out_dir = Path(out_dir)
     if (out_dir / "metrics.jsonl").exists() and not force:
         raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass --force to replace it")
-    if (out_dir / "metrics.jsonl").exists() and not _holds_a_probe(out_dir / "metrics.jsonl"):
+    if (out_dir / "metrics.jsonl").exists() and not holds_a_probe(out_dir / "metrics.jsonl"):
         raise FolderError(f"{out_dir} holds a run that `rankprobe probe` did not write (training metrics); --force "
                           "replaces only an earlier probe: give --out a folder of its own")
     mine = [n for n in ("config.json", "env.json") if (out_dir / n).exists()]
@@ -264,34 +273,46 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     if run_folder and len(checkpoints) > 1:
         raise DataError("a RankProbe run folder is probed on its own; a series must be Hugging Face folders")
     ensure_writable(out_dir)
-    rows, seen, cfg = [], [], None
+    rows, seen = [], []
+    kept = Kept(out_dir, probe_key(tokens, dtype, batch_size, device, name, arm)) if len(checkpoints) > 1 else None
+    who = kept.identity if kept is not None else None
     bar = _bar(len(checkpoints) * tokens.size(0), progress)
     for ckpt in checkpoints:
+        files = weight_files(ckpt.path)
+        record = {"path": str(ckpt.path), "step": ckpt.step, "tokens": ckpt.tokens,
+                  "weights_sha256": sha256_files(files), "weights_dtype": stored_dtype(files)}
+        done = kept.get(ckpt.path, record["weights_sha256"]) if kept is not None else None
+        if done is not None and done["seen"] == record:  # probed before this probe was interrupted
+            rows += [tuple(r) for r in done["rows"]]
+            seen.append(record)
+            bar.update(tokens.size(0))
+            continue
         model = _load(ckpt, run_folder, device, DTYPES[dtype])
-        if cfg is None:
-            cfg, arm, optimizer, qk_norm, seed, source = _identity(ckpt.path, model, tokens, name, arm,
-                                                                   len(checkpoints) > 1)
-            vocab, n_params = cfg["model"]["vocab_size"], sum(p.numel() for p in model.parameters())
-            env = env_info(next(model.parameters()).device)
+        if who is None:
+            who = _identity(ckpt.path, model, tokens, name, arm, len(checkpoints) > 1)
+            vocab = who["cfg"]["model"]["vocab_size"]
             if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
                 raise DataError(f"tokens must be ids in [0, {vocab}); tokenize the probe text with the "
                                 "checkpoint's own tokenizer")
-        elif not run_folder and hf_model_config(model) != cfg["model"]:
+        elif not run_folder and hf_model_config(model) != who["cfg"]["model"]:
             raise DataError(f"{ckpt.path} is another model than {checkpoints[0].path}: a series is one model")
         probe_rows, attn_rows = probe_lenses(model, tokens, batch_size, progress=bar.update)
-        _check_finite(ckpt.path, probe_rows, dtype)
+        check_finite(ckpt.path, probe_rows, dtype)
         at = {"step": ckpt.step, "tokens": ckpt.tokens}
-        rows += [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
-        rows += [("weights", at | r) for r in weight_lenses(model)]
-        files = weight_files(ckpt.path)
-        seen.append({"path": str(ckpt.path), **at, "weights_sha256": sha256_files(files),
-                     "weights_dtype": stored_dtype(files)})
+        mine = [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
+        mine += [("weights", at | r) for r in weight_lenses(model)]
+        rows += mine
+        seen.append(record)
+        if kept is not None:
+            kept.add(who, record, mine)
         del model  # one checkpoint in memory at a time
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     bar.close()
-    _say_copies(seen)
+    say_copies(seen)
+    cfg, arm, optimizer, qk_norm, seed, source, n_params, env = (
+        who[k] for k in ("cfg", "arm", "optimizer", "qk_norm", "seed", "source", "n_params", "env"))
     if not run_folder:
         cfg["probe"].update(checkpoints=[c["tokens"] for c in seen], n_checkpoints=len(seen))
     name = name or cfg.get("name") or out_dir.name
@@ -309,53 +330,9 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     end = {"step": seen[-1]["step"], "tokens": seen[-1]["tokens"], "wall_s": time.perf_counter() - t0,
            "status": "finished"}
     _write(out_dir / "metrics.jsonl", [("run", run)] + rows + [("end", end)])
+    if kept is not None:
+        kept.close()
     return out_dir / "metrics.jsonl"
-
-
-def _say_copies(seen: list[dict]) -> None:
-    """A warning for checkpoints holding the very same weights as an earlier one: a copy saved under two
-    steps draws a flat stretch of trajectory that training never made."""
-    first: dict[str, dict] = {}
-    for c in seen:
-        earlier = first.setdefault(c["weights_sha256"], c)
-        if earlier is not c:
-            log.warning("%s (step %d) holds the same weights as %s (step %d): a copy?", c["path"], c["step"],
-                        earlier["path"], earlier["step"])
-
-
-def _holds_a_probe(metrics: Path) -> bool:
-    """Whether `metrics` is a probe's (its run row lists the probed `checkpoints`): a training run's or a
-    Monitor's rows, or a file that cannot be read, are not this command's to replace."""
-    import warnings
-
-    from ..runfolder import header, read_rows
-
-    try:
-        with warnings.catch_warnings(action="ignore"):
-            run = header(read_rows(metrics))
-    except UserError:
-        return False
-    return run is not None and isinstance(run.get("checkpoints"), list)
-
-
-def _check_finite(path: Path, probe_rows: list[dict], dtype: str) -> None:
-    """DataError when the activations are not finite. A tap whose mean is not finite saw inf or NaN (a head
-    of all-zero keys has a null PR but a finite mean of 0). In fp32 only a model that is nothing but
-    NaN is refused (a diverged checkpoint's finite layers are still its answer); in bf16 or fp16 any
-    layer is, since those numbers would be the dtype's range and not the model (fp16 ends at 65504)."""
-    bad = sorted({r["layer"] for r in probe_rows if not all(
-        isinstance(m, (int, float)) and math.isfinite(m) for m in _as_list(r.get("mean_norm")))})
-    finite = [r.get("pr") is not None and math.isfinite(r["pr"]) for r in probe_rows]
-    if probe_rows and not any(finite):  # else rows of nulls, and exit 0
-        raise DataError(f"{path}: every key statistic is NaN or infinite: the model's activations are not "
-                        "finite" + (" (try --dtype fp32)" if dtype != "fp32" else " (check its config.json)"))
-    if bad and dtype != "fp32":
-        raise DataError(f"{path}: the activations of layer {', '.join(map(str, bad))} are not finite in {dtype} "
-                        "(beyond its range, or NaN); probe with --dtype fp32")
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
 
 
 def _write(metrics: Path, rows: list[tuple[str, dict]]) -> None:
