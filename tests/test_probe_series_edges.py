@@ -6,6 +6,7 @@ Llama folders saved here (test_probe_series's), nothing downloaded."""
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from rankprobe.cli import main  # noqa: E402
 from rankprobe.config import DataError  # noqa: E402
-from rankprobe.probes.series import find_checkpoints  # noqa: E402
+from rankprobe.probes.series import default_out, find_checkpoints  # noqa: E402
 from test_probe_series import V, llama, rows_of, tokenizer  # noqa: E402,F401
 
 ARGS = ["--tokens", "128", "--seq-len", "32", "--batch-size", "4"]
@@ -213,6 +214,7 @@ def test_revisions_in_the_hugging_face_cache_are_named_by_their_refs(tmp_path):
         found = find_checkpoints([str(spec)], tokens_per_step=10)
         assert [(c.step, c.tokens, c.path.name) for c in found] == [
             (1000, 10_000, "9e1f"), (2000, 20_000, "77cd"), (143000, 1_430_000, "0b2a")]
+        assert default_out(found) == Path.cwd() / "EleutherAI--pythia-14m-probe"  # not inside the cache
 
 
 def test_olmo_revision_names_give_their_step(tmp_path):

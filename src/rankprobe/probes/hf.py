@@ -31,7 +31,7 @@ from .families import FAMILIES, SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
 from .partial import Kept, probe_key
 from .probe_checks import check_finite, holds_a_probe, say_copies
-from .series import Checkpoint, find_checkpoints, sha256_files, stored_dtype, weight_files
+from .series import Checkpoint, default_out, find_checkpoints, sha256_files, stored_dtype, weight_files
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -448,9 +448,7 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
     specs = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     series = find_checkpoints([str(s) for s in specs], tokens_per_step)
     first = series[0].path
-    # one checkpoint: beside it; a series: beside the folder that holds it
-    out_dir = Path(out) if out else (first.parent / f"{first.name}-probe" if len(series) == 1
-                                     else first.parent.parent / f"{first.parent.name}-probe")
+    out_dir = Path(out) if out else default_out(series)
     if is_run_folder(first):
         cfg = run_config(first)
         data_cfg, T = DataConfig(**cfg["data"]), cfg["model"]["seq_len"]

@@ -163,6 +163,17 @@ def find_checkpoints(specs: list[str], tokens_per_step: int | None = None) -> li
     return found
 
 
+def default_out(series: list[Checkpoint]) -> Path:
+    """Where a probe goes without --out: beside one checkpoint, beside the folder holding a series, and for
+    revisions in the Hugging Face cache in the current folder (never inside the cache)."""
+    first = series[0].path
+    if first.parent.name == "snapshots" and first.parent.parent.name.startswith("models--"):
+        return Path.cwd() / f"{first.parent.parent.name.removeprefix('models--')}-probe"
+    if len(series) == 1:
+        return first.parent / f"{first.name}-probe"
+    return first.parent.parent / f"{first.parent.name}-probe"
+
+
 def sha256_files(files: list[Path]) -> str:
     """One SHA-256 over the names and contents of `files`, in name order (read in 1 MiB blocks)."""
     h = hashlib.sha256()
