@@ -299,3 +299,20 @@ def test_an_interrupted_series_probe_resumes_where_it_stopped(tmp_path, tokenize
     assert measured(tmp_path / "p") == measured(tmp_path / "fresh")
     run, fresh = rows_of(tmp_path / "p")[0], rows_of(tmp_path / "fresh")[0]
     assert run["checkpoints"] == fresh["checkpoints"] and run["config"] == fresh["config"]
+
+
+def test_a_checkpoint_of_another_shape_is_refused_before_anything_is_probed(tmp_path, tokenizer, capsys,
+                                                                           monkeypatch):
+    """Layers added mid-series: said at once, naming the setting, not after probing the checkpoints before it."""
+    import rankprobe.probes.hf as hf
+
+    llama(0).save_pretrained(tmp_path / "s" / "step1000")
+    torch.manual_seed(1)
+    transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+        vocab_size=V, max_position_embeddings=64)).save_pretrained(tmp_path / "s" / "step2000")
+    tokenizer.save_pretrained(tmp_path / "s")
+    monkeypatch.setattr(hf, "probe_lenses", lambda *a, **k: pytest.fail("probed before the series was checked"))
+    assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "step2000" in err[-1] and "num_hidden_layers 3" in err[-1] and "2" in err[-1]

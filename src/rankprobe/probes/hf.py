@@ -129,6 +129,20 @@ def _check_size(path: Path, c) -> None:
                         f"{d}), more than this machine's {ram / 2**30:.0f} GiB of memory can hold")
 
 
+SHAPE = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+
+
+def _same_shape(first: Path, config, path: Path, other) -> None:
+    """A series is one model: a checkpoint whose config differs in shape is refused before anything is
+    probed (the full check, on the loaded model, follows in `probe_series_to_dir`)."""
+    a, b = text_config(config), text_config(other)
+    for key in SHAPE:
+        if getattr(a, key, None) != getattr(b, key, None):
+            raise DataError(f"{path} is another model than {first}: {key} {getattr(b, key, None)} against "
+                            f"{getattr(a, key, None)}; a series is one model")
+
+
 def _one_line(e: Exception) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 200 else text[:197] + "..."
@@ -457,7 +471,7 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
     else:
         config = hf_config(first)
         for ckpt in series[1:]:
-            hf_config(ckpt.path)
+            _same_shape(first, config, ckpt.path, hf_config(ckpt.path))
         limit = max_positions(config)
         if limit is not None and seq_len > limit:
             if FAMILIES[text_config(config).model_type].learned_positions:
