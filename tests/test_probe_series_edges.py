@@ -59,6 +59,11 @@ def test_step_folders_that_are_links_keep_their_names_and_steps(tmp_path, tokeni
     run = rows_of(tmp_path / "pythia-probe")[0]
     assert [c["step"] for c in run["checkpoints"]] == [1000, 2000] and run["probe_checkpoints"] == [100_000, 200_000]
     assert [c["path"] for c in run["checkpoints"]] == [str(series / "step1000"), str(series / "step2000")]
+    # a link whose target is gone (a cleaned cache) is refused, not passed over
+    os.symlink(tmp_path / "cache" / "snapshots" / "gone", series / "step3000")
+    with pytest.raises(DataError, match="step3000"):
+        find_checkpoints([str(series)], 100)
+    (series / "step3000").unlink()
     # the same folder named twice (a link and its target) is probed once
     found = find_checkpoints([str(series / "step1000"), str(tmp_path / "cache" / "snapshots" / "0a5f")], 100)
     assert [(c.path.name, c.step) for c in found] == [("step1000", 1000)]

@@ -104,8 +104,11 @@ def _expand(spec: str) -> list[Path]:
         if glob.has_magic(spec) and (m / "metrics.jsonl").is_file():  # `probe DIR/step1000` wrote step1000-probe
             log.warning("%s holds RankProbe metrics, not a checkpoint: passed over", m)
             continue
-        children = sorted(c for c in m.iterdir() if c.is_dir() and (
-            name_step(c.name) is not None or LATER_STAGE.fullmatch(c.name)))
+        named = [c for c in m.iterdir() if name_step(c.name) is not None or LATER_STAGE.fullmatch(c.name)]
+        dangling = [c for c in named if c.is_symlink() and not c.exists()]
+        if dangling:  # its target removed (a cleaned download cache): the trajectory would lose it unsaid
+            raise DataError(f"{dangling[0]} is a link to {os.readlink(dangling[0])}, which does not exist")
+        children = sorted(c for c in named if c.is_dir())
         if not children and (m / "snapshots").is_dir() and not (m / "config.json").is_file():  # a cached repo
             children = sorted(c for c in (m / "snapshots").iterdir()
                               if c.is_dir() and any(name_step(r) is not None for r in _cache_refs(c)))
