@@ -321,3 +321,18 @@ def test_a_checkpoint_of_another_shape_is_refused_before_anything_is_probed(tmp_
     assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "step2000" in err[-1] and "num_hidden_layers 3" in err[-1] and "2" in err[-1]
+
+
+def test_a_deepspeed_checkpoint_folder_is_one_checkpoint_and_an_adapter_is_named(tmp_path):
+    """A Trainer checkpoint under DeepSpeed holds its optimizer shards in global_stepN/ beside the model;
+    a PEFT checkpoint holds an adapter and no model config."""
+    ckpt = _model_folder(tmp_path / "trainer" / "checkpoint-100")
+    (ckpt / "global_step100").mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 100, "num_input_tokens_seen": 800}))
+    for spec in (ckpt, tmp_path / "trainer", tmp_path / "trainer" / "checkpoint-*"):
+        assert [(c.path, c.step, c.tokens) for c in find_checkpoints([str(spec)])] == [(ckpt, 100, 800)]
+    lora = tmp_path / "trainer" / "checkpoint-200"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    with pytest.raises(DataError, match="checkpoint-200 holds a PEFT adapter"):
+        find_checkpoints([str(tmp_path / "trainer")])

@@ -109,21 +109,25 @@ def _expand(spec: str) -> list[Path]:
         if dangling:  # its target removed (a cleaned download cache): the trajectory would lose it unsaid
             raise DataError(f"{dangling[0]} is a link to {os.readlink(dangling[0])}, which does not exist")
         children = sorted(c for c in named if c.is_dir())
-        if not children and (m / "snapshots").is_dir() and not (m / "config.json").is_file():  # a cached repo
+        if (m / "config.json").is_file():  # a model; DeepSpeed keeps its optimizer shards in global_stepN/ inside
+            children = [c for c in children if (c / "config.json").is_file()]
+            if children:  # trainer.save_model() puts the final model beside its checkpoints
+                log.warning("%s holds a model of its own beside %d checkpoint folders (%s, ...): probing the "
+                            "checkpoints (that model has no step; copy it to a folder of its own to probe it "
+                            "alone)", m, len(children), children[0].name)
+        elif not children and (m / "snapshots").is_dir():  # a repo in the Hugging Face cache
             children = sorted(c for c in (m / "snapshots").iterdir()
                               if c.is_dir() and any(name_step(r) is not None for r in _cache_refs(c)))
         if not children:
             out.append(m)
             continue
-        # a checkpoint-N still being written (or a broken copy) would otherwise drop out of the trajectory
-        broken = [c.name for c in children if not (c / "config.json").is_file()]
-        if broken:
-            raise DataError(f"{m / broken[0]} has no config.json (a checkpoint not fully written?); remove it or "
-                            "name the checkpoints to probe")
-        if (m / "config.json").is_file():  # trainer.save_model() puts the final model beside its checkpoints
-            log.warning("%s holds a model of its own beside %d checkpoint folders (%s, ...): probing the "
-                        "checkpoints (that model has no step; copy it to a folder of its own to probe it alone)",
-                        m, len(children), children[0].name)
+        for c in children:  # a checkpoint-N still being written (or a broken copy) would drop out unsaid
+            if (c / "adapter_config.json").is_file() and not (c / "config.json").is_file():
+                raise DataError(f"{c} holds a PEFT adapter, not a model: merge it into its base model "
+                                "(merge_and_unload) and save that to probe it")
+            if not (c / "config.json").is_file():
+                raise DataError(f"{c} has no config.json (a checkpoint not fully written?); remove it or name "
+                                "the checkpoints to probe")
         out += children
     return out
 
