@@ -296,7 +296,13 @@ def test_an_interrupted_series_probe_resumes_where_it_stopped(tmp_path, tokenize
     probed.clear()
     assert main(argv) == 0
     assert [p.rsplit("/", 1)[-1] for p in probed] == ["checkpoint-30"]
-    assert sorted(os.listdir(tmp_path / "p")) == ["config.json", "env.json", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "p")) == [".rankprobe.lock", "config.json", "env.json", "metrics.jsonl"]
+    # a second probe into the folder while one runs is refused at once (they would share the kept rows)
+    from rankprobe.runfolder import folder_lock
+
+    with folder_lock(tmp_path / "p"):
+        assert main([*argv, "--force"]) == 2
+    assert "in use by another rankprobe process" in capsys.readouterr().err
     # the same series from scratch, into a folder of its own
     probed.clear()
     assert main([*argv[:-len(ARGS)], "--out", str(tmp_path / "fresh"), *ARGS]) == 0 and len(probed) == 3

@@ -23,14 +23,14 @@ import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
 from ..errors import FolderError
-from ..runfolder import (MetricsWriter, RunHeader, ensure_writable, first_missing, is_run, remove_unused,
-                         write_json)
+from ..runfolder import (MetricsWriter, RunHeader, ensure_writable, first_missing, folder_lock, is_run,
+                         remove_unused, write_json)
 from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
 from .partial import Kept, probe_key
-from .probe_checks import check_finite, holds_a_probe, say_copies
+from .probe_checks import check_finite, holds_a_probe, same_shape, say_copies
 from .series import Checkpoint, default_out, find_checkpoints, sha256_files, stored_dtype, weight_files
 
 log = logging.getLogger(__name__)
@@ -127,20 +127,6 @@ def _check_size(path: Path, c) -> None:
     if 2 * n_params > ram:
         raise DataError(f"{path}/config.json describes about {n_params / 1e9:,.1f}B parameters ({L} layers of width "
                         f"{d}), more than this machine's {ram / 2**30:.0f} GiB of memory can hold")
-
-
-SHAPE = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-         "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
-
-
-def _same_shape(first: Path, config, path: Path, other) -> None:
-    """A series is one model: a checkpoint whose config differs in shape is refused before anything is
-    probed (the full check, on the loaded model, follows in `probe_series_to_dir`)."""
-    a, b = text_config(config), text_config(other)
-    for key in SHAPE:
-        if getattr(a, key, None) != getattr(b, key, None):
-            raise DataError(f"{path} is another model than {first}: {key} {getattr(b, key, None)} against "
-                            f"{getattr(a, key, None)}; a series is one model")
 
 
 def _one_line(e: Exception) -> str:
@@ -287,6 +273,15 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     if run_folder and len(checkpoints) > 1:
         raise DataError("a RankProbe run folder is probed on its own; a series must be Hugging Face folders")
     ensure_writable(out_dir)
+    with folder_lock(out_dir):  # a second probe into this folder would share its kept rows and temporary file
+        return _probe_locked(checkpoints, tokens, out_dir, batch_size, name, arm, device, dtype, data, progress,
+                             run_folder, t0)
+
+
+def _probe_locked(checkpoints: list[Checkpoint], tokens: torch.Tensor, out_dir: Path, batch_size: int,
+                  name: str | None, arm: str | None, device, dtype: str, data: dict | None, progress: bool,
+                  run_folder: bool, t0: float) -> Path:
+    """`probe_series_to_dir` once its inputs are checked and its folder is locked."""
     rows, seen = [], []
     kept = Kept(out_dir, probe_key(tokens, dtype, batch_size, device, name, arm)) if len(checkpoints) > 1 else None
     who = kept.identity if kept is not None else None
@@ -471,7 +466,7 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
     else:
         config = hf_config(first)
         for ckpt in series[1:]:
-            _same_shape(first, config, ckpt.path, hf_config(ckpt.path))
+            same_shape(first, config, ckpt.path, hf_config(ckpt.path))
         limit = max_positions(config)
         if limit is not None and seq_len > limit:
             if FAMILIES[text_config(config).model_type].learned_positions:

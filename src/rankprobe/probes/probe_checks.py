@@ -1,7 +1,8 @@
-"""What `rankprobe probe` checks of what it measured and of the folder it writes into.
+"""What `rankprobe probe` checks of its checkpoints, of what it measured and of the folder it writes into.
 
-Activations that are not finite only in a reduced dtype, checkpoints that are copies of one another,
-and an `--out` holding a run the probe did not write (which `--force` must never replace).
+A series whose configs differ in shape, activations that are not finite only in a reduced dtype,
+checkpoints that are copies of one another, and an `--out` holding a run the probe did not write
+(which `--force` must never replace).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from ..config import DataError, UserError
 from ..runfolder import header, read_rows
+from .families import text_config
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +59,17 @@ def check_finite(path: Path, probe_rows: list[dict], dtype: str) -> None:
 
 def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
+
+
+SHAPE = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "intermediate_size", "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+
+
+def same_shape(first: Path, config, path: Path, other) -> None:
+    """A series is one model: a checkpoint whose config differs in shape is refused before anything is
+    probed (the full check, on the loaded model, follows in `probe_series_to_dir`)."""
+    a, b = text_config(config), text_config(other)
+    for key in SHAPE:
+        if getattr(a, key, None) != getattr(b, key, None):
+            raise DataError(f"{path} is another model than {first}: {key} {getattr(b, key, None)} against "
+                            f"{getattr(a, key, None)}; a series is one model")
