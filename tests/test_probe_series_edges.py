@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from rankprobe.cli import main  # noqa: E402
 from rankprobe.config import DataError  # noqa: E402
-from rankprobe.probes.series import default_out, find_checkpoints  # noqa: E402
+from rankprobe.probes.series import default_out, find_checkpoints, stored_dtype  # noqa: E402
 from test_probe_series import V, llama, rows_of, tokenizer  # noqa: E402,F401
 
 ARGS = ["--tokens", "128", "--seq-len", "32", "--batch-size", "4"]
@@ -142,6 +142,14 @@ def test_a_trainer_state_of_the_wrong_shape_is_one_line(tmp_path, state):
         find_checkpoints([a, b], tokens_per_step=512)
 
 
+def test_a_trainer_state_that_is_a_pipe_is_refused_at_once(tmp_path):
+    a = _state_folder(tmp_path, "checkpoint-10", {"global_step": 10})
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    os.mkfifo(tmp_path / "checkpoint-10" / "trainer_state.json")  # read as a file, it would block for ever
+    with pytest.raises(DataError, match="trainer_state.json is not a regular file"):
+        find_checkpoints([a], tokens_per_step=512)
+
+
 def test_activations_that_overflow_only_in_the_probe_dtype_are_refused_not_nulled(tmp_path, tokenizer, capsys):
     """A residual stream of ~1e6 is finite in fp32 and inf in fp16 (max 65504): every layer after it would
     be rows of nulls beside finite ones, an answer of the dtype and not of the model. A head whose keys are
@@ -173,6 +181,9 @@ def test_the_dtype_the_weights_were_saved_in_is_recorded(tmp_path, tokenizer):
     assert main(["probe", str(tmp_path / "s"), "--tokens-per-step", "8", "--out", str(tmp_path / "p"), *ARGS]) == 0
     run = rows_of(tmp_path / "p")[0]
     assert run["dtype"] == "fp32" and [c["weights_dtype"] for c in run["checkpoints"]] == ["bf16", "fp32"]
+    odd = tmp_path / "odd.safetensors"
+    odd.write_bytes((2).to_bytes(8, "little") + b"[]")  # a header that is not a table: no dtype, no traceback
+    assert stored_dtype([odd]) is None
 
 
 def test_force_replaces_an_earlier_probe_never_a_run_it_did_not_write(tmp_path, tokenizer, capsys):

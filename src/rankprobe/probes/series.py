@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataError
+from ..files import read_regular
 
 log = logging.getLogger(__name__)
 STEP_NAME = re.compile(r"(?:checkpoint|global_step|step|iter)[-_]?(\d+)")
@@ -42,9 +43,11 @@ def _trainer_state(path: Path) -> dict:
     """The folder's trainer_state.json, {} when there is none or it is torn; DataError for a state of
     another shape (a count that is not a whole number, a log entry that is not a table)."""
     file = path / "trainer_state.json"
-    try:
-        state = json.loads(file.read_text())
-    except (OSError, ValueError, RecursionError):
+    if not file.exists():
+        return {}
+    try:  # read_regular: a FIFO under the name would block for ever
+        state = json.loads(read_regular(file, "trainer state", DataError, limit=1 << 28))
+    except (ValueError, RecursionError):
         return {}
     history = state.get("log_history", []) if isinstance(state, dict) else None
     if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
@@ -211,8 +214,10 @@ def stored_dtype(files: list[Path]) -> str | None:
             with open(f, "rb") as fh:
                 size = int.from_bytes(fh.read(8), "little")
                 header = json.loads(fh.read(size)) if 0 < size <= 1 << 27 else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None  # loading the weights says what is wrong with them
+        if not isinstance(header, dict):
+            return None
         found |= {_DTYPE_NAMES[v["dtype"]] for k, v in header.items()
                   if k != "__metadata__" and isinstance(v, dict) and v.get("dtype") in _DTYPE_NAMES}
     return "+".join(sorted(found)) or None
