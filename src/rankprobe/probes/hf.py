@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict
@@ -24,13 +23,15 @@ import torch
 
 from ..config import DataConfig, DataError, ModelConfig, ProbeConfig, UserError, arm_label
 from ..errors import FolderError
-from ..runfolder import (MetricsWriter, RunHeader, ensure_writable, first_missing, is_run, remove_unused,
-                         write_json)
+from ..runfolder import (MetricsWriter, RunHeader, ensure_writable, first_missing, folder_lock, is_run,
+                         remove_unused, write_json)
 from ..runlog import env_info
 from .capture import adapter_for
 from .families import FAMILIES, SUPPORTED, max_positions, text_config
 from .lenses import probe_lenses, weight_lenses
-from .series import Checkpoint, find_checkpoints, sha256_files, weight_files
+from .partial import Kept, probe_key
+from .probe_checks import check_finite, holds_a_probe, same_shape, say_copies
+from .series import Checkpoint, default_out, find_checkpoints, sha256_files, stored_dtype, weight_files
 
 log = logging.getLogger(__name__)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -220,8 +221,16 @@ def _load(ckpt: Checkpoint, run_folder: bool, device, dtype: torch.dtype):
     return load_hf(ckpt.path, dtype=dtype, device=device)
 
 
-def _identity(path: Path, model, tokens: torch.Tensor, name: str | None, arm: str | None, series: bool) -> tuple:
-    """(config, arm, optimizer, qk_norm, seed, source) of the run row, from the first checkpoint."""
+def _identity(path: Path, model, tokens: torch.Tensor, name: str | None, arm: str | None, series: bool) -> dict:
+    """The run row's cfg, arm, optimizer, qk_norm, seed, source, n_params and env, from the first
+    checkpoint probed (kept with its rows, so a resumed probe need not load it again)."""
+    found = {"n_params": sum(p.numel() for p in model.parameters()), "env": env_info(next(model.parameters()).device)}
+    keys = ("cfg", "arm", "optimizer", "qk_norm", "seed", "source")
+    return found | dict(zip(keys, _described(path, model, tokens, name, arm, series)))
+
+
+def _described(path: Path, model, tokens: torch.Tensor, name: str | None, arm: str | None, series: bool) -> tuple:
+    """(config, arm, optimizer, qk_norm, seed, source) of the run row."""
     if is_run_folder(path):
         cfg = run_config(path)
         qk_norm = bool(cfg["model"]["qk_norm"])
@@ -251,6 +260,9 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     out_dir = Path(out_dir)
     if (out_dir / "metrics.jsonl").exists() and not force:
         raise UserError(f"{out_dir} already holds a run (metrics.jsonl); pass --force to replace it")
+    if (out_dir / "metrics.jsonl").exists() and not holds_a_probe(out_dir / "metrics.jsonl"):
+        raise FolderError(f"{out_dir} holds a run that `rankprobe probe` did not write (training metrics); --force "
+                          "replaces only an earlier probe: give --out a folder of its own")
     mine = [n for n in ("config.json", "env.json") if (out_dir / n).exists()]
     if mine and not is_run(out_dir):  # --out MODEL_FOLDER would overwrite the model's own config.json
         raise FolderError(f"{out_dir} holds {', '.join(mine)} but no RankProbe run, and a probe writes files of those "
@@ -261,34 +273,55 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     if run_folder and len(checkpoints) > 1:
         raise DataError("a RankProbe run folder is probed on its own; a series must be Hugging Face folders")
     ensure_writable(out_dir)
-    rows, seen, cfg = [], [], None
+    with folder_lock(out_dir):  # a second probe into this folder would share its kept rows and temporary file
+        return _probe_locked(checkpoints, tokens, out_dir, batch_size, name, arm, device, dtype, data, progress,
+                             run_folder, t0)
+
+
+def _probe_locked(checkpoints: list[Checkpoint], tokens: torch.Tensor, out_dir: Path, batch_size: int,
+                  name: str | None, arm: str | None, device, dtype: str, data: dict | None, progress: bool,
+                  run_folder: bool, t0: float) -> Path:
+    """`probe_series_to_dir` once its inputs are checked and its folder is locked."""
+    rows, seen = [], []
+    kept = Kept(out_dir, probe_key(tokens, dtype, batch_size, device, name, arm)) if len(checkpoints) > 1 else None
+    who = kept.identity if kept is not None else None
     bar = _bar(len(checkpoints) * tokens.size(0), progress)
     for ckpt in checkpoints:
+        files = weight_files(ckpt.path)
+        record = {"path": str(ckpt.path), "step": ckpt.step, "tokens": ckpt.tokens,
+                  "weights_sha256": sha256_files(files), "weights_dtype": stored_dtype(files)}
+        done = kept.get(ckpt.path, record["weights_sha256"]) if kept is not None else None
+        if done is not None and done["seen"] == record:  # probed before this probe was interrupted
+            rows += [tuple(r) for r in done["rows"]]
+            seen.append(record)
+            bar.update(tokens.size(0))
+            continue
         model = _load(ckpt, run_folder, device, DTYPES[dtype])
-        if cfg is None:
-            cfg, arm, optimizer, qk_norm, seed, source = _identity(ckpt.path, model, tokens, name, arm,
-                                                                   len(checkpoints) > 1)
-            vocab, n_params = cfg["model"]["vocab_size"], sum(p.numel() for p in model.parameters())
-            env = env_info(next(model.parameters()).device)
+        if who is None:
+            who = _identity(ckpt.path, model, tokens, name, arm, len(checkpoints) > 1)
+            vocab = who["cfg"]["model"]["vocab_size"]
             if int(tokens.max()) >= vocab or int(tokens.min()) < 0:
                 raise DataError(f"tokens must be ids in [0, {vocab}); tokenize the probe text with the "
                                 "checkpoint's own tokenizer")
-        elif not run_folder and hf_model_config(model) != cfg["model"]:
+        elif not run_folder and hf_model_config(model) != who["cfg"]["model"]:
             raise DataError(f"{ckpt.path} is another model than {checkpoints[0].path}: a series is one model")
         probe_rows, attn_rows = probe_lenses(model, tokens, batch_size, progress=bar.update)
-        finite = [r.get("pr") is not None and math.isfinite(r["pr"]) for r in probe_rows]
-        if probe_rows and not any(finite):  # else rows of nulls, and exit 0
-            raise DataError(f"{ckpt.path}: every key statistic is NaN or infinite: the model's activations are not "
-                            "finite" + (" (try --dtype fp32)" if dtype != "fp32" else " (check its config.json)"))
+        check_finite(ckpt.path, probe_rows, dtype)
         at = {"step": ckpt.step, "tokens": ckpt.tokens}
-        rows += [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
-        rows += [("weights", at | r) for r in weight_lenses(model)]
-        seen.append({"path": str(ckpt.path), **at, "weights_sha256": sha256_files(weight_files(ckpt.path))})
+        mine = [("probe", at | r) for r in probe_rows] + [("attn", at | r) for r in attn_rows]
+        mine += [("weights", at | r) for r in weight_lenses(model)]
+        rows += mine
+        seen.append(record)
+        if kept is not None:
+            kept.add(who, record, mine)
         del model  # one checkpoint in memory at a time
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     bar.close()
+    say_copies(seen)
+    cfg, arm, optimizer, qk_norm, seed, source, n_params, env = (
+        who[k] for k in ("cfg", "arm", "optimizer", "qk_norm", "seed", "source", "n_params", "env"))
     if not run_folder:
         cfg["probe"].update(checkpoints=[c["tokens"] for c in seen], n_checkpoints=len(seen))
     name = name or cfg.get("name") or out_dir.name
@@ -306,6 +339,8 @@ def probe_series_to_dir(checkpoints: list[Checkpoint], tokens: torch.Tensor, out
     end = {"step": seen[-1]["step"], "tokens": seen[-1]["tokens"], "wall_s": time.perf_counter() - t0,
            "status": "finished"}
     _write(out_dir / "metrics.jsonl", [("run", run)] + rows + [("end", end)])
+    if kept is not None:
+        kept.close()
     return out_dir / "metrics.jsonl"
 
 
@@ -333,8 +368,8 @@ def load_tokenizer(path: Path):
     """(tokenizer, record for the run row) from the local folder `path`; DataError without one."""
     from transformers import AutoTokenizer
 
-    files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
-    if not any(f.name != "tokenizer_config.json" and f.name != "special_tokens_map.json" for f in files):
+    files = tokenizer_files(path)
+    if not files:
         raise DataError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); save the "
                         "model's tokenizer beside it (tokenizer.save_pretrained)")
     try:
@@ -343,6 +378,27 @@ def load_tokenizer(path: Path):
         raise DataError(f"no usable tokenizer in {path}: {_one_line(e)}") from None
     record = {"class": type(tokenizer).__name__, "name": tokenizer.name_or_path, "sha256": sha256_files(files)}
     return tokenizer, record
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The tokenizer files in `path`; none unless a vocabulary is among them (a config alone is no tokenizer)."""
+    files = [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+    return files if any(f.name not in ("tokenizer_config.json", "special_tokens_map.json") for f in files) else []
+
+
+def _check_tokenizers(series: list[Checkpoint], holder: Path, record: dict, text: str, tokens: torch.Tensor,
+                      seq_len: int, max_tokens: int) -> None:
+    """The probe text is tokenized once, by `holder`'s tokenizer; a checkpoint saved with a tokenizer of
+    its own that encodes that text otherwise would read the ids as other words: DataError. Identical
+    files (Pythia and the Trainer save the same tokenizer into every checkpoint) are not even loaded."""
+    for ckpt in series:
+        files = tokenizer_files(ckpt.path)
+        if ckpt.path == holder or not files or sha256_files(files) == record["sha256"]:
+            continue
+        own, _ = load_tokenizer(ckpt.path)
+        if not torch.equal(_tokenize(own, text, seq_len, max_tokens), tokens):
+            raise DataError(f"the tokenizer saved in {ckpt.path} encodes the probe text differently from the one in "
+                            f"{holder}: a series is probed on one tokenization; probe them as separate runs")
 
 
 def probe_tokens_from_text(path: str | Path, text: str, seq_len: int, max_tokens: int) -> torch.Tensor:
@@ -401,9 +457,7 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
     specs = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     series = find_checkpoints([str(s) for s in specs], tokens_per_step)
     first = series[0].path
-    # one checkpoint: beside it; a series: beside the folder that holds it
-    out_dir = Path(out) if out else (first.parent / f"{first.name}-probe" if len(series) == 1
-                                     else first.parent.parent / f"{first.parent.name}-probe")
+    out_dir = Path(out) if out else default_out(series)
     if is_run_folder(first):
         cfg = run_config(first)
         data_cfg, T = DataConfig(**cfg["data"]), cfg["model"]["seq_len"]
@@ -412,7 +466,7 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
     else:
         config = hf_config(first)
         for ckpt in series[1:]:
-            hf_config(ckpt.path)
+            same_shape(first, config, ckpt.path, hf_config(ckpt.path))
         limit = max_positions(config)
         if limit is not None and seq_len > limit:
             if FAMILIES[text_config(config).model_type].learned_positions:
@@ -421,12 +475,13 @@ def probe_checkpoint(checkpoints: list[str] | str | Path, out: str | None, corpu
             if not allow_long_context:
                 raise UserError(f"--seq-len {seq_len} is longer than the {limit} positions {first.name} was built "
                                 "for; lower --seq-len, or pass --allow-long-context to probe past them")
-        # HF Trainer saves the tokenizer into each checkpoint, or only beside them in the output folder
-        holder = next((p for p in [c.path for c in series] + [first.parent]
-                       if (p / "tokenizer_config.json").is_file()), first)
+        # HF Trainer saves the tokenizer into each checkpoint, or only beside them in the output folder; a
+        # checkpoint's own vocabulary wins over the folder above (tokenizer.json may come without a config)
+        holder = next((p for p in [c.path for c in series] + [first.parent] if tokenizer_files(p)), first)
         tokenizer, tok_record = load_tokenizer(holder)
         text = load_corpus(corpus)
         tokens = _tokenize(tokenizer, text.text, seq_len, n_tokens)
+        _check_tokenizers(series, holder, tok_record, text.text, tokens, seq_len, n_tokens)
         data = {"corpus": text.source, "corpus_sha256": text.sha256, "tokenizer": tok_record,
                 "long_context": bool(limit is not None and seq_len > limit)}
     created = first_missing(out_dir)
