@@ -193,10 +193,9 @@ class AttentionStats:
         measure), as row t = 0 adds nothing to the means of a full sequence."""
         lengths = keep.sum(1)
         for n in sorted(set(lengths.tolist()) - {0, 1}):
-            rows = (lengths == n).nonzero().squeeze(1)
-            kept = keep[rows]
-            self.add(layer, q[rows][kept].unflatten(0, (len(rows), n)), k[rows][kept].unflatten(0, (len(rows), n)),
-                     scale, window, softcap)
+            rows = lengths == n
+            q_n, k_n = (t[rows][keep[rows]].unflatten(0, (-1, n)) for t in (q, k))
+            self.add(layer, q_n, k_n, scale, window, softcap)
 
     def _scores(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, ...]:
         """(lse, expected logit, row max), each (B, H, T), from float32 scores formed chunk by chunk
