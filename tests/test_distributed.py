@@ -172,16 +172,19 @@ def test_torchrun_refusals_print_one_line_and_a_cut_off_run_resumes(corpus_file,
 def test_sweep_workers_run_arms_in_parallel_and_survive_a_failing_arm(corpus_file, cache, tmp_path):
     (tmp_path / "muon-s0").mkdir()
     (tmp_path / "muon-s0" / "checkpoint.pt").write_bytes(b"not a checkpoint")  # this arm must fail alone
-    r = _single("sweep", "demo", "--out", str(tmp_path), "--workers", "2", *overrides(corpus_file, cache))
+    # three arms on two workers: one fails, the two others finish (one of them after the failure)
+    sweep = ["sweep", "demo", "--out", str(tmp_path), "--workers", "2", "--sweep.arms", "adamw,muon,muon+qknorm",
+             *overrides(corpus_file, cache)]
+    r = _single(*sweep)
     assert r.returncode == 1, r.stderr
     assert "rankprobe: run muon-s0 failed (exit 2)" in r.stderr
-    for arm in ("adamw-s0", "adamw+qknorm-s0", "muon+qknorm-s0"):
+    for arm in ("adamw-s0", "muon+qknorm-s0"):
         assert rows(tmp_path / arm / "metrics.jsonl", "end")[0]["status"] == "finished"
     assert "holds files (checkpoint.pt) but no RankProbe run" in (tmp_path / "logs" / "muon-s0.log").read_text()
     assert (tmp_path / "report.md").exists()
     # fixed, the sweep picks up only the failed arm
     (tmp_path / "muon-s0" / "checkpoint.pt").unlink()
-    r = _single("sweep", "demo", "--out", str(tmp_path), "--workers", "2", *overrides(corpus_file, cache))
+    r = _single(*sweep)
     assert r.returncode == 0, r.stderr
     assert rows(tmp_path / "muon-s0" / "metrics.jsonl", "end")[0]["status"] == "finished"
     assert "`muon`" in (tmp_path / "report.md").read_text()
