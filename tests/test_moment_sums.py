@@ -198,6 +198,31 @@ def test_fused_sums_compile_each_family_at_most_twice_whatever_the_rows(monkeypa
     assert compiled_graphs() == settled and spectra._fused_any_rows == set(spectra._fused_rows)
 
 
+def test_fused_sums_of_strided_views_reuse_the_graph_and_a_spent_recompile_limit_runs_eagerly(monkeypatch):
+    """A fused QKV's q, k and v are strided views of one tensor: each layout would be another graph to
+    Dynamo, and past its recompile limit a fullgraph compile raises in the middle of a training step.
+    Views reuse the contiguous graph; a family Dynamo refuses to compile runs the eager passes."""
+    monkeypatch.setattr(spectra, "_fused_rows", {})  # this module's state, restored after the test
+    monkeypatch.setattr(spectra, "_fused_eager", set())
+    fused = torch.randn(64, 2, 3 * 7)
+    moment_sums(fused[..., :7].contiguous(), 1, fused=True)
+    before = compiled_graphs()
+    for part in (fused[..., 7:14], fused[..., 14:]):  # the same family, other strides
+        check(as_fields(moment_sums(part, 1, fused=True), 7),
+              {k: v.numpy() for k, v in as_fields(moment_sums(part, 1, fused=False), 7).items()}, rtol=1e-13)
+    assert compiled_graphs() == before
+    # a new family that the bookkeeping admits (it forgets the graph above, as guards beyond the
+    # family's would add graphs it does not count), while Dynamo has compiled the code object as often
+    # as the limit allows
+    monkeypatch.setattr(spectra, "_fused_rows", {})
+    x = torch.randn(48, 3, 9)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        got = moment_sums(x, 1, fused=True)
+    assert spectra._fused_eager == {(3, 9, torch.float32, x.device, 1)} and spectra._fused_failure is None
+    for a, b in zip(got, moment_sums(x, 1, fused=False)):
+        assert torch.equal(a, b)
+
+
 def test_fused_sums_run_eagerly_where_they_cannot_compile(monkeypatch):
     """Where Inductor cannot build its kernels (here a C++ compiler that does not exist, as on a node
     without one; on a GPU, one Triton does not support), the sums are the eager passes' with one warning

@@ -200,6 +200,16 @@ def _compiled_any_rows():
 _fused_rows: dict[tuple, int] = {}
 _fused_any_rows: set[tuple] = set()
 _fused_compiled: set[tuple] = set()  # (family, static) of the graphs that ran: a later error is not the compiler's
+_fused_eager: set[tuple] = set()  # families that hit Dynamo's recompile limit all the same: eager from then on
+
+
+def _recompile_limit(e: BaseException | None) -> bool:
+    """`e`, or an exception it was raised from, is Dynamo refusing to compile once more (fullgraph)."""
+    while e is not None:
+        if isinstance(e, torch._dynamo.exc.FailOnRecompileLimitHit):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 _fused_failure: str | None = None  # why compiling the fused operand failed here; then every call runs eagerly
 
 
@@ -220,12 +230,13 @@ def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Ten
     global _fused_failure
     if torch.compiler.is_compiling() or _fused_failure is not None:
         return eager_operand(x, chunks)
-    x = x.detach()  # requires_grad is part of what Dynamo guards on
+    x = x.detach().contiguous()  # Dynamo guards on requires_grad and on strides (a fused QKV's slices)
     family, limit = (*x.shape[1:], x.dtype, x.device, chunks), torch._dynamo.config.recompile_limit
     if family not in _fused_rows and len(_fused_rows) < limit:
         _fused_rows[family] = x.size(0)
     static = _fused_rows.get(family) == x.size(0)
-    if family not in _fused_rows or not static and family not in _fused_any_rows and len(_fused_any_rows) >= limit:
+    if family not in _fused_rows or family in _fused_eager \
+            or not static and family not in _fused_any_rows and len(_fused_any_rows) >= limit:
         return eager_operand(x, chunks)
     if not static:
         _fused_any_rows.add(family)
@@ -237,6 +248,9 @@ def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Ten
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
+            if _recompile_limit(e):  # guards beyond the family's (a tensor's dispatch keys) used up the compiles
+                _fused_eager.add(family)
+                return eager_operand(x, chunks)
             if graph in _fused_compiled:  # a graph that ran before: not a compiler problem
                 raise
             _fused_failure = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
