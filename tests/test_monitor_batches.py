@@ -132,3 +132,42 @@ def test_activation_checkpointings_second_forward_is_not_measured_again(reentran
     checkpointed = rows()
     assert plain[("probe", "proj", "k", 0)]["n"] == 2 * LONG
     assert_rows_equal(checkpointed, plain)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_padded_batches_under_activation_checkpointing_two_forwards_then_one_backward(reentrant):
+    """Padding and checkpointing together, in a step of two forwards (two padded batches) before one
+    backward: the lens's own work saves nothing for autograd (the recompute would find other saved
+    tensors), and the recompute is not checked against the other forward's padding."""
+    model = llama("sdpa").train()
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(1, V, (n,), generator=g) for n in (SHORT, LONG, 5, LONG)]
+    batches = [padded(seqs[0], seqs[1], left=False), padded(seqs[2], seqs[3], left=True)]
+
+    def rows(checkpointing: bool) -> dict:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        m = Monitor(model, every=1, weights=False, background=False)
+        with m.watch(0):
+            loss = sum(model(input_ids=ids, attention_mask=mask, labels=ids).loss for ids, mask in batches)
+            loss.backward()
+        m.close()
+        model.gradient_checkpointing_disable()
+        return {(r["kind"], r.get("tap"), r.get("tensor"), r["layer"]): r for r in m.last}
+
+    plain = rows(False)
+    assert plain[("probe", "proj", "k", 0)]["n"] == sum(len(x) for x in seqs)
+    assert_rows_equal(rows(True), plain)
+
+
+def test_a_padded_batch_of_one_token_rows_still_holds_the_layer():
+    """Under DDP every rank merges the same layers' sums: a rank whose measured rows are all one token
+    long (no attention rows to add) must still hold the layer, empty."""
+    from rankprobe.probes.lenses import AttentionStats
+
+    stats = AttentionStats()
+    q, k = torch.randn(2, 4, 2, 8), torch.randn(2, 4, 1, 8)
+    keep = torch.zeros(2, 4, dtype=torch.bool)
+    keep[:, 0] = True
+    stats.add_padded(0, q, k, keep, 8 ** -0.5)
+    assert list(stats.layers) == [0] and stats.layers[0]["rows"] == 0

@@ -418,3 +418,15 @@ def test_the_attention_check_stays_quiet_under_attention_dropout_and_speaks_in_e
     with pytest.warns(RuntimeWarning, match="layer 0's attention output"):
         _measure(model, mon)
     _measure(model, mon)  # each layer is compared once: no second comparison, no second warning
+
+
+def test_the_attention_check_holds_no_activations_between_steps():
+    """Without `o` nothing compares (and frees) the taps the check collects, and a layer compared once
+    is not compared again: neither may keep a batch's q, k, v alive after the step."""
+    for o in (None, "wo"):
+        model = Net(H=4, Hkv=2, D=8, layout="blocks")
+        mon = Monitor(model, patterns=Patterns(layers="layers.*.attn", qkv="c_attn", o=o), heads=4, kv_heads=2,
+                      every=1, weights=False)
+        for step in (0, 1):
+            _measure(model, mon, step=step)
+            assert mon._check.got == {}, (o, step)

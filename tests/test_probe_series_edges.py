@@ -242,6 +242,14 @@ def test_olmo_revision_names_give_their_step(tmp_path):
     _model_folder(tmp_path / "olmo" / "stage2-ingredient1-step500-tokens3B")
     with pytest.raises(DataError, match="stage2-ingredient1-step500"):
         find_checkpoints([str(tmp_path / "olmo")], tokens_per_step=4)
+    # the same revisions in the Hugging Face cache: refused too, not passed over
+    repo = tmp_path / "hub" / "models--allenai--OLMo-x"
+    for ref, commit in (("stage1-step100-tokens1B", "aa"), ("stage2-ingredient1-step100-tokens1B", "bb")):
+        _model_folder(repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    with pytest.raises(DataError, match="stage2-ingredient1-step100-tokens1B, a later training stage"):
+        find_checkpoints([str(repo)], tokens_per_step=4)
 
 
 def test_a_glob_of_step_folders_passes_over_an_earlier_probe_beside_them(tmp_path, caplog):
@@ -253,6 +261,8 @@ def test_a_glob_of_step_folders_passes_over_an_earlier_probe_beside_them(tmp_pat
     with caplog.at_level(logging.WARNING):
         found = find_checkpoints([str(tmp_path / "step*")], tokens_per_step=1)
     assert [c.step for c in found] == [1000, 2000] and "step1000-probe" in caplog.text
+    with pytest.raises(DataError, match="only RankProbe probe folders"):  # nothing else left: one line
+        find_checkpoints([str(tmp_path / "step1000-*")], tokens_per_step=1)
 
 
 def test_two_checkpoints_with_the_same_weights_are_said(tmp_path, tokenizer, caplog):

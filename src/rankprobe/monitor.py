@@ -35,7 +35,7 @@ import torch
 from .deferred import Deferred
 from .dist import Dist, reduce_probe_stats, shard_rows
 from .errors import FolderError, UserError
-from .probes.adapters import TAPS, AttentionSpec, ModuleAdapter, Patterns, TapAdapter, match_layers
+from .probes.adapters import TAPS, AttentionSpec, ModuleAdapter, Patterns, TapAdapter, in_backward, match_layers
 from .probes import padding
 from .probes.agreement import AttentionCheck
 from .probes.widths import head_shape, whole_count as _count
@@ -330,8 +330,8 @@ class Monitor:
         wanted = self.taps
 
         def sink(key: Key, x: torch.Tensor) -> None:
-            if torch._C._current_graph_task_id() != -1:
-                return  # activation checkpointing's second forward, inside backward: counted once already
+            if in_backward():
+                return  # activation checkpointing's second forward: counted once already
             if wanted is None or key[0] in wanted:
                 cov(key, x)
             if att is not None:
@@ -359,6 +359,8 @@ class Monitor:
         for h in self._handles:
             h.remove()
         self._handles, self.adapter.padding, self._padding = [], None, None
+        if self._check is not None:
+            self._check.got.clear()  # a forward cut short leaves taps no `o` hook took
         if self._eager:
             _EAGER.exit()
             self._eager = False

@@ -140,6 +140,12 @@ class TapAdapter:
         raise NotImplementedError
 
 
+def in_backward() -> bool:
+    """Whether autograd's backward is running on this thread: activation checkpointing runs a layer's
+    forward again there, hooks included, after the forward that was measured already."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def match_layers(model: nn.Module, pattern: str) -> list[nn.Module]:
     """The modules whose names match `pattern` (one `*` standing for the layer index), by index."""
     if pattern.count("*") != 1:

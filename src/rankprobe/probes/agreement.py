@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Key, ModuleAdapter
+from .adapters import Key, ModuleAdapter, in_backward
 
 # relative error ‖y − ŷ‖ / ‖ŷ‖ tolerated: float32 kernels agree to ~1e-6, bf16 / fp16 ones to ~1e-2
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}
@@ -43,6 +43,8 @@ class AttentionCheck:
 
     def sink(self, key: Key, x: torch.Tensor) -> None:
         tap, tensor, layer = key
+        if self.adapter.p.o is None or layer in self.compared:  # nothing will compare (and free) them
+            return
         if (tap == "rope" and tensor != "v") or (tap == "proj" and tensor == "v"):
             self.got.setdefault(layer, {})[tensor] = x
 
@@ -57,7 +59,7 @@ class AttentionCheck:
         spec = self.adapter.attention(layer)
         if len(got) < 3 or layer in self.compared or not args or not isinstance(args[0], torch.Tensor) \
                 or spec.window is not None or spec.softcap is not None or self.padded() is not None \
-                or torch._C._current_graph_task_id() != -1 or _dropout(self.adapter.layers[layer]):
+                or in_backward() or _dropout(self.adapter.layers[layer]):
             return
         q, k, v = got["q"], got["k"], got["v"]
         B, T, H, D = q.shape

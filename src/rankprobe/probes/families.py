@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import DataError
-from .adapters import AttentionSpec, ModuleAdapter, Patterns, match_layers, split_fused
+from .adapters import AttentionSpec, ModuleAdapter, Patterns, in_backward, match_layers, split_fused
 
 LLAMA = Patterns(layers="model.layers.*.self_attn", q="q_proj", k="k_proj", v="v_proj", o="o_proj")
 QK_NORM = replace(LLAMA, q_norm="q_norm", k_norm="k_norm")  # per head, on (B, T, H, D)
@@ -141,8 +141,9 @@ class HFAdapter(ModuleAdapter):
         spec, name = self.specs[layer], f"{self.model_type} layer {layer}"
 
         def call(module, query, key, value, attention_mask, **kwargs):  # query (B, H, T, D), key (B, Hkv, T, D)
-            keep = self.padding() if self.padding is not None else None
-            _check_call(name, spec, module, query.size(-2), attention_mask, kwargs, impl, keep)
+            if not in_backward():  # checkpointing's recompute: checked in the forward, whose mask `keep` was
+                keep = self.padding() if self.padding is not None else None
+                _check_call(name, spec, module, query.size(-2), attention_mask, kwargs, impl, keep)
             q(query.transpose(1, 2))
             k(key.transpose(1, 2))
             return inner(module, query, key, value, attention_mask, **kwargs)

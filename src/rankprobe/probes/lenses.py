@@ -158,12 +158,7 @@ class AttentionStats:
         k = k.transpose(1, 2) if k.size(2) == H else k.transpose(1, 2).repeat_interleave(H // k.size(2), dim=1)
         taps = q.transpose(1, 2), k  # (B, H, T, D)
         q, k = (t.float() for t in taps)
-        s = self.layers.setdefault(layer, {
-            "entropy": torch.zeros(H, dtype=torch.float64, device=q.device),
-            "entropy_norm": torch.zeros(H, dtype=torch.float64, device=q.device),
-            "log_keys": torch.zeros((), dtype=torch.float64, device=q.device),  # Σ log(visible keys) over rows
-            "max_logit": torch.full((H,), -math.inf, device=q.device), "rows": 0, "T": 0,
-        })
+        s = self._layer(layer, H, q.device)
         kernel = _LSE_KERNELS.get(q.device.type) if self.fused and W is None and spec.softcap is None else None
         if W is not None or spec.softcap is not None:
             lse, expected, row_max = self._masked_scores(q, k, spec.scale, W, spec.softcap)
@@ -184,6 +179,16 @@ class AttentionStats:
         s["rows"] += B * (T - 1)
         s["T"] = max(s["T"], T)
 
+    def _layer(self, layer: int, H: int, device) -> dict:
+        """The layer's sums, created empty on first sight (every rank holds every layer's, for the merge)."""
+        return self.layers.setdefault(layer, {
+            "entropy": torch.zeros(H, dtype=torch.float64, device=device),
+            "entropy_norm": torch.zeros(H, dtype=torch.float64, device=device),
+            "log_keys": torch.zeros((), dtype=torch.float64, device=device),  # Σ log(visible keys) over rows
+            "max_logit": torch.full((H,), -math.inf, device=device), "rows": 0, "T": 0,
+        })
+
+    @torch.no_grad()
     def add_padded(self, layer: int, q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, scale: float,
                    window: int | None = None, softcap: float | None = None) -> None:
         """`add` for a padded batch: `keep` (B, T) marks each sequence's tokens, one contiguous run per
@@ -191,6 +196,7 @@ class AttentionStats:
         sequence of their own, which is what the model's padding and causal masks let its queries see;
         rows of equal length go in one call. A sequence of one token adds nothing (no entropy to
         measure), as row t = 0 adds nothing to the means of a full sequence."""
+        self._layer(layer, q.size(2), q.device)  # a batch of one-token rows still has the layer
         lengths = keep.sum(1)
         for n in sorted(set(lengths.tolist()) - {0, 1}):
             rows = lengths == n

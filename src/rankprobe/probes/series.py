@@ -119,6 +119,10 @@ def _expand(spec: str) -> list[Path]:
                             "checkpoints (that model has no step; copy it to a folder of its own to probe it "
                             "alone)", m, len(children), children[0].name)
         elif not children and (m / "snapshots").is_dir():  # a repo in the Hugging Face cache
+            later = [r for c in (m / "snapshots").iterdir() for r in _cache_refs(c) if LATER_STAGE.fullmatch(r)]
+            if later:  # its steps start again: it would sit among stage 1's steps as if one run
+                raise DataError(f"{m} holds revision {later[0]}, a later training stage whose steps start "
+                                "again: probe each stage as a series of its own")
             children = sorted(c for c in (m / "snapshots").iterdir()
                               if c.is_dir() and any(name_step(r) is not None for r in _cache_refs(c)))
         if not children:
@@ -132,6 +136,8 @@ def _expand(spec: str) -> list[Path]:
                 raise DataError(f"{c} has no config.json (a checkpoint not fully written?); remove it or name "
                                 "the checkpoints to probe")
         out += children
+    if not out:  # every match was an earlier probe's folder
+        raise DataError(f"no checkpoint folder matches {spec}, only RankProbe probe folders")
     return out
 
 

@@ -201,6 +201,7 @@ _fused_rows: dict[tuple, int] = {}
 _fused_any_rows: set[tuple] = set()
 _fused_compiled: set[tuple] = set()  # (family, static) of the graphs that ran: a later error is not the compiler's
 _fused_eager: set[tuple] = set()  # families that hit Dynamo's recompile limit all the same: eager from then on
+_fused_failure: str | None = None  # why compiling the fused operand failed here; then every call runs eagerly
 
 
 def _recompile_limit(e: BaseException | None) -> bool:
@@ -210,15 +211,14 @@ def _recompile_limit(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
-_fused_failure: str | None = None  # why compiling the fused operand failed here; then every call runs eagerly
 
 
 def fused_operand(x: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`eager_operand` by the compiled `operand_math`: the first N of each family of tap shapes
     (`_fused_rows`) by a graph for that N, any other N by one graph for any N (compiled at the family's
-    second N), so a family compiles at most twice. Called with grad mode and autocast fixed, so that
-    those settings of the caller (a training forward's hooks, a probe pass under no_grad) do not make
-    Dynamo compile each shape again. Past `torch._dynamo.config.recompile_limit` families, a new one
+    second N), so a family compiles twice, not once per N (Dynamo specializes N = 0 and 1 on its own).
+    Called with grad mode and autocast fixed, so that those settings of the caller (a training forward's
+    hooks, a probe pass under no_grad) do not make Dynamo compile each shape again. Past `torch._dynamo.config.recompile_limit` families, a new one
     runs `eager_operand` (Dynamo would run it uncompiled, with a warning). The Monitor's measured
     steps run under `set_stance("force_eager")`, which would silently run the compiled operand eagerly
     too, so it is called under the default stance. Inside a region Dynamo is tracing (a hook on a model
