@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from rankprobe.probes import spectra
+from rankprobe.probes import moments
 
 SHAPES = {  # seed-22l (presets/seed-22l.toml), and a tiny one for the CPU
     "seed-22l": dict(n_layer=22, d_model=768, n_head=12, head_dim=64, seq_len=1024, vocab=8192, batch=32, probe=64),
@@ -240,7 +240,7 @@ def main(argv=None) -> None:
     p.add_argument("--background", choices=("auto", "on", "off"), default="auto",
                    help="the Monitor's host halves on a worker thread (auto: on with CUDA, its default)")
     p.add_argument("--fused-sums", choices=("default", "on", "off"), default="default",
-                   help="the hooks' moment sums eager or fused (spectra.FUSED; default: as the package sets it)")
+                   help="the hooks' moment sums eager or fused (moments.FUSED; default: as the package sets it)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     shape = SHAPES["tiny" if args.smoke else "seed-22l"]
@@ -249,9 +249,9 @@ def main(argv=None) -> None:
     warmup = 1 if args.smoke else 10
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.fused_sums != "default":
-        spectra.FUSED = args.fused_sums == "on"
+        moments.FUSED = args.fused_sums == "on"
     R = {"shape": shape, "steps": steps, "every": every, "device": str(device), "torch": torch.__version__,
-         "weights": not args.no_weights, "background": args.background, "fused_sums": spectra.FUSED}
+         "weights": not args.no_weights, "background": args.background, "fused_sums": moments.FUSED}
     for sec in args.sections.split(","):
         fn = {"hf": hf_section, "loop": loop_section}[sec]
         R[sec] = fn(shape, steps, every, warmup, device, not args.no_weights,

@@ -17,7 +17,7 @@ The components add up to about what `probe_lenses` costs; the rest is hooks and 
 
 `token_blocks` times `moment_sums` by the GEMM's split of the tokens, and `fused_sums` its eager passes
 against its fused form (torch.compile) on every tap's shape and dtype: what decides
-`spectra.CUDA_TOKEN_BLOCKS` and `spectra.FUSED`.
+`moments.CUDA_TOKEN_BLOCKS` and `moments.FUSED`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from collections.abc import Callable
 import torch
 
 from rankprobe.probes.capture import adapter_for, covariance_sink, feed, head_groups
-from rankprobe.probes.lenses import AttentionStats, spectral_rows
+from rankprobe.probes.attention import AttentionStats
+from rankprobe.probes.lenses import spectral_rows
 from rankprobe.probes.mechanism import covariance_eigh, mechanism_of
-from rankprobe.probes import spectra
-from rankprobe.probes.spectra import CovStats, covariance_spectrum, moment_sums, spectra_from, to_host
+from rankprobe.probes import moments
+from rankprobe.probes.moments import moment_sums
+from rankprobe.probes.spectra import CovStats, covariance_spectrum, spectra_from, to_host
 
 PARTS = {
     "forward": "eager forward over the probe set, a no-op hook on every tap",
@@ -102,8 +104,8 @@ def probe_parts(model, probe_set: torch.Tensor, batch_size: int, amp, measure: C
             spectra_from(cov, lam, covariance_spectrum(second))
 
     def mechanism():
-        for (cov, second, moments), (lam, vec) in zip(host, eig):
-            mechanism_of(cov, second, moments, lam, vec)
+        for (cov, second, raw), (lam, vec) in zip(host, eig):
+            mechanism_of(cov, second, raw, lam, vec)
 
     work = {"forward": forward, "moment_sums": moment_sums, "attention": attention,
             "head_batch": lambda: head_groups(stats, keys), "transfer": transfer, "host_spectra": host_spectra,
@@ -116,7 +118,7 @@ def probe_parts(model, probe_set: torch.Tensor, batch_size: int, amp, measure: C
 def token_blocks(model, probe_set: torch.Tensor, batch_size: int, measure: Callable[[Callable], float],
                  blocks=(1, 2, 4, 8, 16, 32)) -> dict[int, float]:
     """{C: seconds} of `moment_sums(x, C)` on one batch of the key tap (rope k of layer 0) repeated
-    once per tap of the pass: how the GEMM's split of the tokens into C batches pays (spectra.CUDA_TOKEN_BLOCKS)."""
+    once per tap of the pass: how the GEMM's split of the tokens into C batches pays (moments.CUDA_TOKEN_BLOCKS)."""
     adapter = adapter_for(model)
     first: dict = {}
     feed(adapter, probe_set[:batch_size], batch_size, lambda key, x: first.setdefault(key, x.detach().clone()))
@@ -137,7 +139,7 @@ def fused_sums(model, probe_set: torch.Tensor, batch_size: int, amp, measure: Ca
     (`measure`, under `amp` as in the hooks), `compile_s` of the first fused call and one eager one
     (mostly the compile), and the largest difference of the fused sums from the eager ones relative to
     each sum's largest entry (float64 round-off, ~1e-15, is expected); then the totals over the pass,
-    and `default_fused`, moment_sums' default (`spectra.FUSED`) when measured."""
+    and `default_fused`, moment_sums' default (`moments.FUSED`) when measured."""
     adapter = adapter_for(model)
     seen: dict = {}
     with amp:
@@ -165,4 +167,4 @@ def fused_sums(model, probe_set: torch.Tensor, batch_size: int, amp, measure: Ca
                      "compile_s": time.perf_counter() - t0, "max_rel_diff": diff,
                      "eager_s": measure(lambda: run(False)), "fused_s": measure(lambda: run(True))})
     return {"shapes": rows, **{k: sum(r[k] for r in rows) for k in ("eager_s", "fused_s", "compile_s")},
-            "default_fused": spectra.FUSED}
+            "default_fused": moments.FUSED}

@@ -44,8 +44,10 @@ from rankprobe.model import Transformer
 from rankprobe.optim.build import build_optimizers, param_groups
 from rankprobe.optim.muon import Muon, newton_schulz
 from rankprobe.probes.capture import probe_model
-from rankprobe.probes.lenses import AttentionStats, probe_lenses, weight_lenses, weight_lenses_start
-from rankprobe.probes.spectra import CUDA_TOKEN_BLOCKS, host_threads
+from rankprobe.probes.attention import AttentionStats
+from rankprobe.probes.lenses import probe_lenses, weight_lenses, weight_lenses_start
+from rankprobe.probes.moments import CUDA_TOKEN_BLOCKS
+from rankprobe.probes.spectra import host_threads
 from rankprobe.runfolder import NullWriter
 
 from probe_parts import PARTS, fused_sums, probe_parts, token_blocks  # benchmarks/, beside this file
@@ -699,7 +701,7 @@ def render(R) -> str:
     return "\n".join(out) + "\n"
 
 
-_FUSED_WORDS = {False: "eager", True: "fused", None: "fused on CUDA"}  # spectra.FUSED's settings
+_FUSED_WORDS = {False: "eager", True: "fused", None: "fused on CUDA"}  # moments.FUSED's settings
 
 
 def fused_line(F: dict) -> str:

@@ -14,7 +14,7 @@ from rankprobe.model import Transformer  # noqa: E402
 from rankprobe.probes.capture import attach_taps, probe_model  # noqa: E402
 from rankprobe.probes.hf import (  # noqa: E402
     load_hf, load_run_checkpoint, probe_checkpoint_to_dir)
-from rankprobe.probes.lenses import attention_lenses  # noqa: E402
+from rankprobe.probes.attention import attention_lenses  # noqa: E402
 from rankprobe.report.metrics import find_runs  # noqa: E402
 from rankprobe.report.series import Study  # noqa: E402
 

@@ -10,8 +10,8 @@ import torch
 from rankprobe.config import ModelConfig
 from rankprobe.model import Transformer
 from rankprobe.probes.capture import probe_model
-from rankprobe.probes.lenses import (
-    AttentionStats, attention_lenses, probe_lenses, update_rms, weight_lenses, weight_lenses_start, weight_snapshot)
+from rankprobe.probes.attention import AttentionStats, attention_lenses
+from rankprobe.probes.lenses import probe_lenses, update_rms, weight_lenses, weight_lenses_start, weight_snapshot
 from rankprobe.probes.spectra import (
     CovStats, NULL_METRICS, effective_rank, head_spectra, isotropic_null, isotropic_pr, matrix_metrics, rankme,
     stable_rank)

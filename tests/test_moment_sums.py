@@ -1,4 +1,4 @@
-"""The fast path of the probe statistics (`spectra.moment_sums`, what `CovStats.add` runs) against a
+"""The fast path of the probe statistics (`moments.moment_sums`, what `CovStats.add` runs) against a
 straightforward float64 computation in numpy, sample by sample, on random and structured data; its
 fused form (torch.compile, Inductor's C++ kernels on the CPU) against the eager passes and the same
 reference."""
@@ -11,8 +11,9 @@ import torch
 
 from rankprobe.probes.capture import stats_to_rows
 from rankprobe.probes.lenses import spectral_rows, spectral_rows_start
-from rankprobe.probes import spectra
-from rankprobe.probes.spectra import CovStats, moment_sums, sum_squares
+from rankprobe.probes import moments
+from rankprobe.probes.moments import moment_sums, sum_squares
+from rankprobe.probes.spectra import CovStats
 
 
 def reference(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -173,7 +174,7 @@ def test_fused_sums_past_the_recompile_limit_run_eagerly():
     moment_sums(torch.randn(80, 2, 6), 1, fused=True)  # at least one family compiled in this worker
     x = torch.randn(96, 2, 5)
     before = compiled_graphs()
-    with torch._dynamo.config.patch(recompile_limit=len(spectra._fused_rows)):
+    with torch._dynamo.config.patch(recompile_limit=len(moments._fused_rows)):
         got = moment_sums(x, 2, fused=True)
     assert compiled_graphs() == before and torch._dynamo.config.recompile_limit > 0
     for a, b in zip(got, moment_sums(x, 2, fused=False)):
@@ -184,8 +185,8 @@ def test_fused_sums_compile_each_family_at_most_twice_whatever_the_rows(monkeypa
     """A training forward of padded or variable-length batches hands over a new number of rows N at
     nearly every measured step: the first N of a family of tap shapes gets a graph for it, the second
     one graph for any N, and no later N compiles again; every N gives the eager passes' sums."""
-    monkeypatch.setattr(spectra, "_fused_rows", {})  # this module's state, restored after the test
-    monkeypatch.setattr(spectra, "_fused_any_rows", set())
+    monkeypatch.setattr(moments, "_fused_rows", {})  # this module's state, restored after the test
+    monkeypatch.setattr(moments, "_fused_any_rows", set())
     before = compiled_graphs()
     for i, n in enumerate((40, 56, 72, 88, 41, 7)):
         x = torch.randn(n, 3, 5).to(torch.bfloat16)
@@ -195,15 +196,15 @@ def test_fused_sums_compile_each_family_at_most_twice_whatever_the_rows(monkeypa
             assert settled - before <= 2
         check(as_fields(fused, 5), {k: v.numpy() for k, v in as_fields(moment_sums(x, 1, fused=False), 5).items()},
               rtol=1e-13)
-    assert compiled_graphs() == settled and spectra._fused_any_rows == set(spectra._fused_rows)
+    assert compiled_graphs() == settled and moments._fused_any_rows == set(moments._fused_rows)
 
 
 def test_fused_sums_of_strided_views_reuse_the_graph_and_a_spent_recompile_limit_runs_eagerly(monkeypatch):
     """A fused QKV's q, k and v are strided views of one tensor: each layout would be another graph to
     Dynamo, and past its recompile limit a fullgraph compile raises in the middle of a training step.
     Views reuse the contiguous graph; a family Dynamo refuses to compile runs the eager passes."""
-    monkeypatch.setattr(spectra, "_fused_rows", {})  # this module's state, restored after the test
-    monkeypatch.setattr(spectra, "_fused_eager", set())
+    monkeypatch.setattr(moments, "_fused_rows", {})  # this module's state, restored after the test
+    monkeypatch.setattr(moments, "_fused_eager", set())
     fused = torch.randn(64, 2, 3 * 7)
     moment_sums(fused[..., :7].contiguous(), 1, fused=True)
     before = compiled_graphs()
@@ -214,11 +215,11 @@ def test_fused_sums_of_strided_views_reuse_the_graph_and_a_spent_recompile_limit
     # a new family that the bookkeeping admits (it forgets the graph above, as guards beyond the
     # family's would add graphs it does not count), while Dynamo has compiled the code object as often
     # as the limit allows
-    monkeypatch.setattr(spectra, "_fused_rows", {})
+    monkeypatch.setattr(moments, "_fused_rows", {})
     x = torch.randn(48, 3, 9)
     with torch._dynamo.config.patch(recompile_limit=1):
         got = moment_sums(x, 1, fused=True)
-    assert spectra._fused_eager == {(3, 9, torch.float32, x.device, 1)} and spectra._fused_failure is None
+    assert moments._fused_eager == {(3, 9, torch.float32, x.device, 1)} and moments._fused_failure is None
     for a, b in zip(got, moment_sums(x, 1, fused=False)):
         assert torch.equal(a, b)
 
@@ -227,7 +228,7 @@ def test_fused_sums_run_eagerly_where_they_cannot_compile(monkeypatch):
     """Where Inductor cannot build its kernels (here a C++ compiler that does not exist, as on a node
     without one; on a GPU, one Triton does not support), the sums are the eager passes' with one warning
     naming the cause, and later calls do not try again: no compile, no warning."""
-    monkeypatch.setattr(spectra, "_fused_failure", None)  # this module's state, restored after the test
+    monkeypatch.setattr(moments, "_fused_failure", None)  # this module's state, restored after the test
     x = torch.randn(97, 3, 5, dtype=torch.float64)  # a shape no other test compiles
     with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
         with pytest.warns(RuntimeWarning, match=r"fused moment sums could not be compiled .*C\+\+ compiler"):

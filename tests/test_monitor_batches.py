@@ -163,7 +163,7 @@ def test_padded_batches_under_activation_checkpointing_two_forwards_then_one_bac
 def test_a_padded_batch_of_one_token_rows_still_holds_the_layer():
     """Under DDP every rank merges the same layers' sums: a rank whose measured rows are all one token
     long (no attention rows to add) must still hold the layer, empty."""
-    from rankprobe.probes.lenses import AttentionStats
+    from rankprobe.probes.attention import AttentionStats
 
     stats = AttentionStats()
     q, k = torch.randn(2, 4, 2, 8), torch.randn(2, 4, 1, 8)

@@ -52,15 +52,15 @@ def test_monitor_overhead_smoke_in_the_background_counts_the_waits_and_the_last_
 
 
 def test_monitor_overhead_smoke_with_the_fused_sums(tmp_path, monkeypatch):
-    """--fused-sums on makes the hooks' moment sums the compiled ones (spectra.FUSED), recorded in the
+    """--fused-sums on makes the hooks' moment sums the compiled ones (moments.FUSED), recorded in the
     results; the measured steps are the same."""
-    from rankprobe.probes import spectra
+    from rankprobe.probes import moments
 
-    monkeypatch.setattr(spectra, "FUSED", spectra.FUSED)  # the script sets the package's default: restore it
-    monkeypatch.setattr(spectra, "_fused_rows", {})
+    monkeypatch.setattr(moments, "FUSED", moments.FUSED)  # the script sets the package's default: restore it
+    monkeypatch.setattr(moments, "_fused_rows", {})
     out = tmp_path / "smoke.json"
     runpy.run_path(str(SCRIPT), run_name="bench")["main"](["--smoke", "--sections", "loop", "--fused-sums", "on",
                                                            "--json", str(out)])
     R = json.loads(out.read_text())
     assert R["fused_sums"] is True and R["loop"]["train_forward"]["measured_at"] == [0, 2, 4]
-    assert {family[:2] for family in spectra._fused_rows} == {(2, 32)}  # the tiny shape's taps (H, D)
+    assert {family[:2] for family in moments._fused_rows} == {(2, 32)}  # the tiny shape's taps (H, D)

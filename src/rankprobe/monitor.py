@@ -40,7 +40,8 @@ from .probes import padding
 from .probes.agreement import AttentionCheck
 from .probes.widths import head_shape, whole_count as _count
 from .probes.capture import Key, adapter_for, covariance_sink
-from .probes.lenses import AttentionStats, attention_sink, probe_lenses_start, spectral_rows_start, weight_lenses_start
+from .probes.attention import AttentionStats, attention_sink
+from .probes.lenses import probe_lenses_start, spectral_rows_start, weight_lenses_start
 from .probes.spectra import CovStats
 from .runfolder import METRICS, SCHEMA_VERSION, MetricsWriter, NullWriter, ensure_writable, header, run_rows
 from .sinks import open_sinks, scalars

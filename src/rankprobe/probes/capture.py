@@ -15,7 +15,8 @@ import torch
 
 from ..config import DataError
 from .adapters import Key, Sink, TapAdapter, rankprobe_adapter
-from .spectra import CovStats, HeadBatch, moment_sums, participation_ratio
+from .moments import moment_sums
+from .spectra import CovStats, HeadBatch, participation_ratio
 
 __all__ = ["Key", "Sink", "adapter_for", "attach_taps", "feed", "covariance_sink", "probe_model", "stats_to_rows",
            "head_groups", "tap_shapes", "by_key", "base_rows"]
